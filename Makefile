@@ -1,0 +1,52 @@
+# cvmotion: two entry points for a fresh Linux machine with python3, gcc and make.
+#   make demo   set up .venv, build the guests, run the main job
+#   make test   set up .venv, build the guests, run the whole suite (lint, types, layers, tests)
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+GUEST_CC     ?= gcc
+GUEST_CFLAGS := -m32 -march=i686 -ffreestanding -fno-pic -fno-pie -fno-stack-protector -fno-builtin \
+                -nostdlib -O2 -Wall -Wextra -Werror -std=c11 -mno-sse -mno-mmx -mno-80387
+GUEST_DIR    := guests
+GUEST_OUT    := build/guests
+GUEST_COMMON := $(wildcard $(GUEST_DIR)/lib/*.c)
+GUEST_HDRS   := $(wildcard $(GUEST_DIR)/lib/*.h $(GUEST_DIR)/lib/*.S)
+GUEST_NAMES  := $(basename $(notdir $(filter-out $(GUEST_COMMON),$(wildcard $(GUEST_DIR)/*.c))))
+GUEST_IMAGES := $(addprefix $(GUEST_OUT)/,$(addsuffix .elf,$(GUEST_NAMES)))
+
+.PHONY: all venv guests demo test lint bench clean
+all: guests venv
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+venv: $(STAMP)
+
+guests: $(GUEST_IMAGES)
+
+$(GUEST_OUT)/%.elf: $(GUEST_DIR)/%.c $(GUEST_COMMON) $(GUEST_HDRS) $(GUEST_DIR)/lib/link.ld
+	@mkdir -p $(GUEST_OUT)
+	$(GUEST_CC) $(GUEST_CFLAGS) -I$(GUEST_DIR)/lib -T $(GUEST_DIR)/lib/link.ld -Wl,-m,elf_i386 \
+	    -Wl,--build-id=none -o $@ $(GUEST_DIR)/lib/entry.S $< $(GUEST_COMMON)
+
+demo: venv guests
+	$(VENV)/bin/cvmotion demo
+
+lint: venv
+	$(VENV)/bin/ruff check cvmotion tests bench
+	$(VENV)/bin/ruff format --check cvmotion tests bench
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
+
+test: venv guests lint
+	$(VENV)/bin/pytest -q
+
+bench: venv guests
+	$(PY) bench/run_all.py
+
+clean:
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache

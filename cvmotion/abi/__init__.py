@@ -1,0 +1,1 @@
+"""abi layer: byte-exact formats (SNP report, TCB, policy, guest messages, KVM structs, wire records). No I/O."""

@@ -1,0 +1,1 @@
+"""agent layer: the migration agent inside the TEE (RA-TLS, migration policy, session keys)."""

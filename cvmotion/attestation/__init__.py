@@ -1,0 +1,1 @@
+"""attestation layer: verify (signatures, chain) -> validate (policy) -> token. Imports only abi."""

@@ -1,0 +1,1 @@
+"""cli layer: the ``cvmotion`` command line."""

@@ -1,0 +1,1 @@
+"""control layer: the fabric controller (inventory, placement, policy, maintenance, events, REST)."""

@@ -1,0 +1,1 @@
+"""firmware layer: the emulated AMD secure processor (chip identity, keys, KDS, guest contexts, migration)."""

@@ -1,0 +1,1 @@
+"""migration layer: the untrusted engine (pre-copy, switchover, streams, statistics, fallback)."""

@@ -1,0 +1,1 @@
+"""Shipped fakes and adversaries for tests (FakeClock, adversarial hypervisor, conformance checks)."""

@@ -1,0 +1,1 @@
+"""web layer: the portal, a client of the REST API."""
