@@ -2,23 +2,30 @@
 
 Implements the SEV-SNP Firmware ABI "Message Header" table (0x60 bytes; AES-256-GCM, the AAD is header
 bytes 0x30-0x5F, the IV is MSG_SEQNO as a little-endian 96-bit value), MSG_REPORT_REQ / MSG_REPORT_RSP and
-MSG_KEY_REQ / MSG_KEY_RSP.  Encryption itself happens in the firmware and in the guest; this module only
-lays bytes out.
+MSG_KEY_REQ / MSG_KEY_RSP, and the one AEAD both ends use: ``seal_guest_message`` / ``open_guest_message``
+(the firmware and the guest's paravisor call the same two functions, so they cannot disagree on the AAD or
+the IV), plus ``GuestChannel``, the guest side's sequence-number bookkeeping.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import struct
 from dataclasses import dataclass
 
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from cvmotion.abi._codec import require_len, zero_ranges
-from cvmotion.errors import MalformedStructure, UnsupportedVersion
+from cvmotion.errors import AbiError, IntegrityError, MalformedStructure, UnsupportedVersion
 
 __all__ = [
     "AEAD_ALGO_AES_256_GCM",
     "HEADER_SIZE",
     "MAX_PAYLOAD",
+    "MAX_SEQNO",
+    "GuestChannel",
     "GuestFieldSelect",
     "GuestMsgHeader",
     "KeyReq",
@@ -27,6 +34,8 @@ __all__ = [
     "ReportReq",
     "ReportRsp",
     "RootKey",
+    "open_guest_message",
+    "seal_guest_message",
 ]
 
 HEADER_SIZE = 0x60
@@ -282,3 +291,109 @@ class KeyRsp:
         if len(self.derived_key) != 32:
             raise MalformedStructure("MSG_KEY_RSP.DERIVED_KEY must be 32 bytes")
         return _KEY_RSP.pack(self.status, b"", self.derived_key)
+
+
+# -- AEAD ------------------------------------------------------------------------------------------
+
+VMPCK_SIZE = 32
+_TAG = 16
+MAX_SEQNO = (1 << 64) - 1  # MSG_SEQNO is a u64; the firmware refuses to wrap (AEAD_OFLOW)
+
+
+def seal_guest_message(key: bytes, header: GuestMsgHeader, payload: bytes) -> bytes:
+    """Encrypt ``payload`` under a VMPCK: AES-256-GCM, IV = MSG_SEQNO (96-bit LE), AAD = header[0x30:0x60].
+
+    ``header.authtag`` and ``header.msg_size`` are ignored and filled in; returns header || ciphertext.
+    """
+    if len(key) != VMPCK_SIZE:
+        raise MalformedStructure(f"a VMPCK is {VMPCK_SIZE} bytes")
+    if len(payload) > MAX_PAYLOAD:
+        raise MalformedStructure(f"guest message payload {len(payload):#x} exceeds {MAX_PAYLOAD:#x}")
+    if not 1 <= header.msg_seqno <= MAX_SEQNO:
+        raise MalformedStructure(f"MSG_SEQNO {header.msg_seqno} outside 1..2^64-1")
+    head = dataclasses.replace(header, authtag=bytes(32), msg_size=len(payload))
+    sealed = AESGCM(key).encrypt(head.iv(), payload, head.aad())
+    head = dataclasses.replace(head, authtag=sealed[-_TAG:] + bytes(32 - _TAG))
+    return head.to_bytes() + sealed[:-_TAG]
+
+
+def open_guest_message(key: bytes, msg: bytes | bytearray | memoryview) -> tuple[GuestMsgHeader, bytes]:
+    """Authenticate and decrypt a guest message. Any failure (framing, header, tag) is one opaque
+    ``IntegrityError``: the relaying host learns nothing about which check failed.
+    """
+    msg = bytes(msg)
+    try:
+        header = GuestMsgHeader.from_bytes(msg[:HEADER_SIZE])
+        body = msg[HEADER_SIZE:]
+        if len(body) != header.msg_size or any(header.authtag[_TAG:]) or len(key) != VMPCK_SIZE:
+            raise IntegrityError
+        plain = AESGCM(key).decrypt(header.iv(), body + header.authtag[:_TAG], msg[AAD_SLICE])
+    except (AbiError, InvalidTag, IntegrityError):
+        raise IntegrityError from None
+    return header, plain
+
+
+class GuestChannel:
+    """The guest side of one VMPCK: builds requests, opens the matching responses.
+
+    MSG_SEQNO rules (SNP ABI, "Guest Message Header"): a request uses the last sequence number + 1, its
+    response + 2. After any failure the channel disables itself, as Linux's sev-guest driver disables the
+    VMPCK: the guest cannot tell whether the SP consumed the sequence number, and sending new plaintext
+    under a possibly used IV would break AES-GCM.
+    """
+
+    def __init__(self, vmpck: bytes, *, vmpck_id: int = 0, last_seqno: int = 0) -> None:
+        if len(vmpck) != VMPCK_SIZE or not 0 <= vmpck_id <= 3:
+            raise MalformedStructure("GuestChannel needs a 32-byte VMPCK and an id 0..3")
+        self._key = vmpck
+        self._vmpck_id = vmpck_id
+        self._seqno = last_seqno
+        self._pending: tuple[MsgType, int] | None = None
+        self._disabled = False
+
+    @property
+    def disabled(self) -> bool:
+        return self._disabled
+
+    @property
+    def last_seqno(self) -> int:
+        return self._seqno
+
+    def request(self, msg_type: MsgType, payload: bytes, *, msg_version: int = 1) -> bytes:
+        """Seal one request; the channel then waits for its response (one outstanding request)."""
+        if self._disabled:
+            raise IntegrityError
+        if self._pending is not None:
+            raise MalformedStructure("a guest request is already outstanding on this VMPCK")
+        seqno = self._seqno + 1
+        header = GuestMsgHeader(
+            authtag=bytes(32), msg_seqno=seqno, msg_type=msg_type, msg_size=0, msg_vmpck=self._vmpck_id,
+            msg_version=msg_version,
+        )  # fmt: skip
+        msg = seal_guest_message(self._key, header, payload)
+        self._pending = (MsgType(msg_type + 1), seqno + 1)
+        return msg
+
+    def report_request(self, report_data: bytes, *, vmpl: int = 0, key_sel: int = 0) -> bytes:
+        return self.request(MsgType.REPORT_REQ, ReportReq(report_data, vmpl, key_sel).to_bytes())
+
+    def key_request(self, req: KeyReq) -> bytes:
+        return self.request(MsgType.KEY_REQ, req.to_bytes())
+
+    def open_response(self, msg: bytes) -> bytes:
+        """Open the response to the outstanding request; returns its payload. Fails closed for good."""
+        if self._disabled or self._pending is None:
+            raise IntegrityError
+        expected_type, expected_seqno = self._pending
+        try:
+            header, payload = open_guest_message(self._key, msg)
+            if header.msg_type is not expected_type or header.msg_seqno != expected_seqno:
+                raise IntegrityError
+            if header.msg_vmpck != self._vmpck_id:
+                raise IntegrityError
+        except IntegrityError:
+            self._disabled = True
+            raise
+        self._seqno = expected_seqno
+        self._pending = None
+        return payload

@@ -1,0 +1,150 @@
+"""firmware layer: the emulated KDS over HTTP: FastAPI app, a loopback server helper, and an httpx client.
+
+The app is a thin adapter: every route hands the request line to ``Kds.handle`` so the HTTP service and
+the in-process function cannot drift apart.  ``KdsClient`` speaks AMD's URL scheme and so also works
+against any KDS look-alike; it implements ``EndorsementSource`` for a host's ``SecureProcessor``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import threading
+from types import TracebackType
+
+import httpx
+import uvicorn
+from cryptography import x509
+from fastapi import FastAPI, Request, Response
+
+from cvmotion.abi.snp import Product, TcbVersion
+from cvmotion.errors import UsageError
+from cvmotion.firmware.kds import Kds, KdsError, vcek_path
+
+__all__ = ["KdsClient", "KdsServer", "create_app", "parse_listen"]
+
+
+def create_app(kds: Kds) -> FastAPI:
+    app = FastAPI(
+        title="cvmotion emulated AMD KDS",
+        description="EMULATED AMD Key Distribution Service: VCEK certificates and cert chains by AMD's URL scheme.",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+    )
+
+    def respond(request: Request) -> Response:
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        answer = kds.handle(request.method, target)
+        return Response(
+            answer.body, status_code=answer.status, media_type=answer.content_type, headers=dict(answer.headers)
+        )
+
+    # Declared for the OpenAPI document; each one (and the catch-all) delegates to Kds.handle.
+    app.add_api_route("/vcek/v1/{product}/cert_chain", respond, methods=["GET"], summary="ASK then ARK (PEM)")
+    app.add_api_route("/vlek/v1/{product}/cert_chain", respond, methods=["GET"], summary="ASVK then ARK (PEM)")
+    app.add_api_route("/vcek/v1/{product}/{hwid}", respond, methods=["GET"], summary="VCEK (DER) for a hwID and TCB")
+    app.add_api_route(
+        "/{path:path}", respond, methods=["GET", "POST", "PUT", "DELETE", "PATCH"], include_in_schema=False
+    )
+    return app
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 as ``[::1]:PORT``) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8780")
+    return host, int(port)
+
+
+class KdsServer:
+    """Run the KDS app on a loopback socket in a background thread (for tests and in-process fabrics).
+
+    The socket is bound and listening before the thread starts, so a client may connect at once: the
+    kernel queues the connection until uvicorn accepts it (no start-up polling, no sleeps).
+    """
+
+    def __init__(self, kds: Kds, host: str = "127.0.0.1", port: int = 0) -> None:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        self._sock = socket.socket(family, socket.SOCK_STREAM)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._sock.bind((host, port))
+        self._sock.listen(128)
+        config = uvicorn.Config(create_app(kds), log_level="warning", lifespan="off", access_log=False)
+        self._server = uvicorn.Server(config)
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [self._sock]}, name="kds-server", daemon=True
+        )
+        bound_host, bound_port = self._sock.getsockname()[:2]
+        self.url = f"http://{f'[{bound_host}]' if family == socket.AF_INET6 else bound_host}:{bound_port}"
+
+    def __enter__(self) -> KdsServer:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._sock.close()
+
+
+class KdsClient:
+    """HTTP client for a KDS (AMD's or ours). Failures become ``KdsError`` with the server's message."""
+
+    def __init__(self, base_url: str, *, timeout: float = 10.0, transport: httpx.BaseTransport | None = None) -> None:
+        self._client = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport)
+
+    def __enter__(self) -> KdsClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def _get(self, path: str) -> httpx.Response:
+        try:
+            response = self._client.get(path)
+        except httpx.HTTPError as exc:
+            raise KdsError(502, "unreachable", f"KDS request {path} failed: {exc}") from exc
+        if response.status_code != 200:
+            message = response.text[:200]
+            with contextlib.suppress(ValueError, KeyError, TypeError):
+                message = str(json.loads(response.content)["error"]["message"])
+            raise KdsError(response.status_code, "kds_error", f"KDS {path} -> HTTP {response.status_code}: {message}")
+        return response
+
+    def vcek_der(self, product: Product, hwid: bytes, tcb: TcbVersion) -> bytes:
+        return self._get(vcek_path(product, hwid, tcb)).content
+
+    def fetch_vcek(self, product: Product, hwid: bytes, tcb: TcbVersion) -> x509.Certificate:
+        der = self.vcek_der(product, hwid, tcb)
+        try:
+            return x509.load_der_x509_certificate(der)
+        except ValueError as exc:
+            raise KdsError(502, "bad_certificate", "KDS answered a VCEK that is not DER X.509") from exc
+
+    def cert_chain_pem(self, product: Product) -> bytes:
+        return self._get(f"/vcek/v1/{product.value}/cert_chain").content
+
+    def vlek_chain_pem(self, product: Product) -> bytes:
+        return self._get(f"/vlek/v1/{product.value}/cert_chain").content
+
+    def fetch_cert_chain(self, product: Product) -> list[x509.Certificate]:
+        """ASK then ARK, parsed."""
+        try:
+            return x509.load_pem_x509_certificates(self.cert_chain_pem(product))
+        except ValueError as exc:
+            raise KdsError(502, "bad_certificate", "KDS cert_chain is not PEM X.509") from exc
