@@ -194,7 +194,9 @@ class SecureProcessor:
     def get_ext_certs(self, signing_key: SigningKey | None = None) -> ExtCerts:
         """The certificates for reports signed by ``signing_key`` (default: what KEY_SEL 0 signs with)."""
         with self._lock:
-            chip, kind = self._chip, signing_key or (SigningKey.VLEK if self._vlek else SigningKey.VCEK)
+            chip = self._chip
+            # SigningKey.VCEK is 0 (falsy): compare with None, never use `or` here.
+            kind = signing_key if signing_key is not None else (SigningKey.VLEK if self._vlek else SigningKey.VCEK)
             cached = self._cert_cache.get((kind, chip.reported_tcb))
             if cached is not None:
                 return cached
