@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
+from cryptography.hazmat.primitives.asymmetric.types import CertificatePublicKeyTypes
 from cryptography.utils import CryptographyDeprecationWarning
 from cryptography.x509.oid import NameOID
 
@@ -62,12 +63,10 @@ _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
 
 def _tlv(tag: int, body: bytes) -> bytes:
     n = len(body)
-    length = (
-        bytes([n])
-        if n < 0x80
-        else bytes([0x80 | ((n.bit_length() + 7) // 8)]) + n.to_bytes((n.bit_length() + 7) // 8, "big")
-    )
-    return bytes([tag]) + length + body
+    if n < 0x80:
+        return bytes([tag, n]) + body
+    size = (n.bit_length() + 7) // 8
+    return bytes([tag, 0x80 | size]) + n.to_bytes(size, "big") + body
 
 
 def _read_tlv(data: bytes, offset: int) -> tuple[int, int, int]:
@@ -173,7 +172,9 @@ def load_certificate(data: bytes, *, what: str = "certificate") -> x509.Certific
 
 def spki_sha256(cert: x509.Certificate) -> bytes:
     """SHA-256 of the DER SubjectPublicKeyInfo: how AMD's ARKs are pinned."""
-    spki = cert.public_key().public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    spki = _public_key(cert, common_name(cert.subject)).public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     return hashlib.sha256(spki).digest()
 
 
@@ -183,15 +184,26 @@ def common_name(name: x509.Name) -> str:
     return value if isinstance(value, str) else value.decode("utf-8", "replace")
 
 
+def _extensions(cert: x509.Certificate) -> x509.Extensions:
+    """The parsed extensions; duplicates or undecodable standard extensions are a verification failure."""
+    try:
+        return cert.extensions
+    except ValueError as exc:
+        raise VerificationError(f"certificate CN={common_name(cert.subject)!r}: bad extensions ({exc})") from None
+
+
+def _public_key(cert: x509.Certificate, label: str) -> CertificatePublicKeyTypes:
+    try:
+        return cert.public_key()
+    except (ValueError, UnsupportedAlgorithm) as exc:
+        raise VerificationError(f"{label} certificate: unsupported public key ({exc})") from None
+
+
 def amd_extension_values(cert: x509.Certificate) -> dict[str, bytes]:
     """``{dotted OID: extnValue content}`` of the non-standard (AMD) extensions."""
-    try:
-        extensions = cert.extensions
-    except ValueError as exc:
-        raise VerificationError(f"certificate {common_name(cert.subject)!r}: bad extensions ({exc})") from None
     return {
         ext.oid.dotted_string: ext.value.value
-        for ext in extensions
+        for ext in _extensions(cert)
         if isinstance(ext.value, x509.UnrecognizedExtension)
     }
 
@@ -211,7 +223,7 @@ def verify_pss_signature(cert: x509.Certificate, issuer: x509.Certificate, label
     if cert.issuer != issuer.subject:
         raise VerificationError(f"{label} issuer {cert.issuer.rfc4514_string()} is not {issuer_label}")
     _check_signature_algorithm(cert, label)
-    key = issuer.public_key()
+    key = _public_key(issuer, issuer_label)
     if not isinstance(key, rsa.RSAPublicKey):
         raise VerificationError(f"{issuer_label} key is not RSA")
     try:
@@ -224,17 +236,17 @@ def _check_ca(cert: x509.Certificate, label: str) -> None:
     """ARK/ASK/ASVK must be RSA-4096 CA certificates allowed to sign certificates."""
     if cert.version is not x509.Version.v3:
         raise VerificationError(f"{label} certificate is not X.509 v3")
-    key = cert.public_key()
+    key = _public_key(cert, label)
     if not isinstance(key, rsa.RSAPublicKey) or key.key_size != AMD_RSA_BITS:
         raise VerificationError(f"{label} key is not RSA-{AMD_RSA_BITS}")
     try:
-        constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        constraints = _extensions(cert).get_extension_for_class(x509.BasicConstraints).value
     except x509.ExtensionNotFound:
         raise VerificationError(f"{label} certificate lacks basicConstraints (CA)") from None
     if not constraints.ca:
         raise VerificationError(f"{label} certificate is not a CA (basicConstraints CA false)")
     try:
-        usage = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+        usage = _extensions(cert).get_extension_for_class(x509.KeyUsage).value
     except x509.ExtensionNotFound:
         return
     if not usage.key_cert_sign:
@@ -245,7 +257,7 @@ _KNOWN_CRITICAL = frozenset({x509.BasicConstraints.oid, x509.KeyUsage.oid})
 
 
 def _check_critical(cert: x509.Certificate, label: str) -> None:
-    for ext in cert.extensions:
+    for ext in _extensions(cert):
         if ext.critical and ext.oid not in _KNOWN_CRITICAL:
             raise VerificationError(
                 f"{label} certificate has an unsupported critical extension {ext.oid.dotted_string}"
@@ -296,7 +308,7 @@ def _endorsement_extensions(cert: x509.Certificate, signing_key: SigningKey) -> 
         raise VerificationError(f"KEY_INFO.SIGNING_KEY is {label} but the endorsement certificate is CN={cn!r}")
     if cert.version is not x509.Version.v3:
         raise VerificationError(f"{label} certificate is not X.509 v3")
-    key = cert.public_key()
+    key = _public_key(cert, label)
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP384R1):
         raise VerificationError(f"{label} key is not an ECDSA P-384 key")
     values = amd_extension_values(cert)

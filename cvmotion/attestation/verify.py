@@ -34,7 +34,13 @@ from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from cvmotion.abi.snp import ECDSA_P384_SHA384, SIGNED_LEN, AttestationReport, Product, SigningKey, TcbVersion
 from cvmotion.abi.vcek import AmdExtensions
-from cvmotion.attestation.evidence import EndorsementChain, build_chain, check_validity, load_certificates
+from cvmotion.attestation.evidence import (
+    EndorsementChain,
+    build_chain,
+    check_validity,
+    load_certificate,
+    load_certificates,
+)
 from cvmotion.attestation.trust import PlatformKind, TrustAnchor, TrustStore
 from cvmotion.errors import UsageError, VerificationError
 
@@ -43,6 +49,7 @@ __all__ = [
     "VerifiedReport",
     "VerifyOptions",
     "default_chain_cache",
+    "load_certificate",
     "load_certificates",
     "verify_report",
 ]
