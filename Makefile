@@ -31,7 +31,7 @@ guests: $(GUEST_IMAGES)
 $(GUEST_OUT)/%.elf: $(GUEST_DIR)/%.c $(GUEST_COMMON) $(GUEST_HDRS) $(GUEST_DIR)/lib/link.ld
 	@mkdir -p $(GUEST_OUT)
 	$(GUEST_CC) $(GUEST_CFLAGS) -I$(GUEST_DIR)/lib -T $(GUEST_DIR)/lib/link.ld -Wl,-m,elf_i386 \
-	    -Wl,--build-id=none -o $@ $(GUEST_DIR)/lib/entry.S $< $(GUEST_COMMON)
+	    -no-pie -static -Wl,--build-id=none -o $@ $(GUEST_DIR)/lib/entry.S $< $(GUEST_COMMON)
 
 demo: venv guests
 	$(VENV)/bin/cvmotion demo

@@ -1,0 +1,201 @@
+/* kvstore: a key-value store in guest memory, serving GET/PUT/DELETE through the cvm-io device.
+ *
+ * Command line: slots=N (table size, default 1024)  base=GPA (table address, default 0x400000)
+ *               hb_ms=N (heartbeat period, default 1000)
+ *
+ * Requests and responses (little-endian; cvmotion.vmm.workloads.KvClient builds them):
+ *   request  = u8 op | u8 key_len | u16 value_len | key[key_len] | value[value_len]
+ *   response = u8 status | u8 0 | u16 value_len | value[value_len]
+ *   op: 1 GET, 2 PUT, 3 DELETE, 4 STATS (value = u32 keys | u32 slots | u64 ops), 5 BLOB (request
+ *       value = u32 blob kind; the response carries the host mailbox blob fetched with GET_BLOB)
+ *   status: 0 OK, 1 NOT_FOUND, 2 FULL, 3 BAD_REQUEST, 4 NO_BLOB, 5 TOO_BIG
+ * The table is fixed-size open addressing (FNV-1a, linear probing, tombstones on DELETE).  A PUT is
+ * stored in the table before its COMPLETE is posted, so every acknowledged PUT lives in guest memory
+ * and survives anything that preserves guest memory (pause, snapshot, migration).
+ *
+ * Without cvm-io (under QEMU: the ID register reads 0xFFFFFFFF) it says so and only heartbeats. */
+#include "cvmio.h"
+
+#define KEY_MAX 64u
+#define VAL_MAX 1024u
+#define SLOT_EMPTY 0u
+#define SLOT_USED 1u
+#define SLOT_TOMBSTONE 2u
+
+enum { OP_GET = 1, OP_PUT = 2, OP_DELETE = 3, OP_STATS = 4, OP_BLOB = 5 };
+enum { KV_OK = 0, KV_NOT_FOUND = 1, KV_FULL = 2, KV_BAD_REQUEST = 3, KV_NO_BLOB = 4, KV_TOO_BIG = 5 };
+
+struct slot {
+    u8 state;
+    u8 key_len;
+    u16 value_len;
+    u32 hash;
+    u8 key[KEY_MAX];
+    u8 value[VAL_MAX];
+};
+
+static struct slot *table;
+static u32 nslots, nkeys;
+static u64 nops;
+static u8 buf[8192] __attribute__((aligned(4096)));
+static u8 key[KEY_MAX];
+static struct cvmio_desc desc, blob_desc;
+
+static u32 fnv1a(const u8 *p, u32 n) {
+    u32 h = 0x811C9DC5u;
+    for (u32 i = 0; i < n; i++) h = (h ^ p[i]) * 0x01000193u;
+    return h;
+}
+
+/* Returns the slot holding the key, or -1; *insert_at receives the first reusable slot on the probe
+ * path (a tombstone or the terminating empty slot), or -1 if the table is full. */
+static i32 lookup(const u8 *k, u32 klen, u32 h, i32 *insert_at) {
+    *insert_at = -1;
+    for (u32 n = 0, i = h % nslots; n < nslots; n++, i = (i + 1 == nslots) ? 0 : i + 1) {
+        struct slot *s = &table[i];
+        if (s->state == SLOT_EMPTY) {
+            if (*insert_at < 0) *insert_at = (i32)i;
+            return -1;
+        }
+        if (s->state == SLOT_TOMBSTONE) {
+            if (*insert_at < 0) *insert_at = (i32)i;
+        } else if (s->hash == h && s->key_len == klen && memcmp(s->key, k, klen) == 0) {
+            return (i32)i;
+        }
+    }
+    return -1;
+}
+
+static u32 respond(u8 status, const u8 *value, u32 vlen) {
+    if (vlen && value != buf + 4) memcpy(buf + 4, value, vlen);
+    buf[0] = status;
+    buf[1] = 0;
+    buf[2] = (u8)(vlen & 0xFF);
+    buf[3] = (u8)(vlen >> 8);
+    return 4 + vlen;
+}
+
+static u32 handle(u32 len) {
+    if (len < 4) return respond(KV_BAD_REQUEST, NULL, 0);
+    u32 op = buf[0], klen = buf[1], vlen = (u32)buf[2] | ((u32)buf[3] << 8);
+    if (4 + klen + vlen != len || klen > KEY_MAX || vlen > VAL_MAX) return respond(KV_BAD_REQUEST, NULL, 0);
+    memcpy(key, buf + 4, klen);
+    const u8 *value = buf + 4 + klen;
+    i32 at, found;
+    u32 h = fnv1a(key, klen);
+    nops++;
+    switch (op) {
+    case OP_GET:
+        if (klen == 0 || vlen != 0) return respond(KV_BAD_REQUEST, NULL, 0);
+        found = lookup(key, klen, h, &at);
+        if (found < 0) return respond(KV_NOT_FOUND, NULL, 0);
+        return respond(KV_OK, table[found].value, table[found].value_len);
+    case OP_PUT: {
+        if (klen == 0) return respond(KV_BAD_REQUEST, NULL, 0);
+        found = lookup(key, klen, h, &at);
+        struct slot *s;
+        if (found >= 0) {
+            s = &table[found];
+        } else if (at >= 0) {
+            s = &table[at];
+            nkeys++;
+        } else {
+            return respond(KV_FULL, NULL, 0);
+        }
+        s->hash = h;
+        s->key_len = (u8)klen;
+        memcpy(s->key, key, klen);
+        memcpy(s->value, value, vlen);
+        s->value_len = (u16)vlen;
+        barrier();
+        s->state = SLOT_USED; /* stored before the COMPLETE that acknowledges it */
+        return respond(KV_OK, NULL, 0);
+    }
+    case OP_DELETE:
+        if (klen == 0 || vlen != 0) return respond(KV_BAD_REQUEST, NULL, 0);
+        found = lookup(key, klen, h, &at);
+        if (found < 0) return respond(KV_NOT_FOUND, NULL, 0);
+        table[found].state = SLOT_TOMBSTONE;
+        nkeys--;
+        return respond(KV_OK, NULL, 0);
+    case OP_STATS: {
+        u8 out[16];
+        memcpy(out, &nkeys, 4);
+        memcpy(out + 4, &nslots, 4);
+        memcpy(out + 8, &nops, 8);
+        return respond(KV_OK, out, sizeof(out));
+    }
+    case OP_BLOB: {
+        u32 kind;
+        if (vlen != 4) return respond(KV_BAD_REQUEST, NULL, 0);
+        memcpy(&kind, value, 4);
+        blob_desc.op = CVMIO_OP_GET_BLOB;
+        blob_desc.buf_gpa = (u32)(buf + 4);
+        blob_desc.buf_len = sizeof(buf) - 4;
+        blob_desc.len = 0;
+        blob_desc.tag = kind;
+        blob_desc.timeout_ms = 0;
+        u32 st = cvmio_call(&blob_desc);
+        if (st == CVMIO_ST_NOT_FOUND) return respond(KV_NO_BLOB, NULL, 0);
+        if (st != CVMIO_ST_OK || blob_desc.len > 0xFFFFu) return respond(KV_TOO_BIG, NULL, 0);
+        return respond(KV_OK, buf + 4, blob_desc.len);
+    }
+    default:
+        return respond(KV_BAD_REQUEST, NULL, 0);
+    }
+}
+
+void guest_main(const struct boot_env *env) {
+    const char *cl = env->cmdline;
+    u32 base = (u32)cmdline_u64(cl, "base", 0x400000);
+    u32 hb_ms = (u32)cmdline_u64(cl, "hb_ms", 1000);
+    u64 ram_end = 0x100000ull + (u64)env->mem_upper_kib * 1024u;
+    nslots = (u32)cmdline_u64(cl, "slots", 1024);
+    if (nslots == 0 || nslots > 1000000u || base < env->kernel_end ||
+        (u64)base + (u64)nslots * sizeof(struct slot) > ram_end) {
+        kprintf("kvstore: FATAL %u slots at 0x%x do not fit RAM ending at 0x%llx\n", nslots, base, ram_end);
+        guest_exit(3);
+    }
+    table = (struct slot *)base;
+    memset(table, 0, nslots * sizeof(struct slot));
+    u64 hb_ticks = clock_ms_to_ticks(hb_ms ? hb_ms : 1);
+    u64 next_hb = rdtsc() + hb_ticks;
+    u32 seq = 0;
+
+    if (!cvmio_present()) {
+        kprintf("kvstore: cvm-io device absent (ID reads 0x%x): serving nothing, heartbeat only\n",
+                inl(CVMIO_PORT + CVMIO_REG_ID));
+        for (;;) {
+            if (rdtsc() >= next_hb) {
+                kprintf("HB seq=%u ops=0 keys=0\n", seq++);
+                next_hb += hb_ticks;
+            }
+            cpu_relax();
+        }
+    }
+    kprintf("kvstore: ready slots=%u base=0x%x slot_size=%u\n", nslots, base, (u32)sizeof(struct slot));
+    for (;;) {
+        u64 now = rdtsc();
+        if (now >= next_hb) {
+            kprintf("HB seq=%u ops=%llu keys=%u\n", seq++, nops, nkeys);
+            next_hb = now + hb_ticks;
+        }
+        desc.op = CVMIO_OP_WAIT_REQUEST;
+        desc.buf_gpa = (u32)buf;
+        desc.buf_len = sizeof(buf);
+        desc.len = 0;
+        desc.tag = 0;
+        desc.timeout_ms = hb_ms < 200 ? hb_ms : 200;
+        u32 st = cvmio_call(&desc);
+        if (st == CVMIO_ST_RETRY) continue;
+        if (st != CVMIO_ST_OK) {
+            kprintf("kvstore: WAIT_REQUEST status %u\n", st);
+            continue;
+        }
+        u32 rlen = handle(desc.len);
+        desc.op = CVMIO_OP_COMPLETE;
+        desc.len = rlen;
+        st = cvmio_call(&desc);
+        if (st != CVMIO_ST_OK && st != CVMIO_ST_BAD_TAG) kprintf("kvstore: COMPLETE status %u\n", st);
+    }
+}
