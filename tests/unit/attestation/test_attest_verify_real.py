@@ -8,12 +8,14 @@ import pytest
 from attest_pki import Pki, make_cert, rogue_key
 from conftest import RealEvidence
 from cryptography.hazmat.primitives.serialization import Encoding
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cvmotion.abi.snp import SIGNED_LEN, AttestationReport, Product, SigningKey, TcbVersion
 from cvmotion.attestation.evidence import load_certificate, load_certificates
 from cvmotion.attestation.trust import PlatformKind, TrustStore
 from cvmotion.attestation.verify import ChainCache, VerifyOptions, verify_report
-from cvmotion.errors import AbiError, ReservedNotZero, UnsupportedVersion, VerificationError
+from cvmotion.errors import AbiError, MalformedStructure, ReservedNotZero, UnsupportedVersion, VerificationError
 
 AMD = TrustStore.amd()
 
@@ -250,3 +252,27 @@ def test_cache_is_bounded(real: dict[str, RealEvidence]) -> None:
     for ev in real.values():
         _verify(ev, options=VerifyOptions(cache=cache))
     assert len(cache) == 1
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(edits=st.lists(st.tuples(st.integers(0, 0x4A0 - 1), st.integers(0, 255)), min_size=1, max_size=8))
+def test_random_edits_raise_only_abi_or_verification_errors(
+    real: dict[str, RealEvidence], edits: list[tuple[int, int]]
+) -> None:
+    ev = real["genoa"]
+    raw = bytearray(ev.raw)
+    for offset, value in edits:
+        raw[offset] = value
+    try:
+        _verify(ev, bytes(raw))
+    except (AbiError, VerificationError):
+        return
+    assert bytes(raw) == ev.raw  # only an edit that changed nothing may verify
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.binary(max_size=600))
+def test_certificate_loading_raises_only_malformed(data: bytes) -> None:
+    for blob in (data, b"-----BEGIN CERTIFICATE-----\n" + data + b"\n-----END CERTIFICATE-----\n"):
+        with pytest.raises(MalformedStructure):
+            load_certificates(blob)
