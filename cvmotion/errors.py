@@ -9,8 +9,9 @@ CvmError
 │   └── UnsupportedVersion          a version field outside what we implement
 ├── FirmwareError(status)           the emulated secure processor refused a command
 ├── KvmError(ioctl, errno)          a KVM ioctl failed
-│   └── VcpuError                   the vCPU stopped abnormally (triple fault, shutdown)
+│   └── VcpuError(rip)              the vCPU stopped abnormally (triple fault, CPU exception, internal error)
 ├── ImageError                      a guest image that cannot be loaded
+├── DeviceError                     a paravirtual device request failed or timed out (cvm-io)
 ├── MigrationError
 │   ├── ProtocolError               a peer broke the protocol (order, version, framing)
 │   ├── IntegrityError              opaque: MAC, decryption or replay check failed
@@ -32,6 +33,7 @@ __all__ = [
     "AbiError",
     "Aborted",
     "CvmError",
+    "DeviceError",
     "FirmwareError",
     "FirmwareStatus",
     "ImageError",
@@ -143,7 +145,17 @@ class KvmError(CvmError):
 
 
 class VcpuError(KvmError):
-    """The vCPU stopped abnormally (triple fault, shutdown, internal error)."""
+    """The vCPU stopped abnormally (triple fault, CPU exception, internal error); names the last RIP."""
+
+    def __init__(self, message: str, *, rip: int | None = None, ioctl: str = "KVM_RUN", errno: int = 0) -> None:
+        CvmError.__init__(self, message if rip is None else f"{message} (last RIP {rip:#x})")
+        self.ioctl = ioctl
+        self.errno = errno
+        self.rip = rip
+
+
+class DeviceError(CvmError):
+    """A paravirtual device request failed or got no answer in time."""
 
 
 class ImageError(CvmError):
