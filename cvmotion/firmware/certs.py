@@ -33,6 +33,7 @@ __all__ = [
     "EMULATED_ORG",
     "ENDORSEMENT_VALIDITY",
     "PSS_SHA384",
+    "BACKDATE",
     "amd_extensions_of",
     "amd_name",
     "build_ark",
@@ -46,6 +47,9 @@ EMULATED_ORG = "cvmotion emulated AMD-SP"
 PSS_SHA384 = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
 CA_VALIDITY = dt.timedelta(days=25 * 365 + 6)  # AMD's ARK/ASK: 25 years
 ENDORSEMENT_VALIDITY = dt.timedelta(days=7 * 365 + 2)  # AMD's VCEKs: 7 years (2025-08-07 -> 2032-08-07)
+# notBefore is backdated by an hour (as public CAs do) so a verifier whose clock lags the KDS host's a
+# little does not reject a certificate minted a moment ago.
+BACKDATE = dt.timedelta(hours=1)
 
 
 def amd_name(common_name: str) -> x509.Name:
@@ -82,7 +86,7 @@ def build_ark(key: rsa.RSAPrivateKey, product: Product, now: dt.datetime) -> x50
         .issuer_name(name)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
+        .not_valid_before(now - BACKDATE)
         .not_valid_after(now + CA_VALIDITY)
         .add_extension(_ca_key_usage(crl_sign=True), critical=True)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
@@ -105,7 +109,7 @@ def build_intermediate(
         .issuer_name(ark_cert.subject)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
+        .not_valid_before(now - BACKDATE)
         .not_valid_after(now + CA_VALIDITY)
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
         .add_extension(
@@ -180,7 +184,7 @@ def _endorsement(
         .issuer_name(issuer_cert.subject)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now)
+        .not_valid_before(now - BACKDATE)
         .not_valid_after(now + ENDORSEMENT_VALIDITY)
     )
     # AMD's extensions are private OIDs; like AMD we add them non-critical.
