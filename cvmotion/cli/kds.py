@@ -1,7 +1,7 @@
 """cli layer: ``cvmotion kds``: the EMULATED AMD Key Distribution Service.
 
 ```
-cvmotion kds serve --vendor-dir DIR [--listen HOST:PORT]     (default 127.0.0.1:8780)
+cvmotion kds serve --vendor-dir DIR [--listen HOST:PORT]     (default 127.0.0.1:8780; port 0: any free port)
 cvmotion kds fetch --kds-url URL --product P --hwid HEX --bl N --tee N --snp N --ucode N [--fmc N] --out FILE
 ```
 """
@@ -9,6 +9,7 @@ cvmotion kds fetch --kds-url URL --product P --hwid HEX --bl N --tee N --snp N -
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +40,7 @@ def register(subparsers: Any) -> None:
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
+    parser.print_help(sys.stderr)
     return 1
 
 
@@ -48,13 +49,16 @@ def _serve(args: argparse.Namespace) -> int:
 
     from cvmotion.cli.platform import default_vendor_dir
     from cvmotion.firmware.kds import Kds
-    from cvmotion.firmware.kds_http import create_app, parse_listen
+    from cvmotion.firmware.kds_http import listen_socket, parse_listen, server_config
     from cvmotion.firmware.vendor import Vendor
 
     host, port = parse_listen(args.listen)
     vendor = Vendor.open(args.vendor_dir or default_vendor_dir())
-    print(f"EMULATED AMD KDS over {vendor.root} on http://{host}:{port} (not AMD's)", flush=True)
-    uvicorn.run(create_app(Kds(vendor)), host=host, port=port, log_level="warning")
+    # Bind first, then announce: the printed URL is connectable (port 0 picks a free port and prints it).
+    sock, url = listen_socket(host, port)
+    print(f"EMULATED AMD KDS (not AMD's) serving {vendor.root} on {url}", flush=True)
+    with sock:
+        uvicorn.Server(server_config(Kds(vendor))).run(sockets=[sock])
     return 0
 
 

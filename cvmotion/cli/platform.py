@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -86,7 +87,7 @@ def register(subparsers: Any) -> None:
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
-    parser.print_help()
+    parser.print_help(sys.stderr)
     return 1
 
 
@@ -125,7 +126,7 @@ def _create(args: argparse.Namespace) -> int:
     )
     vendor.roots(product)
     print(f"created emulated {product.value} chip {chip.hwid.hex()[:16]}... in {args.data_dir}")
-    print(f"trust anchor (emulated ARK): {vendor.ark_path(product)}")
+    print(f"trust anchor (emulated ARK): {vendor.ark_path(product).resolve()}")
     return 0
 
 

@@ -22,7 +22,7 @@ from cvmotion.abi.snp import Product, TcbVersion
 from cvmotion.errors import UsageError
 from cvmotion.firmware.kds import Kds, KdsError, vcek_path
 
-__all__ = ["KdsClient", "KdsServer", "create_app", "parse_listen"]
+__all__ = ["KdsClient", "KdsServer", "create_app", "listen_socket", "parse_listen", "server_config"]
 
 
 def create_app(kds: Kds) -> FastAPI:
@@ -60,6 +60,26 @@ def parse_listen(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def listen_socket(host: str, port: int) -> tuple[socket.socket, str]:
+    """A bound, listening TCP socket and its URL (``port`` 0 picks a free port)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if family == socket.AF_INET6 else bound_host
+    return sock, f"http://{shown}:{bound_port}"
+
+
+def server_config(kds: Kds) -> uvicorn.Config:
+    return uvicorn.Config(create_app(kds), log_level="warning", lifespan="off", access_log=False)
+
+
 class KdsServer:
     """Run the KDS app on a loopback socket in a background thread (for tests and in-process fabrics).
 
@@ -68,18 +88,11 @@ class KdsServer:
     """
 
     def __init__(self, kds: Kds, host: str = "127.0.0.1", port: int = 0) -> None:
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        self._sock = socket.socket(family, socket.SOCK_STREAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._sock.bind((host, port))
-        self._sock.listen(128)
-        config = uvicorn.Config(create_app(kds), log_level="warning", lifespan="off", access_log=False)
-        self._server = uvicorn.Server(config)
+        self._sock, self.url = listen_socket(host, port)
+        self._server = uvicorn.Server(server_config(kds))
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._sock]}, name="kds-server", daemon=True
         )
-        bound_host, bound_port = self._sock.getsockname()[:2]
-        self.url = f"http://{f'[{bound_host}]' if family == socket.AF_INET6 else bound_host}:{bound_port}"
 
     def __enter__(self) -> KdsServer:
         self._thread.start()

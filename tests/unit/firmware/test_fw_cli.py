@@ -153,3 +153,41 @@ def test_kds_fetch(host: Path, emulated_vendor: Vendor, tmp_path: Path, capsys: 
         )  # fmt: skip
         assert code == 3
         assert "HTTP 404" in err
+
+
+def test_kds_serve_process(emulated_vendor: Vendor) -> None:
+    """`cvmotion kds serve` as a real process: it announces a connectable URL, serves, and stops on SIGTERM."""
+    import selectors
+    import signal
+    import subprocess
+    import sys
+
+    import httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cvmotion", "kds", "serve", "--vendor-dir", str(emulated_vendor.root),
+         "--listen", "127.0.0.1:0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.stdout, selectors.EVENT_READ)
+            assert sel.select(timeout=30), "kds serve did not announce itself within 30 s"
+        line = proc.stdout.readline()
+        assert "EMULATED" in line
+        url = line.split(" on ")[-1].strip()
+        response = httpx.get(f"{url}/vcek/v1/Genoa/cert_chain", timeout=10)
+        assert response.status_code == 200
+        assert response.content == emulated_vendor.cert_chain_pem(Product.GENOA)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            _, err = proc.communicate(timeout=15)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
+            raise
+    # uvicorn shuts down gracefully, then re-raises the captured SIGTERM (a daemon's conventional exit).
+    assert proc.returncode in (0, -signal.SIGTERM)
+    assert "Traceback" not in err
