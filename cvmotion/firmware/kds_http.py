@@ -63,7 +63,9 @@ def parse_listen(text: str) -> tuple[str, int]:
 def listen_socket(host: str, port: int) -> tuple[socket.socket, str]:
     """A bound, listening TCP socket and its URL (``port`` 0 picks a free port)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto must be IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and
+    # without it Nagle + delayed ACK stall every response ~40 ms (measured: 23 req/s instead of ~1,000).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
