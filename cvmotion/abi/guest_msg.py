@@ -365,6 +365,8 @@ class GuestChannel:
             raise IntegrityError
         if self._pending is not None:
             raise MalformedStructure("a guest request is already outstanding on this VMPCK")
+        if msg_type is MsgType.INVALID or msg_type % 2 == 0:
+            raise MalformedStructure(f"{MsgType(msg_type).name} is not a request message type")
         seqno = self._seqno + 1
         header = GuestMsgHeader(
             authtag=bytes(32), msg_seqno=seqno, msg_type=msg_type, msg_size=0, msg_vmpck=self._vmpck_id,

@@ -12,6 +12,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 from fw_helpers import PROBE_POLICY, Guest, launch, new_sp
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from cvmotion.abi.guest_msg import (
     GuestChannel,
@@ -22,7 +24,7 @@ from cvmotion.abi.guest_msg import (
     seal_guest_message,
 )
 from cvmotion.abi.snp import AttestationReport, PlatformInfo, Product, SigningKey, TcbVersion
-from cvmotion.errors import FirmwareError, FirmwareStatus, IntegrityError
+from cvmotion.errors import FirmwareError, FirmwareStatus, IntegrityError, MalformedStructure
 from cvmotion.firmware.device import SecureProcessor
 from cvmotion.firmware.vendor import Vendor
 
@@ -255,3 +257,20 @@ def test_host_visible_outputs_never_carry_guest_keys(guest: Guest) -> None:
 def test_guest_channel_checks_its_inputs() -> None:
     with pytest.raises(Exception, match="32-byte VMPCK"):
         GuestChannel(b"short")
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.binary(max_size=0x200))
+def test_arbitrary_bytes_fail_closed(guest: Guest, junk: bytes) -> None:
+    """Junk from the host: the SP answers only the opaque refusal; the guest side only IntegrityError."""
+    with pytest.raises(FirmwareError) as info:
+        guest.sp.guest_request(guest.handle, junk)
+    assert info.value.status is FirmwareStatus.INVALID_PARAM
+    with pytest.raises(IntegrityError):
+        open_guest_message(guest.vmpck0, junk)
+
+
+def test_channel_only_sends_requests() -> None:
+    channel = GuestChannel(bytes(32))
+    with pytest.raises(MalformedStructure, match="REPORT_RSP is not a request"):
+        channel.request(MsgType.REPORT_RSP, b"")

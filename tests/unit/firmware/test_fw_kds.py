@@ -10,6 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 from cryptography import x509
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cvmotion.abi.snp import Product, TcbVersion
 from cvmotion.errors import UsageError
@@ -134,3 +136,20 @@ def test_parse_listen() -> None:
     for bad in ("8780", "host:", "host:99999", ":80"):
         with pytest.raises(UsageError, match="HOST:PORT"):
             parse_listen(bad)
+
+
+_SEGMENTS = ["vcek", "vlek", "v1", "Genoa", "Turin", "cert_chain", "ab" * 32, "", "%00", ".."]
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    st.sampled_from(["GET", "POST", "HEAD"]),
+    st.lists(st.sampled_from(_SEGMENTS), max_size=5),
+    st.text(max_size=60),
+)  # fmt: skip
+def test_kds_never_fails_badly(emulated_vendor: Vendor, method: str, parts: list[str], query: str) -> None:
+    """Any request line gets a 200 or a 4xx with the JSON error shape — never an exception."""
+    answer = Kds(emulated_vendor).handle(method, "/" + "/".join(parts) + ("?" + query if query else ""))
+    assert answer.status == 200 or 400 <= answer.status < 500
+    if answer.status != 200:
+        assert set(json.loads(answer.body)["error"]) == {"kind", "message"}
