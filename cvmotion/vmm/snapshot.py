@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import errno
 import os
 import struct
 import zlib
@@ -342,8 +343,21 @@ def load_snapshot(path: Path) -> tuple[VmState, GuestMemory]:
 
 
 def _copy(src: int, src_offset: int, dst: int, dst_offset: int, length: int) -> None:
+    """Kernel-side copy: ``copy_file_range``, or ``sendfile`` where the kernel refuses a cross-filesystem
+    copy (shmem to ext4 is EXDEV on many kernels)."""
+    use_sendfile = False
     while length:
-        done = os.copy_file_range(src, dst, length, src_offset, dst_offset)
+        if not use_sendfile:
+            try:
+                done = os.copy_file_range(src, dst, length, src_offset, dst_offset)
+            except OSError as exc:
+                if exc.errno not in (errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+                    raise
+                use_sendfile = True
+                continue
+        else:
+            os.lseek(dst, dst_offset, os.SEEK_SET)
+            done = os.sendfile(dst, src, src_offset, length)
         if done == 0:
             raise MalformedStructure("short copy: the snapshot file ends early")
         src_offset += done

@@ -50,11 +50,15 @@ DEFAULT_PAUSE_TIMEOUT = 2.0
 
 @dataclass(frozen=True, slots=True)
 class MachineConfig:
-    """What to build: RAM bytes, vCPUs, and a backend (``None``: KVM when usable, else emulated)."""
+    """What to build: RAM bytes, vCPUs, and a backend (``None``: KVM when usable, else emulated).
+
+    ``dirty_log_initially_set`` selects KVM's ``KVM_DIRTY_LOG_INITIALLY_SET`` mode (see kvm_backend).
+    """
 
     memory: int
     vcpus: int = 1
     backend: BackendKind | None = None
+    dirty_log_initially_set: bool = False
 
 
 class RunState(enum.Enum):
@@ -101,7 +105,7 @@ class Vm:
         self.state = RunState.CREATED
         self.backend: Backend
         if self.backend_kind is BackendKind.KVM:
-            self.backend = KvmBackend(self.memory, bus, config.vcpus)
+            self.backend = KvmBackend(self.memory, bus, config.vcpus, initially_set=config.dirty_log_initially_set)
         else:
             self.backend = EmuBackend(self.memory, bus, config.vcpus)
 

@@ -87,6 +87,15 @@ class CvmIo:
             raise DeviceError(f"cvm-io: request tag {req.tag} failed: {req.error}")
         return req.response
 
+    def post(self, request: bytes) -> None:
+        """Queue a request whose answer nobody waits for (it may never come: e.g. "shut down")."""
+        with self._cond:
+            if self._closed:
+                raise DeviceError("cvm-io: the VM is closed")
+            self._queue.append(_Request(self._next_tag, bytes(request)))
+            self._next_tag = (self._next_tag % 0xFFFFFFFF) + 1
+            self._cond.notify_all()
+
     def set_blob(self, kind: abi.BlobKind | int, data: bytes) -> None:
         """Put a blob (e.g. the attestation token) in the mailbox the guest reads with GET_BLOB."""
         with self._cond:

@@ -83,6 +83,19 @@ class Console:
                 if remaining <= 0 or not self._cond.wait(remaining):
                     return None
 
+    def collect(self, pattern: str, count: int, timeout: float, since: int = 0) -> list[str]:
+        """The first ``count`` lines numbered ``>= since`` matching ``pattern`` (fewer if ``timeout`` passes)."""
+        regex = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                first = self._count - len(self._lines)
+                found = [line for i, line in enumerate(self._lines) if first + i >= since and regex.search(line)]
+                remaining = deadline - time.monotonic()
+                if len(found) >= count or remaining <= 0:
+                    return found[:count]
+                self._cond.wait(remaining)
+
 
 @dataclass(frozen=True, slots=True)
 class SerialState:

@@ -1,0 +1,116 @@
+"""Snapshot/restore: the workload continues exactly where it stopped, in this process and in another one."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from vmm_helpers import VmFactory
+
+from cvmotion.abi import kvm as abi
+from cvmotion.vmm.backend import BackendKind
+from cvmotion.vmm.snapshot import VmState, load_snapshot, save_snapshot
+from cvmotion.vmm.vm import RunState, Vm
+from cvmotion.vmm.workloads import KvClient, MemdirtyModel, parse_heartbeat
+
+pytestmark = pytest.mark.timeout(180)
+
+HERE = Path(__file__).resolve().parent
+
+
+def _beats(vm: Vm, count: int, since: int = 0) -> list[tuple[int, int, int]]:
+    lines = vm.console.collect(r"^HB ", count, 60, since)
+    assert len(lines) == count, vm.console.lines()[-5:]
+    return [b for b in (parse_heartbeat(line) for line in lines) if b is not None]
+
+
+def test_memdirty_continues_after_snapshot_file(vms: VmFactory, tmp_path: Path) -> None:
+    vm = vms.boot("memdirty", "dirty_mib=1 rate=20000 hb_ms=100 seed=3", vcpus=2)
+    before = _beats(vm, 2)
+    vm.pause()
+    state = vm.capture_state()
+    stored = save_snapshot(tmp_path / "snap", state, vm.memory)
+    assert 0 < stored < 4 << 20  # sparse: the working set, not the 16 MiB
+    vm.close()
+    if vms.backend is BackendKind.KVM:
+        ap = state.machine.vcpus[1]
+        assert getattr(ap, "mp_state", None) is abi.MpState.UNINITIALIZED  # waits for SIPI, captured all the same
+    state2, memory = load_snapshot(tmp_path / "snap")
+    assert state2 == state
+    restored = vms.adopt(Vm.restore(state2, memory))
+    assert restored.state is RunState.PAUSED
+    restored.resume()
+    after = _beats(restored, 2)
+    model = MemdirtyModel(dirty_mib=1, seed=3)
+    assert after[0][0] > before[-1][0]  # the sequence number continues: no reboot
+    assert after[0][1] > before[-1][1]
+    for _, writes, csum in before + after:
+        assert model.checksum_at(writes) == csum  # continuation over the very same memory
+
+
+def test_kvstore_keys_survive_restore_in_another_process(vms: VmFactory, tmp_path: Path) -> None:
+    vm = vms.boot("kvstore", "slots=128 hb_ms=1000")
+    assert vm.console.wait_for(r"^kvstore: ready", 30)
+    kv = KvClient(vm.cvmio)
+    acknowledged = {f"k{i}": f"v{i}-" + "x" * i for i in range(40)}
+    for key, value in acknowledged.items():
+        kv.put(key.encode(), value.encode())
+    kv.delete(b"k7")
+    del acknowledged["k7"]
+    vm.pause()
+    state = vm.capture_state()
+    (tmp_path / "state").write_bytes(state.to_bytes())
+    memfd = os.dup(vm.memfd)  # zero-copy handover: the child maps the very same memfd
+    vm.close()
+    try:
+        out = subprocess.run(
+            [sys.executable, str(HERE / "restore_child.py"), "--fd", str(memfd), "--state", str(tmp_path / "state"),
+             "--get", *acknowledged, "k7"],
+            pass_fds=[memfd], capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+    finally:
+        os.close(memfd)
+    assert out.returncode == 0, out.stderr
+    values = json.loads(out.stdout)["values"]
+    assert values.pop("k7") is None
+    assert values == acknowledged
+
+
+def test_memdirty_continues_in_another_process_via_cli(backend: BackendKind, tmp_path: Path) -> None:
+    from vmm_helpers import require_image
+
+    require_image("memdirty")
+    cli = [sys.executable, "-m", "cvmotion", "vm", "run", "--backend", backend.value]
+    first = subprocess.run(
+        [*cli, "--image", "memdirty", "--memory", "16M", "--cmdline", "dirty_mib=1 rate=20000 hb_ms=100 seed=9",
+         "--seconds", "1", "--save", str(tmp_path / "snap")],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert first.returncode == 0, first.stderr
+    second = subprocess.run(
+        [*cli, "--restore", str(tmp_path / "snap"), "--seconds", "1"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert second.returncode == 0, second.stderr
+    before = [b for b in map(parse_heartbeat, first.stdout.splitlines()) if b]
+    after = [b for b in map(parse_heartbeat, second.stdout.splitlines()) if b]
+    assert before, first.stdout
+    assert after, second.stdout
+    assert after[0][0] > before[-1][0]
+    model = MemdirtyModel(dirty_mib=1, seed=9)
+    for _, writes, csum in before + after:
+        assert model.checksum_at(writes) == csum
+
+
+def test_state_bytes_round_trip(vms: VmFactory) -> None:
+    vm = vms.boot("memdirty", "dirty_mib=1 hb_ms=100", vcpus=3)
+    assert vm.console.collect(r"^HB ", 1, 30)
+    vm.pause()
+    state = vm.capture_state()
+    assert VmState.from_bytes(state.to_bytes()) == state
+    assert state.backend is vms.backend
+    assert state.vcpus == 3
