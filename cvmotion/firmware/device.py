@@ -35,6 +35,7 @@ from cvmotion.firmware.id_block import verify_id_block
 from cvmotion.firmware.keys import RandomSource, derive_vcek, system_random
 from cvmotion.firmware.launch import PAGE_SIZE, LaunchDigest, PageType, check_cpuid_page, check_launch_policy
 from cvmotion.firmware.launch import write_secrets_page as _write_secrets_page
+from cvmotion.firmware.migration import MigrationFirmware
 from cvmotion.firmware.vlek import UnwrappedVlek, unwrap_vlek
 
 __all__ = ["EndorsementSource", "ExtCerts", "GuestHandle", "GuestInfo", "PlatformStatus", "SecureProcessor"]
@@ -113,6 +114,7 @@ class SecureProcessor:
         self._vlek: UnwrappedVlek | None = None
         self._vlek_cert: bytes | None = None
         self._cert_cache: dict[tuple[SigningKey, TcbVersion], ExtCerts] = {}
+        self._migration: MigrationFirmware | None = None
         self._reload_vlek()
 
     @classmethod
@@ -341,7 +343,9 @@ class SecureProcessor:
             ctx = self._guest(handle, GuestState.RUNNING)
             if not ctx.flags & ContextFlag.ACTIVATED:
                 raise FirmwareError(FirmwareStatus.INACTIVE, f"guest {handle} is not activated")
-            if ctx.op_state is not OpState.RUNNABLE:
+            # A guest keeps running during live export (its sequence numbers then travel in the mutable-state
+            # bundle); anywhere else outside RUNNABLE it cannot be executing, so it cannot be asking.
+            if ctx.op_state not in (OpState.RUNNABLE, OpState.LIVE_EXPORT):
                 raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, f"guest {handle} is {ctx.op_state.name}")
             signers = Signers(vcek=self._vcek, vlek=self._vlek.key if self._vlek else None)
             return handle_guest_request(ctx, self._chip, signers, bytes(request))
@@ -364,6 +368,31 @@ class SecureProcessor:
             self._guest(handle)
             del self._guests[handle]
             self._digests.pop(handle, None)
+
+    # -- for the migration commands (cvmotion.firmware.migration), same trust domain ------------------
+
+    @property
+    def migration(self) -> MigrationFirmware:
+        """The export/import commands of this secure processor."""
+        with self._lock:
+            if self._migration is None:
+                self._migration = MigrationFirmware(self)
+            return self._migration
+
+    def _guest_ctx(self, handle: GuestHandle) -> GuestContext:
+        with self._lock:
+            return self._guest(handle, GuestState.RUNNING)
+
+    def _guest_op_state(self, handle: GuestHandle) -> OpState | None:
+        with self._lock:
+            ctx = self._guests.get(handle)
+            return None if ctx is None else ctx.op_state
+
+    def _set_op_state(self, handle: GuestHandle, op_state: OpState) -> None:
+        with self._lock:
+            ctx = self._guests.get(handle)
+            if ctx is not None:
+                ctx.op_state = op_state
 
     def _adopt_context(self, ctx: GuestContext) -> GuestHandle:
         """Install a context that arrived inside the SP (issue 4's import path, after decrypting it)."""

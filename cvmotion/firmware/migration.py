@@ -1,0 +1,605 @@
+"""firmware layer: the secure processor's migration commands: export and import of a guest, sealed bundles.
+
+The untrusted host drives these commands and carries their output; the firmware alone holds the session keys
+and the plaintext.  Keys come from the migration agents (MA, trusted, inside the TEE) through ``ma_*`` calls,
+which the host-facing command interface never exposes.
+
+Source::
+
+    ma_export_prepare(h, session_id) -> K_f      (MA; K_f travels to the peer MA inside RA-TLS)
+    ma_export_install_backward_key(h, K_b)       (MA)
+    export_start(h, hw)                          RUNNABLE -> LIVE_EXPORT
+    export_immutable(h, stream) -> bundle        the guest context, sealed
+    export_memory(h, stream, gfns, out) -> n     pages read from guest memory, sealed into ``out``
+    export_epoch_token(h, stream) -> bundle
+    export_pause(h)                              LIVE_EXPORT -> PAUSED_EXPORT (the VM is paused and held)
+    export_state(h, stream, kind) -> bundle      vCPU / device / mutable guest state, sealed
+    export_start_token(h, stream) -> bundle      PAUSED_EXPORT -> POST_EXPORT: only if every page is clean
+    export_abort(h)                              before the start token: back to RUNNABLE
+    export_abort_with_token(h, token)            a frozen source resumes only with the destination's token
+    export_finish(h)                             POST_EXPORT -> decommissioned
+
+Destination::
+
+    import_prepare(session_id, hw) -> h          a context waiting for keys and the immutable state
+    ma_import_install_forward_key(h, K_f)        (MA)
+    ma_import_generate_backward_key(h) -> K_b    (MA)
+    import_bundle(h, bundle)                     any bundle of any stream; immutable state first
+    import_abort(h) -> abort token               only before commit; the context becomes FAILED for ever
+    import_activate(h)                           after the start token: restores vCPU state, RUNNABLE
+
+Every import failure is the same opaque ``IntegrityError`` and makes the import context FAILED.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+import numpy.typing as npt
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+from cvmotion.abi import wire
+from cvmotion.abi.wire import BundleHeader, BundleType, EntryFlag
+from cvmotion.errors import AbiError, FirmwareError, FirmwareStatus, IntegrityError
+from cvmotion.firmware.context import GuestContext, OpState
+from cvmotion.firmware.opstate import STATE_BUNDLES, ExportOpState, ExportSession, ImportOpState, ImportRules
+
+if TYPE_CHECKING:
+    from cvmotion.firmware.device import GuestHandle, SecureProcessor
+
+__all__ = [
+    "KEY_SIZE",
+    "GuestHardware",
+    "GuestMemoryAccess",
+    "MigrationFirmware",
+    "bundle_capacity",
+]
+
+KEY_SIZE = 32
+PAGE = wire.PAGE_SIZE
+_ZERO_PAGE = bytes(PAGE)
+_MUTABLE = struct.Struct("<4Q")
+_ABORT_REASON_IMPORT_FAILED = 1
+
+
+def bundle_capacity(pages: int) -> int:
+    """Bytes a memory bundle of ``pages`` pages needs at most (all pages non-zero)."""
+    return wire.HEADER_SIZE + 8 + 8 * pages + wire.MAC_SIZE + pages * (PAGE + wire.TAG_SIZE)
+
+
+class GuestMemoryAccess(Protocol):
+    """Guest RAM as the secure processor reaches it (the real one reads DRAM; ours maps the VM's memfd)."""
+
+    def view(self, gpa: int, length: int) -> memoryview: ...
+
+    def populated_ranges(self) -> Sequence[tuple[int, int]]: ...
+
+
+class GuestHardware(Protocol):
+    """The rest of the emulated hardware of one VM, as the secure processor needs it during migration."""
+
+    @property
+    def memory(self) -> GuestMemoryAccess: ...
+
+    @property
+    def gfn_limit(self) -> int:
+        """One past the highest guest frame number."""
+        ...
+
+    def take_dirty(self, *, fresh: bool) -> npt.NDArray[np.uint64]:
+        """GFNs written since the firmware last asked (``fresh``: also harvest the hardware log now)."""
+        ...
+
+    def hold_paused(self) -> None:
+        """Confirm the vCPUs are paused and keep them so until the firmware allows them to run."""
+        ...
+
+    def capture_state(self) -> tuple[bytes, bytes]:
+        """(vCPU state, device state) of the paused VM."""
+        ...
+
+    def restore_state(self, vcpu_state: bytes, device_state: bytes) -> None: ...
+
+
+@dataclass(slots=True)
+class _Export:
+    session_id: bytes
+    k_f: bytes
+    aead: AESGCM
+    k_b: bytes | None = None
+    hw: GuestHardware | None = None
+    session: ExportSession = field(default_factory=ExportSession)
+    clean: npt.NDArray[np.bool_] | None = None
+
+
+@dataclass(slots=True)
+class _Import:
+    session_id: bytes
+    hw: GuestHardware
+    k_f: bytes | None = None
+    aead: AESGCM | None = None
+    k_b: bytes | None = None
+    rules: ImportRules = field(default_factory=ImportRules)
+    ctx: GuestContext | None = None
+    handle: GuestHandle | None = None
+    states: dict[BundleType, bytes] = field(default_factory=dict)
+
+
+class MigrationFirmware:
+    """Migration commands of one ``SecureProcessor``; reach it as ``sp.migration``."""
+
+    def __init__(self, sp: SecureProcessor) -> None:
+        self._sp = sp
+        self._lock = threading.Lock()
+        self._exports: dict[GuestHandle, _Export] = {}
+        self._imports: dict[int, _Import] = {}
+        self._next_import = 1
+
+    # -- shared ------------------------------------------------------------------------------------
+
+    def can_run(self, handle: GuestHandle) -> bool:
+        """Whether the hardware may run this guest's vCPUs (asked by the VM before every resume)."""
+        with self._lock:
+            exp = self._exports.get(handle)
+            if exp is not None:
+                return exp.session.can_run or exp.session.state is ExportOpState.LIVE_EXPORT
+            return self._sp._guest_op_state(handle) is OpState.RUNNABLE
+
+    # -- source ------------------------------------------------------------------------------------
+
+    def ma_export_prepare(self, handle: GuestHandle, session_id: bytes) -> bytes:
+        """(MA only) A fresh forward key K_f for one session; single use."""
+        if len(session_id) != wire.SESSION_ID_SIZE:
+            raise FirmwareError(FirmwareStatus.INVALID_PARAM, "session id must be 16 bytes")
+        with self._lock:
+            ctx = self._sp._guest_ctx(handle)
+            if not ctx.policy.migrate_ma:
+                raise FirmwareError(FirmwareStatus.POLICY_FAILURE, "guest policy does not allow migration (MIGRATE_MA)")
+            if handle in self._exports and self._exports[handle].session.state is not ExportOpState.RUNNABLE:
+                raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, "an export is already in progress")
+            k_f = os.urandom(KEY_SIZE)
+            self._exports[handle] = _Export(session_id=session_id, k_f=k_f, aead=AESGCM(k_f))
+            return k_f
+
+    def ma_export_install_backward_key(self, handle: GuestHandle, k_b: bytes) -> None:
+        """(MA only) The destination's backward key, which authenticates its abort token."""
+        if len(k_b) != KEY_SIZE:
+            raise FirmwareError(FirmwareStatus.INVALID_PARAM, "K_b must be 32 bytes")
+        with self._lock:
+            exp = self._export(handle, ExportOpState.RUNNABLE)
+            exp.k_b = k_b
+
+    def _export(self, handle: GuestHandle, *states: ExportOpState) -> _Export:
+        exp = self._exports.get(handle)
+        if exp is None:
+            raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, f"guest {handle} has no export session")
+        if states and exp.session.state not in states:
+            raise FirmwareError(
+                FirmwareStatus.INVALID_GUEST_STATE, f"export of guest {handle} is {exp.session.state.value}"
+            )
+        return exp
+
+    def export_start(self, handle: GuestHandle, hw: GuestHardware) -> None:
+        with self._lock:
+            exp = self._export(handle, ExportOpState.RUNNABLE)
+            if exp.k_b is None:
+                raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, "no backward key installed (session setup)")
+            exp.session.start()
+            exp.hw = hw
+            exp.clean = np.zeros(hw.gfn_limit, dtype=np.bool_)
+            self._sp._set_op_state(handle, OpState.LIVE_EXPORT)
+
+    def _seal(self, exp: _Export, stream: int, kind: BundleType, metadata: bytes, payload: bytes | None) -> bytes:
+        units = 0 if payload is None else 1
+        mb, epoch, iv = exp.session.next_slot(stream, units, kind)
+        size = wire.HEADER_SIZE + len(metadata) + wire.MAC_SIZE
+        header = BundleHeader(size=size, stream=stream, type=kind, mb_counter=mb, epoch=epoch, iv_counter=iv)
+        head = header.to_bytes()
+        mac = exp.aead.encrypt(wire.gcm_iv(iv, stream), b"", head + metadata)
+        if payload is None:
+            return head + metadata + mac
+        return head + metadata + mac + exp.aead.encrypt(wire.gcm_iv(iv + 1, stream), payload, head)
+
+    def export_immutable(self, handle: GuestHandle, stream: int) -> bytes:
+        """The guest context (keys, measurement, policy...) sealed: the first bundle of a session."""
+        with self._lock:
+            exp = self._export(handle, ExportOpState.LIVE_EXPORT)
+            ctx = self._sp._guest_ctx(handle)
+            blob = exp.session_id + ctx.to_bytes()
+            return self._seal(exp, stream, BundleType.IMMUTABLE_STATE, wire.pack_payload_metadata(len(blob)), blob)
+
+    def export_memory(
+        self, handle: GuestHandle, stream: int, gfns: Sequence[int] | npt.NDArray[np.uint64], out: memoryview
+    ) -> int:
+        """Seal the current contents of ``gfns`` into ``out``; returns the bundle length.
+
+        Zero pages travel as a flag. Before reading, the firmware folds in the writes the hardware logged
+        since it last looked, so "exported and clean" is exact when the start token is requested.
+        """
+        count = len(gfns)
+        if not 0 < count <= wire.MAX_PAGES_PER_BUNDLE:
+            raise FirmwareError(FirmwareStatus.INVALID_PARAM, f"1..{wire.MAX_PAGES_PER_BUNDLE} pages per bundle")
+        with self._lock:
+            exp = self._export(handle, ExportOpState.LIVE_EXPORT, ExportOpState.PAUSED_EXPORT)
+            hw, clean = exp.hw, exp.clean
+            assert hw is not None
+            assert clean is not None
+            gfn_array = np.asarray(gfns, dtype=np.uint64)
+            if int(gfn_array.max()) >= hw.gfn_limit:
+                raise FirmwareError(FirmwareStatus.INVALID_ADDRESS, "GFN beyond guest memory")
+            dirty = hw.take_dirty(fresh=False)
+            if len(dirty):
+                clean[dirty.astype(np.intp)] = False
+            mem = hw.memory
+            views = [mem.view(int(g) << 12, PAGE) for g in gfn_array]
+            entries = [
+                (int(g) << 12) | (EntryFlag.ZERO if v == _ZERO_PAGE else 0)
+                for g, v in zip(gfn_array, views, strict=True)
+            ]
+            data_pages = [i for i, e in enumerate(entries) if not e & EntryFlag.ZERO]
+            metadata = wire.pack_memory_metadata(entries)
+            mb, epoch, iv = exp.session.next_slot(stream, len(data_pages), BundleType.MEMORY)
+            size = wire.HEADER_SIZE + len(metadata) + wire.MAC_SIZE
+            head = BundleHeader(
+                size=size, stream=stream, type=BundleType.MEMORY, mb_counter=mb, epoch=epoch, iv_counter=iv
+            ).to_bytes()
+            total = size + len(data_pages) * (PAGE + wire.TAG_SIZE)
+            if len(out) < total:
+                raise FirmwareError(FirmwareStatus.INVALID_LENGTH, f"output buffer needs {total:#x} bytes")
+            out[: wire.HEADER_SIZE] = head
+            out[wire.HEADER_SIZE : size - wire.MAC_SIZE] = metadata
+            out[size - wire.MAC_SIZE : size] = exp.aead.encrypt(wire.gcm_iv(iv, stream), b"", head + metadata)
+            off = size
+            encrypt_into = exp.aead.encrypt_into
+            for n, i in enumerate(data_pages):
+                # AAD = header || GPA entry: a page cannot move to another GPA or another bundle.
+                encrypt_into(
+                    wire.gcm_iv(iv + 1 + n, stream),
+                    views[i],
+                    wire.aad_for_page(head, entries[i]),
+                    out[off : off + PAGE + wire.TAG_SIZE],
+                )
+                off += PAGE + wire.TAG_SIZE
+            clean[gfn_array.astype(np.intp)] = True
+            return total
+
+    def export_epoch_token(self, handle: GuestHandle, stream: int) -> bytes:
+        with self._lock:
+            exp = self._export(handle, ExportOpState.LIVE_EXPORT, ExportOpState.PAUSED_EXPORT)
+            epoch = exp.session.epoch
+            total = exp.session.close_epoch()
+            mb, _, iv = exp.session.next_slot(stream, 0, BundleType.EPOCH_TOKEN)
+            return self._token(
+                exp, stream, BundleType.EPOCH_TOKEN, mb, epoch, iv, wire.pack_epoch_token_metadata(total)
+            )
+
+    def _token(
+        self, exp: _Export, stream: int, kind: BundleType, mb: int, epoch: int, iv: int, metadata: bytes
+    ) -> bytes:
+        size = wire.HEADER_SIZE + len(metadata) + wire.MAC_SIZE
+        head = BundleHeader(size=size, stream=stream, type=kind, mb_counter=mb, epoch=epoch, iv_counter=iv).to_bytes()
+        return head + metadata + exp.aead.encrypt(wire.gcm_iv(iv, stream), b"", head + metadata)
+
+    def export_pause(self, handle: GuestHandle) -> None:
+        """The VM must be paused; from here on the hardware keeps it paused unless the firmware says run."""
+        with self._lock:
+            exp = self._export(handle, ExportOpState.LIVE_EXPORT)
+            assert exp.hw is not None
+            exp.session.pause()
+            self._sp._set_op_state(handle, OpState.PAUSED_EXPORT)
+            try:
+                exp.hw.hold_paused()
+            except Exception:
+                exp.session.state = ExportOpState.LIVE_EXPORT
+                self._sp._set_op_state(handle, OpState.LIVE_EXPORT)
+                raise
+
+    def export_state(self, handle: GuestHandle, stream: int, kind: BundleType) -> bytes:
+        """vCPU, device or mutable guest state of the paused VM, sealed."""
+        if kind not in STATE_BUNDLES:
+            raise FirmwareError(FirmwareStatus.INVALID_PARAM, f"{kind.name} is not a state bundle")
+        with self._lock:
+            exp = self._export(handle, ExportOpState.PAUSED_EXPORT)
+            assert exp.hw is not None
+            if kind is BundleType.MUTABLE_STATE:
+                blob = _MUTABLE.pack(*self._sp._guest_ctx(handle).msg_seqnos)
+            else:
+                vcpu, device = exp.hw.capture_state()
+                blob = vcpu if kind is BundleType.VCPU_STATE else device
+            return self._seal(exp, stream, kind, wire.pack_payload_metadata(len(blob)), blob)
+
+    def export_start_token(self, handle: GuestHandle, stream: int) -> bytes:
+        """The point of no return for the source: only when every populated page went out after its last write."""
+        with self._lock:
+            exp = self._export(handle, ExportOpState.PAUSED_EXPORT)
+            hw, clean = exp.hw, exp.clean
+            assert hw is not None
+            assert clean is not None
+            dirty = hw.take_dirty(fresh=True)
+            if len(dirty):
+                clean[dirty.astype(np.intp)] = False
+            all_clean = all(
+                bool(clean[gpa >> 12 : (gpa + length) >> 12].all()) for gpa, length in hw.memory.populated_ranges()
+            )
+            epoch = exp.session.epoch
+            total = exp.session.emit_start_token(all_pages_clean=all_clean)
+            mb, _, iv = exp.session.next_slot(stream, 0, BundleType.START_TOKEN)
+            self._sp._set_op_state(handle, OpState.POST_EXPORT)
+            meta = wire.pack_start_token_metadata(exp.session_id, total)
+            return self._token(exp, stream, BundleType.START_TOKEN, mb, epoch, iv, meta)
+
+    def export_abort(self, handle: GuestHandle) -> None:
+        """Abort before the start token: the guest may run again here. The session keys are destroyed."""
+        with self._lock:
+            exp = self._export(handle, ExportOpState.LIVE_EXPORT, ExportOpState.PAUSED_EXPORT, ExportOpState.RUNNABLE)
+            if exp.session.state is not ExportOpState.RUNNABLE:
+                exp.session.abort_local()
+            del self._exports[handle]
+            self._sp._set_op_state(handle, OpState.RUNNABLE)
+
+    def export_abort_with_token(self, handle: GuestHandle, token: bytes) -> None:
+        """Resume a frozen source: only with an abort token MAC'd under K_b for this session."""
+        with self._lock:
+            exp = self._export(handle)
+            if exp.k_b is None or not _check_abort_token(exp.k_b, exp.session_id, token):
+                raise IntegrityError()
+            exp.session.abort_with_token()
+            del self._exports[handle]
+            self._sp._set_op_state(handle, OpState.RUNNABLE)
+
+    def export_finish(self, handle: GuestHandle) -> None:
+        """The destination confirmed it committed: destroy the source context (SNP_DECOMMISSION)."""
+        with self._lock:
+            exp = self._export(handle, ExportOpState.POST_EXPORT)
+            exp.session.decommission()
+            del self._exports[handle]
+        self._sp.decommission(handle)
+
+    def export_status(self, handle: GuestHandle) -> str:
+        with self._lock:
+            exp = self._exports.get(handle)
+            return exp.session.state.value if exp else ExportOpState.RUNNABLE.value
+
+    # -- destination -------------------------------------------------------------------------------
+
+    def import_prepare(self, session_id: bytes, hw: GuestHardware) -> int:
+        if len(session_id) != wire.SESSION_ID_SIZE:
+            raise FirmwareError(FirmwareStatus.INVALID_PARAM, "session id must be 16 bytes")
+        with self._lock:
+            ref = self._next_import
+            self._next_import += 1
+            self._imports[ref] = _Import(session_id=session_id, hw=hw)
+            return ref
+
+    def _import(self, ref: int) -> _Import:
+        imp = self._imports.get(ref)
+        if imp is None:
+            raise FirmwareError(FirmwareStatus.INVALID_GUEST, f"no import context {ref}")
+        return imp
+
+    def ma_import_install_forward_key(self, ref: int, k_f: bytes) -> None:
+        """(MA only) K_f from the source MA; single use."""
+        if len(k_f) != KEY_SIZE:
+            raise FirmwareError(FirmwareStatus.INVALID_PARAM, "K_f must be 32 bytes")
+        with self._lock:
+            imp = self._import(ref)
+            if imp.k_f is not None:
+                raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, "forward key already installed")
+            imp.k_f, imp.aead = k_f, AESGCM(k_f)
+
+    def ma_import_generate_backward_key(self, ref: int) -> bytes:
+        """(MA only) K_b, which later authenticates an abort token to the source."""
+        with self._lock:
+            imp = self._import(ref)
+            if imp.k_b is not None:
+                raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, "backward key already generated")
+            imp.k_b = os.urandom(KEY_SIZE)
+            return imp.k_b
+
+    def import_state(self, ref: int) -> str:
+        with self._lock:
+            return self._import(ref).rules.state.value
+
+    def import_handle(self, ref: int) -> GuestHandle | None:
+        with self._lock:
+            return self._import(ref).handle
+
+    def import_bundle(self, ref: int, bundle: bytes | bytearray | memoryview) -> BundleType:
+        """Authenticate and apply one bundle. Any failure: FAILED for ever and one opaque IntegrityError."""
+        with self._lock:
+            imp = self._import(ref)
+            try:
+                return self._apply(imp, memoryview(bundle))
+            except (IntegrityError, InvalidTag, AbiError, FirmwareError, ValueError, IndexError) as exc:
+                imp.rules.fail()
+                if imp.handle is not None and not imp.rules.committed:
+                    self._sp._set_op_state(imp.handle, OpState.FAILED)
+                raise IntegrityError() from exc
+
+    def _apply(self, imp: _Import, buf: memoryview) -> BundleType:
+        if imp.aead is None or imp.rules.state is ImportOpState.FAILED:
+            raise IntegrityError()
+        header = BundleHeader.from_bytes(buf)
+        if header.size > len(buf):
+            raise IntegrityError()
+        head = bytes(buf[: wire.HEADER_SIZE])
+        metadata = bytes(buf[wire.HEADER_SIZE : header.size - wire.MAC_SIZE])
+        mac = bytes(buf[header.size - wire.MAC_SIZE : header.size])
+        # The MAC first: nothing of an unauthenticated bundle is interpreted beyond its header's length.
+        imp.aead.decrypt(wire.gcm_iv(header.iv_counter, header.stream), mac, head + metadata)
+        kind = header.type
+        rest = buf[header.size :]
+        if kind is BundleType.IMMUTABLE_STATE:
+            return self._import_immutable(imp, header, head, metadata, rest)
+        if imp.ctx is None:
+            raise IntegrityError()
+        rules = imp.rules
+        if not rules.check_bundle(header.stream, kind, header.mb_counter, header.epoch, header.iv_counter):
+            raise IntegrityError()
+        if kind is BundleType.MEMORY:
+            self._import_memory(imp, header, head, metadata, rest)
+        elif kind in STATE_BUNDLES:
+            length = wire.parse_payload_metadata(metadata)
+            if len(rest) != length + wire.TAG_SIZE:
+                raise IntegrityError()
+            iv = wire.gcm_iv(header.iv_counter + 1, header.stream)
+            imp.states[kind] = imp.aead.decrypt(iv, bytes(rest), head)
+            rules.accept_bundle(header.stream, kind, 1)
+        elif kind is BundleType.EPOCH_TOKEN:
+            if len(rest):
+                raise IntegrityError()
+            rules.accept_bundle(header.stream, kind, 0)
+            if not rules.close_epoch(wire.parse_epoch_token_metadata(metadata)):
+                raise IntegrityError()
+        elif kind is BundleType.START_TOKEN:
+            session_id, total = wire.parse_start_token_metadata(metadata)
+            if len(rest) or session_id != imp.session_id:
+                raise IntegrityError()
+            rules.accept_bundle(header.stream, kind, 0)
+            if not rules.commit(total):
+                raise IntegrityError()
+            self._commit(imp)
+        else:
+            raise IntegrityError()
+        if rules.state is ImportOpState.FAILED:
+            raise IntegrityError()
+        return kind
+
+    def _import_immutable(
+        self, imp: _Import, header: BundleHeader, head: bytes, metadata: bytes, rest: memoryview
+    ) -> BundleType:
+        rules = imp.rules
+        if imp.ctx is not None or (header.stream, header.mb_counter, header.epoch, header.iv_counter) != (
+            header.stream,
+            rules.mb_counters.get(header.stream, 0),
+            0,
+            rules.iv_next.get(header.stream, 0),
+        ):
+            raise IntegrityError()
+        length = wire.parse_payload_metadata(metadata)
+        if len(rest) != length + wire.TAG_SIZE:
+            raise IntegrityError()
+        assert imp.aead is not None
+        blob = imp.aead.decrypt(wire.gcm_iv(header.iv_counter + 1, header.stream), bytes(rest), head)
+        if blob[: wire.SESSION_ID_SIZE] != imp.session_id:
+            raise IntegrityError()
+        ctx = GuestContext.from_bytes(blob[wire.SESSION_ID_SIZE :])
+        if ctx.product is not self._sp.product:
+            # Same product family only (DESIGN section 6, migration policy); the MA checked it before keys.
+            raise IntegrityError()
+        ctx.op_state = OpState.MEMORY_IMPORT
+        imp.ctx = ctx
+        imp.handle = self._sp._adopt_context(ctx)
+        rules.accept_bundle(header.stream, BundleType.IMMUTABLE_STATE, 1)
+        return BundleType.IMMUTABLE_STATE
+
+    def _import_memory(
+        self, imp: _Import, header: BundleHeader, head: bytes, metadata: bytes, rest: memoryview
+    ) -> None:
+        entries = wire.parse_memory_metadata(metadata)
+        data = [e for e in entries if not e & EntryFlag.ZERO]
+        if len(rest) != len(data) * (PAGE + wire.TAG_SIZE):
+            raise IntegrityError()
+        rules = imp.rules
+        for e in entries:
+            if not rules.claim_gpa(e & ~0xFFF):
+                raise IntegrityError()
+        assert imp.aead is not None
+        mem = imp.hw.memory
+        limit = imp.hw.gfn_limit
+        decrypt_into = imp.aead.decrypt_into
+        off = 0
+        n = 0
+        for e in entries:
+            gpa = e & ~0xFFF
+            if gpa >> 12 >= limit:
+                raise IntegrityError()
+            target = mem.view(gpa, PAGE)
+            if e & EntryFlag.ZERO:
+                target[:] = _ZERO_PAGE
+                continue
+            # Decrypt straight into guest memory; a bad tag leaves the context FAILED, so a half-written page
+            # can never run.
+            decrypt_into(
+                wire.gcm_iv(header.iv_counter + 1 + n, header.stream),
+                rest[off : off + PAGE + wire.TAG_SIZE],
+                wire.aad_for_page(head, e),
+                target,
+            )
+            off += PAGE + wire.TAG_SIZE
+            n += 1
+        rules.accept_bundle(header.stream, BundleType.MEMORY, len(data))
+
+    def _commit(self, imp: _Import) -> None:
+        ctx, handle = imp.ctx, imp.handle
+        assert ctx is not None
+        assert handle is not None
+        seqnos = _MUTABLE.unpack(imp.states[BundleType.MUTABLE_STATE])
+        ctx.msg_seqnos = list(seqnos)
+        ctx.op_state = OpState.POST_IMPORT
+
+    def import_activate(self, ref: int) -> GuestHandle:
+        """After commit: hand the vCPU and device state to the hardware and make the guest runnable here."""
+        with self._lock:
+            imp = self._import(ref)
+            if imp.rules.state is not ImportOpState.POST_IMPORT:
+                raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, f"import is {imp.rules.state.value}")
+            assert imp.ctx is not None
+            assert imp.handle is not None
+            imp.hw.restore_state(imp.states[BundleType.VCPU_STATE], imp.states[BundleType.DEVICE_STATE])
+            imp.rules.activate()
+            imp.ctx.op_state = OpState.RUNNABLE
+            return imp.handle
+
+    def import_abort(self, ref: int) -> bytes:
+        """Give up before commit: FAILED for ever, and an abort token that lets the source resume."""
+        with self._lock:
+            imp = self._import(ref)
+            if imp.k_b is None or not imp.rules.issue_abort_token():
+                raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, "committed imports cannot be aborted")
+            if imp.handle is not None:
+                self._sp._set_op_state(imp.handle, OpState.FAILED)
+            return _make_abort_token(imp.k_b, imp.session_id, _ABORT_REASON_IMPORT_FAILED)
+
+    def import_discard(self, ref: int) -> None:
+        """Forget a FAILED (or never-started) import; a committed one cannot be discarded this way."""
+        with self._lock:
+            imp = self._import(ref)
+            if imp.rules.committed:
+                raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, "committed import")
+            imp.rules.fail()
+            handle = imp.handle
+            del self._imports[ref]
+        if handle is not None:
+            self._sp.decommission(handle)
+
+
+def _make_abort_token(k_b: bytes, session_id: bytes, reason: int) -> bytes:
+    meta = wire.pack_abort_token_metadata(session_id, reason)
+    size = wire.HEADER_SIZE + len(meta) + wire.MAC_SIZE
+    head = BundleHeader(
+        size=size, stream=wire.BACKWARD_STREAM, type=BundleType.ABORT_TOKEN, mb_counter=0, epoch=0, iv_counter=0
+    ).to_bytes()
+    return head + meta + AESGCM(k_b).encrypt(wire.gcm_iv(0, wire.BACKWARD_STREAM), b"", head + meta)
+
+
+def _check_abort_token(k_b: bytes, session_id: bytes, token: bytes) -> bool:
+    try:
+        header = BundleHeader.from_bytes(token)
+        if header.type is not BundleType.ABORT_TOKEN or header.stream != wire.BACKWARD_STREAM:
+            return False
+        if header.size != len(token):
+            return False
+        head, meta, mac = token[: wire.HEADER_SIZE], token[wire.HEADER_SIZE : -wire.MAC_SIZE], token[-wire.MAC_SIZE :]
+        AESGCM(k_b).decrypt(wire.gcm_iv(header.iv_counter, header.stream), mac, head + meta)
+        sid, _reason = wire.parse_abort_token_metadata(meta)
+        return sid == session_id
+    except (AbiError, InvalidTag, ValueError):
+        return False

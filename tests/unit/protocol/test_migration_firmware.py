@@ -1,0 +1,280 @@
+"""firmware.migration: an honest export/import, and attacks on the sealed stream at the firmware boundary.
+
+Every attack must end with at most one runnable instance, the destination never committed to stale memory,
+and the same opaque ``IntegrityError`` for every integrity failure.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from mig_harness import MEMORY, Bundle, Session, fill_guest, launch_guest, new_sp
+
+from cvmotion.abi import wire
+from cvmotion.abi.guest_msg import KeyReq, KeyRsp, ReportRsp, RootKey
+from cvmotion.abi.snp import AttestationReport, PolicyFlag
+from cvmotion.abi.wire import BundleHeader, BundleType
+from cvmotion.errors import FirmwareError, IntegrityError
+from cvmotion.firmware.vendor import Vendor
+
+
+@pytest.fixture
+def session(emulated_vendor: Vendor, tmp_path: Path) -> Session:
+    src = launch_guest(new_sp(emulated_vendor, tmp_path / "a"))
+    fill_guest(src, random.Random(7))
+    return Session(src=src, dst_sp=new_sp(emulated_vendor, tmp_path / "b"))
+
+
+def _dst_committed(s: Session) -> bool:
+    return s.dst_sp.migration.import_state(s.ref) in ("POST_IMPORT", "RUNNABLE")
+
+
+def _src_can_run(s: Session) -> bool:
+    return s.src.sp.migration.can_run(s.src.handle)
+
+
+def _no_fork(s: Session) -> None:
+    assert not (_dst_committed(s) and _src_can_run(s)), "two runnable instances"
+
+
+def _same_memory(a: Session) -> bool:
+    src, dst = a.src.hw.memory, a.dst_hw.memory
+    ranges = src.populated_ranges()
+    return all(src.read(gpa, length) == dst.read(gpa, length) for gpa, length in ranges)
+
+
+def test_honest_migration_moves_memory_context_and_keys(session: Session) -> None:
+    s = session
+    rng = random.Random(1)
+    # A VMRK-rooted key before the move.
+    ch = s.src.channel
+    vmrk_key_before = KeyRsp.from_bytes(
+        ch.open_response(s.src.sp.guest_request(s.src.handle, ch.key_request(KeyReq(root_key=RootKey.VMRK))))
+    ).derived_key
+    s.run_precopy(rng)
+    s.switchover()
+    s.deliver()
+    assert _dst_committed(s)
+    assert not _src_can_run(s)
+    handle = s.dst_sp.migration.import_activate(s.ref)
+    assert s.dst_hw.restored == (b"vcpu-state", b"device-state")
+    assert _same_memory(s)
+    assert s.dst_hw.memory.read(0x310 << 12, 4096) == bytes(4096)
+    # The guest's channel continues on the destination: same VMPCK0, sequence numbers carried over.
+    report_req = ch.report_request(b"after".ljust(64, b"\0"))
+    rsp = ReportRsp.from_bytes(ch.open_response(s.dst_sp.guest_request(handle, report_req)))
+    report = AttestationReport.from_bytes(rsp.report)
+    assert report.chip_id == s.dst_sp.get_id().ljust(64, b"\0")[:64]
+    assert report.policy.flags & PolicyFlag.MIGRATE_MA
+    # VMRK-rooted keys survive the move (sealed data stays readable).
+    req = ch.key_request(KeyReq(root_key=RootKey.VMRK))
+    assert KeyRsp.from_bytes(ch.open_response(s.dst_sp.guest_request(handle, req))).derived_key == vmrk_key_before
+    s.src.sp.migration.export_finish(s.src.handle)
+    with pytest.raises(FirmwareError):
+        s.src.sp.guest_request(s.src.handle, req)
+
+
+def test_start_token_refused_while_a_page_is_dirty(session: Session) -> None:
+    s = session
+    s.run_precopy(random.Random(2))
+    s.src.hw.guest_write(0x205 << 12, b"late write")
+    with pytest.raises(FirmwareError, match="dirty or unexported"):
+        s.switchover(final_gfns=[])  # a lazy (or malicious) engine skips the last dirty page
+    assert not _dst_committed(s)
+
+
+def test_guest_without_migrate_ma_cannot_export(emulated_vendor: Vendor, tmp_path: Path) -> None:
+    guest = launch_guest(new_sp(emulated_vendor, tmp_path / "a"), policy=int(PolicyFlag.RESERVED_MBO | PolicyFlag.SMT))
+    with pytest.raises(FirmwareError, match="MIGRATE_MA"):
+        guest.sp.migration.ma_export_prepare(guest.handle, bytes(16))
+
+
+def _flip(data: bytes, offset: int) -> bytes:
+    b = bytearray(data)
+    b[offset] ^= 0x01
+    return bytes(b)
+
+
+def _first(bundles: list[Bundle], kind: BundleType) -> int:
+    return next(i for i, (_, b) in enumerate(bundles) if BundleHeader.from_bytes(b).type is kind)
+
+
+def _memory_with_data(bundles: list[Bundle]) -> int:
+    for i, (_, b) in enumerate(bundles):
+        h = BundleHeader.from_bytes(b)
+        if h.type is BundleType.MEMORY and len(b) > h.size:
+            return i
+    raise AssertionError("no memory bundle with data")
+
+
+Attack = Callable[[list[Bundle]], list[Bundle]]
+
+
+def _edit(index_of: Callable[[list[Bundle]], int], change: Callable[[bytes], bytes]) -> Attack:
+    def attack(bundles: list[Bundle]) -> list[Bundle]:
+        i = index_of(bundles)
+        out = list(bundles)
+        out[i] = (out[i][0], change(out[i][1]))
+        return out
+
+    return attack
+
+
+def _page_bit(b: bytes) -> bytes:
+    return _flip(b, BundleHeader.from_bytes(b).size + 100)
+
+
+def _tag_bit(b: bytes) -> bytes:
+    return _flip(b, BundleHeader.from_bytes(b).size + wire.PAGE_SIZE + 3)
+
+
+def _swap_gpas(b: bytes) -> bytes:
+    e0, e1 = wire.HEADER_SIZE + 8, wire.HEADER_SIZE + 16
+    return b[:e0] + b[e1 : e1 + 8] + b[e0:e1] + b[e1 + 8 :]
+
+
+def _drop(index_of: Callable[[list[Bundle]], int]) -> Attack:
+    return lambda bundles: [x for i, x in enumerate(bundles) if i != index_of(bundles)]
+
+
+def _swap_order(bundles: list[Bundle]) -> list[Bundle]:
+    i = _memory_with_data(bundles)
+    # The next bundle on the same stream.
+    j = next(k for k in range(i + 1, len(bundles)) if bundles[k][0] == bundles[i][0])
+    out = list(bundles)
+    out[i], out[j] = out[j], out[i]
+    return out
+
+
+def _move_stream(b: bytes) -> bytes:
+    h = BundleHeader.from_bytes(b)
+    moved = BundleHeader(
+        size=h.size, stream=h.stream ^ 1, type=h.type, mb_counter=h.mb_counter, epoch=h.epoch, iv_counter=h.iv_counter
+    )
+    return moved.to_bytes() + b[wire.HEADER_SIZE :]
+
+
+def _replay_earlier_epoch(bundles: list[Bundle]) -> list[Bundle]:
+    # Round 0's copy of a page, delivered again after later rounds: an epoch rollback.
+    i = _memory_with_data(bundles)
+    token = _first(bundles, BundleType.START_TOKEN)
+    return [*bundles[:token], bundles[i], *bundles[token:]]
+
+
+def _inject_page(b: bytes) -> bytes:
+    # One more entry in the metadata of an authenticated bundle.
+    h = BundleHeader.from_bytes(b)
+    count = int.from_bytes(b[wire.HEADER_SIZE : wire.HEADER_SIZE + 2], "little")
+    meta_end = h.size - wire.MAC_SIZE
+    grown = (count + 1).to_bytes(2, "little") + b[wire.HEADER_SIZE + 2 : meta_end] + (0x7F0 << 12).to_bytes(8, "little")
+    new_size = h.size + 8
+    head = BundleHeader(
+        size=new_size, stream=h.stream, type=h.type, mb_counter=h.mb_counter, epoch=h.epoch, iv_counter=h.iv_counter
+    ).to_bytes()
+    return head + grown + b[meta_end : h.size] + b[h.size :] + bytes(wire.PAGE_SIZE + wire.TAG_SIZE)
+
+
+def _forge_epoch_total(b: bytes) -> bytes:
+    # Claim one bundle fewer so a dropped bundle goes unnoticed: the MAC covers the metadata.
+    total = int.from_bytes(b[wire.HEADER_SIZE : wire.HEADER_SIZE + 4], "little")
+    return b[: wire.HEADER_SIZE] + (total - 1).to_bytes(4, "little") + b[wire.HEADER_SIZE + 4 :]
+
+
+def _truncate(bundles: list[Bundle]) -> list[Bundle]:
+    return bundles[: len(bundles) // 2]
+
+
+ATTACKS: list[tuple[str, Attack]] = [
+    ("flip-bit-in-page", _edit(_memory_with_data, _page_bit)),
+    ("flip-bit-in-header", _edit(_memory_with_data, lambda b: _flip(b, 0x0C))),
+    ("flip-bit-in-tag", _edit(_memory_with_data, _tag_bit)),
+    ("flip-bit-in-mbmd-mac", _edit(_memory_with_data, lambda b: _flip(b, BundleHeader.from_bytes(b).size - 1))),
+    ("flip-bit-in-vcpu-state", _edit(lambda bs: _first(bs, BundleType.VCPU_STATE), lambda b: _flip(b, len(b) - 20))),
+    ("reorder-within-stream", _swap_order),
+    ("move-bundle-to-other-stream", _edit(_memory_with_data, _move_stream)),
+    ("replay-from-earlier-epoch", _replay_earlier_epoch),
+    ("drop-memory-bundle", _drop(_memory_with_data)),
+    ("withhold-epoch-token", _drop(lambda bs: _first(bs, BundleType.EPOCH_TOKEN))),
+    ("forge-epoch-token-count", _edit(lambda bs: _first(bs, BundleType.EPOCH_TOKEN), _forge_epoch_total)),
+    ("swap-gpas", _edit(_memory_with_data, _swap_gpas)),
+    ("inject-extra-page", _edit(_memory_with_data, _inject_page)),
+    ("truncate-stream", _truncate),
+    ("drop-state-bundle", _drop(lambda bs: _first(bs, BundleType.MUTABLE_STATE))),
+    ("duplicate-bundle", lambda bs: [*bs[:3], bs[2], *bs[3:]]),
+]
+
+
+@pytest.mark.parametrize("attack", [a for _, a in ATTACKS], ids=[n for n, _ in ATTACKS])
+def test_attack_on_stream_fails_closed(session: Session, attack: Attack) -> None:
+    s = session
+    s.run_precopy(random.Random(3))
+    s.switchover()
+    errors: list[Exception] = []
+    s.deliver(attack(s.bundles), on_error=errors.append)
+    assert not _dst_committed(s)
+    _no_fork(s)
+    if errors:
+        assert all(type(e) is IntegrityError and str(e) == "integrity check failed" for e in errors)
+        assert s.dst_sp.migration.import_state(s.ref) == "FAILED"
+    # The frozen source resumes only with the destination's abort token (and the destination cannot
+    # commit afterwards).
+    assert not _src_can_run(s)
+    token = s.dst_sp.migration.import_abort(s.ref)
+    s.src.sp.migration.export_abort_with_token(s.src.handle, token)
+    assert _src_can_run(s)
+    _no_fork(s)
+
+
+def test_replay_from_an_earlier_session_fails(emulated_vendor: Vendor, tmp_path: Path) -> None:
+    src = launch_guest(new_sp(emulated_vendor, tmp_path / "a"))
+    fill_guest(src, random.Random(5))
+    first = Session(src=src, dst_sp=new_sp(emulated_vendor, tmp_path / "b"))
+    first.run_precopy(random.Random(6), rounds=0)
+    src.sp.migration.export_abort(src.handle)  # the first attempt is abandoned before the start token
+    second = Session(src=src, dst_sp=first.dst_sp)
+    second.setup()
+    errors: list[Exception] = []
+    # Bundles of the first session (other key) offered to the second session's import context.
+    second.deliver([second.bundles[0], *first.bundles[1:]], on_error=errors.append)
+    assert len(errors) == 1
+    assert isinstance(errors[0], IntegrityError)
+    assert second.dst_sp.migration.import_state(second.ref) == "FAILED"
+
+
+def test_forged_and_replayed_tokens(session: Session, emulated_vendor: Vendor, tmp_path: Path) -> None:
+    s = session
+    s.run_precopy(random.Random(8))
+    s.switchover()
+    start_token = s.bundles[-1][1]
+    # Forged start token: right layout, wrong MAC.
+    forged = _flip(start_token, len(start_token) - 1)
+    errors: list[Exception] = []
+    s.deliver([*s.bundles[:-1], (0, forged)], on_error=errors.append)
+    assert errors
+    assert not _dst_committed(s)
+    # A forged abort token cannot resume the frozen source.
+    with pytest.raises(IntegrityError):
+        s.src.sp.migration.export_abort_with_token(s.src.handle, forged)
+    assert not _src_can_run(s)
+    # Resuming without a token is refused by the firmware: the source is frozen.
+    with pytest.raises(FirmwareError):
+        s.src.sp.migration.export_abort(s.src.handle)
+    assert not _src_can_run(s)
+
+
+def test_no_abort_token_after_commit(session: Session) -> None:
+    s = session
+    s.run_precopy(random.Random(9))
+    s.switchover()
+    s.deliver()
+    assert _dst_committed(s)
+    with pytest.raises(FirmwareError, match="committed"):
+        s.dst_sp.migration.import_abort(s.ref)
+    assert not _src_can_run(s)
+
+
+def test_memory_sizes(session: Session) -> None:
+    assert session.src.hw.gfn_limit == MEMORY >> 12
