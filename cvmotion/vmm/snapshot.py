@@ -8,7 +8,8 @@
     0x0C  u32 vcpus
     0x10  u64 memory_size
     0x18  u32 body_len
-    0x1C  u32 crc32(body)   corruption check only: the migration stream authenticates (DESIGN.md 6)
+    0x1C  u32 crc32         of bytes 0x00..0x1B and the body: a corruption check only; the migration
+                            stream authenticates (DESIGN.md section 6)
     0x20  body              records: u16 tag | u16 index | u32 len | payload[len]
 
 One record per field (``Tag``); ``index`` is the vCPU, IRQ chip or blob kind.  KVM payloads are the raw
@@ -137,16 +138,9 @@ class VmState:
                 )
                 records.append((Tag.EMU_VCPU, e.index, body))
         body = b"".join(_RECORD.pack(tag, index, len(data)) + data for tag, index, data in records)
-        header = _HEADER.pack(
-            _MAGIC,
-            self.version,
-            _BACKEND_CODES[self.backend],
-            self.vcpus,
-            self.memory_size,
-            len(body),
-            zlib.crc32(body),
-        )
-        return header + body
+        code = _BACKEND_CODES[self.backend]
+        head = _HEADER.pack(_MAGIC, self.version, code, self.vcpus, self.memory_size, len(body), 0)[:0x1C]
+        return head + struct.pack("<I", zlib.crc32(body, zlib.crc32(head))) + body
 
     @classmethod
     def from_bytes(cls, data: bytes) -> VmState:
@@ -169,7 +163,7 @@ class VmState:
         body = data[_HEADER.size :]
         if len(body) != body_len:
             raise MalformedStructure(f"VmState: body is {len(body):#x} bytes, header at 0x18 says {body_len:#x}")
-        if zlib.crc32(body) != crc:
+        if zlib.crc32(body, zlib.crc32(data[:0x1C])) != crc:
             raise MalformedStructure("VmState: checksum mismatch (field at 0x1c): the state is corrupted")
         if not 1 <= vcpus <= 4096:
             raise MalformedStructure(f"VmState: {vcpus} vCPUs at offset 0xc")
