@@ -1,0 +1,292 @@
+"""ipc: a small bidirectional RPC over a Unix stream socket, with binary blobs and file descriptors.
+
+Used between the processes of one host: host daemon <-> platform process (secure processor + migration
+agent) <-> VM processes.  Either side may call the other.  Frame::
+
+    u32 magic "CVRP" | u32 header_len | u32 blob_len | u32 reserved | header (JSON, UTF-8) | blob
+
+File descriptors ride with the frame's first byte as SCM_RIGHTS.  The header is
+``{"id": n, "kind": "call"|"ok"|"err", "method": str, "args": {...}}``.  Calls are served on a thread pool,
+so a handler may itself call back over the same connection without deadlock.  Errors cross as
+``{"type": <CvmError subclass name>, "message": str}`` and are re-raised as that class when it is a known
+cvmotion error (``IntegrityError`` stays opaque), else as ``RpcError``.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import itertools
+import json
+import os
+import socket
+import struct
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+from cvmotion import errors as _errors
+from cvmotion.errors import CvmError
+
+__all__ = ["MAX_BLOB", "Call", "ChannelClosed", "Endpoint", "Reply", "RpcError", "connect_unix"]
+
+_MAGIC = 0x50525643  # "CVRP" little-endian
+_FRAME = struct.Struct("<IIII")
+MAX_HEADER = 1 << 20
+MAX_BLOB = 64 << 20
+MAX_FDS = 8
+
+
+class RpcError(CvmError):
+    """The peer failed with an error that is not a cvmotion error (a bug on its side) or broke the framing."""
+
+
+class ChannelClosed(RpcError):
+    """The connection closed before the reply arrived."""
+
+
+@dataclass(slots=True)
+class Call:
+    """One incoming call as a handler sees it."""
+
+    method: str
+    args: dict[str, Any]
+    blob: bytes = b""
+    fds: list[int] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class Reply:
+    result: dict[str, Any] = field(default_factory=dict)
+    blob: bytes | bytearray | memoryview = b""
+    fds: Sequence[int] = ()
+
+
+Handler = Callable[[Call], Reply]
+
+
+def _recv_exact(sock: socket.socket, n: int, fds: list[int]) -> bytearray | None:
+    buf = bytearray(n)
+    view = memoryview(buf)
+    got = 0
+    while got < n:
+        if not fds and got == 0:
+            anc_space = socket.CMSG_SPACE(MAX_FDS * 4)
+            count, ancdata, _flags, _addr = sock.recvmsg_into([view[got:]], anc_space)
+            for level, kind, data in ancdata:
+                if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+                    fd_array = array.array("i")
+                    fd_array.frombytes(data[: len(data) - (len(data) % fd_array.itemsize)])
+                    fds.extend(fd_array)
+        else:
+            count = sock.recv_into(view[got:])
+        if count == 0:
+            return None
+        got += count
+    return buf
+
+
+class Endpoint:
+    """One end of an RPC connection. ``handler`` serves the peer's calls (None: this end only calls)."""
+
+    def __init__(
+        self, sock: socket.socket, handler: Handler | None = None, *, name: str = "rpc", workers: int = 8
+    ) -> None:
+        self._sock = sock
+        self._handler = handler
+        self._name = name
+        self._send_lock = threading.Lock()
+        self._pending: dict[int, Future[tuple[dict[str, Any], bytes, list[int]]]] = {}
+        self._pending_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._closed = threading.Event()
+        self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=f"{name}-call")
+        self._on_close: list[Callable[[], None]] = []
+        self._reader = threading.Thread(target=self._read_loop, name=f"{name}-reader", daemon=True)
+        self._reader.start()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def on_close(self, callback: Callable[[], None]) -> None:
+        self._on_close.append(callback)
+        if self._closed.is_set():
+            callback()
+
+    def wait_closed(self, timeout: float | None = None) -> bool:
+        return self._closed.wait(timeout)
+
+    def call(
+        self,
+        method: str,
+        args: dict[str, Any] | None = None,
+        blob: bytes | bytearray | memoryview = b"",
+        fds: Sequence[int] = (),
+        *,
+        timeout: float | None = 60.0,
+    ) -> tuple[dict[str, Any], bytes, list[int]]:
+        """Call ``method`` on the peer; returns (result, blob, fds). Raises the peer's error."""
+        if self._closed.is_set():
+            raise ChannelClosed(f"{self._name}: connection closed")
+        call_id = next(self._ids)
+        fut: Future[tuple[dict[str, Any], bytes, list[int]]] = Future()
+        with self._pending_lock:
+            self._pending[call_id] = fut
+        try:
+            self._send({"id": call_id, "kind": "call", "method": method, "args": args or {}}, blob, fds)
+            try:
+                return fut.result(timeout)
+            except TimeoutError:
+                raise RpcError(f"{self._name}: {method} timed out after {timeout} s") from None
+        finally:
+            with self._pending_lock:
+                self._pending.pop(call_id, None)
+
+    def close(self) -> None:
+        if self._closed.is_set():
+            return
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)
+        self._sock.close()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._closed.is_set():
+            return
+        self._closed.set()
+        with self._pending_lock:
+            pending = list(self._pending.values())
+            self._pending.clear()
+        for fut in pending:
+            if not fut.done():
+                fut.set_exception(ChannelClosed(f"{self._name}: connection closed"))
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        for callback in self._on_close:
+            with contextlib.suppress(Exception):  # a close callback must not break the others
+                callback()
+
+    def _send(self, header: dict[str, Any], blob: bytes | bytearray | memoryview, fds: Sequence[int]) -> None:
+        head = json.dumps(header, separators=(",", ":")).encode()
+        frame = _FRAME.pack(_MAGIC, len(head), len(blob), 0) + head
+        with self._send_lock:
+            try:
+                if fds:
+                    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+                    sent = self._sock.sendmsg([frame], ancillary)
+                    if sent < len(frame):
+                        self._sock.sendall(frame[sent:])
+                else:
+                    self._sock.sendall(frame)
+                if len(blob):
+                    self._sock.sendall(blob)
+            except OSError as exc:
+                self.close()
+                raise ChannelClosed(f"{self._name}: send failed: {exc}") from exc
+
+    def _read_loop(self) -> None:
+        try:
+            while True:
+                fds: list[int] = []
+                frame = _recv_exact(self._sock, _FRAME.size, fds)
+                if frame is None:
+                    break
+                magic, head_len, blob_len, _ = _FRAME.unpack(frame)
+                if magic != _MAGIC or head_len > MAX_HEADER or blob_len > MAX_BLOB:
+                    break  # not our protocol: drop the connection
+                head = _recv_exact(self._sock, head_len, fds) if head_len else bytearray()
+                blob = _recv_exact(self._sock, blob_len, fds) if blob_len else bytearray()
+                if head is None or blob is None:
+                    break
+                header = json.loads(head)
+                kind = header.get("kind")
+                if kind == "call":
+                    self._pool.submit(self._serve, header, bytes(blob), fds)
+                else:
+                    with self._pending_lock:
+                        fut = self._pending.get(header.get("id", -1))
+                    if fut is None:
+                        for fd in fds:
+                            _close_fd(fd)
+                        continue
+                    if kind == "ok":
+                        fut.set_result((header.get("result", {}), bytes(blob), fds))
+                    else:
+                        fut.set_exception(_rebuild_error(header.get("error", {})))
+        except (OSError, ValueError, RuntimeError):
+            pass
+        finally:
+            self.close()
+
+    def _serve(self, header: dict[str, Any], blob: bytes, fds: list[int]) -> None:
+        call_id = header.get("id")
+        try:
+            if self._handler is None:
+                raise RpcError(f"{self._name}: this end serves no calls")
+            reply = self._handler(Call(str(header.get("method")), dict(header.get("args") or {}), blob, fds))
+            self._send({"id": call_id, "kind": "ok", "result": reply.result}, reply.blob, reply.fds)
+        except ChannelClosed:
+            return
+        except CvmError as exc:
+            self._reply_error(call_id, {"type": type(exc).__name__, "message": str(exc), **_error_fields(exc)})
+        except Exception as exc:  # report a bug to the caller instead of hanging it
+            self._reply_error(call_id, {"type": "RpcError", "message": f"{type(exc).__name__}: {exc}"})
+
+    def _reply_error(self, call_id: object, error: dict[str, Any]) -> None:
+        with contextlib.suppress(ChannelClosed):
+            self._send({"id": call_id, "kind": "err", "error": error}, b"", ())
+
+
+_KNOWN_ERRORS: dict[str, type[CvmError]] = {
+    name: cls for name, cls in vars(_errors).items() if isinstance(cls, type) and issubclass(cls, CvmError)
+}
+_CARRIED_ATTRS = ("status", "violations", "ioctl", "errno", "structure", "lo", "hi")
+
+
+def _error_fields(exc: CvmError) -> dict[str, Any]:
+    fields: dict[str, Any] = {}
+    for attr in _CARRIED_ATTRS:
+        value = getattr(exc, attr, None)
+        if isinstance(value, (int, str, list)):
+            fields[attr] = int(value) if isinstance(value, int) else value
+    return fields
+
+
+def _rebuild_error(error: dict[str, Any]) -> CvmError:
+    """The peer's error as the same class, same message and same fields (IntegrityError stays opaque)."""
+    kind = str(error.get("type", "RpcError"))
+    message = str(error.get("message", "remote error"))
+    if kind == "IntegrityError":
+        return _errors.IntegrityError()
+    cls = _KNOWN_ERRORS.get(kind)
+    if cls is None:
+        return RpcError(message)
+    exc = cls.__new__(cls)
+    Exception.__init__(exc, message)
+    for attr in _CARRIED_ATTRS:
+        if attr in error:
+            value = error[attr]
+            if attr == "status":
+                value = _errors.FirmwareStatus(value)
+            setattr(exc, attr, value)
+    return exc
+
+
+def _close_fd(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
+def connect_unix(path: str, handler: Handler | None = None, *, name: str = "rpc", timeout: float = 10.0) -> Endpoint:
+    """Connect to a Unix socket and wrap it in an ``Endpoint``."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(timeout)
+    try:
+        sock.connect(path)
+    except OSError:
+        sock.close()
+        raise
+    sock.settimeout(None)
+    return Endpoint(sock, handler, name=name)

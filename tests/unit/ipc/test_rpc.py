@@ -1,0 +1,139 @@
+"""ipc.rpc: calls both ways, blobs, file descriptors, error classes across the wire, closed channels."""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+from collections.abc import Iterator
+
+import pytest
+
+from cvmotion.errors import FirmwareError, FirmwareStatus, IntegrityError, PolicyViolation, UsageError
+from cvmotion.ipc.rpc import Call, ChannelClosed, Endpoint, Reply, RpcError
+
+
+def _server(call: Call) -> Reply:
+    if call.method == "echo":
+        return Reply({"args": call.args}, call.blob)
+    if call.method == "read_fd":
+        fd = call.fds[0]
+        try:
+            return Reply({"data": os.pread(fd, 5, 0).decode()})
+        finally:
+            os.close(fd)
+    if call.method == "firmware":
+        raise FirmwareError(FirmwareStatus.POLICY_FAILURE, "no")
+    if call.method == "integrity":
+        raise IntegrityError()
+    if call.method == "policy":
+        raise PolicyViolation(["a", "b"])
+    if call.method == "usage":
+        raise UsageError("bad size")
+    if call.method == "bug":
+        raise ZeroDivisionError("oops")
+    raise UsageError(f"unknown method {call.method}")
+
+
+@pytest.fixture
+def pair() -> Iterator[tuple[Endpoint, Endpoint]]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    client = Endpoint(a, lambda call: Reply({"back": call.args["x"] + 1}), name="client")
+    server = Endpoint(b, _server, name="server")
+    yield client, server
+    client.close()
+    server.close()
+
+
+def test_echo_with_blob(pair: tuple[Endpoint, Endpoint]) -> None:
+    client, _ = pair
+    blob = os.urandom(3 << 20)
+    result, back, fds = client.call("echo", {"k": [1, 2]}, blob)
+    assert result == {"args": {"k": [1, 2]}}
+    assert back == blob
+    assert fds == []
+
+
+def test_server_calls_back(pair: tuple[Endpoint, Endpoint]) -> None:
+    _, server = pair
+    assert server.call("anything", {"x": 41})[0] == {"back": 42}
+
+
+def test_fd_passing(pair: tuple[Endpoint, Endpoint]) -> None:
+    client, _ = pair
+    fd = os.memfd_create("t")
+    os.write(fd, b"hello")
+    try:
+        assert client.call("read_fd", fds=[fd])[0] == {"data": "hello"}
+    finally:
+        os.close(fd)
+
+
+def test_errors_keep_their_class(pair: tuple[Endpoint, Endpoint]) -> None:
+    client, _ = pair
+    with pytest.raises(FirmwareError) as fw:
+        client.call("firmware")
+    assert fw.value.status is FirmwareStatus.POLICY_FAILURE
+    with pytest.raises(IntegrityError, match="^integrity check failed$"):
+        client.call("integrity")
+    with pytest.raises(PolicyViolation) as pv:
+        client.call("policy")
+    assert pv.value.violations == ["a", "b"]
+    with pytest.raises(UsageError, match="bad size"):
+        client.call("usage")
+    with pytest.raises(RpcError, match="ZeroDivisionError"):
+        client.call("bug")
+
+
+def test_concurrent_calls(pair: tuple[Endpoint, Endpoint]) -> None:
+    client, _ = pair
+    results: list[int] = []
+
+    def worker(i: int) -> None:
+        results.append(client.call("echo", {"i": i})[0]["args"]["i"])
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert sorted(results) == list(range(16))
+
+
+def test_peer_close_fails_pending_and_later_calls() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    started = threading.Event()
+
+    def slow(call: Call) -> Reply:
+        started.set()
+        threading.Event().wait(5)
+        return Reply()
+
+    client = Endpoint(a, name="client")
+    server = Endpoint(b, slow, name="server")
+    errors: list[Exception] = []
+
+    def call() -> None:
+        try:
+            client.call("slow", timeout=10)
+        except Exception as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=call)
+    t.start()
+    assert started.wait(5)
+    server.close()
+    t.join(10)
+    assert len(errors) == 1
+    assert isinstance(errors[0], ChannelClosed)
+    assert client.wait_closed(5)
+    with pytest.raises(ChannelClosed):
+        client.call("echo")
+
+
+def test_garbage_drops_the_connection() -> None:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    server = Endpoint(b, _server, name="server")
+    a.sendall(b"GET / HTTP/1.1\r\n\r\n")
+    assert server.wait_closed(5)
+    a.close()
