@@ -5,7 +5,10 @@ Contract (scripts depend on it)::
     cvmotion attest verify --report FILE --vcek FILE --chain FILE [--chain FILE ...] [--at ISO8601]
                            [--policy FILE] [--json] [--trust-anchor FILE ...] [--product NAME]
 
-Exit codes: 0 valid; 2 signature/chain/binding verification failed; 5 only the policy failed; 1 unreadable
+    cvmotion attest token --report FILE --vcek FILE --chain FILE [--chain FILE ...] --service URL [--at ISO8601]
+                          [--tenant NAME] [--runtime-data FILE [--runtime-data-type Binary|JSON]] [--nonce N] [--json]
+
+Exit codes (verify): 0 valid; 2 signature/chain/binding verification failed; 5 only the policy failed; 1 unreadable
 or malformed input (missing file, not PEM/DER, bad report bytes, bad policy, bad option).  ``--json``
 prints exactly one JSON object on stdout in every case, with ``valid`` false and ``errors`` filled on
 failure.  Emulated trust anchors come from ``--trust-anchor`` and ``$CVMOTION_TRUST_ANCHORS``
@@ -62,7 +65,27 @@ def register(subparsers: Any) -> None:
     )
     verify.add_argument("--product", help="expected product (Milan, Genoa, Turin)")
     verify.set_defaults(handler=_verify_command)
+    _register_token(verbs)
     attest.set_defaults(handler=lambda _args: _usage(attest))
+
+
+def _register_token(verbs: Any) -> None:
+    token = verbs.add_parser(
+        "token",
+        help="send evidence to an attestation service and print the token and its claims",
+        description="Exit 0 token issued, 2 evidence rejected, 5 policy violated, 1 bad input, 3 service failure.",
+    )
+    token.add_argument("--report", required=True, type=Path, help="attestation report (0x4A0 bytes)")
+    token.add_argument("--vcek", required=True, type=Path, help="VCEK or VLEK certificate (DER or PEM)")
+    token.add_argument("--chain", required=True, action="append", type=Path, help="PEM with ASK and ARK (repeatable)")
+    token.add_argument("--service", required=True, help="attestation service URL, e.g. http://127.0.0.1:8790")
+    token.add_argument("--tenant", help="tenant name (default: the service's default tenant)")
+    token.add_argument("--at", help="evaluation time, ISO 8601 (the service must allow it)")
+    token.add_argument("--runtime-data", type=Path, help="runtime data file bound by REPORT_DATA (SHA-256)")
+    token.add_argument("--runtime-data-type", choices=("Binary", "JSON"), default="Binary")
+    token.add_argument("--nonce", help="echoed in the token's nonce claim")
+    token.add_argument("--json", action="store_true", help="print one JSON object")
+    token.set_defaults(handler=_token_command)
 
 
 def _usage(parser: argparse.ArgumentParser) -> int:
@@ -284,3 +307,38 @@ def _print_human(out: _Outcome) -> None:
     for name, value in rows:
         table.add_row(name, str(value))
     console.print(table)
+
+
+def _token_command(args: argparse.Namespace) -> int:
+    """``attest token``: the evidence files -> the service -> the token and its (as issued) claims."""
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    from cvmotion.attestation.client import AttestationClient
+    from cvmotion.attestation.evidence import load_certificate, load_certificates
+    from cvmotion.attestation.token import decode_unverified
+    from cvmotion.cli.main import EXIT_RUNTIME, exit_code_for
+
+    try:
+        report = _read(args.report, "--report")
+        vcek = load_certificate(_read(args.vcek, "--vcek"), what=f"--vcek {args.vcek}")
+        chain = [c for path in args.chain for c in load_certificates(_read(path, "--chain"), what=f"--chain {path}")]
+        pem = b"".join(c.public_bytes(Encoding.PEM) for c in (vcek, *chain))
+        runtime = _read(args.runtime_data, "--runtime-data") if args.runtime_data is not None else None
+        at = _parse_at(args.at) if args.at is not None else None
+        with AttestationClient(args.service, tenant=args.tenant) as client:
+            token = client.attest(report, pem, runtime, data_type=args.runtime_data_type, nonce=args.nonce, at=at)
+        header, claims = decode_unverified(token)
+    except CvmError as exc:
+        code = exit_code_for(exc)
+        if args.json:
+            print(json.dumps({"token": None, "error": str(exc)}, indent=2))
+        else:
+            print(f"cvmotion: attestation refused: {exc}", file=sys.stderr)
+        return code if code != 0 else EXIT_RUNTIME
+    if args.json:
+        print(json.dumps({"token": token, "header": header, "claims": claims}, indent=2))
+    else:
+        print(token)
+        print(f"# claims as issued (kid {header.get('kid')}; verify with: cvmotion attestation verify-token)")
+        print(json.dumps(claims, indent=2, sort_keys=True))
+    return 0

@@ -1,0 +1,156 @@
+"""attestation layer: ``AttestationClient`` — what a paravisor, a CLI or a test uses to get a token.
+
+```python
+client = AttestationClient("http://127.0.0.1:8790", tenant="kvstore")
+token = client.attest(report_bytes, chain_pem, runtime_data=b'{"keys": [...]}', data_type="JSON")
+```
+Refusals come back as the error classes the rest of cvmotion already maps (CLI exit codes):
+``verification_failed`` / ``runtime_data_mismatch`` -> ``VerificationError`` (2), ``policy_violation`` ->
+``PolicyViolation`` with every violation (5), other 4xx -> ``UsageError`` (1), transport failures and 5xx
+-> ``ServiceError`` (3).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from types import TracebackType
+from typing import Any, Literal
+
+import httpx
+
+from cvmotion.attestation.jwks import b64url_encode
+from cvmotion.attestation.request import ServiceError
+from cvmotion.errors import PolicyViolation, UsageError, VerificationError
+
+__all__ = ["AttestationClient", "raise_for_error"]
+
+_VERIFICATION_KINDS = frozenset({"verification_failed", "runtime_data_mismatch"})
+
+
+def raise_for_error(response: httpx.Response, what: str) -> None:
+    """Turn a non-2xx answer in our error shape into the matching exception."""
+    if response.is_success:
+        return
+    kind, message, violations = "http_error", response.text[:300], None
+    try:
+        error = response.json()["error"]
+        kind, message = str(error["kind"]), str(error["message"])
+        violations = error.get("violations")
+    except (ValueError, KeyError, TypeError):
+        pass
+    text = f"{what}: HTTP {response.status_code} {kind}: {message}"
+    if kind in _VERIFICATION_KINDS:
+        raise VerificationError(text)
+    if kind in ("policy_violation", "release_denied") and isinstance(violations, list):
+        raise PolicyViolation([str(v) for v in violations])
+    if 400 <= response.status_code < 500:
+        raise UsageError(text)
+    raise ServiceError(response.status_code, kind, text)
+
+
+class AttestationClient:
+    """HTTP client of one attestation service (and one tenant)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        tenant: str | None = None,
+        timeout: float = 10.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        self.base_url = base_url.rstrip("/")
+        self.tenant = tenant
+        self._client = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+
+    def __enter__(self) -> AttestationClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    @staticmethod
+    def evidence_body(
+        report: bytes,
+        chain_pem: bytes | None,
+        runtime_data: bytes | None = None,
+        *,
+        data_type: Literal["Binary", "JSON"] = "Binary",
+        nonce: str | None = None,
+        at: datetime | None = None,
+        product: str | None = None,
+    ) -> dict[str, Any]:
+        """The JSON request body (see ``cvmotion.attestation.request``)."""
+        body: dict[str, Any] = {"report": b64url_encode(report)}
+        if chain_pem is not None:
+            body["vcek_cert_chain"] = b64url_encode(chain_pem)
+        if runtime_data is not None:
+            body["runtime_data"] = {"data": b64url_encode(runtime_data), "dataType": data_type}
+        if nonce is not None:
+            body["nonce"] = nonce
+        if at is not None:
+            body["at"] = at.isoformat()
+        if product is not None:
+            body["product"] = product
+        return body
+
+    def attest(
+        self,
+        report: bytes,
+        chain_pem: bytes | None,
+        runtime_data: bytes | None = None,
+        *,
+        data_type: Literal["Binary", "JSON"] = "Binary",
+        nonce: str | None = None,
+        at: datetime | None = None,
+        product: str | None = None,
+    ) -> str:
+        """Send evidence (``chain_pem``: VCEK + ASK + ARK PEM, or None to let the service ask its KDS).
+
+        Raises:
+            VerificationError, PolicyViolation, UsageError, ServiceError: see the module docstring.
+        """
+        body = self.evidence_body(
+            report, chain_pem, runtime_data, data_type=data_type, nonce=nonce, at=at, product=product
+        )
+        params = {"tenant": self.tenant} if self.tenant is not None else None
+        try:
+            response = self._client.post(
+                "/attest/SevSnpVm",
+                content=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+                params=params,
+            )
+        except httpx.HTTPError as exc:
+            raise ServiceError(503, "unreachable", f"attestation service {self.base_url}: {exc}") from None
+        raise_for_error(response, "attestation")
+        try:
+            token = response.json()["token"]
+        except (ValueError, KeyError, TypeError):
+            raise ServiceError(502, "bad_response", "attestation service answered without a token") from None
+        if not isinstance(token, str):
+            raise ServiceError(502, "bad_response", "attestation service answered a non-string token")
+        return token
+
+    def _get_json(self, path: str) -> dict[str, Any]:
+        try:
+            response = self._client.get(path)
+        except httpx.HTTPError as exc:
+            raise ServiceError(503, "unreachable", f"{self.base_url}{path}: {exc}") from None
+        raise_for_error(response, path)
+        doc = response.json()
+        if not isinstance(doc, dict):
+            raise ServiceError(502, "bad_response", f"{path} is not a JSON object")
+        return doc
+
+    def jwks(self) -> dict[str, Any]:
+        return self._get_json("/certs")
+
+    def openid_configuration(self) -> dict[str, Any]:
+        return self._get_json("/.well-known/openid-configuration")

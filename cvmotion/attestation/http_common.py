@@ -1,0 +1,198 @@
+"""attestation layer: HTTP plumbing shared by the attestation and key-release services.
+
+* bounded body reading (``Content-Length`` checked first, then the stream counted: a chunked body cannot
+  sneak past the limit), ``application/json`` enforcement, and one error shape for every refusal —
+  ``{"error": {"kind", "message"}}`` — including FastAPI's own 404/405/422 answers;
+* ``listen_socket``: bind before announcing (port 0 picks a free port), ``IPPROTO_TCP`` so asyncio sets
+  ``TCP_NODELAY`` (without it Nagle + delayed ACK add ~40 ms per response);
+* ``ServerThread``: uvicorn on a bound socket in a background thread (tests, in-process fabrics);
+* ``serve``: uvicorn in this process, or ``workers`` forked processes sharing the socket (the kernel
+  spreads connections; CPU-bound attestation scales with cores, the GIL does not let threads do that).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from types import FrameType, TracebackType
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cvmotion.attestation.request import ServiceError
+from cvmotion.errors import UsageError
+
+__all__ = [
+    "ServerThread",
+    "error_response",
+    "install_error_handlers",
+    "json_response",
+    "listen_socket",
+    "parse_listen",
+    "read_json_body",
+    "serve",
+]
+
+log = logging.getLogger("cvmotion.attestation.http")
+
+
+def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    body = json.dumps(doc, separators=(",", ":")).encode()
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def error_response(exc: ServiceError) -> Response:
+    return json_response(exc.to_json(), exc.status)
+
+
+async def read_json_body(request: Request, limit: int) -> bytes:
+    """The body of a JSON request, at most ``limit`` bytes.
+
+    Raises:
+        ServiceError: 415 ``unsupported_media_type``, 413 ``request_too_large``, 400 ``bad_request``.
+    """
+    ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if ctype != "application/json":
+        raise ServiceError(415, "unsupported_media_type", f"Content-Type must be application/json, not {ctype!r}")
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise ServiceError(400, "bad_request", f"Content-Length {declared!r} is not a number")
+        if int(declared) > limit:
+            raise ServiceError(413, "request_too_large", f"request body of {declared} bytes exceeds {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise ServiceError(413, "request_too_large", f"request body exceeds {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Render FastAPI's own refusals (unknown route, wrong method, bad parameters) in our error shape."""
+
+    async def http_error(request: Request, exc: Exception) -> Response:
+        status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
+        kind = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
+        detail = exc.detail if isinstance(exc, StarletteHTTPException) else "error"
+        log.warning("request refused %s %s: %d %s", request.method, request.url.path, status, kind)
+        return error_response(ServiceError(status, kind, f"{request.method} {request.url.path}: {detail}"))
+
+    async def validation_error(request: Request, exc: Exception) -> Response:
+        return error_response(ServiceError(400, "invalid_request", str(exc)[:500]))
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(RequestValidationError, validation_error)
+
+
+def parse_listen(text: str) -> tuple[str, int]:
+    """``HOST:PORT`` (IPv6 as ``[::1]:PORT``) -> (host, port)."""
+    host, sep, port = text.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise UsageError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8790")
+    return host, int(port)
+
+
+def listen_socket(host: str, port: int) -> tuple[socket.socket, str]:
+    """A bound, listening TCP socket and its base URL."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except OSError:
+        sock.close()
+        raise
+    bound_host, bound_port = sock.getsockname()[:2]
+    shown = f"[{bound_host}]" if family == socket.AF_INET6 else bound_host
+    return sock, f"http://{shown}:{bound_port}"
+
+
+def _config(app: FastAPI) -> uvicorn.Config:
+    return uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+
+
+class ServerThread:
+    """Run ``app`` on an already bound loopback socket in a daemon thread (no polling: the kernel queues)."""
+
+    def __init__(self, app: FastAPI, sock: socket.socket, url: str) -> None:
+        self.url = url
+        self._sock = sock
+        self._server = uvicorn.Server(_config(app))
+        self._thread = threading.Thread(
+            target=self._server.run, kwargs={"sockets": [sock]}, name="attestation-http", daemon=True
+        )
+
+    def __enter__(self) -> ServerThread:
+        self._thread.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self, timeout: float = 10.0) -> None:
+        self._server.should_exit = True
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self._sock.close()
+
+
+def serve(app_factory: Callable[[], FastAPI], sock: socket.socket, *, workers: int = 1) -> int:
+    """Serve until SIGINT/SIGTERM.  ``workers > 1`` forks that many processes, each building its own app.
+
+    Each worker builds its app *after* the fork (``app_factory``), so no thread, lock or connection pool
+    crosses a fork; they share only the listening socket and the data directory.
+    """
+    if workers < 1:
+        raise UsageError("--workers must be at least 1")
+    if workers == 1:
+        uvicorn.Server(_config(app_factory())).run(sockets=[sock])
+        return 0
+    children: list[int] = []
+    for _ in range(workers):
+        pid = os.fork()
+        if pid == 0:  # worker: default signal handling, then serve until told to stop
+            code = 0
+            try:
+                uvicorn.Server(_config(app_factory())).run(sockets=[sock])
+            except BaseException:  # noqa: BLE001 - a worker must never return into the parent's code
+                log.exception("attestation worker failed")
+                code = 3
+            finally:
+                sys.stdout.flush()
+                os._exit(code)
+        children.append(pid)
+
+    def forward(signum: int, _frame: FrameType | None) -> None:
+        for child in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    status = 0
+    for child in children:
+        while True:
+            try:
+                _, code = os.waitpid(child, 0)
+                break
+            except InterruptedError:
+                continue
+        status = status or os.waitstatus_to_exitcode(code)
+    return 0 if status in (0, -signal.SIGTERM, -signal.SIGINT) else 3

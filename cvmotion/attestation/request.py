@@ -1,0 +1,237 @@
+"""attestation layer: the ``POST /attest/SevSnpVm`` request body — decoding, limits and the runtime-data binding.
+
+Body (JSON; base64url fields with or without padding, like MAA's ``AttestSevSnpVmRequest``)::
+
+    {
+      "report": "<base64url of the 0x4A0-byte ATTESTATION_REPORT>",
+      "vcek_cert_chain": "<base64url of PEM: VCEK (or VLEK), ASK (or ASVK), ARK>",   optional: KDS fetch
+      "runtime_data": {"data": "<base64url>", "dataType": "Binary" | "JSON"},       optional (alias runtimeData)
+      "nonce": "<opaque, echoed as the token's nonce claim>",                         optional, <= 1024 chars
+      "product": "Milan" | "Genoa" | "Turin",         optional: which KDS product for a v2 report (no CPUID)
+      "at": "<ISO 8601 evaluation time>"              optional; only if the service allows evaluation times
+    }
+
+**Runtime-data binding (MAA's convention).**  ``REPORT_DATA[0:32] = SHA-256(runtime_data.data)`` and
+``REPORT_DATA[32:64]`` all zero.  The bytes hashed are the decoded ``data`` exactly as sent (for ``JSON``
+the UTF-8 JSON text, not a re-serialisation).  This is how a guest binds a fresh nonce or a public key to its
+report; a report replayed with other runtime data fails with ``runtime_data_mismatch``.  The check runs
+only after the report's signature verified (its REPORT_DATA is not trusted before).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Literal
+
+from cryptography import x509
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
+
+from cvmotion.abi.snp import REPORT_SIZE, AttestationReport, Product
+from cvmotion.attestation.evidence import common_name, load_certificates
+from cvmotion.attestation.jwks import b64url_decode
+from cvmotion.errors import AbiError, CvmError
+
+__all__ = [
+    "MAX_BODY",
+    "MAX_RUNTIME_DATA",
+    "CertificateCache",
+    "DecodedEvidence",
+    "ServiceError",
+    "check_runtime_binding",
+    "parse_evidence",
+]
+
+MAX_BODY = 64 * 1024
+MAX_RUNTIME_DATA = 16 * 1024
+_MAX_CHAIN_PEM = 32 * 1024
+
+
+class ServiceError(CvmError):
+    """A request the attestation or key-release service refuses: HTTP ``status``, a stable ``kind``, a message.
+
+    Rendered as ``{"error": {"kind", "message"[, "violations"]}}``.
+    """
+
+    def __init__(self, status: int, kind: str, message: str, *, violations: list[str] | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.kind = kind
+        self.violations = list(violations) if violations is not None else None
+
+    def to_json(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"kind": self.kind, "message": str(self)}
+        if self.violations is not None:
+            error["violations"] = self.violations
+        return {"error": error}
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+
+class RuntimeDataModel(_Model):
+    data: str = Field(max_length=(MAX_RUNTIME_DATA * 4) // 3 + 4)
+    data_type: Literal["Binary", "JSON"] = Field("Binary", validation_alias=AliasChoices("dataType", "data_type"))
+
+
+class EvidenceRequest(_Model):
+    report: str = Field(max_length=(REPORT_SIZE * 4) // 3 + 4)
+    vcek_cert_chain: str | None = Field(
+        None,
+        max_length=(_MAX_CHAIN_PEM * 4) // 3 + 4,
+        validation_alias=AliasChoices("vcek_cert_chain", "vcekCertChain"),
+    )
+    runtime_data: RuntimeDataModel | None = Field(None, validation_alias=AliasChoices("runtime_data", "runtimeData"))
+    nonce: str | None = Field(None, max_length=1024)
+    product: str | None = Field(None, max_length=16)
+    at: str | None = Field(None, max_length=64)
+
+
+@dataclass(frozen=True, slots=True)
+class DecodedEvidence:
+    """A request body decoded and size-checked; the report is parsed but *unverified*."""
+
+    raw_report: bytes
+    unverified_report: AttestationReport
+    endorsement: x509.Certificate | None
+    chain: tuple[x509.Certificate, ...]
+    runtime_data: bytes | None
+    runtime_type: Literal["Binary", "JSON"]
+    runtime_json: Any
+    nonce: str | None
+    product: Product | None
+    at: datetime | None
+
+
+class CertificateCache:
+    """LRU of parsed certificate chains keyed by their PEM bytes.
+
+    Returning the *same* certificate objects for the same PEM is what lets ``ChainCache`` hit by identity,
+    so a chain's three RSA-4096 signatures are verified once, not on every request.  Thread-safe.
+    """
+
+    def __init__(self, maxsize: int = 512) -> None:
+        self.maxsize = maxsize
+        self._entries: OrderedDict[bytes, tuple[x509.Certificate, ...]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def load(self, pem: bytes, *, what: str) -> tuple[x509.Certificate, ...]:
+        with self._lock:
+            found = self._entries.get(pem)
+            if found is not None:
+                self._entries.move_to_end(pem)
+                return found
+        certs = tuple(load_certificates(pem, what=what))
+        with self._lock:
+            self._entries[pem] = certs
+            while len(self._entries) > self.maxsize:
+                self._entries.popitem(last=False)
+        return certs
+
+
+def _bad(kind: str, message: str) -> ServiceError:
+    return ServiceError(400, kind, message)
+
+
+def _split_chain(certs: tuple[x509.Certificate, ...]) -> tuple[x509.Certificate, tuple[x509.Certificate, ...]]:
+    """The VCEK/VLEK (CN SEV-VCEK or SEV-VLEK) and the rest, in any order in the PEM."""
+    leaves = [c for c in certs if common_name(c.subject) in ("SEV-VCEK", "SEV-VLEK")]
+    if len(leaves) != 1:
+        raise _bad(
+            "malformed_certificate",
+            f"vcek_cert_chain: expected exactly one SEV-VCEK or SEV-VLEK certificate, found {len(leaves)}",
+        )
+    return leaves[0], tuple(c for c in certs if c is not leaves[0])
+
+
+def parse_evidence(body: bytes, certs: CertificateCache) -> DecodedEvidence:
+    """Decode a request body.  Every problem is a 400 ``ServiceError`` naming the field.
+
+    Raises:
+        ServiceError: ``malformed_json``, ``invalid_request``, ``invalid_base64``, ``malformed_report``,
+            ``malformed_certificate``, ``invalid_runtime_data``.
+    """
+    try:
+        obj = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _bad("malformed_json", f"request body is not JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise _bad("invalid_request", "request body must be a JSON object")
+    try:
+        req = EvidenceRequest.model_validate(obj)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors())
+        raise _bad("invalid_request", problems) from None
+    try:
+        raw = b64url_decode(req.report, what="report", max_len=REPORT_SIZE)
+        pem = b64url_decode(req.vcek_cert_chain, what="vcek_cert_chain") if req.vcek_cert_chain else None
+        rtd = req.runtime_data
+        runtime = b64url_decode(rtd.data, what="runtime_data.data", max_len=MAX_RUNTIME_DATA) if rtd else None
+    except AbiError as exc:
+        raise _bad("invalid_base64", str(exc)) from None
+    try:
+        report = AttestationReport.from_bytes(raw)
+    except AbiError as exc:
+        raise _bad("malformed_report", f"report: {exc}") from None
+    endorsement: x509.Certificate | None = None
+    chain: tuple[x509.Certificate, ...] = ()
+    if pem is not None:
+        try:
+            endorsement, chain = _split_chain(certs.load(pem, what="vcek_cert_chain"))
+        except AbiError as exc:
+            raise _bad("malformed_certificate", str(exc)) from None
+    runtime_json: Any = None
+    if rtd is not None and rtd.data_type == "JSON" and runtime is not None:
+        try:
+            runtime_json = json.loads(runtime)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _bad("invalid_runtime_data", f"runtime_data (dataType JSON) is not JSON: {exc}") from None
+        if not isinstance(runtime_json, dict):
+            raise _bad("invalid_runtime_data", "runtime_data (dataType JSON) must be a JSON object")
+    product = None
+    if req.product is not None:
+        try:
+            product = Product.from_name(req.product)
+        except AbiError as exc:
+            raise _bad("invalid_request", f"product: {exc}") from None
+    at = None
+    if req.at is not None:
+        try:
+            at = datetime.fromisoformat(req.at.strip())
+        except ValueError:
+            raise _bad("invalid_request", f"at: {req.at!r} is not an ISO 8601 time") from None
+        at = at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+    return DecodedEvidence(
+        raw_report=raw,
+        unverified_report=report,
+        endorsement=endorsement,
+        chain=chain,
+        runtime_data=runtime,
+        runtime_type=rtd.data_type if rtd is not None else "Binary",
+        runtime_json=runtime_json,
+        nonce=req.nonce,
+        product=product,
+        at=at,
+    )
+
+
+def check_runtime_binding(report_data: bytes, runtime_data: bytes) -> None:
+    """MAA's binding: REPORT_DATA[0:32] = SHA-256(runtime data), REPORT_DATA[32:64] = 0.
+
+    Raises:
+        ServiceError: 400 ``runtime_data_mismatch``.
+    """
+    expected = hashlib.sha256(runtime_data).digest()
+    if not hmac.compare_digest(report_data[:32], expected) or any(report_data[32:64]):
+        raise ServiceError(
+            400,
+            "runtime_data_mismatch",
+            "REPORT_DATA is not SHA-256(runtime_data) followed by 32 zero bytes: the report was not made for "
+            "this runtime data (replayed or substituted evidence)",
+        )
