@@ -234,9 +234,11 @@ class EmuBackend:
         count = 1 if self._thread is not None else 0
         # emu_stop only affects a running emulation; repeat it until the thread has parked, which closes the
         # race with a thread that was just about to call emu_start.
-        while not self._gate.wait_parked(count, 0.001):
+        while True:
             self._stop_requested = True
             self._uc.emu_stop()
+            if self._gate.wait_parked(count, 0.0005):
+                return
             if time.monotonic() > deadline:
                 raise KvmError("pause", 0, f"emulated vCPU did not stop within {timeout:.3g} s")
 

@@ -26,6 +26,7 @@ _ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong]
 _ioctl.restype = ctypes.c_int
 
 S = TypeVar("S", bound=ctypes.Structure)
+_MSR_ENTRY = np.dtype([("index", "<u4"), ("reserved", "<u4"), ("data", "<u8")])  # struct kvm_msr_entry
 
 
 def _call(fd: int, request: abi.Ioctl, arg: int = 0) -> int:
@@ -233,13 +234,14 @@ class VcpuFd:
 
     def get_msrs(self, indices: list[int]) -> list[tuple[int, int]]:
         """Read MSRs; KVM stops at the first one it cannot read and returns how many it did."""
-        buf = abi.msrs_buffer(len(indices))
-        abi.KvmMsrsHeader.from_buffer(buf).nmsrs = len(indices)
-        entries = (abi.KvmMsrEntry * len(indices)).from_buffer(buf, ctypes.sizeof(abi.KvmMsrsHeader))
-        for entry, index in zip(entries, indices, strict=True):
-            entry.index = index
-        done = _call(self.fd, abi.Ioctl.KVM_GET_MSRS, ctypes.addressof(buf))
-        return [(entries[i].index, entries[i].data) for i in range(done)]
+        # struct kvm_msrs as a numpy record array: filling and reading 40 entries is on the pause path.
+        header = ctypes.sizeof(abi.KvmMsrsHeader)
+        raw = np.zeros(header + len(indices) * _MSR_ENTRY.itemsize, dtype=np.uint8)
+        raw[:4].view(np.uint32)[0] = len(indices)  # kvm_msrs.nmsrs
+        entries = raw[header:].view(_MSR_ENTRY)
+        entries["index"] = indices
+        done = _call(self.fd, abi.Ioctl.KVM_GET_MSRS, raw.ctypes.data)
+        return list(zip(entries["index"][:done].tolist(), entries["data"][:done].tolist(), strict=True))
 
     def set_msrs(self, msrs: list[tuple[int, int]]) -> int:
         buf = abi.msrs_buffer(len(msrs))

@@ -37,7 +37,7 @@ from cvmotion.vmm.dirty import DirtyLog, bitmap_words
 from cvmotion.vmm.kvm import Kvm, VcpuFd
 from cvmotion.vmm.loader import BootInfo
 from cvmotion.vmm.memory import GuestMemory
-from cvmotion.vmm.vcpu import KvmVcpuState, capture_kvm_vcpu, restore_kvm_vcpu
+from cvmotion.vmm.vcpu import KvmVcpuState, capture_kvm_vcpu, cpuid_entries, restore_kvm_vcpu
 
 __all__ = ["KICK_SIGNAL", "KvmBackend", "KvmMachineState", "install_kick_handler"]
 
@@ -75,10 +75,14 @@ def install_kick_handler() -> None:
 class _Vcpu:
     def __init__(self, fd: VcpuFd) -> None:
         self.fd = fd
+        self.cpuid = b""  # the kvm_cpuid_entry2[] this VMM set on the vCPU
         self.thread: threading.Thread | None = None
         self.tid = 0
         self.exits = 0
         self.probe = False
+
+    def cpuid_entries(self) -> list[abi.KvmCpuidEntry2]:
+        return cpuid_entries(self.cpuid)
 
 
 class KvmBackend:
@@ -127,7 +131,9 @@ class KvmBackend:
         cpuid = kvm.supported_cpuid()
         self._vcpus = [_Vcpu(self._vm.create_vcpu(i)) for i in range(vcpus)]
         for v in self._vcpus:
-            v.fd.set_cpuid2(_with_apic_id(cpuid, v.fd.index))
+            v.cpuid = _with_apic_id(cpuid, v.fd.index)
+            v.fd.set_cpuid2(v.cpuid_entries())
+        self._tsc_khz = self._vcpus[0].fd.get_tsc_khz()
         self._msrs = _readable_msrs(self._vcpus[0].fd, kvm.msr_index_list())
 
     def _set_slots(self, flags: int) -> None:
@@ -187,7 +193,7 @@ class KvmBackend:
         return self._stop
 
     def tsc_khz(self) -> int:
-        return self._vcpus[0].fd.get_tsc_khz()
+        return self._tsc_khz
 
     def close(self) -> None:
         self._closing = True
@@ -354,7 +360,7 @@ class KvmBackend:
     def capture(self) -> KvmMachineState:
         clock = bytes(self._vm.get_clock())
         irqchips = tuple(self._vm.get_irqchip(chip) for chip in abi.IrqchipId)
-        vcpus = tuple(capture_kvm_vcpu(v.fd, self._msrs, self._xsave_size) for v in self._vcpus)
+        vcpus = tuple(capture_kvm_vcpu(v.fd, self._msrs, self._xsave_size, v.cpuid, self._tsc_khz) for v in self._vcpus)
         return KvmMachineState(vcpus, clock, irqchips)
 
     def restore(self, state: object) -> None:
@@ -366,6 +372,7 @@ class KvmBackend:
             self._vm.set_irqchip(chip)
         for v, vs in zip(self._vcpus, state.vcpus, strict=True):
             restore_kvm_vcpu(v.fd, vs)
+            v.cpuid = vs.cpuid
         clock = abi.KvmClockData.from_buffer_copy(state.clock)
         clock.flags = 0  # resume kvmclock where it stopped; do not jump by the host's elapsed realtime
         clock.realtime = clock.host_tsc = 0
@@ -379,7 +386,7 @@ def _enum_name(cls: type[abi.ExitReason] | type[abi.InternalErrorSuberror] | typ
         return f"#{value}"
 
 
-def _with_apic_id(entries: list[abi.KvmCpuidEntry2], apic_id: int) -> list[abi.KvmCpuidEntry2]:
+def _with_apic_id(entries: list[abi.KvmCpuidEntry2], apic_id: int) -> bytes:
     """Per-vCPU CPUID: the initial APIC ID in leaf 1 EBX[31:24] and leaf 0xB EDX (Intel SDM vol. 2, CPUID)."""
     out = []
     for e in entries:
@@ -388,8 +395,8 @@ def _with_apic_id(entries: list[abi.KvmCpuidEntry2], apic_id: int) -> list[abi.K
             c.ebx = (c.ebx & 0x00FFFFFF) | ((apic_id & 0xFF) << 24)
         elif c.function in (0xB, 0x1F):
             c.edx = apic_id
-        out.append(c)
-    return out
+        out.append(bytes(c))
+    return b"".join(out)
 
 
 def _readable_msrs(fd: VcpuFd, indices: list[int]) -> list[int]:

@@ -22,7 +22,7 @@ from cvmotion.abi import kvm as abi
 from cvmotion.errors import KvmError
 from cvmotion.vmm.kvm import VcpuFd
 
-__all__ = ["EmuVcpuState", "KvmVcpuState", "capture_kvm_vcpu", "restore_kvm_vcpu"]
+__all__ = ["EmuVcpuState", "KvmVcpuState", "capture_kvm_vcpu", "cpuid_entries", "restore_kvm_vcpu"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +60,12 @@ class EmuVcpuState:
         return dict(self.registers).get("EIP", 0)
 
 
-def capture_kvm_vcpu(fd: VcpuFd, msr_indices: list[int], xsave_size: int) -> KvmVcpuState:
-    """Read a parked vCPU (no pending I/O) out of KVM."""
+def capture_kvm_vcpu(fd: VcpuFd, msr_indices: list[int], xsave_size: int, cpuid: bytes, tsc_khz: int) -> KvmVcpuState:
+    """Read a parked vCPU (no pending I/O) out of KVM.
+
+    ``cpuid`` and ``tsc_khz`` are what the VMM itself set on this vCPU (they change only when the VMM
+    sets them), so the caller passes its copy instead of paying two more ioctls on the pause path.
+    """
     mp_state = fd.get_mp_state()
     regs = bytes(fd.get_regs())
     sregs = bytes(fd.get_sregs())
@@ -69,8 +73,6 @@ def capture_kvm_vcpu(fd: VcpuFd, msr_indices: list[int], xsave_size: int) -> Kvm
     xcrs = bytes(fd.get_xcrs())
     debugregs = bytes(fd.get_debugregs())
     lapic = bytes(fd.get_lapic())
-    tsc_khz = fd.get_tsc_khz()
-    cpuid = b"".join(bytes(e) for e in fd.get_cpuid2())
     msrs = fd.get_msrs(msr_indices)
     if len(msrs) != len(msr_indices):
         bad = msr_indices[len(msrs)]
