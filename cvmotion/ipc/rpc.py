@@ -55,6 +55,7 @@ class Call:
     args: dict[str, Any]
     blob: bytes = b""
     fds: list[int] = field(default_factory=list)
+    endpoint: Endpoint | None = None  # the connection it came on (to call back, or to watch for close)
 
 
 @dataclass(slots=True)
@@ -225,7 +226,8 @@ class Endpoint:
         try:
             if self._handler is None:
                 raise RpcError(f"{self._name}: this end serves no calls")
-            reply = self._handler(Call(str(header.get("method")), dict(header.get("args") or {}), blob, fds))
+            call = Call(str(header.get("method")), dict(header.get("args") or {}), blob, fds, self)
+            reply = self._handler(call)
             self._send({"id": call_id, "kind": "ok", "result": reply.result}, reply.blob, reply.fds)
         except ChannelClosed:
             return

@@ -1,0 +1,465 @@
+"""agent layer: the platform process — one per host: the emulated AMD-SP and the host's migration agent (MA).
+
+Trusted (hardware + TEE).  It listens on a Unix socket with two kinds of clients:
+
+- the host daemon (untrusted): it may call only the *host commands* below — the SNP command interface
+  (launch, activate, guest-request relay, decommission) and the migration commands, whose bundles land in
+  shared rings of ciphertext.  No host command returns plaintext guest memory or key material; the ``ma_*``
+  firmware calls that move keys are made only by the MA inside this process.
+- VM processes (hardware): they attach their guest memory (a memfd) and answer the SP's calls.
+
+Bulk data never goes through the RPC: the daemon shares a ring (memfd) per stream; the SP seals pages
+straight from guest memory into it, and opens bundles from a private copy of the ring's bytes (a copy, so a
+daemon rewriting the ring while the SP decrypts cannot split what is authenticated from what is written).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import mmap
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from cvmotion.abi.wire import BundleType
+from cvmotion.errors import CvmError, FirmwareError, FirmwareStatus, UsageError
+from cvmotion.firmware.device import GuestHandle, SecureProcessor
+from cvmotion.firmware.launch import PageType
+from cvmotion.ipc.rpc import Call, Endpoint, Reply
+from cvmotion.vmm.memory import GuestMemory
+
+__all__ = ["HOST_METHODS", "PlatformService", "RemoteHardware", "main"]
+
+PAGE = 4096
+
+
+class RemoteHardware:
+    """One VM's hardware as the SP sees it: its memory mapped here, the rest through its VM process."""
+
+    def __init__(self, name: str, endpoint: Endpoint, memory: GuestMemory) -> None:
+        self.name = name
+        self._endpoint = endpoint
+        self._memory = memory
+        self._gfn_limit = max(r.gpa + r.size for r in memory.layout.regions) >> 12
+
+    @property
+    def memory(self) -> GuestMemory:
+        return self._memory
+
+    @property
+    def gfn_limit(self) -> int:
+        return self._gfn_limit
+
+    def take_dirty(self, *, fresh: bool) -> npt.NDArray[np.uint64]:
+        _, blob, _ = self._endpoint.call("sp_take_dirty", {"fresh": fresh})
+        return np.frombuffer(blob, dtype="<u8").astype(np.uint64)
+
+    def hold_paused(self) -> None:
+        self._endpoint.call("sp_hold_paused")
+
+    def capture_state(self) -> tuple[bytes, bytes]:
+        result, blob, _ = self._endpoint.call("sp_capture_state")
+        n = int(result["vcpu_len"])
+        return blob[:n], blob[n:]
+
+    def restore_state(self, vcpu_state: bytes, device_state: bytes) -> None:
+        raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, "use restore_with_handle")
+
+    def restore_with_handle(self, handle: int, vcpu_state: bytes, device_state: bytes) -> None:
+        self._endpoint.call(
+            "sp_restore_state", {"handle": handle, "vcpu_len": len(vcpu_state)}, vcpu_state + device_state
+        )
+
+    def close(self) -> None:
+        self._memory.close()
+
+
+class _ImportHardware:
+    """The destination's hardware during an import: restore needs the guest handle, known only at commit."""
+
+    def __init__(self, hw: RemoteHardware, service: PlatformService) -> None:
+        self._hw = hw
+        self._service = service
+        self.handle: int | None = None
+
+    @property
+    def memory(self) -> GuestMemory:
+        return self._hw.memory
+
+    @property
+    def gfn_limit(self) -> int:
+        return self._hw.gfn_limit
+
+    def take_dirty(self, *, fresh: bool) -> npt.NDArray[np.uint64]:
+        return np.zeros(0, dtype=np.uint64)
+
+    def hold_paused(self) -> None:
+        return None
+
+    def capture_state(self) -> tuple[bytes, bytes]:
+        raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, "an importing VM has no state to capture")
+
+    def restore_state(self, vcpu_state: bytes, device_state: bytes) -> None:
+        if self.handle is None:
+            raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, "import has no guest handle")
+        self._hw.restore_with_handle(self.handle, vcpu_state, device_state)
+
+
+# The commands an untrusted host may send. Everything else (notably every ma_* firmware call) is refused.
+HOST_METHODS = frozenset(
+    {
+        "host_hello",
+        "status",
+        "ext_certs",
+        "launch",
+        "guest_request",
+        "guest_info",
+        "can_run",
+        "decommission",
+        "ring_attach",
+        "export_start",
+        "export_immutable",
+        "export_memory",
+        "export_epoch_token",
+        "export_pause",
+        "export_state",
+        "export_start_token",
+        "export_abort",
+        "export_abort_with_token",
+        "export_finish",
+        "export_status",
+        "import_bundle",
+        "import_abort",
+        "import_activate",
+        "import_status",
+        "import_discard",
+        "vm_handle",
+    }
+)
+_VM_METHODS = frozenset({"vm_attach", "vm_detach", "can_run"})
+
+
+class PlatformService:
+    """The SP and the MA of one host, behind the RPC surface."""
+
+    def __init__(self, sp: SecureProcessor) -> None:
+        self.sp = sp
+        self._lock = threading.Lock()
+        self.hardware: dict[str, RemoteHardware] = {}
+        self.handles: dict[str, GuestHandle] = {}
+        self.imports: dict[str, tuple[int, _ImportHardware]] = {}
+        self._rings: dict[str, tuple[mmap.mmap, memoryview]] = {}
+        self.extra_methods: dict[str, Callable[[Call], Reply]] = {}
+
+    # -- connections --------------------------------------------------------------------------------
+
+    def accept(self, conn: socket.socket) -> Endpoint:
+        role: dict[str, str] = {}
+
+        def handler(call: Call) -> Reply:
+            if not role:
+                if call.method == "vm_attach":
+                    role["kind"] = "vm"
+                elif call.method == "host_hello":
+                    role["kind"] = "host"
+                else:
+                    raise UsageError("say host_hello or vm_attach first")
+            allowed = _VM_METHODS if role["kind"] == "vm" else HOST_METHODS | self.extra_methods.keys()
+            if call.method not in allowed:
+                raise UsageError(f"{call.method!r} is not a command this client may send")
+            if call.method == "vm_attach":
+                assert call.endpoint is not None
+                return self._vm_attach(call, call.endpoint)
+            return self.dispatch(call)
+
+        return Endpoint(conn, handler, name="platform")
+
+    def _vm_attach(self, call: Call, endpoint: Endpoint) -> Reply:
+        if len(call.fds) != 1:
+            raise UsageError("vm_attach needs the guest memfd")
+        name = str(call.args["name"])
+        memory = GuestMemory(int(call.args["memory"]), fd=call.fds[0], name=f"sp-view-{name}")
+        hw = RemoteHardware(name, endpoint, memory)
+        with self._lock:
+            old = self.hardware.pop(name, None)
+            self.hardware[name] = hw
+        if old is not None:
+            old.close()
+        endpoint.on_close(lambda: self._vm_gone(name, hw))
+        return Reply()
+
+    def _vm_gone(self, name: str, hw: RemoteHardware) -> None:
+        with self._lock:
+            if self.hardware.get(name) is hw:
+                del self.hardware[name]
+        hw.close()
+
+    def _hw(self, name: str) -> RemoteHardware:
+        hw = self.hardware.get(name)
+        if hw is None:
+            raise UsageError(f"no VM named {name!r} is attached to this platform")
+        return hw
+
+    def _ring(self, ring: str, offset: int, length: int) -> memoryview:
+        entry = self._rings.get(ring)
+        if entry is None:
+            raise UsageError(f"no ring {ring!r}")
+        view = entry[1]
+        if offset < 0 or length < 0 or offset + length > len(view):
+            raise UsageError(f"ring {ring!r}: {offset:#x}+{length:#x} is outside the ring")
+        return view[offset : offset + length]
+
+    # -- commands -----------------------------------------------------------------------------------
+
+    def dispatch(self, call: Call) -> Reply:
+        a = call.args
+        m = call.method
+        sp = self.sp
+        mig = sp.migration
+        extra = self.extra_methods.get(m)
+        if extra is not None:
+            return extra(call)
+        if m == "host_hello":
+            return Reply(self.identity())
+        if m == "status":
+            return Reply(self.identity())
+        if m == "ext_certs":
+            return Reply({}, sp.get_ext_certs().pem())
+        if m == "launch":
+            return Reply(self._launch(a))
+        if m == "guest_request":
+            return Reply({}, sp.guest_request(GuestHandle(int(a["handle"])), call.blob))
+        if m == "guest_info":
+            info = sp.guest_info(GuestHandle(int(a["handle"])))
+            return Reply(
+                {
+                    "state": info.state.name,
+                    "op_state": info.op_state.name,
+                    "measurement": info.measurement.hex(),
+                    "host_data": info.host_data.hex(),
+                    "policy": info.policy.to_u64(),
+                }
+            )
+        if m == "can_run":
+            return Reply({"can_run": mig.can_run(GuestHandle(int(a["handle"])))})
+        if m == "decommission":
+            sp.decommission(GuestHandle(int(a["handle"])))
+            return Reply()
+        if m == "vm_handle":
+            handle = self.handles.get(str(a["vm"]))
+            return Reply({"handle": handle})
+        if m == "ring_attach":
+            return self._ring_attach(call)
+        if m.startswith("export_"):
+            return self._export(m, a, call.blob)
+        if m.startswith("import_"):
+            return self._import(m, a)
+        raise UsageError(f"unknown platform command {m!r}")
+
+    def identity(self) -> dict[str, Any]:
+        status = self.sp.platform_status()
+        layout = status.product.tcb_layout
+        return {
+            "emulated": status.emulated,
+            "product": status.product.value,
+            "chip_id": self.sp.get_id().hex(),
+            "reported_tcb": status.reported_tcb.to_u64(layout),
+            "reported_tcb_text": status.reported_tcb.describe(),
+            "committed_tcb": status.committed_tcb.to_u64(layout),
+            "api": f"{status.api_major}.{status.api_minor}",
+            "build": status.build_id,
+            "guests": status.guest_count,
+        }
+
+    def _launch(self, a: dict[str, Any]) -> dict[str, Any]:
+        """SNP launch of an attached VM: START, UPDATE (measured image pages + secrets page), FINISH, ACTIVATE."""
+        name = str(a["vm"])
+        hw = self._hw(name)
+        sp = self.sp
+        handle = sp.launch_start(int(a["policy"]))
+        try:
+            for gpa, length in a["ranges"]:
+                for page in range(int(gpa), int(gpa) + int(length), PAGE):
+                    sp.launch_update(handle, page, PageType.NORMAL, hw.memory.view(page, PAGE))
+            secrets_gpa = int(a["secrets_gpa"])
+            sp.launch_update(handle, secrets_gpa, PageType.SECRETS, hw.memory.view(secrets_gpa, PAGE))
+            sp.launch_finish(handle, host_data=bytes.fromhex(str(a.get("host_data", "00" * 32))))
+            sp.activate(handle)
+        except BaseException:
+            with contextlib.suppress(CvmError):
+                sp.decommission(handle)
+            raise
+        self.handles[name] = handle
+        info = sp.guest_info(handle)
+        return {"handle": handle, "measurement": info.measurement.hex()}
+
+    def _ring_attach(self, call: Call) -> Reply:
+        if len(call.fds) != 1:
+            raise UsageError("ring_attach needs the ring memfd")
+        fd = call.fds[0]
+        try:
+            size = os.fstat(fd).st_size
+            ring = mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        finally:
+            os.close(fd)
+        name = str(call.args["ring"])
+        with self._lock:
+            old = self._rings.pop(name, None)
+            self._rings[name] = (ring, memoryview(ring))
+        if old is not None:
+            old[1].release()
+            old[0].close()
+        return Reply({"size": size})
+
+    def _export(self, m: str, a: dict[str, Any], blob: bytes) -> Reply:
+        mig = self.sp.migration
+        handle = GuestHandle(int(a["handle"]))
+        stream = int(a.get("stream", 0))
+        if m == "export_start":
+            mig.export_start(handle, self._hw(str(a["vm"])))
+            return Reply()
+        if m == "export_immutable":
+            return Reply({}, mig.export_immutable(handle, stream))
+        if m == "export_memory":
+            gfns = np.frombuffer(blob, dtype="<u8").astype(np.uint64)
+            out = self._ring(str(a["ring"]), int(a["offset"]), int(a["capacity"]))
+            return Reply({"length": mig.export_memory(handle, stream, gfns, out)})
+        if m == "export_epoch_token":
+            return Reply({}, mig.export_epoch_token(handle, stream))
+        if m == "export_pause":
+            mig.export_pause(handle)
+            return Reply()
+        if m == "export_state":
+            return Reply({}, mig.export_state(handle, stream, BundleType[str(a["kind"])]))
+        if m == "export_start_token":
+            return Reply({}, mig.export_start_token(handle, stream))
+        if m == "export_abort":
+            mig.export_abort(handle)
+            return Reply()
+        if m == "export_abort_with_token":
+            mig.export_abort_with_token(handle, blob)
+            return Reply()
+        if m == "export_finish":
+            mig.export_finish(handle)
+            for name, h in list(self.handles.items()):
+                if h == handle:
+                    del self.handles[name]
+            return Reply()
+        if m == "export_status":
+            return Reply({"state": mig.export_status(handle)})
+        raise UsageError(f"unknown export command {m!r}")
+
+    def register_import(self, vm: str, session_id: bytes) -> int:
+        """Create the import context for an attached incoming VM (called by the MA session set-up)."""
+        hw = _ImportHardware(self._hw(vm), self)
+        ref = self.sp.migration.import_prepare(session_id, hw)
+        with self._lock:
+            self.imports[vm] = (ref, hw)
+        return ref
+
+    def _import_ref(self, vm: str) -> tuple[int, _ImportHardware]:
+        entry = self.imports.get(vm)
+        if entry is None:
+            raise UsageError(f"no import in progress for {vm!r}")
+        return entry
+
+    def _import(self, m: str, a: dict[str, Any]) -> Reply:
+        mig = self.sp.migration
+        vm = str(a["vm"])
+        ref, hw = self._import_ref(vm)
+        if m == "import_bundle":
+            # A private copy: the ring is shared with the untrusted daemon.
+            data = bytes(self._ring(str(a["ring"]), int(a["offset"]), int(a["length"])))
+            kind = mig.import_bundle(ref, data)
+            return Reply({"kind": kind.name})
+        if m == "import_abort":
+            return Reply({}, mig.import_abort(ref))
+        if m == "import_activate":
+            hw.handle = mig.import_handle(ref)
+            handle = mig.import_activate(ref)
+            self.handles[vm] = handle
+            return Reply({"handle": handle})
+        if m == "import_status":
+            return Reply({"state": mig.import_state(ref), "handle": mig.import_handle(ref)})
+        if m == "import_discard":
+            mig.import_discard(ref)
+            with self._lock:
+                self.imports.pop(vm, None)
+            return Reply()
+        raise UsageError(f"unknown import command {m!r}")
+
+    # -- serving ------------------------------------------------------------------------------------
+
+    def serve(self, path: Path, stop: threading.Event) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(path))
+        os.chmod(path, 0o600)
+        server.listen(64)
+        server.settimeout(0.2)
+        endpoints: list[Endpoint] = []
+        try:
+            while not stop.is_set():
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                endpoints.append(self.accept(conn))
+                endpoints = [e for e in endpoints if not e.closed]
+        finally:
+            server.close()
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            for e in endpoints:
+                e.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cvmotion-platform", description="a host's emulated AMD-SP and MA")
+    parser.add_argument("--data-dir", required=True, type=Path, help="the host's data directory (chip identity)")
+    parser.add_argument("--socket", required=True, type=Path)
+    parser.add_argument("--vendor-dir", type=Path, help="emulated vendor (for VCEK certificates)")
+    parser.add_argument("--kds", help="KDS URL for VCEK certificates (instead of --vendor-dir)")
+    args = parser.parse_args(argv)
+    try:
+        service = build_service(args.data_dir, vendor_dir=args.vendor_dir, kds_url=args.kds)
+    except CvmError as exc:
+        print(f"cvmotion-platform: {exc}", file=sys.stderr)
+        return 1
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    (args.data_dir / "platform.pid").write_text(str(os.getpid()))
+    service.serve(args.socket, stop)
+    return 0
+
+
+def build_service(data_dir: Path, *, vendor_dir: Path | None, kds_url: str | None) -> PlatformService:
+    """Open the host's chip and bring up its SP (and, in ``agent.platform_ma``, its MA)."""
+    from cvmotion.firmware.kds import Kds
+    from cvmotion.firmware.kds_http import KdsClient
+    from cvmotion.firmware.vendor import Vendor
+
+    endorsements: Any
+    if kds_url:
+        endorsements = KdsClient(kds_url)
+    elif vendor_dir is not None:
+        endorsements = Kds(Vendor.open(vendor_dir))
+    else:
+        raise UsageError("the platform needs --kds URL or --vendor-dir for VCEK certificates")
+    sp = SecureProcessor.open(data_dir, endorsements=endorsements)
+    return PlatformService(sp)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,397 @@
+"""agent layer: the VM process — one per VM (like one QEMU per VM), the emulated hardware of one CVM.
+
+It owns the VM (vCPUs through KVM or unicorn, guest memory as a memfd, devices) and, later, the CVM's
+paravisor.  It is *hardware* in the trust model: guest plaintext lives here.  It talks to:
+
+- the host's platform process (secure processor + migration agent), as hardware talks to the AMD-SP:
+  it hands over the memfd (the SP reads and writes guest memory directly, as the real one does), asks
+  ``can_run`` before any vCPU runs, and answers the SP's calls during migration (its dirty view,
+  "hold paused", vCPU state capture and restore);
+- the host daemon (untrusted) through ``control.sock``: run control, dirty logs *as page numbers*,
+  populated ranges, the serial console, cvm-io requests (device I/O is shared memory by design) and guest
+  message relay.  Nothing it returns to the daemon holds guest-private memory or keys.
+
+The process outlives the daemon: a restarted daemon re-attaches through ``control.sock``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from cvmotion.errors import CvmError, UsageError
+from cvmotion.ipc.rpc import Call, Endpoint, Reply, connect_unix
+from cvmotion.vmm.backend import BackendKind
+from cvmotion.vmm.images import load_image
+from cvmotion.vmm.loader import BOOT_INFO_END, BOOT_INFO_GPA
+from cvmotion.vmm.memory import GuestMemory
+from cvmotion.vmm.snapshot import VmState
+from cvmotion.vmm.vm import MachineConfig, RunState, Vm
+
+__all__ = ["SECRETS_PAGE_GPA", "DirtyViews", "VmProcess", "VmSpec", "main"]
+
+SECRETS_PAGE_GPA = 0x7000  # conventional memory the guests never touch; the SNP secrets page lives here
+PAGE = 4096
+_THROTTLE_PERIOD = 0.05  # auto-converge: each 50 ms window, the vCPUs sleep pct% of it
+
+
+@dataclass(frozen=True, slots=True)
+class VmSpec:
+    """What the daemon asks for: written to ``vm.json`` in the VM's directory."""
+
+    name: str
+    memory: int
+    vcpus: int = 1
+    image: str = ""
+    cmdline: str = ""
+    backend: str | None = None
+    mode: str = "launch"  # "launch" boots the image; "incoming" waits for a migration
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> VmSpec:
+        data = json.loads(text)
+        return cls(**data)
+
+
+class DirtyViews:
+    """Two consumers of one hardware dirty log: the migration engine and the secure processor.
+
+    Every harvest of the KVM (or unicorn) log feeds both views, so the firmware learns about every write the
+    engine learns about, and vice versa — the firmware's "exported and clean" check stays exact.
+    """
+
+    CONSUMERS = ("engine", "sp")
+
+    def __init__(self, vm: Vm) -> None:
+        self._vm = vm
+        self._lock = threading.Lock()
+        self._pending: dict[str, list[npt.NDArray[np.uint64]]] = {c: [] for c in self.CONSUMERS}
+        self.tracking = False
+
+    def start(self) -> None:
+        with self._lock:
+            self._vm.start_dirty_tracking()
+            for parts in self._pending.values():
+                parts.clear()
+            self.tracking = True
+
+    def take(self, consumer: str, *, fresh: bool = True) -> npt.NDArray[np.uint64]:
+        with self._lock:
+            if not self.tracking:
+                raise UsageError("dirty tracking has not been started")
+            parts = self._pending[consumer]
+            if fresh:
+                new = self._vm.harvest_dirty().gfns()
+                for other, pending in self._pending.items():
+                    if other != consumer and len(new):
+                        pending.append(new)
+                if len(new):
+                    parts.append(new)
+            self._pending[consumer] = []
+        if not parts:
+            return np.zeros(0, dtype=np.uint64)
+        return np.unique(np.concatenate(parts))
+
+
+class VmProcess:
+    """The hardware of one VM, serving the daemon (control socket) and the platform (secure processor)."""
+
+    def __init__(self, spec: VmSpec, vm_dir: Path, platform_socket: str) -> None:
+        self.spec = spec
+        self.dir = vm_dir
+        self.platform_socket = platform_socket
+        self.handle: int | None = None
+        self.vm: Vm | None = None
+        self.memory: GuestMemory | None = None
+        self.dirty: DirtyViews | None = None
+        self.platform: Endpoint | None = None
+        self._stop = threading.Event()
+        self._lock = threading.RLock()
+        self._user_paused = False
+        self._throttle_pct = 0
+        self._throttle_thread: threading.Thread | None = None
+        self._controls: list[Endpoint] = []
+        self.state_note = "created"
+
+    # -- set-up -------------------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        spec = self.spec
+        backend = BackendKind(spec.backend) if spec.backend else None
+        if spec.mode == "launch":
+            self.vm = Vm.create(MachineConfig(spec.memory, spec.vcpus, backend), load_image(spec.image), spec.cmdline)
+            self.memory = self.vm.memory
+            self.dirty = DirtyViews(self.vm)
+        elif spec.mode == "incoming":
+            self.memory = GuestMemory(spec.memory, name=f"cvmotion-{spec.name}")
+        else:
+            raise UsageError(f"unknown VM mode {spec.mode!r}")
+        self.platform = connect_unix(self.platform_socket, self._serve_platform, name=f"vm-{spec.name}->platform")
+        self.platform.call(
+            "vm_attach", {"name": spec.name, "memory": spec.memory, "mode": spec.mode}, fds=[self.memory.fd]
+        )
+        self.platform.on_close(self._stop.set)
+
+    def launch_ranges(self) -> list[tuple[int, int]]:
+        """Page-aligned GPA ranges the launch measures: the kernel's segments and the boot information."""
+        image = load_image(self.spec.image)
+        ranges = [(BOOT_INFO_GPA, BOOT_INFO_END - BOOT_INFO_GPA)]
+        for seg in image.segments:
+            start = seg.gpa & ~(PAGE - 1)
+            end = (seg.end + PAGE - 1) & ~(PAGE - 1)
+            ranges.append((start, end - start))
+        return sorted(ranges)
+
+    # -- run control --------------------------------------------------------------------------------
+
+    def _require_vm(self) -> Vm:
+        if self.vm is None:
+            raise UsageError("this VM is waiting for an incoming migration")
+        return self.vm
+
+    def _may_run(self) -> bool:
+        if self.handle is None or self.platform is None:
+            return False
+        result, _, _ = self.platform.call("can_run", {"handle": self.handle})
+        return bool(result["can_run"])
+
+    def start(self) -> None:
+        with self._lock:
+            vm = self._require_vm()
+            if not self._may_run():
+                raise UsageError("the secure processor does not let this guest run")
+            vm.start()
+            self.state_note = "running"
+
+    def pause(self) -> float:
+        with self._lock:
+            self._user_paused = True
+            return self._require_vm().pause()
+
+    def resume(self) -> None:
+        with self._lock:
+            vm = self._require_vm()
+            if not self._may_run():
+                raise UsageError("the secure processor does not let this guest run (migration in progress)")
+            self._user_paused = False
+            vm.resume()
+            self.state_note = "running"
+
+    def set_throttle(self, pct: int) -> None:
+        if not 0 <= pct <= 99:
+            raise UsageError(f"throttle {pct}% (0..99)")
+        self._throttle_pct = pct
+        if pct and self._throttle_thread is None:
+            self._throttle_thread = threading.Thread(target=self._throttle_loop, name="throttle", daemon=True)
+            self._throttle_thread.start()
+
+    def _throttle_loop(self) -> None:
+        # Auto-converge (QEMU's cpu-throttle): the vCPUs sleep pct% of every period.
+        while not self._stop.is_set():
+            pct = self._throttle_pct
+            if not pct:
+                time.sleep(_THROTTLE_PERIOD)
+                continue
+            time.sleep(_THROTTLE_PERIOD * (100 - pct) / 100)
+            with self._lock:
+                vm = self.vm
+                if vm is None or self._user_paused or vm.state is not RunState.RUNNING:
+                    continue
+                vm.pause()
+            time.sleep(_THROTTLE_PERIOD * pct / 100)
+            with self._lock:
+                # vm.state changed under us since the check above (re-read through a call for the type checker)
+                if not self._user_paused and _run_state(vm) is RunState.PAUSED and self._may_run():
+                    vm.resume()
+
+    def info(self) -> dict[str, Any]:
+        vm = self.vm
+        return {
+            "name": self.spec.name,
+            "pid": os.getpid(),
+            "mode": self.spec.mode,
+            "state": vm.state.value if vm else "incoming",
+            "handle": self.handle,
+            "memory": self.spec.memory,
+            "vcpus": self.spec.vcpus,
+            "backend": vm.backend_kind.value if vm else self.spec.backend,
+            "image": self.spec.image,
+            "stop_reason": vm.stop_reason.message if vm and vm.stop_reason else None,
+            "console_lines": vm.console.line_count if vm else 0,
+            "throttle": self._throttle_pct,
+            "secrets_gpa": SECRETS_PAGE_GPA,
+        }
+
+    # -- the daemon's calls -------------------------------------------------------------------------
+
+    def _serve_control(self, call: Call) -> Reply:
+        a = call.args
+        m = call.method
+        if m == "info":
+            return Reply(self.info())
+        if m == "launch_ranges":
+            return Reply({"ranges": self.launch_ranges(), "secrets_gpa": SECRETS_PAGE_GPA})
+        if m == "bind":
+            self.handle = int(a["handle"])
+            return Reply()
+        if m == "start":
+            self.start()
+            return Reply()
+        if m == "pause":
+            return Reply({"latency": self.pause()})
+        if m == "resume":
+            self.resume()
+            return Reply()
+        if m == "start_dirty_tracking":
+            self._require_dirty().start()
+            return Reply()
+        if m == "harvest_dirty":
+            gfns = self._require_dirty().take("engine")
+            return Reply({"count": len(gfns)}, gfns.astype("<u8").tobytes())
+        if m == "populated_ranges":
+            assert self.memory is not None
+            return Reply({"ranges": [list(r) for r in self.memory.populated_ranges()]})
+        if m == "console":
+            vm = self._require_vm()
+            since = int(a.get("since", 0))
+            count = vm.console.line_count
+            history = vm.console.lines()
+            first = count - len(history)
+            return Reply({"lines": history[max(0, since - first) :], "next": count})
+        if m == "cvmio":
+            vm = self._require_vm()
+            return Reply({}, vm.cvmio.submit(call.blob, float(a.get("timeout", 5.0))))
+        if m == "throttle":
+            self.set_throttle(int(a["pct"]))
+            return Reply()
+        if m == "stop":
+            threading.Thread(target=self._stop.set, daemon=True).start()
+            return Reply()
+        raise UsageError(f"unknown VM control method {m!r}")
+
+    def _require_dirty(self) -> DirtyViews:
+        if self.dirty is None:
+            raise UsageError("no running VM to track")
+        return self.dirty
+
+    # -- the secure processor's calls ---------------------------------------------------------------
+
+    def _serve_platform(self, call: Call) -> Reply:
+        m = call.method
+        if m == "sp_take_dirty":
+            gfns = self._require_dirty().take("sp", fresh=bool(call.args.get("fresh")))
+            return Reply({}, gfns.astype("<u8").tobytes())
+        if m == "sp_hold_paused":
+            vm = self._require_vm()
+            with self._lock:
+                if vm.state is not RunState.PAUSED:
+                    raise UsageError(f"the VM is {vm.state.value}, not paused")
+                self._user_paused = True
+            return Reply()
+        if m == "sp_capture_state":
+            vm = self._require_vm()
+            with self._lock:
+                if vm.state is RunState.RUNNING:
+                    raise UsageError("capture: the VM is running")
+                state = vm.capture_state().to_bytes()
+            return Reply({"vcpu_len": len(state)}, state)
+        if m == "sp_restore_state":
+            return Reply(self._restore(call))
+        raise UsageError(f"unknown platform method {m!r}")
+
+    def _restore(self, call: Call) -> dict[str, Any]:
+        with self._lock:
+            if self.vm is not None or self.memory is None:
+                raise UsageError("restore: this VM already runs")
+            vcpu_len = int(call.args["vcpu_len"])
+            state = VmState.from_bytes(call.blob[:vcpu_len])
+            backend = BackendKind(self.spec.backend) if self.spec.backend else None
+            self.vm = Vm.restore(state, self.memory, backend)
+            self.dirty = DirtyViews(self.vm)
+            self.handle = int(call.args["handle"])
+            self._user_paused = True
+            self.state_note = "restored"
+            return {"state": self.vm.state.value}
+
+    # -- main loop ----------------------------------------------------------------------------------
+
+    def serve(self) -> None:
+        path = self.dir / "control.sock"
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(path))
+        server.listen(8)
+        server.settimeout(0.2)
+        (self.dir / "pid").write_text(str(os.getpid()))
+        try:
+            while not self._stop.is_set():
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    vm = self.vm
+                    if vm is not None and vm.stop_reason is not None and vm.state is not RunState.STOPPED:
+                        self.state_note = f"stopped: {vm.stop_reason.message}"
+                    continue
+                self._controls.append(Endpoint(conn, self._serve_control, name=f"vm-{self.spec.name}-control"))
+        finally:
+            server.close()
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+            self.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        for ep in self._controls:
+            ep.close()
+        if self.platform is not None:
+            with contextlib.suppress(CvmError):
+                self.platform.call("vm_detach", {"name": self.spec.name}, timeout=2)
+            self.platform.close()
+        if self.vm is not None:
+            self.vm.close()
+        elif self.memory is not None:
+            self.memory.close()
+
+
+def _run_state(vm: Vm) -> RunState:
+    return vm.state
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cvmotion-vm", description="one cvmotion VM (started by the host daemon)")
+    parser.add_argument("--dir", required=True, type=Path, help="the VM's directory (vm.json, control.sock)")
+    parser.add_argument("--platform", required=True, help="the platform process's socket")
+    args = parser.parse_args(argv)
+    spec = VmSpec.from_json((args.dir / "vm.json").read_text())
+    proc = VmProcess(spec, args.dir, args.platform)
+    signal.signal(signal.SIGTERM, lambda *_: proc._stop.set())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the daemon's terminal going away must not kill the guest
+    try:
+        proc.setup()
+    except CvmError as exc:
+        print(f"cvmotion-vm: {exc}", file=sys.stderr)
+        (args.dir / "error").write_text(str(exc))
+        return 1
+    proc.serve()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
