@@ -130,6 +130,9 @@ class EmuBackend:
         self._exception: int | None = None
         self._dirty: bytearray | None = None
         self._dirty_hook: int | None = None
+        # The hook and a concurrent harvest swap the bitmap under this lock, or a store marked into the
+        # old bitmap after the harvest packed it would be lost.
+        self._dirty_lock = threading.Lock()
         low = memory.layout.regions[0]
         self._low_pages = low.npages
         self._uc = _new_cpu(uc.UC_ARCH_X86, uc.UC_MODE_32)
@@ -158,13 +161,14 @@ class EmuBackend:
         return False
 
     def _on_write(self, cpu: _Cpu, access: int, address: int, size: int, value: int, _: object) -> None:
-        dirty = self._dirty
-        if dirty is not None:
-            page = address >> PAGE_SHIFT
-            dirty[page] = 1
-            last = (address + size - 1) >> PAGE_SHIFT
-            if last != page and last < len(dirty):
-                dirty[last] = 1
+        with self._dirty_lock:
+            dirty = self._dirty
+            if dirty is not None:
+                page = address >> PAGE_SHIFT
+                dirty[page] = 1
+                last = (address + size - 1) >> PAGE_SHIFT
+                if last != page and last < len(dirty):
+                    dirty[last] = 1
 
     # --- lifecycle ------------------------------------------------------------------------------
     def setup_boot(self, boot: BootInfo) -> None:
@@ -278,7 +282,8 @@ class EmuBackend:
     def harvest_dirty(self) -> DirtyLog:
         if self._dirty is None:
             raise UsageError("dirty tracking is not started")
-        taken, self._dirty = self._dirty, bytearray(self._low_pages)  # one reference swap: atomic under the GIL
+        with self._dirty_lock:
+            taken, self._dirty = self._dirty, bytearray(self._low_pages)
         bitmaps = []
         for region in self._memory.layout.regions:
             words = np.zeros(bitmap_words(region.npages), dtype=np.uint64)

@@ -89,6 +89,7 @@ class Vm:
 
     def __init__(self, config: MachineConfig, memory: GuestMemory | None = None) -> None:
         self.config = config
+        self._closed = False
         self.backend_kind, self.backend_reason = select_backend(config.backend)
         self.memory = memory if memory is not None else GuestMemory(config.memory)
         if self.memory.size != config.memory:
@@ -200,7 +201,7 @@ class Vm:
 
     def close(self) -> None:
         """Stop the vCPUs, fail waiting cvm-io requests, unmap memory.  Idempotent."""
-        if self.state is RunState.STOPPED and getattr(self, "_closed", False):
+        if self._closed:
             return
         self._closed = True
         self.cvmio.close()
@@ -249,8 +250,11 @@ class Vm:
         """Write whole pages as the VMM (tracked as dirty); the VM should be paused or not yet started."""
         frames = np.asarray(list(gfns) if not isinstance(gfns, np.ndarray) else gfns, dtype=np.uint64)
         self.memory.write_pages(frames, data)
-        for gfn in frames:
-            self.backend.invalidate_code(int(gfn) * PAGE_SIZE, PAGE_SIZE)
+        if frames.size and self.backend_kind is BackendKind.EMULATED:  # KVM caches no translations
+            ordered = np.unique(frames)
+            breaks = np.flatnonzero(np.diff(ordered) != 1) + 1
+            for run in np.split(ordered, breaks):
+                self.backend.invalidate_code(int(run[0]) * PAGE_SIZE, run.size * PAGE_SIZE)
 
     # --- state ----------------------------------------------------------------------------------
     def capture_state(self) -> VmState:
