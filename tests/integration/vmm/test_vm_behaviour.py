@@ -163,3 +163,34 @@ def test_full_size_ec96as_v5_is_sparse(vms: VmFactory) -> None:
     assert vm.memory.populated_bytes() < 2 * MIB
     vm.pause()
     assert len(vm.capture_state().machine.vcpus) == 96
+
+
+def test_harvesting_while_the_guest_runs_loses_nothing(vms: VmFactory) -> None:
+    import threading
+
+    vm = vms.boot("probe")
+    probe_pages(vm)
+    client = ProbeClient(vm.cvmio)
+    vm.start_dirty_tracking()
+    seen: set[int] = set()
+    done = threading.Event()
+
+    def harvester() -> None:
+        while not done.is_set():
+            seen.update(vm.harvest_dirty().as_set())
+
+    thread = threading.Thread(target=harvester)
+    thread.start()
+    rng = random.Random(11)
+    written: set[int] = set()
+    try:
+        for _ in range(8):
+            batch = rng.sample(range(0x400, 0xF00), 16)
+            client.touch(batch)
+            written.update(batch)
+    finally:
+        done.set()
+        thread.join(10)
+    vm.pause()
+    seen.update(vm.harvest_dirty().as_set())
+    assert written <= seen
