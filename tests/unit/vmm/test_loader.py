@@ -6,6 +6,8 @@ import ctypes
 import struct
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cvmotion.abi import multiboot as mb
 from cvmotion.errors import ImageError
@@ -78,3 +80,15 @@ def test_refuses_overlap_with_boot_information_and_long_cmdlines() -> None:
             load_kernel(mem, low, "")
         with pytest.raises(ImageError, match="command line"):
             load_kernel(mem, parse_kernel(make_elf(), "k"), "x" * 10000)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=400), st.integers(0, 380))
+def test_arbitrary_images_raise_only_image_errors(noise: bytes, at: int) -> None:
+    blob = bytearray(make_elf())
+    blob[at : at + len(noise)] = noise  # a valid image with a random stretch overwritten
+    try:
+        image = parse_kernel(bytes(blob), "fuzz")
+    except ImageError:
+        return
+    assert image.segments
