@@ -149,8 +149,9 @@ class SigningKeyStore:
         """Keys a relying party may need: the active one and every retired one still inside its overlap."""
         at = now if now is not None else self._clock()
         with self._lock:
-            keys = [k for k in self._keys.values() if k.kid == self._active or k.published_at(at)]
-        return sorted(keys, key=lambda k: k.created, reverse=True)
+            active = self._active
+            keys = [k for k in self._keys.values() if k.kid == active or k.published_at(at)]
+        return sorted(keys, key=lambda k: (k.kid == active, k.created), reverse=True)  # active first, then newest
 
     def refresh(self, *, force: bool = False) -> bool:
         """Reload the state if another process rewrote it; True when something changed."""

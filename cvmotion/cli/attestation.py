@@ -173,6 +173,8 @@ def _rotate(args: argparse.Namespace) -> int:
     from cvmotion.attestation.keys import SigningKeyStore
 
     state = args.data_dir / "signing-keys" / "state.json"
+    if not state.is_file():
+        raise UsageError(f"no signing keys under {args.data_dir}: start the service once first")
     try:
         overlap_s = int(json.loads(_read(state, "signing key state"))["overlap_s"])
     except (ValueError, KeyError, TypeError) as exc:
