@@ -1,0 +1,48 @@
+"""migration layer: the knobs of one migration (``MigrationOptions``) with QEMU-like defaults."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from cvmotion.abi.wire import MAX_PAGES_PER_BUNDLE
+from cvmotion.errors import UsageError
+
+__all__ = ["MigrationOptions"]
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationOptions:
+    """How to migrate. ``downtime_limit_ms`` defaults to 300 ms like QEMU's ``downtime-limit``."""
+
+    downtime_limit_ms: float = 300.0
+    streams: int = 2
+    max_rounds: int = 30
+    pages_per_bundle: int = MAX_PAGES_PER_BUNDLE
+    auto_converge: bool = True
+    throttle_initial: int = 20
+    throttle_increment: int = 10
+    throttle_max: int = 99
+    setup_timeout: float = 30.0
+    io_timeout: float = 30.0
+    commit_timeout: float = 60.0
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.streams <= 16:
+            raise UsageError(f"--streams {self.streams}: use 1..16 TCP streams")
+        if not 0 < self.downtime_limit_ms <= 60_000:
+            raise UsageError(f"--downtime-limit {self.downtime_limit_ms} ms: use 1..60000")
+        if not 1 <= self.pages_per_bundle <= MAX_PAGES_PER_BUNDLE:
+            raise UsageError(f"pages per bundle must be 1..{MAX_PAGES_PER_BUNDLE}")
+        if not 1 <= self.max_rounds <= 1000:
+            raise UsageError("max rounds must be 1..1000")
+        if not 0 <= self.throttle_initial <= self.throttle_max <= 99:
+            raise UsageError("throttle percentages must satisfy 0 <= initial <= max <= 99")
+
+    def to_json(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> MigrationOptions:
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)

@@ -1,0 +1,416 @@
+"""migration layer: the source side of a live migration (runs in the untrusted host daemon).
+
+::
+
+    SETUP    connect control + N streams ─► relay the MAs' RA-TLS session ─► export_start, dirty tracking on
+             ─► immutable-state bundle (the sealed guest context) on stream 0
+    ACTIVE   round 0: every populated page; round k: the pages dirtied since round k-1; each round is one
+             epoch, closed by an epoch token once every stream has sent its share; auto-converge throttles
+             the vCPUs when rounds stop shrinking
+    DEVICE   pause ─► export_pause (the firmware holds the VM) ─► final dirty pages ─► vCPU, device and
+             mutable state ─► start token (point of no return) ─► wait for the destination's verdict
+    verdict  committed ─► export_finish, the source VM is gone;  abort token ─► resume here;
+             nothing (destination lost) ─► stay stopped and keep asking (never resume without a token)
+
+Before the start token any failure aborts locally and the VM resumes on the source.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from cvmotion.abi.wire import BundleType
+from cvmotion.errors import Aborted, CvmError, MigrationError, PolicyViolation, ProtocolError
+from cvmotion.migration.channel import FrameKind, FrameSocket, connect
+from cvmotion.migration.clients import PlatformClient, Ring, VmClient
+from cvmotion.migration.options import MigrationOptions
+from cvmotion.migration.stats import BandwidthMeter, MigrationStats, MigrationStatus, RoundStats
+
+__all__ = ["Destination", "Sender"]
+
+PAGE = 4096
+EventSink = Callable[[str, dict[str, Any]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Destination:
+    """Where to send: the destination daemon's migration endpoint and the ticket it issued."""
+
+    host: str
+    port: int
+    ticket: str
+    migration_id: str
+    name: str = ""
+
+
+class _Stream:
+    """One TCP stream: a worker that seals pages into its ring and sends them, double-buffered."""
+
+    def __init__(self, index: int, sock: FrameSocket, ring: Ring, sender: Sender) -> None:
+        self.index = index
+        self.sock = sock
+        self.ring = ring
+        self.sender = sender
+        self.jobs: queue.Queue[npt.NDArray[np.uint64] | bytes | None] = queue.Queue()
+        self.pending = 0
+        self.cond = threading.Condition()
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name=f"mig-stream-{index}", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: npt.NDArray[np.uint64] | bytes) -> None:
+        with self.cond:
+            self.pending += 1
+        self.jobs.put(job)
+
+    def drain(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while self.pending and self.error is None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise MigrationError(f"stream {self.index}: sending timed out")
+                self.cond.wait(left)
+        if self.error is not None:
+            raise MigrationError(f"stream {self.index}: {self.error}") from self.error
+
+    def _run(self) -> None:
+        s = self.sender
+        slot = 0
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            try:
+                if self.error is None:
+                    if isinstance(job, bytes):
+                        sent = self.sock.send(FrameKind.BUNDLE, job)
+                    else:
+                        length = s.platform.export_memory(s.handle, self.index, job, self.ring, slot)
+                        bundle = self.ring.slot(slot)[:length]
+                        s.count_pages(bundle)
+                        sent = self.sock.send(FrameKind.BUNDLE, bundle)
+                        slot ^= 1
+                    s.account(sent)
+            except BaseException as exc:  # noqa: BLE001 - handed to the coordinator, which aborts
+                self.error = exc
+            finally:
+                with self.cond:
+                    self.pending -= 1
+                    self.cond.notify_all()
+
+    def close(self) -> None:
+        self.jobs.put(None)
+        self.thread.join(5)
+        self.sock.close()
+
+
+class Sender:
+    """Drives one outgoing migration. ``run()`` blocks until a verdict; it never raises."""
+
+    def __init__(
+        self,
+        *,
+        stats: MigrationStats,
+        platform: PlatformClient,
+        vm: VmClient,
+        handle: int,
+        policy_doc: bytes,
+        destination: Destination,
+        options: MigrationOptions,
+        events: EventSink,
+        on_finished: Callable[[MigrationStats], None] | None = None,
+    ) -> None:
+        self.stats = stats
+        self.platform = platform
+        self.vm = vm
+        self.handle = handle
+        self.policy_doc = policy_doc
+        self.destination = destination
+        self.options = options
+        self.emit = events
+        self.on_finished = on_finished
+        self.session_id = os.urandom(16)
+        self.control: FrameSocket | None = None
+        self.streams: list[_Stream] = []
+        self.meter = BandwidthMeter()
+        self._account_lock = threading.Lock()
+        self.start_token_sent = False
+        self.paused_at = 0.0
+        self.cancel = threading.Event()
+        self._final_dirty: npt.NDArray[np.uint64] = np.zeros(0, dtype=np.uint64)
+
+    # -- accounting --------------------------------------------------------------------------------
+
+    def count_pages(self, bundle: memoryview) -> None:
+        """Zero vs normal pages, from the bundle's plaintext metadata (ZERO is flag bit 0 of each entry)."""
+        count = int.from_bytes(bundle[24:26], "little")
+        entries = np.frombuffer(bundle[32 : 32 + 8 * count], dtype="<u8")
+        zero = int(np.count_nonzero(entries & 1))
+        with self._account_lock:
+            self.stats.zero_pages += zero
+            self.stats.normal_pages += count - zero
+
+    def account(self, nbytes: int) -> None:
+        with self._account_lock:
+            self.meter.add(nbytes)
+            self.stats.transferred += nbytes
+            if self.stats.status is MigrationStatus.DEVICE:
+                self.stats.downtime_bytes += nbytes
+            else:
+                self.stats.precopy_bytes += nbytes
+            self.stats.mbps = self.meter.bytes_per_second * 8 / 1e6
+
+    # -- phases ------------------------------------------------------------------------------------
+
+    def run(self) -> MigrationStats:
+        s = self.stats
+        s.streams = self.options.streams
+        try:
+            self._setup()
+            self._precopy()
+            self._switchover()
+        except BaseException as exc:  # noqa: BLE001 - every failure ends in a verdict, never a traceback
+            self._fail(exc)
+        finally:
+            for stream in self.streams:
+                stream.close()
+            if self.control is not None:
+                self.control.close()
+            s.total_ms = s.elapsed_ms()
+            self.emit("MigrationFinished", s.query_migrate())
+            if self.on_finished is not None:
+                self.on_finished(s)
+        return s
+
+    def _setup(self) -> None:
+        s, o, d = self.stats, self.options, self.destination
+        self.emit("MigrationStarted", {"id": s.id, "vm": s.vm, "destination": s.destination})
+        self.control = connect(d.host, d.port, o.io_timeout)
+        self.control.send_json(FrameKind.HELLO, {"ticket": d.ticket, "role": "control", "migration": d.migration_id})
+        for i in range(o.streams):
+            sock = connect(d.host, d.port, o.io_timeout)
+            sock.send_json(
+                FrameKind.HELLO, {"ticket": d.ticket, "role": "stream", "index": i, "migration": d.migration_id}
+            )
+            ring = Ring(f"{s.id}-{i}", 2, o.pages_per_bundle)
+            self.platform.attach_ring(ring)
+            self.streams.append(_Stream(i, sock, ring, self))
+        self._agent_session()
+        self.platform.call("export_start", {"handle": self.handle, "vm": s.vm})
+        self.vm.call("start_dirty_tracking")
+        self.streams[0].submit(self.platform.export_blob("export_immutable", self.handle, 0))
+        s.setup_ms = s.elapsed_ms()
+        s.status = MigrationStatus.ACTIVE
+        self.emit("MigrationSetupDone", {"id": s.id, "setup-time": round(s.setup_ms), "attestation": s.attestation})
+
+    def _agent_session(self) -> None:
+        """Relay the two migration agents' messages until both hold the session keys (or one refuses)."""
+        assert self.control is not None
+        result, _, _ = self.platform.call(
+            "ma_source_begin",
+            {"vm": self.stats.vm, "handle": self.handle, "session_id": self.session_id.hex()},
+            self.policy_doc,
+        )
+        deadline = time.monotonic() + self.options.setup_timeout
+        while True:
+            for msg in result.get("messages", []):
+                self.control.send(FrameKind.MA, base64.b64decode(msg))
+            state = result.get("state")
+            if state == "ESTABLISHED" and result.get("peer_done", True):
+                self.stats.attestation = dict(result.get("summary", {}))
+                return
+            if state == "FAILED":
+                raise _agent_error(result)
+            if time.monotonic() > deadline:
+                raise MigrationError("migration agent session set-up timed out")
+            kind, payload = self.control.recv()
+            if kind is FrameKind.CONTROL:
+                raise _remote_error(payload)
+            if kind is not FrameKind.MA:
+                raise ProtocolError(f"unexpected {kind.name} frame during session set-up")
+            result, _, _ = self.platform.call(
+                "ma_deliver", {"session_id": self.session_id.hex(), "role": "source"}, payload
+            )
+
+    def _send_round(self, gfns: npt.NDArray[np.uint64]) -> tuple[int, float]:
+        """Send ``gfns`` over every stream, then close the epoch; returns (bytes, seconds)."""
+        o = self.options
+        t0 = time.monotonic()
+        before = self.stats.transferred
+        for n, i in enumerate(range(0, len(gfns), o.pages_per_bundle)):
+            self.streams[n % len(self.streams)].submit(gfns[i : i + o.pages_per_bundle])
+        for stream in self.streams:
+            stream.drain(o.io_timeout)
+        self.stats.dirty_sync_count += 1
+        return self.stats.transferred - before, time.monotonic() - t0
+
+    def _epoch_token(self) -> None:
+        self.streams[0].submit(self.platform.export_blob("export_epoch_token", self.handle, 0))
+        self.streams[0].drain(self.options.io_timeout)
+
+    def _precopy(self) -> None:
+        s, o = self.stats, self.options
+        s.memory_total = int(self.vm.info()["memory"])
+        gfns = self.vm.populated_gfns()
+        not_shrinking = 0
+        throttle = 0
+        for rnd in range(o.max_rounds):
+            if self.cancel.is_set():
+                raise Aborted("migration cancelled")
+            sent, seconds = self._send_round(gfns)
+            self._epoch_token()
+            dirty = self.vm.harvest_dirty()
+            s.remaining = len(dirty) * PAGE
+            s.dirty_pages_rate = len(dirty) / seconds if seconds > 0 else 0.0
+            bandwidth = max(self.meter.bytes_per_second, sent / seconds if seconds > 0 else 0.0, 1.0)
+            s.expected_downtime_ms = len(dirty) * PAGE / bandwidth * 1000
+            s.rounds.append(RoundStats(rnd, len(gfns), 0, sent, seconds, len(dirty)))
+            self.emit(
+                "MigrationRound",
+                {
+                    "id": s.id,
+                    "round": rnd,
+                    "pages": len(gfns),
+                    "bytes": sent,
+                    "ms": round(seconds * 1000, 2),
+                    "remaining": s.remaining,
+                    "expected-downtime": round(s.expected_downtime_ms),
+                    "mbps": round(s.mbps, 1),
+                    "throttle": throttle,
+                },
+            )
+            if s.expected_downtime_ms <= o.downtime_limit_ms:
+                self._final_dirty = dirty
+                return
+            # Auto-converge (QEMU's rule of thumb): the guest dirties more than half of what we manage to
+            # send, twice in a row -> throttle the vCPUs harder.
+            not_shrinking = not_shrinking + 1 if len(dirty) > len(gfns) // 2 else 0
+            if o.auto_converge and not_shrinking >= 2:
+                throttle = o.throttle_initial if throttle == 0 else min(o.throttle_max, throttle + o.throttle_increment)
+                self.vm.call("throttle", {"pct": throttle})
+                s.throttle_pct = throttle
+                not_shrinking = 0
+            gfns = dirty
+        # Rounds stopped converging within the cap: forced switchover (a brief pause of the last dirty set).
+        self.emit("MigrationForcedSwitchover", {"id": s.id, "remaining": s.remaining})
+        self._final_dirty = gfns
+
+    def _switchover(self) -> None:
+        s, o = self.stats, self.options
+        self.paused_at = time.monotonic()
+        s.status = MigrationStatus.DEVICE
+        self.vm.call("pause")
+        self.vm.call("throttle", {"pct": 0})
+        self.platform.call("export_pause", {"handle": self.handle})
+        final = np.union1d(self._final_dirty, self.vm.harvest_dirty()).astype(np.uint64)
+        if len(final):
+            self._send_round(final)
+        for kind in (BundleType.VCPU_STATE, BundleType.DEVICE_STATE, BundleType.MUTABLE_STATE):
+            self.streams[0].submit(self.platform.export_blob("export_state", self.handle, 0, kind=kind.name))
+        token = self.platform.export_blob("export_start_token", self.handle, 0)
+        self.start_token_sent = True  # from here on the source never resumes without an abort token
+        self.streams[0].submit(token)
+        self.streams[0].drain(o.io_timeout)
+        s.rounds.append(
+            RoundStats(len(s.rounds), len(final), 0, s.downtime_bytes, time.monotonic() - self.paused_at, 0)
+        )
+        self._await_verdict()
+
+    def _await_verdict(self) -> None:
+        s, o = self.stats, self.options
+        assert self.control is not None
+        self.control.sock.settimeout(o.commit_timeout)
+        kind, message = self.control.recv_json()
+        if kind is not FrameKind.CONTROL:
+            raise ProtocolError(f"expected the destination's verdict, got {kind.name}")
+        verdict = message.get("type")
+        if verdict == "committed":
+            s.downtime_ms = (time.monotonic() - self.paused_at) * 1000
+            self.platform.call("export_finish", {"handle": self.handle})
+            s.status = MigrationStatus.COMPLETED
+            s.outcome = "running on destination"
+            s.remaining = 0
+            with _suppress():
+                self.vm.call("stop")
+            return
+        if verdict == "aborted":
+            token = base64.b64decode(str(message.get("token", "")))
+            self.platform.call("export_abort_with_token", {"handle": self.handle}, token)
+            self.vm.call("resume")
+            raise Aborted(f"destination aborted the import: {message.get('reason', 'unknown reason')}")
+        raise ProtocolError(f"unknown verdict {verdict!r}")
+
+    def _fail(self, exc: BaseException) -> None:
+        s = self.stats
+        s.error = str(exc) or type(exc).__name__
+        s.error_kind = type(exc).__name__
+        s.status = (
+            MigrationStatus.CANCELLED if isinstance(exc, Aborted) and self.cancel.is_set() else MigrationStatus.FAILED
+        )
+        if isinstance(exc, PolicyViolation):
+            s.error_kind = "PolicyViolation"
+        if self.control is not None:
+            with _suppress():
+                self.control.send_json(FrameKind.CONTROL, {"type": "cancel", "reason": s.error, "kind": s.error_kind})
+        if s.outcome == "" and isinstance(exc, Aborted) and "destination aborted" in str(exc):
+            s.outcome = "resumed on source"
+            return
+        if not self.start_token_sent:
+            # Before the point of no return the source may abort on its own and run again.
+            with _suppress():
+                self.platform.call("export_abort", {"handle": self.handle})
+            with _suppress():
+                self.vm.call("throttle", {"pct": 0})
+            with _suppress():
+                self.vm.call("resume")
+            s.outcome = "resumed on source"
+        else:
+            # The destination may have committed: running here could fork the VM. Stay stopped until the
+            # destination answers (the host daemon keeps asking).
+            s.outcome = "stopped, awaiting destination"
+        self.emit("MigrationFailed", {"id": s.id, "error": s.error, "kind": s.error_kind, "outcome": s.outcome})
+
+
+class _suppress:
+    """Best-effort clean-up calls: a failure there must not mask the original error."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> bool:
+        return exc[0] is not None and isinstance(exc[1], (CvmError, OSError))
+
+
+def _agent_error(result: dict[str, Any]) -> CvmError:
+    violations = result.get("violations")
+    if violations:
+        return PolicyViolation([str(v) for v in violations])
+    return MigrationError(f"migration agent: {result.get('error', 'session failed')}")
+
+
+def _remote_error(payload: bytes) -> CvmError:
+    import json
+
+    try:
+        message = json.loads(payload)
+    except ValueError:
+        return ProtocolError("destination sent a malformed control message")
+    if message.get("violations"):
+        return PolicyViolation([str(v) for v in message["violations"]])
+    return MigrationError(f"destination: {message.get('reason', 'refused')}")
+
+
+def new_migration_id() -> str:
+    return uuid.uuid4().hex[:12]
