@@ -6,7 +6,7 @@ import random
 import re
 
 import pytest
-from vmm_helpers import VmFactory
+from vmm_helpers import KVM_OK, VmFactory
 
 from cvmotion.abi.cvmio import BlobKind
 from cvmotion.errors import UsageError, VcpuError
@@ -71,17 +71,21 @@ def test_dirty_tracking_is_exact_guest_and_vmm_writes(vms: VmFactory) -> None:
     assert client.read([0x333, min(targets)]) == [0xABABABAB, min(targets) ^ 0x5A5A5A5A]
 
 
+@pytest.mark.kvm
+@pytest.mark.skipif(not KVM_OK, reason="/dev/kvm unusable")
 @pytest.mark.parametrize("initially_set", [False, True], ids=["write-protect-on-enable", "initially-set"])
-def test_kvm_dirty_log_modes_agree(vms: VmFactory, initially_set: bool) -> None:
-    if vms.backend is not BackendKind.KVM:
-        pytest.skip("a KVM dirty-log mode")
-    vm = vms.boot("probe", dirty_log_initially_set=initially_set)
-    own, _ = probe_pages(vm)
-    vm.start_dirty_tracking()
-    assert vm.harvest_dirty().as_set() <= own  # the baseline is "since start", never the whole slot
-    ProbeClient(vm.cvmio).touch([0x500, 0x501, 0x9FF])
-    vm.pause()
-    assert vm.harvest_dirty().as_set() - own == {0x500, 0x501, 0x9FF}
+def test_kvm_dirty_log_modes_agree(initially_set: bool) -> None:
+    vms = VmFactory(BackendKind.KVM)
+    try:
+        vm = vms.boot("probe", dirty_log_initially_set=initially_set)
+        own, _ = probe_pages(vm)
+        vm.start_dirty_tracking()
+        assert vm.harvest_dirty().as_set() <= own  # the baseline is "since start", never the whole slot
+        ProbeClient(vm.cvmio).touch([0x500, 0x501, 0x9FF])
+        vm.pause()
+        assert vm.harvest_dirty().as_set() - own == {0x500, 0x501, 0x9FF}
+    finally:
+        vms.close()
 
 
 def test_kvstore_serves_requests(vms: VmFactory) -> None:

@@ -11,13 +11,13 @@ from cvmotion.vmm.layout import MIB
 from cvmotion.vmm.loader import KernelImage
 from cvmotion.vmm.vm import MachineConfig, Vm
 
-_KVM_OK, _KVM_REASON = kvm_usable()
+KVM_OK, _KVM_REASON = kvm_usable()
 
 BACKENDS = [
     pytest.param(
         BackendKind.KVM,
         id="kvm",
-        marks=[pytest.mark.kvm, pytest.mark.skipif(not _KVM_OK, reason=f"/dev/kvm unusable: {_KVM_REASON}")],
+        marks=[pytest.mark.kvm, pytest.mark.skipif(not KVM_OK, reason=f"/dev/kvm unusable: {_KVM_REASON}")],
     ),
     pytest.param(BackendKind.EMULATED, id="emulated"),
 ]
