@@ -3,6 +3,8 @@
 ```
 CvmError
 ├── UsageError                      bad user input: sizes, SKU names, files, options       (CLI exit 1)
+│   ├── NotFound                    no such VM / migration / host (HTTP 404)
+│   └── Conflict                    the name exists, or the object is busy (HTTP 409)
 ├── AbiError                        bytes that do not parse                                (CLI exit 1)
 │   ├── MalformedStructure          wrong length or an impossible value
 │   ├── ReservedNotZero(lo, hi)     a must-be-zero range is not zero
@@ -32,6 +34,7 @@ import enum
 __all__ = [
     "AbiError",
     "Aborted",
+    "Conflict",
     "CvmError",
     "DeviceError",
     "FirmwareError",
@@ -41,6 +44,7 @@ __all__ = [
     "KvmError",
     "MalformedStructure",
     "MigrationError",
+    "NotFound",
     "PolicyViolation",
     "ProtocolError",
     "ReservedNotZero",
@@ -58,6 +62,14 @@ class CvmError(Exception):
 
 class UsageError(CvmError):
     """The caller gave an argument or a file that cannot be used."""
+
+
+class NotFound(UsageError):
+    """The named object does not exist here."""
+
+
+class Conflict(UsageError):
+    """The name is taken, or the object is in a state that forbids the request."""
 
 
 class AbiError(CvmError):

@@ -31,7 +31,7 @@ from cvmotion.migration.stats import MigrationStats, MigrationStatus
 
 __all__ = ["Receiver"]
 
-EventSink = Callable[[str, dict[str, Any]], None]
+EventSink = Callable[[str, dict[str, Any]], object]
 
 
 class Receiver:

@@ -40,7 +40,7 @@ from cvmotion.migration.stats import BandwidthMeter, MigrationStats, MigrationSt
 __all__ = ["Destination", "Sender"]
 
 PAGE = 4096
-EventSink = Callable[[str, dict[str, Any]], None]
+EventSink = Callable[[str, dict[str, Any]], object]
 
 
 @dataclass(frozen=True, slots=True)
@@ -131,6 +131,7 @@ class Sender:
         options: MigrationOptions,
         events: EventSink,
         on_finished: Callable[[MigrationStats], None] | None = None,
+        session_id: bytes | None = None,
     ) -> None:
         self.stats = stats
         self.platform = platform
@@ -141,7 +142,7 @@ class Sender:
         self.options = options
         self.emit = events
         self.on_finished = on_finished
-        self.session_id = os.urandom(16)
+        self.session_id = session_id if session_id is not None else os.urandom(16)
         self.control: FrameSocket | None = None
         self.streams: list[_Stream] = []
         self.meter = BandwidthMeter()
