@@ -11,13 +11,14 @@ import sys
 import time
 from pathlib import Path
 
+from cvmotion.cli.vm_fleet import register_fleet_verbs
 from cvmotion.errors import ImageError, UsageError
 
 __all__ = ["register"]
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    vm = subparsers.add_parser("vm", help="run guest images locally (the VMM)")
+    vm = subparsers.add_parser("vm", help="VMs: run an image locally, or create/list/migrate them on host daemons")
     verbs = vm.add_subparsers(dest="verb", metavar="VERB")
     run = verbs.add_parser(
         "run",
@@ -35,6 +36,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     run.add_argument("--save", type=Path, metavar="FILE", help="at the end, pause and write a snapshot here")
     run.add_argument("--restore", type=Path, metavar="FILE", help="continue from a snapshot instead of booting")
     run.set_defaults(handler=_run)
+    register_fleet_verbs(verbs)
     vm.set_defaults(handler=lambda _args: _help(vm))
 
 
