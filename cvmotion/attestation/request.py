@@ -110,29 +110,43 @@ class DecodedEvidence:
 
 
 class CertificateCache:
-    """LRU of parsed certificate chains keyed by their PEM bytes.
+    """LRU of decoded, parsed and split ``vcek_cert_chain`` values, keyed by the base64url text as sent.
 
-    Returning the *same* certificate objects for the same PEM is what lets ``ChainCache`` hit by identity,
-    so a chain's three RSA-4096 signatures are verified once, not on every request.  Thread-safe.
+    Returning the *same* certificate objects for the same chain is what lets ``ChainCache`` hit by identity,
+    so a chain's three RSA-4096 signatures are verified once, not on every request; keying by the text
+    also skips the base64 and PEM decoding.  Only successfully parsed chains are cached.  Thread-safe.
     """
 
     def __init__(self, maxsize: int = 512) -> None:
         self.maxsize = maxsize
-        self._entries: OrderedDict[bytes, tuple[x509.Certificate, ...]] = OrderedDict()
+        self._entries: OrderedDict[str, tuple[x509.Certificate, tuple[x509.Certificate, ...]]] = OrderedDict()
         self._lock = threading.Lock()
 
-    def load(self, pem: bytes, *, what: str) -> tuple[x509.Certificate, ...]:
+    def load(self, text: str) -> tuple[x509.Certificate, tuple[x509.Certificate, ...]]:
+        """(endorsement, rest of the chain) from a base64url PEM ``vcek_cert_chain``.
+
+        Raises:
+            ServiceError: 400 ``invalid_base64`` or ``malformed_certificate``.
+        """
         with self._lock:
-            found = self._entries.get(pem)
+            found = self._entries.get(text)
             if found is not None:
-                self._entries.move_to_end(pem)
+                self._entries.move_to_end(text)
                 return found
-        certs = tuple(load_certificates(pem, what=what))
+        try:
+            pem = b64url_decode(text, what="vcek_cert_chain", max_len=_MAX_CHAIN_PEM)
+        except AbiError as exc:
+            raise _bad("invalid_base64", str(exc)) from None
+        try:
+            certs = tuple(load_certificates(pem, what="vcek_cert_chain"))
+        except AbiError as exc:
+            raise _bad("malformed_certificate", str(exc)) from None
+        split = _split_chain(certs)
         with self._lock:
-            self._entries[pem] = certs
+            self._entries[text] = split
             while len(self._entries) > self.maxsize:
                 self._entries.popitem(last=False)
-        return certs
+        return split
 
 
 def _bad(kind: str, message: str) -> ServiceError:
@@ -158,20 +172,18 @@ def parse_evidence(body: bytes, certs: CertificateCache) -> DecodedEvidence:
             ``malformed_certificate``, ``invalid_runtime_data``.
     """
     try:
-        obj = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _bad("malformed_json", f"request body is not JSON: {exc}") from None
-    if not isinstance(obj, dict):
-        raise _bad("invalid_request", "request body must be a JSON object")
-    try:
-        req = EvidenceRequest.model_validate(obj)
+        req = EvidenceRequest.model_validate_json(body)  # pydantic-core parses and validates in one pass
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors())
+        errors = exc.errors()
+        if errors and errors[0]["type"] == "json_invalid":
+            raise _bad("malformed_json", f"request body is not JSON: {errors[0]['msg']}") from None
+        if errors and errors[0]["type"] == "model_type":
+            raise _bad("invalid_request", "request body must be a JSON object") from None
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in errors)
         raise _bad("invalid_request", problems) from None
+    rtd = req.runtime_data
     try:
         raw = b64url_decode(req.report, what="report", max_len=REPORT_SIZE)
-        pem = b64url_decode(req.vcek_cert_chain, what="vcek_cert_chain") if req.vcek_cert_chain else None
-        rtd = req.runtime_data
         runtime = b64url_decode(rtd.data, what="runtime_data.data", max_len=MAX_RUNTIME_DATA) if rtd else None
     except AbiError as exc:
         raise _bad("invalid_base64", str(exc)) from None
@@ -181,11 +193,8 @@ def parse_evidence(body: bytes, certs: CertificateCache) -> DecodedEvidence:
         raise _bad("malformed_report", f"report: {exc}") from None
     endorsement: x509.Certificate | None = None
     chain: tuple[x509.Certificate, ...] = ()
-    if pem is not None:
-        try:
-            endorsement, chain = _split_chain(certs.load(pem, what="vcek_cert_chain"))
-        except AbiError as exc:
-            raise _bad("malformed_certificate", str(exc)) from None
+    if req.vcek_cert_chain:
+        endorsement, chain = certs.load(req.vcek_cert_chain)
     runtime_json: Any = None
     if rtd is not None and rtd.data_type == "JSON" and runtime is not None:
         try:

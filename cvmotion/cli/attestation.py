@@ -139,7 +139,7 @@ def _serve(args: argparse.Namespace) -> int:
     overlap = timedelta(seconds=longest) + CLOCK_SKEW
     keys_dir = args.data_dir / "signing-keys"
     SigningKeyStore.open(keys_dir, bits=args.key_size, overlap=overlap)  # create the first key before forking
-    sock, url = listen_socket(host, port)
+    sock, url = listen_socket(host, port, reuse_port=args.workers > 1)
     issuer = (args.issuer or url).rstrip("/")
     rotate_after = timedelta(seconds=args.rotate_after) if args.rotate_after is not None else None
 
@@ -230,7 +230,7 @@ def _kr_serve(args: argparse.Namespace) -> int:
 
     host, port = parse_listen(args.listen)
     store = KeyStore(args.data_dir)
-    sock, url = listen_socket(host, port)
+    sock, url = listen_socket(host, port, reuse_port=args.workers > 1)
 
     def factory(issuer: str) -> RelyingParty:
         return RelyingParty.discover(issuer, audience=args.audience, allow_evaluation_time=args.allow_evaluation_time)
