@@ -1,4 +1,5 @@
-"""cli layer: ``cvmotion attest verify`` — verify an SEV-SNP report offline, then check a policy.
+"""cli layer: ``cvmotion attest verify`` — verify an SEV-SNP report offline, then check a policy; and
+``cvmotion attest token`` — send the same evidence to an attestation service and print the token.
 
 Contract (scripts depend on it)::
 
@@ -12,7 +13,8 @@ Exit codes (verify): 0 valid; 2 signature/chain/binding verification failed; 5 o
 or malformed input (missing file, not PEM/DER, bad report bytes, bad policy, bad option).  ``--json``
 prints exactly one JSON object on stdout in every case, with ``valid`` false and ``errors`` filled on
 failure.  Emulated trust anchors come from ``--trust-anchor`` and ``$CVMOTION_TRUST_ANCHORS``
-(``os.pathsep``-separated PEM paths); AMD's ARKs are always trusted.
+(``os.pathsep``-separated PEM paths); AMD's ARKs are always trusted.  ``token`` exits 0 issued, 2 evidence
+rejected, 5 policy violated, 1 bad input, 3 service failure.
 """
 
 from __future__ import annotations
