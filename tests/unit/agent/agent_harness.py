@@ -229,4 +229,3 @@ class Pair:
 
     def both(self) -> tuple[SessionState, SessionState]:
         return self.source.state, self.destination.state
-
