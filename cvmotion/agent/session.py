@@ -50,6 +50,7 @@ from cvmotion.agent.pool import PoolCredential, verify_pool_credential
 from cvmotion.agent.ratls import PeerEvidence, RatlsCredential, issue_ratls_certificate, verify_ratls_certificate
 from cvmotion.agent.tls import TlsEndpoint
 from cvmotion.agent.wire import (
+    FRAME_HEADER_SIZE,
     MAX_FRAME_BODY,
     ErrorCode,
     ErrorMessage,
@@ -169,7 +170,6 @@ class SessionBase:
         self._own: RatlsCredential | None = None
         self._peer: PeerEvidence | None = None
         self._tls: TlsEndpoint | None = None
-        self._tls_ok = True
         self._version = 0
         self._hellos: dict[Role, bytes] = {}
         self._inner = bytearray()
@@ -211,6 +211,8 @@ class SessionBase:
             raise ProtocolError("call start() before receive()")
         self._out = []
         try:
+            if memoryview(data).nbytes > FRAME_HEADER_SIZE + MAX_FRAME_BODY:
+                raise ProtocolError(f"frame of {memoryview(data).nbytes:#x} bytes exceeds the frame size limit")
             raw = bytes(data)
             frame = decode_frame(raw)
             if frame.type is FrameType.HELLO:
@@ -259,26 +261,19 @@ class SessionBase:
         self._peer = peer
         self._tls = TlsEndpoint(self._own, peer.der, server=self.role is Role.DESTINATION)
         self._state = SessionState.HANDSHAKE
-        self._tls_ok = False
         self._tls.handshake()
-        self._tls_ok = True
         self._flush()
 
     def _on_tls(self, body: bytes) -> None:
         tls = self._tls
         if tls is None or self._state in (SessionState.AWAIT_HELLO, SessionState.INITIAL):
             raise ProtocolError(f"TLS frame in state {self._state.value} (before HELLO: reordered or injected)")
-        self._tls_ok = False
         tls.feed(body)
         progressed = False
         if not tls.established and tls.handshake():
             progressed = True
-            self._tls_ok = True
             self._on_established()
-            self._tls_ok = False
-        data = tls.read() if tls.established else b""
-        self._tls_ok = True
-        self._inner += data
+        self._inner += tls.read() if tls.established else b""
         for kind, payload in split_inner(self._inner):
             if self._state in _TERMINAL:
                 raise ProtocolError(f"{kind.name} after the session was {self._state.value}")
@@ -419,7 +414,7 @@ class SessionBase:
         if notify:
             error = ErrorMessage(_code_for(exc), str(exc))
             tls = self._tls
-            if tls is not None and tls.established and self._tls_ok:
+            if tls is not None and tls.usable:
                 tls.write(encode_inner(MessageType.ERROR, error))
                 out = [encode_frame(FrameType.TLS, body) for body in tls.take_output(MAX_FRAME_BODY)]
             else:

@@ -101,6 +101,12 @@ class TlsEndpoint:
         self._outgoing = ssl.MemoryBIO()
         self._tls = ctx.wrap_bio(self._incoming, self._outgoing, server_side=server)
         self.established = False
+        self.broken = False  # an SSL error happened: nothing more may be sent on this connection
+
+    @property
+    def usable(self) -> bool:
+        """Whether an inner message (e.g. ERROR) can still be sent to the peer."""
+        return self.established and not self.broken
 
     def feed(self, records: bytes) -> None:
         check_records(records)
@@ -115,15 +121,16 @@ class TlsEndpoint:
         except ssl.SSLWantReadError:
             return False
         except ssl.SSLCertVerificationError as exc:
+            self.broken = True
             raise VerificationError(
                 f"TLS: the peer's certificate is not the attested one ({exc.verify_message})"
             ) from None
         except ssl.SSLError as exc:
+            self.broken = True
             raise VerificationError(f"TLS handshake failed ({exc.reason or exc})") from None
-        if self._tls.getpeercert(binary_form=True) != self._peer_der:
-            raise VerificationError("TLS: the peer's certificate is not the attested one")
-        if self._tls.version() != "TLSv1.3":
-            raise VerificationError(f"TLS: negotiated {self._tls.version()}, not TLS 1.3")
+        if self._tls.getpeercert(binary_form=True) != self._peer_der or self._tls.version() != "TLSv1.3":
+            self.broken = True
+            raise VerificationError("TLS: the peer's certificate is not the attested one, or not TLS 1.3")
         self.established = True
         return True
 
@@ -141,8 +148,10 @@ class TlsEndpoint:
             except ssl.SSLWantReadError:
                 break
             except ssl.SSLZeroReturnError:
+                self.broken = True
                 raise ProtocolError("TLS: the peer closed the connection") from None
             except ssl.SSLError:
+                self.broken = True
                 raise IntegrityError() from None
             if not chunk:
                 break

@@ -15,7 +15,17 @@ A TLS frame carries whole TLS records only, an ERROR frame ``ErrorMessage``.  In
 MAs exchange **inner messages** with an 8-byte header ``{type u16, reserved u16, length u32}``
 (``MessageType``); a TLS frame always carries whole inner messages, so a frame that leaves a partial one
 behind was truncated.  Every field has a bound, unknown types and non-zero reserved bytes are refused, and
-nothing decodes with trailing bytes.  Key-bearing messages hide their key from ``repr``.
+nothing decodes with trailing bytes.  Key-bearing messages hide their key from ``repr``.  Inner bodies
+(big-endian; ``var`` = u32 length then bytes)::
+
+    transcript           SESSION_ID[16] VERSION u16 reserved u16 SHA-384 x4: HELLO frame of the source, of the
+                         destination (as sent/received), RA-TLS certificate DER of the source, of the destination
+    CONFIRM_DESTINATION  transcript, POLICY_SVN u32, pool credential var (DER, <= 8 KiB)
+    CONFIRM_SOURCE       transcript, POLICY_SVN u32, pool credential var, guest POLICY u64, guest MEASUREMENT[48],
+                         guest HOST_DATA[32], migration policy document var (<= 16 KiB)
+    ACCEPT, DONE         SESSION_ID[16]
+    FORWARD_KEY          SESSION_ID[16] K_f[32]            BACKWARD_KEY  SESSION_ID[16] K_b[32]
+    ERROR (also the body of an ERROR frame)                CODE u16 reserved u16 reason var (UTF-8, <= 1 KiB)
 """
 
 from __future__ import annotations
@@ -182,7 +192,8 @@ class Transcript:
         session_id = r.fixed(SESSION_ID_SIZE, "session_id")
         version = r.u16("version")
         r.zero(2, "reserved")
-        digests = [r.fixed(DIGEST_SIZE, n) for n in ("hello_source", "hello_destination", "cert_source", "cert_dest")]
+        names = ("hello_source", "hello_destination", "cert_source", "cert_destination")
+        digests = [r.fixed(DIGEST_SIZE, n) for n in names]
         return cls(session_id, version, *digests)
 
     def mismatches(self, other: Transcript) -> list[str]:
@@ -193,7 +204,8 @@ class Transcript:
 
 @dataclass(frozen=True, slots=True)
 class ConfirmSource:
-    """Source -> destination, first in TLS: transcript, its pool credential and policy SVN, the VM's facts."""
+    """Source -> destination, its first message in TLS (after the forward policy passed): transcript, its pool
+    credential and policy SVN, the VM's facts and migration policy document."""
 
     transcript: Transcript
     policy_svn: int
@@ -228,7 +240,7 @@ class ConfirmSource:
 
 @dataclass(frozen=True, slots=True)
 class ConfirmDestination:
-    """Destination -> source, its first message in TLS (after the backward policy passed)."""
+    """Destination -> source, the first message in TLS (sent when the handshake completes)."""
 
     transcript: Transcript
     policy_svn: int
