@@ -19,6 +19,7 @@ from cvmotion.agent.wire import (
     MessageType,
 )
 from cvmotion.errors import CvmError, FirmwareError, PolicyViolation, ProtocolError
+from cvmotion.firmware.opstate import ExportOpState
 
 if TYPE_CHECKING:
     from cvmotion.agent.identity import MigrationAgentIdentity
@@ -108,8 +109,8 @@ class SourceSession(SessionBase):
         elif self._state is SessionState.AWAIT_ACCEPT and kind is MessageType.ACCEPT:
             assert isinstance(message, Marker)
             self._check_sid(message.session_id, "ACCEPT")
-            self._prepared = True
             k_f = self._identity.sp.migration.ma_export_prepare(self._handle, self._session_id)
+            self._prepared = True
             self._send(MessageType.FORWARD_KEY, KeyMessage(self._session_id, k_f))
             del k_f
             self._state = SessionState.AWAIT_BACKWARD_KEY
@@ -125,7 +126,10 @@ class SourceSession(SessionBase):
 
     def _on_failed(self) -> None:
         if self._prepared:
-            # Destroy K_f (and any K_b) in the firmware: a failed setup leaves nothing usable behind.
+            # Destroy K_f (and any K_b) in the firmware: a failed setup leaves nothing usable behind.  Only
+            # a prepared, not started export is ours to drop (the host may abort a started one itself).
+            migration = self._identity.sp.migration
             with contextlib.suppress(FirmwareError):
-                self._identity.sp.migration.export_abort(self._handle)
+                if migration.export_status(self._handle) == ExportOpState.RUNNABLE.value:
+                    migration.export_abort(self._handle)
             self._prepared = False

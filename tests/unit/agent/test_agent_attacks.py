@@ -23,7 +23,7 @@ from cvmotion.agent.pool import PoolAuthority
 from cvmotion.agent.ratls import issue_ratls_certificate
 from cvmotion.agent.session import SessionState
 from cvmotion.agent.wire import ErrorCode, ErrorMessage, FrameType, decode_frame, encode_frame
-from cvmotion.errors import IntegrityError, PolicyViolation, ProtocolError, VerificationError
+from cvmotion.errors import FirmwareError, IntegrityError, PolicyViolation, ProtocolError, VerificationError
 from cvmotion.firmware.opstate import ExportOpState
 from cvmotion.firmware.vendor import Vendor
 
@@ -214,6 +214,8 @@ def test_failure_after_the_forward_key_destroys_it(src: Host, dst: Host) -> None
     assert isinstance(pair.source.error, IntegrityError)
     assert src.sp.migration.export_status(pair.handle) == ExportOpState.RUNNABLE.value
     assert src.sp.migration.can_run(pair.handle)
+    with pytest.raises(FirmwareError, match="no export session"):  # K_f is gone, not merely unused
+        src.sp.migration.export_start(pair.handle, NullHardware())
     src.sp.migration.ma_export_prepare(pair.handle, b"\x07" * 16)  # a fresh session can start again
 
 
@@ -266,3 +268,20 @@ def test_frames_after_the_end_are_caller_errors(src: Host, dst: Host) -> None:
     assert pair.destination.state is SessionState.ESTABLISHED
     with pytest.raises(ProtocolError, match="already called"):
         pair.source.start()
+
+
+@pytest.mark.parametrize("index", range(FRAMES - 1))
+def test_reflected_frames_fail_closed(src: Host, dst: Host, index: int) -> None:
+    """The relay sends a frame back to the MA that produced it (reflection)."""
+    pair = Pair(src, dst, default_policy())
+    queue: list[tuple[str, bytes]] = [("s2d", f) for f in pair.source.start()]
+    for i in range(index + 1):
+        direction, frame = queue.pop(0)
+        sender, receiver = (pair.source, pair.destination) if direction == "s2d" else (pair.destination, pair.source)
+        if i == index:
+            sender.receive(frame)
+            assert sender.state is FAILED
+            assert isinstance(sender.error, ATTACKED)
+            return
+        back = "d2s" if direction == "s2d" else "s2d"
+        queue.extend((back, out) for out in receiver.receive(frame))
