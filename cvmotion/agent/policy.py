@@ -227,8 +227,8 @@ def evaluate(
     src, dst = (local, peer) if local_role is Role.SOURCE else (peer, local)
     who = local_role.peer.name.lower()  # "source" or "destination": the peer
     c = _Collector()
-    pv, sv, dv = src.product.value, src.product.value, dst.product.value
-    c.rule(src.product is dst.product, f"product family {pv}", f"product family: source is {sv}, destination {dv}")
+    sv, dv = src.product.value, dst.product.value
+    c.rule(src.product is dst.product, f"product family {sv}", f"product family: source is {sv}, destination {dv}")
     if policy.product is not None:
         want = policy.product.value
         ok = src.product is policy.product and dst.product is policy.product
