@@ -445,7 +445,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def build_service(data_dir: Path, *, vendor_dir: Path | None, kds_url: str | None) -> PlatformService:
-    """Open the host's chip and bring up its SP (and, in ``agent.platform_ma``, its MA)."""
+    """Open the host's chip, bring up its SP and its migration agent (MA)."""
+    from cryptography import x509
+
+    from cvmotion.agent.platform_ma import MigrationAgentService, load_agent_config
+    from cvmotion.attestation.trust import TrustStore
     from cvmotion.firmware.kds import Kds
     from cvmotion.firmware.kds_http import KdsClient
     from cvmotion.firmware.vendor import Vendor
@@ -458,7 +462,21 @@ def build_service(data_dir: Path, *, vendor_dir: Path | None, kds_url: str | Non
     else:
         raise UsageError("the platform needs --kds URL or --vendor-dir for VCEK certificates")
     sp = SecureProcessor.open(data_dir, endorsements=endorsements)
-    return PlatformService(sp)
+    service = PlatformService(sp)
+    # Real AMD roots are pinned; the emulated vendor's ARK for this product is the only other anchor (a
+    # migration never leaves the product family, so no other emulated root is needed).
+    chain = x509.load_pem_x509_certificates(endorsements.cert_chain_pem(sp.product))
+    trust = TrustStore.amd().with_anchor(chain[-1])
+    try:
+        MigrationAgentService(service, load_agent_config(data_dir, trust))
+    except UsageError as exc:
+        reason = str(exc)
+
+        def refuse(call: Call) -> Reply:
+            raise UsageError(f"this host's migration agent is not configured: {reason}")
+
+        service.extra_methods.update({"ma_source_begin": refuse, "ma_dest_begin": refuse, "ma_deliver": refuse})
+    return service
 
 
 if __name__ == "__main__":

@@ -36,6 +36,7 @@ from cvmotion.errors import CvmError, UsageError
 from cvmotion.ipc.rpc import Call, Endpoint, Reply, connect_unix
 from cvmotion.vmm.backend import BackendKind
 from cvmotion.vmm.images import load_image
+from cvmotion.vmm.kvm_backend import install_kick_handler
 from cvmotion.vmm.loader import BOOT_INFO_END, BOOT_INFO_GPA
 from cvmotion.vmm.memory import GuestMemory
 from cvmotion.vmm.snapshot import VmState
@@ -383,6 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     proc = VmProcess(spec, args.dir, args.platform)
     signal.signal(signal.SIGTERM, lambda *_: proc._stop.set())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the daemon's terminal going away must not kill the guest
+    # vCPU threads are kicked out of KVM_RUN with a signal whose handler only the main thread may install;
+    # an incoming VM is created later, from an RPC thread, when the firmware hands over its state.
+    install_kick_handler()
     try:
         proc.setup()
     except CvmError as exc:

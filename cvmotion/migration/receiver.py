@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import logging
 import threading
 import time
 from collections import defaultdict
@@ -30,6 +31,8 @@ from cvmotion.migration.options import MigrationOptions
 from cvmotion.migration.stats import MigrationStats, MigrationStatus
 
 __all__ = ["Receiver"]
+
+log = logging.getLogger("cvmotion.migration")
 
 EventSink = Callable[[str, dict[str, Any]], object]
 
@@ -180,6 +183,13 @@ class Receiver:
         except BaseException as exc:  # noqa: BLE001
             if not self.committed.is_set():
                 self.fail(exc)
+            else:
+                # Committed but not running: the source is frozen, so the VM is stopped on both ends (safe,
+                # never forked); say so loudly, the operator (or a daemon restart) activates it.
+                log.exception("migration %s: committed but activation failed", self.stats.id)
+                self.stats.error = f"committed, activation failed: {exc}"
+                self.stats.outcome = "committed; destination VM not running"
+                self.emit("MigrationActivationFailed", {"id": self.stats.id, "error": str(exc)})
 
     def _import(self, index: int, ring: Ring, slot: int, view: memoryview) -> None:
         header = BundleHeader.from_bytes(view)  # untrusted: only used to order work, never for security
@@ -219,6 +229,7 @@ class Receiver:
     # -- failure -----------------------------------------------------------------------------------
 
     def fail(self, exc: BaseException) -> None:
+        log.warning("migration %s: import failed: %s", self.stats.id, exc, exc_info=exc)
         with self._lock:
             if self.failed.is_set() or self.committed.is_set():
                 return

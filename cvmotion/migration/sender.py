@@ -18,6 +18,7 @@ Before the start token any failure aborts locally and the VM resumes on the sour
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import queue
 import threading
@@ -38,6 +39,8 @@ from cvmotion.migration.options import MigrationOptions
 from cvmotion.migration.stats import BandwidthMeter, MigrationStats, MigrationStatus, RoundStats
 
 __all__ = ["Destination", "Sender"]
+
+log = logging.getLogger("cvmotion.migration")
 
 PAGE = 4096
 EventSink = Callable[[str, dict[str, Any]], object]
@@ -354,6 +357,7 @@ class Sender:
         raise ProtocolError(f"unknown verdict {verdict!r}")
 
     def _fail(self, exc: BaseException) -> None:
+        log.warning("migration %s: %s", self.stats.id, exc, exc_info=exc)
         s = self.stats
         s.error = str(exc) or type(exc).__name__
         s.error_kind = type(exc).__name__

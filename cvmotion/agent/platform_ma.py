@@ -1,0 +1,154 @@
+"""agent layer: the host's migration agent inside the platform process, behind three host commands.
+
+The untrusted host daemon relays the MAs' frames; it can start a session and deliver frames, nothing more:
+
+    ma_source_begin {vm, handle, session_id} + policy document  -> {state, messages}
+    ma_dest_begin   {vm, session_id}                            -> {state}    (creates the import context)
+    ma_deliver      {session_id, role} + frame                   -> {state, messages, summary | error}
+
+Replies carry frames (ciphertext inside TLS, or public HELLO/certificate data) and a public summary of the
+peer: never keys.  Configuration comes from the host's data directory (written by the operator, i.e. the
+host daemon on first start): ``pool-credential.der`` (this chip's pool credential), ``pool-ca.pem`` (the
+operator pool CA it trusts) and, optionally, ``ma-config.json`` (``policy_svn``, revoked chip ids/TCBs).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from cryptography import x509
+
+from cvmotion.abi.snp import Product, TcbVersion
+from cvmotion.agent.destination import DestinationSession
+from cvmotion.agent.identity import MigrationAgentIdentity
+from cvmotion.agent.platform import PlatformService
+from cvmotion.agent.policy import AgentConfig
+from cvmotion.agent.session import SessionBase, SessionState
+from cvmotion.agent.source import SourceSession
+from cvmotion.attestation.trust import TrustStore
+from cvmotion.errors import PolicyViolation, UsageError
+from cvmotion.firmware.device import GuestHandle
+from cvmotion.ipc.rpc import Call, Reply
+
+__all__ = ["POOL_CA_FILE", "POOL_CREDENTIAL_FILE", "MigrationAgentService", "load_agent_config"]
+
+POOL_CREDENTIAL_FILE = "pool-credential.der"
+POOL_CA_FILE = "pool-ca.pem"
+MA_CONFIG_FILE = "ma-config.json"
+_MAX_SESSIONS = 64
+
+
+def load_agent_config(data_dir: Path, trust: TrustStore) -> AgentConfig:
+    """This host's ``AgentConfig`` from its data directory."""
+    cred_path, ca_path = data_dir / POOL_CREDENTIAL_FILE, data_dir / POOL_CA_FILE
+    if not cred_path.exists() or not ca_path.exists():
+        raise UsageError(
+            f"{data_dir} has no pool credential ({POOL_CREDENTIAL_FILE}, {POOL_CA_FILE}): the host cannot take part"
+            " in migrations until the operator pool CA issues one (cvmotion pool issue, or host serve --pool-ca-dir)"
+        )
+    extra: dict[str, Any] = {}
+    cfg_path = data_dir / MA_CONFIG_FILE
+    if cfg_path.exists():
+        try:
+            raw = json.loads(cfg_path.read_text())
+            if "policy_svn" in raw:
+                extra["policy_svn"] = int(raw["policy_svn"])
+            if "revoked_chip_ids" in raw:
+                extra["revoked_chip_ids"] = frozenset(bytes.fromhex(c) for c in raw["revoked_chip_ids"])
+            if "revoked_tcbs" in raw:
+                extra["revoked_tcbs"] = frozenset(
+                    (Product.from_name(t["product"]), TcbVersion(**{k: int(v) for k, v in t["tcb"].items()}))
+                    for t in raw["revoked_tcbs"]
+                )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UsageError(f"{cfg_path}: {exc}") from None
+    return AgentConfig(
+        trust=trust,
+        pool_credential=cred_path.read_bytes(),
+        pool_cas=tuple(x509.load_pem_x509_certificates(ca_path.read_bytes())),
+        **extra,
+    )
+
+
+class MigrationAgentService:
+    """The MA of one host: its identity (a measured guest context on the SP) and its sessions."""
+
+    def __init__(self, platform: PlatformService, config: AgentConfig) -> None:
+        self.platform = platform
+        self.config = config
+        self.identity = MigrationAgentIdentity.launch(platform.sp)
+        self._lock = threading.Lock()
+        self._sessions: dict[tuple[str, str], SessionBase] = {}
+        platform.extra_methods.update(
+            {"ma_source_begin": self._source_begin, "ma_dest_begin": self._dest_begin, "ma_deliver": self._deliver}
+        )
+
+    def _store(self, key: tuple[str, str], session: SessionBase) -> None:
+        with self._lock:
+            if len(self._sessions) >= _MAX_SESSIONS:
+                for old in [
+                    k for k, s in self._sessions.items() if s.state in (SessionState.ESTABLISHED, SessionState.FAILED)
+                ]:
+                    del self._sessions[old]
+            if key in self._sessions:
+                raise UsageError("a session with this id already exists")
+            self._sessions[key] = session
+
+    def _source_begin(self, call: Call) -> Reply:
+        sid = bytes.fromhex(str(call.args["session_id"]))
+        session = SourceSession(
+            self.identity, GuestHandle(int(call.args["handle"])), call.blob, self.config, session_id=sid
+        )
+        self._store((sid.hex(), "source"), session)
+        return Reply(self._report(session, session.start()))
+
+    def _dest_begin(self, call: Call) -> Reply:
+        sid = bytes.fromhex(str(call.args["session_id"]))
+        ref = self.platform.register_import(str(call.args["vm"]), sid)
+        session = DestinationSession(self.identity, ref, self.config, session_id=sid)
+        self._store((sid.hex(), "destination"), session)
+        return Reply({"state": session.state.name})
+
+    def _deliver(self, call: Call) -> Reply:
+        key = (str(call.args["session_id"]), str(call.args["role"]))
+        with self._lock:
+            session = self._sessions.get(key)
+        if session is None:
+            raise UsageError("no such migration agent session")
+        return Reply(self._report(session, session.receive(call.blob)))
+
+    def _report(self, session: SessionBase, frames: list[bytes]) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "state": session.state.name,
+            "messages": [base64.b64encode(f).decode() for f in frames],
+        }
+        result = session.result
+        if result is not None:
+            peer = result.peer
+            local = self.platform.identity()
+            out["summary"] = {
+                "version": result.version,
+                "local": {"chip_id": local["chip_id"], "product": local["product"], "tcb": local["reported_tcb_text"]},
+                "peer": {
+                    "chip_id": peer.chip_id.hex(),
+                    "product": peer.product.value,
+                    "tcb": peer.reported_tcb.describe(),
+                    "platform": peer.platform.value,
+                    "signing_key": peer.signing_key.name,
+                    "ma_measurement": peer.ma_measurement.hex(),
+                    "pool": peer.pool,
+                    "policy_svn": peer.policy_svn,
+                },
+                "policy_checks": list(result.policy_checks),
+            }
+        error = session.error
+        if error is not None:
+            out["error"] = str(error)
+            out["error_kind"] = type(error).__name__
+            if isinstance(error, PolicyViolation):
+                out["violations"] = error.violations
+        return out

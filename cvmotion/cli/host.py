@@ -1,0 +1,91 @@
+"""cli layer: ``cvmotion host serve`` — run one host daemon (untrusted hypervisor side) in the foreground."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cvmotion.errors import UsageError
+
+__all__ = ["register"]
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    host = subparsers.add_parser("host", help="run a host daemon")
+    verbs = host.add_subparsers(dest="verb", metavar="VERB")
+    serve = verbs.add_parser(
+        "serve",
+        help="serve the host API on ADDR; start the platform process (emulated AMD-SP + migration agent)",
+        description="Run one host: its emulated secure processor, its VM processes and the migration engine.",
+    )
+    serve.add_argument("--name", required=True, help="host name, e.g. host-a")
+    serve.add_argument("--listen", required=True, metavar="ADDR", help="HOST:PORT for the host API (port 0: pick)")
+    serve.add_argument("--data-dir", required=True, type=Path, help="host state: chip identity, VMs, events")
+    serve.add_argument("--product", default="Genoa", choices=("Milan", "Genoa", "Turin"), help="chip (first start)")
+    serve.add_argument("--pool", default="default", help="host pool name (bound to the chip by the pool CA)")
+    serve.add_argument("--vendor-dir", type=Path, help="emulated vendor (makes the chip on first start)")
+    serve.add_argument("--kds", help="KDS URL for VCEK certificates (default: the vendor directory)")
+    serve.add_argument("--pool-ca-dir", type=Path, help="operator pool CA (issues this host's pool credential)")
+    serve.add_argument("--attestation", help="attestation service URL (the paravisor attests there)")
+    serve.add_argument("--migration-port", type=int, default=0, help="TCP port for incoming migrations (0: pick)")
+    serve.set_defaults(handler=_serve)
+    host.set_defaults(handler=lambda _a: _usage(host))
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return 1
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cvmotion.attestation.http_common import listen_socket, parse_listen
+    from cvmotion.cli.paths import default_home
+    from cvmotion.host.api import create_app
+    from cvmotion.host.daemon import HostConfig, HostDaemon
+
+    host, port = parse_listen(args.listen)
+    vendor_dir = args.vendor_dir or (default_home() / "vendor")
+    config = HostConfig(
+        name=args.name,
+        data_dir=args.data_dir,
+        listen_host=host,
+        listen_port=port,
+        migration_port=args.migration_port,
+        pool=args.pool,
+        product=args.product,
+        vendor_dir=vendor_dir,
+        kds_url=args.kds,
+        attestation_url=args.attestation,
+        pool_ca_dir=args.pool_ca_dir or (default_home() / "pool-ca"),
+    )
+    try:
+        sock, url = listen_socket(host, port)
+    except OSError as exc:
+        raise UsageError(f"--listen {args.listen}: {exc.strerror}") from None
+    import logging
+
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    logging.basicConfig(
+        filename=str(args.data_dir / "host.log"),
+        level=logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    daemon = HostDaemon(config)
+    daemon.start()
+    import uvicorn
+
+    info = daemon.host_info() | {"url": url, "emulated_platform": True}
+    (args.data_dir / "host.json").write_text(json.dumps(info, indent=2))
+    print(
+        f"cvmotion host {args.name}: {url} (migration port {daemon.migration_port}, emulated {info['product']} chip"
+        f" {str(info['chip_id'])[:16]}...)",
+        flush=True,
+    )
+    server = uvicorn.Server(uvicorn.Config(create_app(daemon), log_level="warning", lifespan="off", access_log=False))
+    try:
+        server.run(sockets=[sock])
+    finally:
+        daemon.stop()
+    return 0

@@ -1,0 +1,707 @@
+"""host layer: the host daemon — untrusted hypervisor-side control of one host.
+
+It owns: the host's platform process (started if absent), its VM processes (started per VM, re-attached
+after a daemon restart: they outlive it), the migration engine for both directions, the host API (see
+``host.api``) and the migration listener (TCP; the source's control and stream connections arrive here).
+
+Files under ``--data-dir``::
+
+    chip.json, chip.secret   the emulated chip's identity (created once, "at manufacturing")
+    platform.sock            the platform process (SP + MA)
+    vms/<name>/              vm.json (spec), meta.json (handle, measurement, policy), control.sock, vm.log
+    events.jsonl             every event, CloudEvents JSON
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from cvmotion.abi.snp import PolicyFlag
+from cvmotion.agent.policy import MigrationPolicy
+from cvmotion.agent.vm_process import VmSpec
+from cvmotion.errors import Conflict, CvmError, MigrationError, NotFound, UsageError
+from cvmotion.host.events import EventBus
+from cvmotion.migration.channel import FrameKind, FrameSocket
+from cvmotion.migration.clients import PlatformClient, VmClient
+from cvmotion.migration.options import MigrationOptions
+from cvmotion.migration.receiver import Receiver
+from cvmotion.migration.sender import Destination, Sender, new_migration_id
+from cvmotion.migration.stats import MigrationStats, MigrationStatus
+from cvmotion.vmm.images import image_path
+from cvmotion.vmm.workloads import KvOp, decode_response, encode_request
+
+__all__ = ["DEFAULT_GUEST_POLICY", "HostConfig", "HostDaemon", "VmRecord"]
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
+DEFAULT_GUEST_POLICY = int(PolicyFlag.RESERVED_MBO | PolicyFlag.SMT | PolicyFlag.MIGRATE_MA)
+_SPAWN_TIMEOUT = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class HostConfig:
+    name: str
+    data_dir: Path
+    listen_host: str = "127.0.0.1"
+    listen_port: int = 0
+    migration_port: int = 0
+    pool: str = "default"
+    product: str = "Genoa"
+    vendor_dir: Path | None = None
+    kds_url: str | None = None
+    attestation_url: str | None = None
+    pool_ca_dir: Path | None = None
+
+
+@dataclass
+class VmRecord:
+    """What the daemon knows of one VM (persisted as meta.json)."""
+
+    name: str
+    spec: VmSpec
+    client: VmClient | None = None
+    handle: int | None = None
+    measurement: str = ""
+    policy: int = DEFAULT_GUEST_POLICY
+    migration_policy: str = ""  # base64 of the canonical MigrationPolicy document (bound by HOST_DATA)
+    state: str = "creating"
+    created_at: float = field(default_factory=time.time)
+    migrations: list[str] = field(default_factory=list)
+    pending_recovery: dict[str, Any] | None = None
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def meta(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "handle": self.handle,
+            "measurement": self.measurement,
+            "policy": self.policy,
+            "migration_policy": self.migration_policy,
+            "state": self.state,
+            "created_at": self.created_at,
+            "migrations": self.migrations,
+            "pending_recovery": self.pending_recovery,
+        }
+
+
+class HostDaemon:
+    """One host. Thread-safe; the API layer calls it from worker threads."""
+
+    def __init__(self, config: HostConfig) -> None:
+        self.config = config
+        self.dir = config.data_dir
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "vms").mkdir(exist_ok=True)
+        self.events = EventBus(f"/hosts/{config.name}", self.dir / "events.jsonl")
+        self.vms: dict[str, VmRecord] = {}
+        self.migrations: dict[str, MigrationStats] = {}
+        self.receivers: dict[str, Receiver] = {}
+        self._tickets: dict[str, Receiver] = {}
+        self.senders: dict[str, Sender] = {}
+        self._lock = threading.RLock()
+        self.platform: PlatformClient | None = None
+        self.identity: dict[str, Any] = {}
+        self._listener: socket.socket | None = None
+        self.migration_port = 0
+        self._stop = threading.Event()
+
+    # -- start-up -----------------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._ensure_chip()
+        self._ensure_pool_credential()
+        self._ensure_platform()
+        self.identity = self.platform_client().identity()
+        self._start_listener()
+        self._reattach()
+        self.events.publish("HostStarted", self.host_info())
+
+    def _ensure_chip(self) -> None:
+        if (self.dir / "chip.json").exists():
+            return
+        from cvmotion.abi.snp import Product
+        from cvmotion.firmware.chip import Chip
+        from cvmotion.firmware.vendor import Vendor
+
+        if self.config.vendor_dir is None:
+            raise UsageError(f"{self.dir} has no chip yet: give --vendor-dir so one can be made")
+        product = Product.from_name(self.config.product)
+        Chip.create(self.dir, Vendor.open(self.config.vendor_dir), product)
+
+    def _ensure_pool_credential(self) -> None:
+        """Operator step, done here for convenience: the pool CA binds this chip to its pool."""
+        from cryptography.hazmat.primitives import serialization
+
+        from cvmotion.agent.platform_ma import POOL_CA_FILE, POOL_CREDENTIAL_FILE
+        from cvmotion.agent.pool import CA_CERT_FILE, create_pool_ca, issue_pool_credential, load_pool_ca
+        from cvmotion.firmware.chip import Chip
+
+        ca_dir = self.config.pool_ca_dir
+        if ca_dir is None or (self.dir / POOL_CREDENTIAL_FILE).exists():
+            return
+        now = datetime.now(UTC)
+        ca_dir.mkdir(parents=True, exist_ok=True)
+        has_ca = (ca_dir / CA_CERT_FILE).exists()
+        authority = load_pool_ca(ca_dir) if has_ca else create_pool_ca(ca_dir, now=now)
+        chip_id = Chip.load(self.dir).chip_id
+        credential = issue_pool_credential(authority, chip_id, self.config.pool, now=now)
+        (self.dir / POOL_CREDENTIAL_FILE).write_bytes(credential.public_bytes(serialization.Encoding.DER))
+        (self.dir / POOL_CA_FILE).write_bytes(authority.cert.public_bytes(serialization.Encoding.PEM))
+
+    def _platform_socket(self) -> Path:
+        return self.dir / "platform.sock"
+
+    def _ensure_platform(self) -> None:
+        path = self._platform_socket()
+        with contextlib.suppress(CvmError, OSError):
+            self.platform = PlatformClient.connect(str(path))
+            return
+        cmd = [sys.executable, "-m", "cvmotion.agent.platform", "--data-dir", str(self.dir), "--socket", str(path)]
+        if self.config.kds_url:
+            cmd += ["--kds", self.config.kds_url]
+        elif self.config.vendor_dir is not None:
+            cmd += ["--vendor-dir", str(self.config.vendor_dir)]
+        log = (self.dir / "platform.log").open("ab")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + _SPAWN_TIMEOUT
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                tail = (self.dir / "platform.log").read_text(errors="replace")[-2000:]
+                raise UsageError(f"the platform process exited ({proc.returncode}): {tail.strip()}")
+            with contextlib.suppress(CvmError, OSError):
+                self.platform = PlatformClient.connect(str(path))
+                return
+            time.sleep(0.05)
+        raise UsageError("the platform process did not come up in time")
+
+    def platform_client(self) -> PlatformClient:
+        if self.platform is None or self.platform.endpoint.closed:
+            self._ensure_platform()
+        assert self.platform is not None
+        return self.platform
+
+    def _reattach(self) -> None:
+        """Find VM processes that outlived a previous daemon and take them over."""
+        for vm_dir in sorted((self.dir / "vms").iterdir()):
+            meta_path = vm_dir / "meta.json"
+            sock = vm_dir / "control.sock"
+            if not meta_path.exists() or not (vm_dir / "vm.json").exists():
+                continue
+            spec = VmSpec.from_json((vm_dir / "vm.json").read_text())
+            meta = json.loads(meta_path.read_text())
+            record = VmRecord(name=spec.name, spec=spec)
+            for key in ("handle", "measurement", "policy", "migration_policy", "state", "created_at", "migrations"):
+                if key in meta:
+                    setattr(record, key, meta[key])
+            record.pending_recovery = meta.get("pending_recovery")
+            try:
+                record.client = VmClient.connect(spec.name, str(sock), self._vm_calls)
+                info = record.client.info()
+                record.state = info["state"]
+            except (CvmError, OSError):
+                record.client = None
+                record.state = "lost" if record.state not in ("migrated", "stopped") else record.state
+            self.vms[spec.name] = record
+            self.events.publish("VmReattached", {"vm": spec.name, "state": record.state}, subject=spec.name)
+            if record.pending_recovery:
+                self._start_recovery(record)
+            elif record.client is not None:
+                self._resolve_interrupted_export(record)
+
+    def _resolve_interrupted_export(self, record: VmRecord) -> None:
+        """A daemon that died mid-migration left the firmware in an export state: finish the job safely."""
+        if record.handle is None:
+            return
+        with contextlib.suppress(CvmError):
+            state = self.platform_client().call("export_status", {"handle": record.handle})[0]["state"]
+            if state in ("LIVE_EXPORT", "PAUSED_EXPORT"):
+                # Before the start token: the source may abort on its own and run again.
+                self.platform_client().call("export_abort", {"handle": record.handle})
+                assert record.client is not None
+                record.client.call("throttle", {"pct": 0})
+                record.client.call("resume")
+                record.state = "running"
+                self.events.publish("MigrationAbortedAfterRestart", {"vm": record.name}, subject=record.name)
+            elif state == "POST_EXPORT":
+                record.state = "paused (awaiting destination)"
+
+    def _start_listener(self) -> None:
+        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        srv.bind((self.config.listen_host, self.config.migration_port))
+        srv.listen(64)
+        srv.settimeout(0.5)
+        self._listener = srv
+        self.migration_port = srv.getsockname()[1]
+        threading.Thread(target=self._accept_loop, name="migration-listener", daemon=True).start()
+
+    def _accept_loop(self) -> None:
+        assert self._listener is not None
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            threading.Thread(target=self._route, args=(conn,), daemon=True).start()
+
+    def _route(self, conn: socket.socket) -> None:
+        sock = FrameSocket(conn, timeout=10.0)
+        try:
+            _, hello = sock.recv_json(FrameKind.HELLO)
+            receiver = self._tickets.get(str(hello.get("ticket", "")))
+            if receiver is None:
+                raise MigrationError("unknown migration ticket")
+            sock.sock.settimeout(receiver.options.io_timeout)
+            receiver.attach(sock, hello)
+        except (CvmError, OSError, ValueError):
+            sock.close()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._listener is not None:
+            self._listener.close()
+
+    # -- identity -----------------------------------------------------------------------------------
+
+    def host_info(self) -> dict[str, Any]:
+        return {
+            "name": self.config.name,
+            "pool": self.config.pool,
+            "product": self.identity.get("product"),
+            "chip_id": self.identity.get("chip_id"),
+            "reported_tcb": self.identity.get("reported_tcb_text"),
+            "reported_tcb_raw": self.identity.get("reported_tcb"),
+            "firmware": self.identity.get("api"),
+            "emulated": self.identity.get("emulated", True),
+            "migration_port": self.migration_port,
+            "migration_host": self.config.listen_host,
+            "vms": len(self.vms),
+        }
+
+    # -- VMs ----------------------------------------------------------------------------------------
+
+    def _vm_calls(self, call: Any) -> Any:
+        """Calls from VM processes: guest-message relay (the host carries SNP guest messages)."""
+        from cvmotion.ipc.rpc import Reply
+
+        if call.method == "guest_request":
+            _, blob, _ = self.platform_client().call("guest_request", {"handle": call.args["handle"]}, call.blob)
+            return Reply({}, blob)
+        if call.method == "event":
+            self.events.publish(str(call.args["type"]), dict(call.args.get("data", {})), subject=call.args.get("vm"))
+            return Reply()
+        if call.method == "attestation_url":
+            return Reply({"url": self.config.attestation_url})
+        raise UsageError(f"unknown call from a VM process: {call.method}")
+
+    def _spawn_vm(self, spec: VmSpec) -> VmClient:
+        vm_dir = self.dir / "vms" / spec.name
+        vm_dir.mkdir(parents=True, exist_ok=True)
+        for stale in ("control.sock", "error", "pid"):
+            with contextlib.suppress(FileNotFoundError):
+                (vm_dir / stale).unlink()
+        (vm_dir / "vm.json").write_text(spec.to_json())
+        cmd = [sys.executable, "-m", "cvmotion.agent.vm_process", "--dir", str(vm_dir), "--platform"]
+        cmd.append(str(self._platform_socket()))
+        log = (vm_dir / "vm.log").open("ab")
+        proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
+        deadline = time.monotonic() + _SPAWN_TIMEOUT
+        sock = vm_dir / "control.sock"
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                error = (vm_dir / "error").read_text() if (vm_dir / "error").exists() else "see vm.log"
+                raise UsageError(f"VM {spec.name!r} failed to start: {error}")
+            if sock.exists():
+                with contextlib.suppress(OSError, CvmError):
+                    return VmClient.connect(spec.name, str(sock), self._vm_calls)
+            time.sleep(0.05)
+        proc.kill()
+        raise UsageError(f"VM {spec.name!r} did not come up within {_SPAWN_TIMEOUT:.0f} s")
+
+    def _save(self, record: VmRecord) -> None:
+        path = self.dir / "vms" / record.name / "meta.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record.meta(), indent=2))
+        tmp.replace(path)
+
+    def create_vm(
+        self,
+        *,
+        name: str,
+        image: str,
+        memory: int,
+        vcpus: int = 1,
+        cmdline: str = "",
+        backend: str | None = None,
+        policy: int = DEFAULT_GUEST_POLICY,
+        migration_policy: bytes | None = None,
+    ) -> VmRecord:
+        if not NAME_RE.match(name):
+            raise UsageError(f"VM name {name!r}: use 1-63 of a-z, 0-9 and '-', starting with a letter or digit")
+        image_path(image)  # a clear error for a missing image before any process starts
+        with self._lock:
+            if name in self.vms:
+                raise Conflict(f"a VM named {name!r} already exists on host {self.config.name}")
+            doc = migration_policy or MigrationPolicy(allowed_pools=(self.config.pool,)).canonical()
+            host_data = MigrationPolicy.from_canonical(doc).host_data()
+            spec = VmSpec(name=name, memory=memory, vcpus=vcpus, image=image, cmdline=cmdline, backend=backend)
+            record = VmRecord(name=name, spec=spec, policy=policy, migration_policy=base64.b64encode(doc).decode())
+            self.vms[name] = record
+        try:
+            record.client = self._spawn_vm(spec)
+            ranges = record.client.call("launch_ranges")[0]
+            launched = self.platform_client().call(
+                "launch",
+                {
+                    "vm": name,
+                    "policy": policy,
+                    "ranges": ranges["ranges"],
+                    "secrets_gpa": ranges["secrets_gpa"],
+                    "host_data": host_data.hex(),
+                },
+            )[0]
+            record.handle = int(launched["handle"])
+            record.measurement = str(launched["measurement"])
+            record.client.call("bind", {"handle": record.handle})
+            record.client.call("start")
+            record.state = "running"
+            self._save(record)
+        except BaseException:
+            with self._lock:
+                self.vms.pop(name, None)
+            if record.client is not None:
+                with contextlib.suppress(CvmError):
+                    record.client.call("stop")
+            raise
+        self.events.publish(
+            "VmCreated",
+            {"vm": name, "image": image, "memory": memory, "measurement": record.measurement, "handle": record.handle},
+            subject=name,
+        )
+        return record
+
+    def get_vm(self, name: str) -> VmRecord:
+        record = self.vms.get(name)
+        if record is None:
+            raise NotFound(f"no VM named {name!r} on host {self.config.name}")
+        return record
+
+    def vm_info(self, record: VmRecord) -> dict[str, Any]:
+        live: dict[str, Any] = {}
+        if record.client is not None and not record.client.endpoint.closed:
+            with contextlib.suppress(CvmError):
+                live = record.client.info()
+        state = record.state
+        if live and record.state in ("running", "creating", "paused"):
+            state = live.get("state", state)
+        return {
+            "name": record.name,
+            "host": self.config.name,
+            "state": state,
+            "memory": record.spec.memory,
+            "vcpus": record.spec.vcpus,
+            "image": record.spec.image,
+            "cmdline": record.spec.cmdline,
+            "handle": record.handle,
+            "measurement": record.measurement,
+            "policy": record.policy,
+            "backend": live.get("backend", record.spec.backend),
+            "pid": live.get("pid"),
+            "stop_reason": live.get("stop_reason"),
+            "migrations": record.migrations,
+        }
+
+    def list_vms(self) -> list[dict[str, Any]]:
+        return [self.vm_info(r) for r in list(self.vms.values()) if r.state not in ("migrated", "deleted")]
+
+    def delete_vm(self, name: str) -> None:
+        record = self.get_vm(name)
+        if record.client is not None:
+            with contextlib.suppress(CvmError):
+                record.client.call("stop")
+        if record.handle is not None:
+            with contextlib.suppress(CvmError):
+                self.platform_client().call("decommission", {"handle": record.handle})
+        record.state = "deleted"
+        self._save(record)
+        with self._lock:
+            self.vms.pop(name, None)
+        self.events.publish("VmDeleted", {"vm": name}, subject=name)
+
+    def kv(self, name: str, op: str, key: bytes, value: bytes = b"", timeout: float = 5.0) -> dict[str, Any]:
+        record = self.get_vm(name)
+        if record.client is None or record.state != "running":
+            raise Conflict(f"VM {name!r} is not running here (state: {record.state})")
+        try:
+            kv_op = KvOp[op.upper()]
+        except KeyError:
+            raise UsageError(f"unknown kv operation {op!r} (get, put, delete)") from None
+        _, blob, _ = record.client.call("cvmio", {"timeout": timeout}, encode_request(kv_op, key, value))
+        status, data = decode_response(blob)
+        return {"status": status.name, "value": data}
+
+    def console(self, name: str, since: int = 0) -> dict[str, Any]:
+        record = self.get_vm(name)
+        if record.client is None:
+            raise UsageError(f"VM {name!r} has no process on this host")
+        return dict(record.client.call("console", {"since": since})[0])
+
+    # -- migration out ------------------------------------------------------------------------------
+
+    def migrate(self, name: str, destination_url: str, options: MigrationOptions) -> MigrationStats:
+        """Start a live migration of ``name`` to the host daemon at ``destination_url``; returns at once."""
+        record = self.get_vm(name)
+        if record.client is None or record.handle is None or record.state != "running":
+            raise Conflict(f"VM {name!r} is not running here (state: {record.state})")
+        if not record.lock.acquire(blocking=False):
+            raise Conflict(f"VM {name!r} is already migrating")
+        try:
+            mig_id = new_migration_id()
+            session_id = os.urandom(16)
+            dest = self._request_incoming(destination_url, record, options, mig_id, session_id)
+            stats = MigrationStats(
+                id=mig_id, vm=name, source=self.config.name, destination=dest.name or destination_url
+            )
+            sender = Sender(
+                stats=stats,
+                platform=self.platform_client(),
+                vm=record.client,
+                handle=record.handle,
+                policy_doc=base64.b64decode(record.migration_policy),
+                destination=dest,
+                options=options,
+                events=lambda kind, data: self.events.publish(kind, data, subject=name),
+                on_finished=lambda st: self._sender_finished(record, st),
+                session_id=session_id,
+            )
+            record.migrations.append(mig_id)
+            record.state = "migrating"
+            # Written before anything can freeze the VM, so a restarted daemon knows whom to ask.
+            record.pending_recovery = {
+                "migration": mig_id,
+                "destination": destination_url,
+                "dest_migration": dest.migration_id,
+            }
+            self._save(record)
+            with self._lock:
+                self.migrations[mig_id] = stats
+                self.senders[mig_id] = sender
+        except BaseException:
+            record.lock.release()
+            raise
+        threading.Thread(target=sender.run, name=f"migrate-{mig_id}", daemon=True).start()
+        return stats
+
+    def _request_incoming(
+        self, url: str, record: VmRecord, options: MigrationOptions, mig_id: str, session_id: bytes
+    ) -> Destination:
+        body = {
+            "vm": record.name,
+            "spec": json.loads(record.spec.to_json()),
+            "session_id": session_id.hex(),
+            "options": options.to_json(),
+            "source": self.config.name,
+            "source_migration": mig_id,
+            "policy": record.policy,
+            "migration_policy": record.migration_policy,
+            "measurement": record.measurement,
+        }
+        try:
+            response = httpx.post(f"{url.rstrip('/')}/v1/migrations/incoming", json=body, timeout=_SPAWN_TIMEOUT + 10)
+        except httpx.HTTPError as exc:
+            raise UsageError(f"destination {url} is unreachable: {exc}") from exc
+        if response.status_code != 200:
+            raise UsageError(f"destination {url} refused the migration: {_error_text(response)}")
+        data = response.json()
+        return Destination(
+            host=str(data["host"]),
+            port=int(data["port"]),
+            ticket=str(data["ticket"]),
+            migration_id=str(data["migration"]),
+            name=str(data.get("name", "")),
+        )
+
+    def _sender_finished(self, record: VmRecord, stats: MigrationStats) -> None:
+        try:
+            if stats.status is MigrationStatus.COMPLETED:
+                record.state = "migrated"
+                record.pending_recovery = None
+                record.client = None
+            elif stats.outcome == "resumed on source":
+                record.state = "running"
+                record.pending_recovery = None
+            else:
+                record.state = "paused (awaiting destination)"
+                self._start_recovery(record)
+            self._save(record)
+            if record.state == "migrated":
+                with self._lock:
+                    self.vms.pop(record.name, None)
+        finally:
+            with contextlib.suppress(RuntimeError):
+                record.lock.release()
+
+    def _start_recovery(self, record: VmRecord) -> None:
+        threading.Thread(target=self._recover, args=(record,), name=f"recover-{record.name}", daemon=True).start()
+
+    def _recover(self, record: VmRecord, attempts: int = 600, interval: float = 1.0) -> None:
+        """The source sent its start token but heard no verdict: ask the destination until it answers."""
+        pending = record.pending_recovery or {}
+        url, dest_mig = pending.get("destination"), pending.get("dest_migration")
+        if not url or not dest_mig or record.handle is None:
+            return
+        for _ in range(attempts):
+            if self._stop.is_set():
+                return
+            try:
+                response = httpx.get(f"{url.rstrip('/')}/v1/migrations/{dest_mig}/outcome", timeout=5)
+                if response.status_code == 200:
+                    outcome = response.json()
+                    if self._apply_outcome(record, outcome):
+                        return
+            except httpx.HTTPError:
+                pass
+            time.sleep(interval)
+
+    def _apply_outcome(self, record: VmRecord, outcome: dict[str, Any]) -> bool:
+        platform = self.platform_client()
+        assert record.handle is not None
+        state = outcome.get("state")
+        if state == "committed":
+            with contextlib.suppress(CvmError):
+                platform.call("export_finish", {"handle": record.handle})
+            if record.client is not None:
+                with contextlib.suppress(CvmError):
+                    record.client.call("stop")
+            record.state = "migrated"
+            record.pending_recovery = None
+            self._save(record)
+            with self._lock:
+                self.vms.pop(record.name, None)
+            self.events.publish("MigrationRecovered", {"vm": record.name, "outcome": "committed"}, subject=record.name)
+            return True
+        if state == "aborted":
+            token = base64.b64decode(str(outcome["token"]))
+            platform.call("export_abort_with_token", {"handle": record.handle}, token)
+            if record.client is not None:
+                record.client.call("resume")
+            record.state = "running"
+            record.pending_recovery = None
+            self._save(record)
+            self.events.publish("MigrationRecovered", {"vm": record.name, "outcome": "resumed"}, subject=record.name)
+            return True
+        return False
+
+    # -- migration in -------------------------------------------------------------------------------
+
+    def incoming(self, body: dict[str, Any]) -> dict[str, Any]:
+        name = str(body.get("vm", ""))
+        if not NAME_RE.match(name):
+            raise UsageError(f"bad VM name {name!r}")
+        with self._lock:
+            existing = self.vms.get(name)
+            if existing is not None and existing.state not in ("migrated", "deleted"):
+                raise Conflict(f"a VM named {name!r} already exists on host {self.config.name}")
+        spec_data = dict(body["spec"])
+        spec_data["mode"] = "incoming"
+        spec = VmSpec(**{k: v for k, v in spec_data.items() if k in VmSpec.__dataclass_fields__})
+        options = MigrationOptions.from_json(dict(body.get("options", {})))
+        session_id = bytes.fromhex(str(body["session_id"]))
+        mig_id = new_migration_id()
+        stats = MigrationStats(id=mig_id, vm=name, source=str(body.get("source", "")), destination=self.config.name)
+        client = self._spawn_vm(spec)
+        record = VmRecord(
+            name=name,
+            spec=spec,
+            client=client,
+            policy=int(body.get("policy", DEFAULT_GUEST_POLICY)),
+            migration_policy=str(body.get("migration_policy", "")),
+            measurement=str(body.get("measurement", "")),
+            state="incoming",
+        )
+        record.migrations.append(mig_id)
+        with self._lock:
+            self.vms[name] = record
+        self._save(record)
+        receiver = Receiver(
+            stats=stats,
+            platform=self.platform_client(),
+            vm=client,
+            session_id=session_id,
+            streams=options.streams,
+            options=options,
+            events=lambda kind, data: self.events.publish(kind, data, subject=name),
+            on_finished=lambda r: self._receiver_finished(record, r),
+        )
+        ticket = base64.urlsafe_b64encode(session_id + mig_id.encode()).decode()
+        with self._lock:
+            self.migrations[mig_id] = stats
+            self.receivers[mig_id] = receiver
+            self._tickets[ticket] = receiver
+        threading.Thread(target=receiver.run, name=f"incoming-{mig_id}", daemon=True).start()
+        self.events.publish("MigrationIncoming", {"id": mig_id, "vm": name, "source": stats.source}, subject=name)
+        return {
+            "migration": mig_id,
+            "host": self.config.listen_host,
+            "port": self.migration_port,
+            "ticket": ticket,
+            "name": self.config.name,
+        }
+
+    def _receiver_finished(self, record: VmRecord, receiver: Receiver) -> None:
+        if receiver.committed.is_set():
+            record.handle = receiver.handle
+            record.state = "running"
+            self._save(record)
+            self.events.publish(
+                "VmArrived",
+                {"vm": record.name, "handle": record.handle, "migration": receiver.stats.id},
+                subject=record.name,
+            )
+        else:
+            record.state = "deleted"
+            self._save(record)
+            with self._lock:
+                if self.vms.get(record.name) is record:
+                    del self.vms[record.name]
+
+    def outcome(self, mig_id: str) -> dict[str, Any]:
+        receiver = self.receivers.get(mig_id)
+        if receiver is None:
+            raise NotFound(f"no incoming migration {mig_id!r} on this host")
+        return receiver.outcome()
+
+    def migration(self, mig_id: str) -> MigrationStats:
+        stats = self.migrations.get(mig_id)
+        if stats is None:
+            raise NotFound(f"no migration {mig_id!r} on host {self.config.name}")
+        return stats
+
+    def cancel(self, mig_id: str) -> None:
+        sender = self.senders.get(mig_id)
+        if sender is None:
+            raise NotFound(f"no outgoing migration {mig_id!r} on this host")
+        sender.cancel.set()
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return f"HTTP {response.status_code}"
