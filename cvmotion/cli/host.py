@@ -30,6 +30,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument("--pool-ca-dir", type=Path, help="operator pool CA (issues this host's pool credential)")
     serve.add_argument("--attestation", help="attestation service URL (the paravisor attests there)")
     serve.add_argument("--migration-port", type=int, default=0, help="TCP port for incoming migrations (0: pick)")
+    serve.add_argument(
+        "--migration-advertise",
+        metavar="HOST:PORT",
+        help="address sources should dial for migrations (default: the listener)",
+    )
     serve.set_defaults(handler=_serve)
     host.set_defaults(handler=lambda _a: _usage(host))
 
@@ -59,6 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
         kds_url=args.kds,
         attestation_url=args.attestation,
         pool_ca_dir=args.pool_ca_dir or (default_home() / "pool-ca"),
+        migration_advertise=args.migration_advertise,
     )
     try:
         sock, url = listen_socket(host, port)

@@ -65,6 +65,7 @@ class HostConfig:
     kds_url: str | None = None
     attestation_url: str | None = None
     pool_ca_dir: Path | None = None
+    migration_advertise: str | None = None  # HOST:PORT sources should dial (a proxy, NAT) instead of the listener
 
 
 @dataclass
@@ -656,10 +657,14 @@ class HostDaemon:
             self._tickets[ticket] = receiver
         threading.Thread(target=receiver.run, name=f"incoming-{mig_id}", daemon=True).start()
         self.events.publish("MigrationIncoming", {"id": mig_id, "vm": name, "source": stats.source}, subject=name)
+        adv_host, adv_port = self.config.listen_host, self.migration_port
+        if self.config.migration_advertise:
+            adv_host, _, port_text = self.config.migration_advertise.rpartition(":")
+            adv_port = int(port_text)
         return {
             "migration": mig_id,
-            "host": self.config.listen_host,
-            "port": self.migration_port,
+            "host": adv_host,
+            "port": adv_port,
             "ticket": ticket,
             "name": self.config.name,
         }
