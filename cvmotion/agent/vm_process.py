@@ -32,6 +32,11 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from cvmotion.abi.cvmio import BlobKind
+from cvmotion.attestation.client import AttestationClient
+from cvmotion.attestation.keyrelease import TransferKey
+from cvmotion.attestation.keyrelease_http import KeyReleaseClient
+from cvmotion.attestation.paravisor import Paravisor
 from cvmotion.errors import CvmError, UsageError
 from cvmotion.ipc.rpc import Call, Endpoint, Reply, connect_unix
 from cvmotion.vmm.backend import BackendKind
@@ -47,6 +52,7 @@ __all__ = ["SECRETS_PAGE_GPA", "DirtyViews", "VmProcess", "VmSpec", "main"]
 SECRETS_PAGE_GPA = 0x7000  # conventional memory the guests never touch; the SNP secrets page lives here
 PAGE = 4096
 _THROTTLE_PERIOD = 0.05  # auto-converge: each 50 ms window, the vCPUs sleep pct% of it
+_TOKEN_REFRESH = 300.0  # the paravisor renews its token well before the service's lifetime runs out
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +66,9 @@ class VmSpec:
     cmdline: str = ""
     backend: str | None = None
     mode: str = "launch"  # "launch" boots the image; "incoming" waits for a migration
+    attestation_url: str | None = None  # where the paravisor attests (None: no paravisor attestation)
+    key_release_url: str | None = None  # optional relying party that releases the guest's data key
+    key_name: str | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -110,6 +119,36 @@ class DirtyViews:
         return np.unique(np.concatenate(parts))
 
 
+class _ParavisorHost:
+    """What the paravisor may use: guest memory (it runs inside the TEE), the host relay, the guest mailbox."""
+
+    def __init__(self, proc: VmProcess) -> None:
+        self._proc = proc
+
+    def read_guest(self, gpa: int, length: int) -> bytes:
+        assert self._proc.memory is not None
+        return self._proc.memory.read(gpa, length)
+
+    def write_guest(self, gpa: int, data: bytes) -> None:
+        assert self._proc.memory is not None
+        self._proc.memory.write(gpa, data)  # a VMM-side write: tracked as dirty, so it migrates
+
+    def relay_guest_request(self, message: bytes) -> bytes:
+        return self._proc.daemon_call("guest_request", {"handle": self._proc.handle}, message)[1]
+
+    def endorsements(self) -> bytes | None:
+        return self._proc.daemon_call("ext_certs", {})[1] or None
+
+    def publish_token(self, token: bytes) -> None:
+        vm = self._proc.vm
+        if vm is not None:
+            vm.cvmio.set_blob(BlobKind.ATTESTATION_TOKEN, token)
+
+    def emit(self, kind: str, data: dict[str, Any]) -> None:
+        with contextlib.suppress(CvmError):
+            self._proc.daemon_call("event", {"type": kind, "data": data, "vm": self._proc.spec.name})
+
+
 class VmProcess:
     """The hardware of one VM, serving the daemon (control socket) and the platform (secure processor)."""
 
@@ -129,6 +168,67 @@ class VmProcess:
         self._throttle_thread: threading.Thread | None = None
         self._controls: list[Endpoint] = []
         self.state_note = "created"
+        self.paravisor: Paravisor | None = None
+        self._restored = False
+
+    def daemon_call(self, method: str, args: dict[str, Any], blob: bytes = b"") -> tuple[dict[str, Any], bytes]:
+        """Call the host daemon over the newest live control connection (it relays for the paravisor)."""
+        for endpoint in reversed(self._controls):
+            if not endpoint.closed:
+                result, data, _ = endpoint.call(method, args, blob, timeout=30)
+                return result, data
+        raise UsageError("no host daemon is connected")
+
+    def _make_paravisor(self) -> Paravisor | None:
+        spec = self.spec
+        if not spec.attestation_url:
+            return None
+        client = AttestationClient(spec.attestation_url)
+        transfer = TransferKey.generate() if spec.key_release_url and spec.key_name else None
+
+        def attest(report: bytes, chain: bytes | None, runtime: bytes) -> str:
+            return client.attest(report, chain, runtime, data_type="JSON")
+
+        release = None
+        if transfer is not None:
+            releaser = KeyReleaseClient(str(spec.key_release_url))
+            key_name = str(spec.key_name)
+
+            def release(token: str) -> bytes:
+                return releaser.release(key_name, token, transfer)
+
+        return Paravisor(
+            _ParavisorHost(self),
+            spec.name,
+            attest,
+            release_key=release,
+            runtime_data=transfer.runtime_data if transfer is not None else None,
+        )
+
+    def _run_paravisor(self, migrated: bool, resumed_at: float) -> None:
+        """Attest now (bounded retries: the daemon or the service may be starting), then keep the token fresh."""
+        if self.paravisor is None:
+            self.paravisor = self._make_paravisor()
+        paravisor = self.paravisor
+        if paravisor is None:
+            return
+        for attempt in range(20):
+            if self._stop.is_set():
+                return
+            try:
+                if migrated:
+                    paravisor.after_migration(resumed_at)
+                else:
+                    paravisor.boot()
+                break
+            except (CvmError, OSError) as exc:
+                self.state_note = f"paravisor attestation failed: {exc}"
+                self._stop.wait(min(0.1 * 2**attempt, 5.0))
+        while not self._stop.wait(_TOKEN_REFRESH):
+            vm = self.vm
+            if vm is not None and vm.state is RunState.RUNNING:
+                with contextlib.suppress(CvmError, OSError):
+                    paravisor.attest("refresh")
 
     # -- set-up -------------------------------------------------------------------------------------
 
@@ -179,6 +279,7 @@ class VmProcess:
                 raise UsageError("the secure processor does not let this guest run")
             vm.start()
             self.state_note = "running"
+        threading.Thread(target=self._run_paravisor, args=(False, time.time()), name="paravisor", daemon=True).start()
 
     def pause(self) -> float:
         with self._lock:
@@ -193,6 +294,13 @@ class VmProcess:
             self._user_paused = False
             vm.resume()
             self.state_note = "running"
+            first_run_here = self._restored
+            self._restored = False
+        if first_run_here:
+            # Arrived by live migration: the paravisor re-attests on this chip right after resume.
+            threading.Thread(
+                target=self._run_paravisor, args=(True, time.time()), name="paravisor", daemon=True
+            ).start()
 
     def set_throttle(self, pct: int) -> None:
         if not 0 <= pct <= 99:
@@ -246,6 +354,22 @@ class VmProcess:
         m = call.method
         if m == "info":
             return Reply(self.info())
+        if m == "attestation":
+            current = self.paravisor.current if self.paravisor else None
+            return Reply(
+                {}
+                if current is None
+                else {
+                    "token": current.token,
+                    "jti": current.jti,
+                    "chip_id": current.chip_id,
+                    "tcb": current.tcb,
+                    "platform": current.platform,
+                    "issued_at": current.issued_at,
+                    "reason": current.reason,
+                    "data_key": self.paravisor.data_key_fingerprint() if self.paravisor else None,
+                }
+            )
         if m == "launch_ranges":
             return Reply({"ranges": self.launch_ranges(), "secrets_gpa": SECRETS_PAGE_GPA})
         if m == "bind":
@@ -327,6 +451,7 @@ class VmProcess:
             self.dirty = DirtyViews(self.vm)
             self.handle = int(call.args["handle"])
             self._user_paused = True
+            self._restored = True
             self.state_note = "restored"
             return {"state": self.vm.state.value}
 

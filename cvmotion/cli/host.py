@@ -29,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument("--kds", help="KDS URL for VCEK certificates (default: the vendor directory)")
     serve.add_argument("--pool-ca-dir", type=Path, help="operator pool CA (issues this host's pool credential)")
     serve.add_argument("--attestation", help="attestation service URL (the paravisor attests there)")
+    serve.add_argument("--key-release", metavar="URL", help="key-release service for the guests' data keys")
     serve.add_argument("--migration-port", type=int, default=0, help="TCP port for incoming migrations (0: pick)")
     serve.add_argument(
         "--migration-advertise",
@@ -65,6 +66,7 @@ def _serve(args: argparse.Namespace) -> int:
         attestation_url=args.attestation,
         pool_ca_dir=args.pool_ca_dir or (default_home() / "pool-ca"),
         migration_advertise=args.migration_advertise,
+        key_release_url=args.key_release,
     )
     try:
         sock, url = listen_socket(host, port)

@@ -28,6 +28,7 @@ def register_fleet_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentPars
     create.add_argument("--vcpus", type=int)
     create.add_argument("--backend", choices=("kvm", "emulated"))
     create.add_argument("--migration-policy", type=Path, metavar="FILE", help="canonical MigrationPolicy JSON")
+    create.add_argument("--key-name", help="data key the paravisor fetches from the host's key-release service")
     create.add_argument("--json", action="store_true")
     create.set_defaults(handler=_create)
 
@@ -77,6 +78,8 @@ def _create(args: argparse.Namespace) -> int:
         body["vcpus"] = args.vcpus
     if args.backend:
         body["backend"] = args.backend
+    if args.key_name:
+        body["key_name"] = args.key_name
     if args.migration_policy:
         body["migration_policy"] = base64.b64encode(args.migration_policy.read_bytes()).decode()
     vm = api("POST", f"{_base(args.host)}/v1/vms", body, timeout=180)

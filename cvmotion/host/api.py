@@ -50,6 +50,7 @@ class CreateVm(BaseModel):
     backend: str | None = Field(default=None, pattern="^(kvm|emulated)$")
     policy: int = DEFAULT_GUEST_POLICY
     migration_policy: str | None = None  # base64 of a canonical MigrationPolicy document
+    key_name: str | None = Field(default=None, pattern="^[A-Za-z0-9._-]{1,64}$")  # data key at the key-release service
 
 
 class KvRequest(BaseModel):
@@ -136,6 +137,7 @@ def create_app(daemon: HostDaemon) -> FastAPI:
                 backend=body.backend,
                 policy=body.policy,
                 migration_policy=doc,
+                key_name=body.key_name,
             )
         )
         return daemon.vm_info(record)
@@ -148,6 +150,10 @@ def create_app(daemon: HostDaemon) -> FastAPI:
     async def delete_vm(name: str) -> dict[str, Any]:
         await run_in_threadpool(daemon.delete_vm, name)
         return {"deleted": name}
+
+    @app.get("/v1/vms/{name}/attestation")
+    async def attestation(name: str) -> dict[str, Any]:
+        return await run_in_threadpool(daemon.attestation, name)
 
     @app.get("/v1/vms/{name}/console")
     async def console(name: str, since: int = 0) -> dict[str, Any]:

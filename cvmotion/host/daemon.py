@@ -65,7 +65,8 @@ class HostConfig:
     kds_url: str | None = None
     attestation_url: str | None = None
     pool_ca_dir: Path | None = None
-    migration_advertise: str | None = None  # HOST:PORT sources should dial (a proxy, NAT) instead of the listener
+    migration_advertise: str | None = None
+    key_release_url: str | None = None  # HOST:PORT sources should dial (a proxy, NAT) instead of the listener
 
 
 @dataclass
@@ -307,8 +308,8 @@ class HostDaemon:
         if call.method == "event":
             self.events.publish(str(call.args["type"]), dict(call.args.get("data", {})), subject=call.args.get("vm"))
             return Reply()
-        if call.method == "attestation_url":
-            return Reply({"url": self.config.attestation_url})
+        if call.method == "ext_certs":
+            return Reply({}, self.platform_client().call("ext_certs")[1])
         raise UsageError(f"unknown call from a VM process: {call.method}")
 
     def _spawn_vm(self, spec: VmSpec) -> VmClient:
@@ -352,6 +353,7 @@ class HostDaemon:
         backend: str | None = None,
         policy: int = DEFAULT_GUEST_POLICY,
         migration_policy: bytes | None = None,
+        key_name: str | None = None,
     ) -> VmRecord:
         if not NAME_RE.match(name):
             raise UsageError(f"VM name {name!r}: use 1-63 of a-z, 0-9 and '-', starting with a letter or digit")
@@ -361,7 +363,17 @@ class HostDaemon:
                 raise Conflict(f"a VM named {name!r} already exists on host {self.config.name}")
             doc = migration_policy or MigrationPolicy(allowed_pools=(self.config.pool,)).canonical()
             host_data = MigrationPolicy.from_canonical(doc).host_data()
-            spec = VmSpec(name=name, memory=memory, vcpus=vcpus, image=image, cmdline=cmdline, backend=backend)
+            spec = VmSpec(
+                name=name,
+                memory=memory,
+                vcpus=vcpus,
+                image=image,
+                cmdline=cmdline,
+                backend=backend,
+                attestation_url=self.config.attestation_url,
+                key_release_url=self.config.key_release_url,
+                key_name=key_name,
+            )
             record = VmRecord(name=name, spec=spec, policy=policy, migration_policy=base64.b64encode(doc).decode())
             self.vms[name] = record
         try:
@@ -456,6 +468,13 @@ class HostDaemon:
         _, blob, _ = record.client.call("cvmio", {"timeout": timeout}, encode_request(kv_op, key, value))
         status, data = decode_response(blob)
         return {"status": status.name, "value": data}
+
+    def attestation(self, name: str) -> dict[str, Any]:
+        """The paravisor's current token and what it says (the token is public: relying parties get it)."""
+        record = self.get_vm(name)
+        if record.client is None:
+            raise Conflict(f"VM {name!r} has no process on this host")
+        return dict(record.client.call("attestation")[0])
 
     def console(self, name: str, since: int = 0) -> dict[str, Any]:
         record = self.get_vm(name)
@@ -621,6 +640,9 @@ class HostDaemon:
                 raise Conflict(f"a VM named {name!r} already exists on host {self.config.name}")
         spec_data = dict(body["spec"])
         spec_data["mode"] = "incoming"
+        # This host's services, not the source's: the paravisor re-attests where the VM now runs.
+        spec_data["attestation_url"] = self.config.attestation_url
+        spec_data["key_release_url"] = self.config.key_release_url
         spec = VmSpec(**{k: v for k, v in spec_data.items() if k in VmSpec.__dataclass_fields__})
         options = MigrationOptions.from_json(dict(body.get("options", {})))
         session_id = bytes.fromhex(str(body["session_id"]))

@@ -29,6 +29,8 @@ __all__ = [
     "read_kernel",
 ]
 
+PARAVISOR_START = 0x6000  # paravisor state page (0x6000) and SNP secrets page (0x7000)
+PARAVISOR_END = 0x8000
 BOOT_INFO_GPA = 0x9000  # MBI, memory map, loader name, command line: two pages of conventional memory
 BOOT_INFO_END = 0xB000
 EBDA_START = 0x9FC00  # conventional memory ends where a PC's extended BIOS data area begins
@@ -175,7 +177,10 @@ def load_kernel(memory: GuestMemory, image: KernelImage, cmdline: str) -> BootIn
         # BSS: a fresh memfd reads as zero already; writing zeros would only populate pages.
 
     mmap_entries = [
-        (0, EBDA_START, mb.MemoryType.AVAILABLE),
+        (0, PARAVISOR_START, mb.MemoryType.AVAILABLE),
+        # The paravisor's state page and the SNP secrets page: guest-private, but not for the guest OS.
+        (PARAVISOR_START, PARAVISOR_END - PARAVISOR_START, mb.MemoryType.RESERVED),
+        (PARAVISOR_END, EBDA_START - PARAVISOR_END, mb.MemoryType.AVAILABLE),
         (EBDA_START, 0xA0000 - EBDA_START, mb.MemoryType.RESERVED),
         (BIOS_START, 0x100000 - BIOS_START, mb.MemoryType.RESERVED),
         (0x100000, low_end - 0x100000, mb.MemoryType.AVAILABLE),
