@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
+from cvmotion.abi.wire import MAX_PAGES_PER_BUNDLE
 from cvmotion.errors import (
     AbiError,
     Conflict,
@@ -69,6 +70,10 @@ class MigrateRequest(BaseModel):
     streams: int = Field(default=2, ge=1, le=16)
     max_rounds: int = Field(default=30, ge=1, le=1000)
     auto_converge: bool = True
+    pages_per_bundle: int = Field(default=MAX_PAGES_PER_BUNDLE, ge=1, le=MAX_PAGES_PER_BUNDLE)
+    # How long either side waits on a silent peer before it gives up (bounded verdicts on a partition).
+    io_timeout_s: float = Field(default=30.0, gt=0, le=600)
+    commit_timeout_s: float = Field(default=60.0, gt=0, le=3600)
 
 
 def _status_for(exc: CvmError) -> int:
@@ -172,6 +177,10 @@ def create_app(daemon: HostDaemon) -> FastAPI:
             streams=body.streams,
             max_rounds=body.max_rounds,
             auto_converge=body.auto_converge,
+            pages_per_bundle=body.pages_per_bundle,
+            setup_timeout=body.io_timeout_s,
+            io_timeout=body.io_timeout_s,
+            commit_timeout=body.commit_timeout_s,
         )
         stats = await run_in_threadpool(daemon.migrate, name, body.destination, options)
         return {"migration": stats.id, **stats.query_migrate()}
