@@ -19,9 +19,8 @@ import os
 import signal
 import socket
 import sys
-import threading
 from collections.abc import Callable
-from types import FrameType, TracebackType
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -31,6 +30,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cvmotion.attestation.request import ServiceError
 from cvmotion.errors import UsageError
+from cvmotion.ipc.http import ServerThread, listen_socket, parse_listen, uvicorn_config
 
 __all__ = [
     "ServerThread",
@@ -97,62 +97,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, validation_error)
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (IPv6 as ``[::1]:PORT``) -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise UsageError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8790")
-    return host, int(port)
-
-
-def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> tuple[socket.socket, str]:
-    """A bound, listening TCP socket and its base URL (``reuse_port``: SO_REUSEPORT, for ``serve``'s workers)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if reuse_port:  # workers get one socket each on this port; the kernel balances connections (Linux)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        sock.bind((host, port))
-        sock.listen(1024)
-    except OSError:
-        sock.close()
-        raise
-    bound_host, bound_port = sock.getsockname()[:2]
-    shown = f"[{bound_host}]" if family == socket.AF_INET6 else bound_host
-    return sock, f"http://{shown}:{bound_port}"
-
-
 def _config(app: FastAPI) -> uvicorn.Config:
-    return uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
-
-
-class ServerThread:
-    """Run ``app`` on an already bound loopback socket in a daemon thread (no polling: the kernel queues)."""
-
-    def __init__(self, app: FastAPI, sock: socket.socket, url: str) -> None:
-        self.url = url
-        self._sock = sock
-        self._server = uvicorn.Server(_config(app))
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [sock]}, name="attestation-http", daemon=True
-        )
-
-    def __enter__(self) -> ServerThread:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def close(self, timeout: float = 10.0) -> None:
-        self._server.should_exit = True
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        self._sock.close()
+    return uvicorn_config(app)
 
 
 def serve(app_factory: Callable[[], FastAPI], sock: socket.socket, *, workers: int = 1) -> int:

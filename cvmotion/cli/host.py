@@ -46,7 +46,7 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cvmotion.attestation.http_common import listen_socket, parse_listen
+    from cvmotion.ipc.http import listen_socket, parse_listen
     from cvmotion.cli.paths import default_home
     from cvmotion.host.api import create_app
     from cvmotion.host.daemon import HostConfig, HostDaemon

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import socket
-import threading
 from types import TracebackType
 
 import httpx
@@ -19,8 +17,8 @@ from cryptography import x509
 from fastapi import FastAPI, Request, Response
 
 from cvmotion.abi.snp import Product, TcbVersion
-from cvmotion.errors import UsageError
 from cvmotion.firmware.kds import Kds, KdsError, vcek_path
+from cvmotion.ipc.http import ServerThread, listen_socket, parse_listen, uvicorn_config
 
 __all__ = ["KdsClient", "KdsServer", "create_app", "listen_socket", "parse_listen", "server_config"]
 
@@ -51,65 +49,16 @@ def create_app(kds: Kds) -> FastAPI:
     return app
 
 
-def parse_listen(text: str) -> tuple[str, int]:
-    """``HOST:PORT`` (IPv6 as ``[::1]:PORT``) -> (host, port)."""
-    host, sep, port = text.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise UsageError(f"--listen {text!r}: expected HOST:PORT, e.g. 127.0.0.1:8780")
-    return host, int(port)
-
-
-def listen_socket(host: str, port: int) -> tuple[socket.socket, str]:
-    """A bound, listening TCP socket and its URL (``port`` 0 picks a free port)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    # proto must be IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets whose proto says TCP, and
-    # without it Nagle + delayed ACK stall every response ~40 ms (measured: 23 req/s instead of ~1,000).
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(128)
-    except OSError:
-        sock.close()
-        raise
-    bound_host, bound_port = sock.getsockname()[:2]
-    shown = f"[{bound_host}]" if family == socket.AF_INET6 else bound_host
-    return sock, f"http://{shown}:{bound_port}"
-
-
 def server_config(kds: Kds) -> uvicorn.Config:
-    return uvicorn.Config(create_app(kds), log_level="warning", lifespan="off", access_log=False)
+    return uvicorn_config(create_app(kds))
 
 
-class KdsServer:
-    """Run the KDS app on a loopback socket in a background thread (for tests and in-process fabrics).
-
-    The socket is bound and listening before the thread starts, so a client may connect at once: the
-    kernel queues the connection until uvicorn accepts it (no start-up polling, no sleeps).
-    """
+class KdsServer(ServerThread):
+    """The KDS app on a loopback socket in a background thread (for tests and in-process fabrics)."""
 
     def __init__(self, kds: Kds, host: str = "127.0.0.1", port: int = 0) -> None:
-        self._sock, self.url = listen_socket(host, port)
-        self._server = uvicorn.Server(server_config(kds))
-        self._thread = threading.Thread(
-            target=self._server.run, kwargs={"sockets": [self._sock]}, name="kds-server", daemon=True
-        )
-
-    def __enter__(self) -> KdsServer:
-        self._thread.start()
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def close(self, timeout: float = 10.0) -> None:
-        self._server.should_exit = True
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-        self._sock.close()
+        sock, url = listen_socket(host, port)
+        super().__init__(create_app(kds), sock, url, name="kds-server")
 
 
 class KdsClient:
