@@ -34,34 +34,89 @@ from cvmotion.abi.wire import BundleType
 from cvmotion.errors import CvmError, FirmwareError, FirmwareStatus, UsageError
 from cvmotion.firmware.device import GuestHandle, SecureProcessor
 from cvmotion.firmware.launch import PageType
+from cvmotion.firmware.migration import MigrationFirmware
 from cvmotion.ipc.rpc import Call, Endpoint, Reply
+from cvmotion.vmm.layout import Gpa
 from cvmotion.vmm.memory import GuestMemory
 
-__all__ = ["HOST_METHODS", "PlatformService", "RemoteHardware", "main"]
+__all__ = ["HOST_METHODS", "PlatformService", "RemoteHardware", "SpMemory", "main"]
 
 PAGE = 4096
 
 
+class SpMemory:
+    """A VM's memfd as the SP maps it: reads through the mapping, writes with ``pwrite``.
+
+    An import writes whole runs of pages into memory the SP has not touched yet; ``pwrite`` lets the kernel
+    allocate them without a page-table fault per page (the dominant cost of a write through the mapping).
+    """
+
+    def __init__(self, memory: GuestMemory) -> None:
+        self._memory = memory
+        self.layout = memory.layout
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        return self._memory.view(gpa, length)
+
+    def populated_ranges(self) -> list[tuple[Gpa, int]]:
+        return self._memory.populated_ranges()
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        offset = self.layout.offset_of(gpa, len(data))
+        view = memoryview(data)
+        while len(view):
+            written = os.pwrite(self._memory.fd, view, offset)
+            view, offset = view[written:], offset + written
+
+    def close(self) -> None:
+        self._memory.close()
+
+
 class RemoteHardware:
-    """One VM's hardware as the SP sees it: its memory mapped here, the rest through its VM process."""
+    """One VM's hardware as the SP sees it: its memory mapped here, the rest through its VM process.
+
+    The VM process hands every harvest of its dirty log to the SP (``vm_dirty``) before the engine sees it,
+    so the firmware's fold before each bundle is a local look-up, not a round trip to the VM.
+    """
 
     def __init__(self, name: str, endpoint: Endpoint, memory: GuestMemory) -> None:
         self.name = name
         self._endpoint = endpoint
-        self._memory = memory
+        self._memory = SpMemory(memory)
         self._gfn_limit = max(r.gpa + r.size for r in memory.layout.regions) >> 12
+        self._dirty_lock = threading.Lock()
+        self._dirty: list[npt.NDArray[np.uint64]] = []
 
     @property
-    def memory(self) -> GuestMemory:
+    def memory(self) -> SpMemory:
         return self._memory
 
     @property
     def gfn_limit(self) -> int:
         return self._gfn_limit
 
+    def attached_by(self, endpoint: Endpoint | None) -> bool:
+        return endpoint is self._endpoint
+
+    def add_dirty(self, gfns: npt.NDArray[np.uint64]) -> None:
+        """A harvest the VM process made for the engine (called from the VM process, before the engine has it)."""
+        if len(gfns):
+            with self._dirty_lock:
+                self._dirty.append(gfns)
+
     def take_dirty(self, *, fresh: bool) -> npt.NDArray[np.uint64]:
-        _, blob, _ = self._endpoint.call("sp_take_dirty", {"fresh": fresh})
-        return np.frombuffer(blob, dtype="<u8").astype(np.uint64)
+        parts: list[npt.NDArray[np.uint64]] = []
+        if fresh:
+            # Harvest the hardware log now (the VM process hands the same pages to the engine's view).
+            _, blob, _ = self._endpoint.call("sp_take_dirty", {"fresh": True})
+            parts.append(np.frombuffer(blob, dtype="<u8").astype(np.uint64))
+        with self._dirty_lock:
+            parts += self._dirty
+            self._dirty = []
+        parts = [p for p in parts if len(p)]
+        if not parts:
+            return np.zeros(0, dtype=np.uint64)
+        return np.unique(np.concatenate(parts))
 
     def hold_paused(self) -> None:
         self._endpoint.call("sp_hold_paused")
@@ -92,7 +147,7 @@ class _ImportHardware:
         self.handle: int | None = None
 
     @property
-    def memory(self) -> GuestMemory:
+    def memory(self) -> SpMemory:
         return self._hw.memory
 
     @property
@@ -114,6 +169,38 @@ class _ImportHardware:
         self._hw.restore_with_handle(self.handle, vcpu_state, device_state)
 
 
+class _RingMap:
+    """The SP's mapping of one ring the daemon shares, and the private buffer imports are opened from."""
+
+    def __init__(self, ring: mmap.mmap) -> None:
+        self.map = ring
+        self.view = memoryview(ring)
+        self._private = memoryview(bytearray(0))
+        self._lock = threading.Lock()
+
+    def slice(self, offset: int, length: int) -> memoryview:
+        if offset < 0 or length < 0 or offset + length > len(self.view):
+            raise UsageError(f"ring: {offset:#x}+{length:#x} is outside the ring ({len(self.view):#x} bytes)")
+        return self.view[offset : offset + length]
+
+    def import_bundle(self, mig: MigrationFirmware, ref: int, offset: int, length: int) -> BundleType:
+        """Copy a bundle out of the shared ring, then open it: the daemon could rewrite the ring while the
+        SP decrypts, splitting what is authenticated from what is written.  One buffer per ring, reused;
+        the lock keeps two calls on one ring from sharing it."""
+        source = self.slice(offset, length)
+        with self._lock:
+            if len(self._private) < length:
+                self._private = memoryview(bytearray(length))
+            private = self._private[:length]
+            private[:] = source
+            return mig.import_bundle(ref, private)
+
+    def close(self) -> None:
+        with self._lock, contextlib.suppress(BufferError):  # a view still held elsewhere: the GC unmaps later
+            self.view.release()
+            self.map.close()
+
+
 # The commands an untrusted host may send. Everything else (notably every ma_* firmware call) is refused.
 HOST_METHODS = frozenset(
     {
@@ -126,6 +213,7 @@ HOST_METHODS = frozenset(
         "can_run",
         "decommission",
         "ring_attach",
+        "ring_detach",
         "export_start",
         "export_immutable",
         "export_memory",
@@ -145,7 +233,7 @@ HOST_METHODS = frozenset(
         "vm_handle",
     }
 )
-_VM_METHODS = frozenset({"vm_attach", "vm_detach", "can_run"})
+_VM_METHODS = frozenset({"vm_attach", "vm_detach", "vm_dirty", "can_run"})
 
 
 class PlatformService:
@@ -157,7 +245,7 @@ class PlatformService:
         self.hardware: dict[str, RemoteHardware] = {}
         self.handles: dict[str, GuestHandle] = {}
         self.imports: dict[str, tuple[int, _ImportHardware]] = {}
-        self._rings: dict[str, tuple[mmap.mmap, memoryview]] = {}
+        self._rings: dict[str, _RingMap] = {}
         self.extra_methods: dict[str, Callable[[Call], Reply]] = {}
 
     # -- connections --------------------------------------------------------------------------------
@@ -179,6 +267,8 @@ class PlatformService:
             if call.method == "vm_attach":
                 assert call.endpoint is not None
                 return self._vm_attach(call, call.endpoint)
+            if call.method == "vm_dirty":
+                return self._vm_dirty(call)
             return self.dispatch(call)
 
         return Endpoint(conn, handler, name="platform")
@@ -197,6 +287,19 @@ class PlatformService:
         endpoint.on_close(lambda: self._vm_gone(name, hw))
         return Reply()
 
+    def _vm_dirty(self, call: Call) -> Reply:
+        """A VM process hands the SP a harvest of its dirty log (only for the VM it attached itself)."""
+        hw = self.hardware.get(str(call.args.get("name")))
+        if hw is None or not hw.attached_by(call.endpoint):
+            raise UsageError("vm_dirty: this connection did not attach that VM")
+        if len(call.blob) % 8:
+            raise UsageError(f"vm_dirty: {len(call.blob)} bytes is not a list of u64 GFNs")
+        gfns = np.frombuffer(call.blob, dtype="<u8").astype(np.uint64)
+        if len(gfns) and int(gfns.max()) >= hw.gfn_limit:
+            raise UsageError("vm_dirty: GFN beyond guest memory")
+        hw.add_dirty(gfns)
+        return Reply()
+
     def _vm_gone(self, name: str, hw: RemoteHardware) -> None:
         with self._lock:
             if self.hardware.get(name) is hw:
@@ -209,14 +312,14 @@ class PlatformService:
             raise UsageError(f"no VM named {name!r} is attached to this platform")
         return hw
 
-    def _ring(self, ring: str, offset: int, length: int) -> memoryview:
+    def _ring_map(self, ring: str) -> _RingMap:
         entry = self._rings.get(ring)
         if entry is None:
             raise UsageError(f"no ring {ring!r}")
-        view = entry[1]
-        if offset < 0 or length < 0 or offset + length > len(view):
-            raise UsageError(f"ring {ring!r}: {offset:#x}+{length:#x} is outside the ring")
-        return view[offset : offset + length]
+        return entry
+
+    def _ring(self, ring: str, offset: int, length: int) -> memoryview:
+        return self._ring_map(ring).slice(offset, length)
 
     # -- commands -----------------------------------------------------------------------------------
 
@@ -259,6 +362,12 @@ class PlatformService:
             return Reply({"handle": handle})
         if m == "ring_attach":
             return self._ring_attach(call)
+        if m == "ring_detach":
+            with self._lock:
+                detached = self._rings.pop(str(a["ring"]), None)
+            if detached is not None:
+                detached.close()
+            return Reply()
         if m.startswith("export_"):
             return self._export(m, a, call.blob)
         if m.startswith("import_"):
@@ -314,10 +423,9 @@ class PlatformService:
         name = str(call.args["ring"])
         with self._lock:
             old = self._rings.pop(name, None)
-            self._rings[name] = (ring, memoryview(ring))
+            self._rings[name] = _RingMap(ring)
         if old is not None:
-            old[1].release()
-            old[0].close()
+            old.close()
         return Reply({"size": size})
 
     def _export(self, m: str, a: dict[str, Any], blob: bytes) -> Reply:
@@ -330,9 +438,7 @@ class PlatformService:
         if m == "export_immutable":
             return Reply({}, mig.export_immutable(handle, stream))
         if m == "export_memory":
-            gfns = np.frombuffer(blob, dtype="<u8").astype(np.uint64)
-            out = self._ring(str(a["ring"]), int(a["offset"]), int(a["capacity"]))
-            return Reply({"length": mig.export_memory(handle, stream, gfns, out)})
+            return Reply({"lengths": self._export_memory(handle, stream, a, blob)})
         if m == "export_epoch_token":
             return Reply({}, mig.export_epoch_token(handle, stream))
         if m == "export_pause":
@@ -358,6 +464,22 @@ class PlatformService:
             return Reply({"state": mig.export_status(handle)})
         raise UsageError(f"unknown export command {m!r}")
 
+    def _export_memory(self, handle: GuestHandle, stream: int, a: dict[str, Any], blob: bytes) -> list[int]:
+        """Seal one or more bundles into ring slots: ``bundles`` = [[offset, capacity, pages], ...] with the
+        GFNs of all of them, in order, in the blob (one round trip for several bundles)."""
+        ring = self._ring_map(str(a["ring"]))
+        gfns = np.frombuffer(blob, dtype="<u8").astype(np.uint64)
+        specs = [(int(o), int(c), int(n)) for o, c, n in a["bundles"]]
+        if sum(n for _, _, n in specs) != len(gfns):
+            raise UsageError(f"export_memory: the bundles name {sum(n for _, _, n in specs)} pages, {len(gfns)} given")
+        lengths = []
+        first = 0
+        for offset, capacity, pages in specs:
+            out = ring.slice(offset, capacity)
+            lengths.append(self.sp.migration.export_memory(handle, stream, gfns[first : first + pages], out))
+            first += pages
+        return lengths
+
     def register_import(self, vm: str, session_id: bytes) -> int:
         """Create the import context for an attached incoming VM (called by the MA session set-up)."""
         hw = _ImportHardware(self._hw(vm), self)
@@ -377,10 +499,9 @@ class PlatformService:
         vm = str(a["vm"])
         ref, hw = self._import_ref(vm)
         if m == "import_bundle":
-            # A private copy: the ring is shared with the untrusted daemon.
-            data = bytes(self._ring(str(a["ring"]), int(a["offset"]), int(a["length"])))
-            kind = mig.import_bundle(ref, data)
-            return Reply({"kind": kind.name})
+            ring = self._ring_map(str(a["ring"]))
+            kinds = [ring.import_bundle(mig, ref, int(offset), int(length)) for offset, length in a["bundles"]]
+            return Reply({"kinds": [k.name for k in kinds]})
         if m == "import_abort":
             return Reply({}, mig.import_abort(ref))
         if m == "import_activate":

@@ -25,6 +25,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -83,15 +84,19 @@ class DirtyViews:
     """Two consumers of one hardware dirty log: the migration engine and the secure processor.
 
     Every harvest of the KVM (or unicorn) log feeds both views, so the firmware learns about every write the
-    engine learns about, and vice versa — the firmware's "exported and clean" check stays exact.
+    engine learns about, and vice versa — the firmware's "exported and clean" check stays exact.  A consumer
+    with a ``feeds`` callable is handed each harvest at once (the SP: its view lives in the platform process,
+    so folding it before each bundle is local there); the harvest reaches it before the harvesting consumer
+    has it, so the engine can never ask the SP to export a page the SP does not yet know is dirty.
     """
 
     CONSUMERS = ("engine", "sp")
 
-    def __init__(self, vm: Vm) -> None:
+    def __init__(self, vm: Vm, feeds: dict[str, Callable[[npt.NDArray[np.uint64]], object]] | None = None) -> None:
         self._vm = vm
         self._lock = threading.Lock()
         self._pending: dict[str, list[npt.NDArray[np.uint64]]] = {c: [] for c in self.CONSUMERS}
+        self._feeds = dict(feeds or {})
         self.tracking = False
 
     def start(self) -> None:
@@ -108,10 +113,15 @@ class DirtyViews:
             parts = self._pending[consumer]
             if fresh:
                 new = self._vm.harvest_dirty().gfns()
-                for other, pending in self._pending.items():
-                    if other != consumer and len(new):
-                        pending.append(new)
                 if len(new):
+                    for other, pending in self._pending.items():
+                        if other == consumer:
+                            continue
+                        feed = self._feeds.get(other)
+                        if feed is not None:
+                            feed(new)  # raises if the other consumer cannot be told: nobody gets this harvest
+                        else:
+                            pending.append(new)
                     parts.append(new)
             self._pending[consumer] = []
         if not parts:
@@ -238,7 +248,7 @@ class VmProcess:
         if spec.mode == "launch":
             self.vm = Vm.create(MachineConfig(spec.memory, spec.vcpus, backend), load_image(spec.image), spec.cmdline)
             self.memory = self.vm.memory
-            self.dirty = DirtyViews(self.vm)
+            self.dirty = DirtyViews(self.vm, feeds={"sp": self._feed_sp})
         elif spec.mode == "incoming":
             self.memory = GuestMemory(spec.memory, name=f"cvmotion-{spec.name}")
         else:
@@ -410,6 +420,12 @@ class VmProcess:
             return Reply()
         raise UsageError(f"unknown VM control method {m!r}")
 
+    def _feed_sp(self, gfns: npt.NDArray[np.uint64]) -> None:
+        """Hand a harvest to the secure processor's dirty view (in the platform process)."""
+        if self.platform is None:
+            raise UsageError("no platform connection: the secure processor cannot be told about dirty pages")
+        self.platform.call("vm_dirty", {"name": self.spec.name}, gfns.astype("<u8").tobytes())
+
     def _require_dirty(self) -> DirtyViews:
         if self.dirty is None:
             raise UsageError("no running VM to track")
@@ -448,7 +464,7 @@ class VmProcess:
             state = VmState.from_bytes(call.blob[:vcpu_len])
             backend = BackendKind(self.spec.backend) if self.spec.backend else None
             self.vm = Vm.restore(state, self.memory, backend)
-            self.dirty = DirtyViews(self.vm)
+            self.dirty = DirtyViews(self.vm, feeds={"sp": self._feed_sp})
             self.handle = int(call.args["handle"])
             self._user_paused = True
             self._restored = True

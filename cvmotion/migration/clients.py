@@ -68,29 +68,43 @@ class PlatformClient:
     def attach_ring(self, ring: Ring) -> None:
         self.endpoint.call("ring_attach", {"ring": ring.name}, fds=[ring.fd])
 
+    def detach_ring(self, ring: Ring) -> None:
+        self.endpoint.call("ring_detach", {"ring": ring.name})
+
     def export_memory(self, handle: int, stream: int, gfns: npt.NDArray[np.uint64], ring: Ring, slot: int) -> int:
-        result, _, _ = self.endpoint.call(
-            "export_memory",
-            {
-                "handle": handle,
-                "stream": stream,
-                "ring": ring.name,
-                "offset": ring.offset(slot),
-                "capacity": ring.slot_size,
-            },
-            gfns.astype(GFN_DTYPE).tobytes(),
+        """Seal ``gfns`` (one bundle) into ``slot`` of ``ring``; returns the bundle's length."""
+        return self.export_memory_batch(handle, stream, [gfns], ring, [slot])[0]
+
+    def export_memory_batch(
+        self, handle: int, stream: int, batches: list[npt.NDArray[np.uint64]], ring: Ring, slots: list[int]
+    ) -> list[int]:
+        """Seal several bundles (one GFN array each) into ring slots in one round trip; returns their lengths."""
+        bundles = [[ring.offset(slot), ring.slot_size, len(g)] for g, slot in zip(batches, slots, strict=True)]
+        blob = (
+            np.concatenate(batches).astype(GFN_DTYPE).tobytes()
+            if len(batches) > 1
+            else batches[0].astype(GFN_DTYPE).tobytes()
         )
-        return int(result["length"])
+        result, _, _ = self.endpoint.call(
+            "export_memory", {"handle": handle, "stream": stream, "ring": ring.name, "bundles": bundles}, blob
+        )
+        return [int(n) for n in result["lengths"]]
 
     def export_blob(self, method: str, handle: int, stream: int = 0, **args: Any) -> bytes:
         _, blob, _ = self.endpoint.call(method, {"handle": handle, "stream": stream, **args})
         return blob
 
     def import_bundle(self, vm: str, ring: Ring, slot: int, length: int) -> str:
+        """Hand one bundle in ``slot`` of ``ring`` to the firmware; returns its type's name."""
+        return self.import_bundles(vm, ring, [(ring.offset(slot), length)])[0]
+
+    def import_bundles(self, vm: str, ring: Ring, bundles: list[tuple[int, int]]) -> list[str]:
+        """Hand several bundles, ``(ring offset, length)`` each and in stream order, to the firmware in one
+        round trip; returns their types' names.  The first that fails raises (the import is FAILED then)."""
         result, _, _ = self.endpoint.call(
-            "import_bundle", {"vm": vm, "ring": ring.name, "offset": ring.offset(slot), "length": length}
+            "import_bundle", {"vm": vm, "ring": ring.name, "bundles": [list(b) for b in bundles]}
         )
-        return str(result["kind"])
+        return [str(k) for k in result["kinds"]]
 
     def close(self) -> None:
         self.endpoint.close()

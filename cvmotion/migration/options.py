@@ -19,6 +19,7 @@ class MigrationOptions:
     streams: int = 2
     max_rounds: int = 30
     pages_per_bundle: int = MAX_PAGES_PER_BUNDLE
+    batch_bundles: int = 4  # bundles per round trip to the platform process (each stream rings 2 batches)
     auto_converge: bool = True
     throttle_initial: int = 20
     throttle_increment: int = 10
@@ -34,6 +35,8 @@ class MigrationOptions:
             raise UsageError(f"--downtime-limit {self.downtime_limit_ms} ms: use 1..60000")
         if not 1 <= self.pages_per_bundle <= MAX_PAGES_PER_BUNDLE:
             raise UsageError(f"pages per bundle must be 1..{MAX_PAGES_PER_BUNDLE}")
+        if not 1 <= self.batch_bundles <= 16:
+            raise UsageError(f"bundles per batch must be 1..16, not {self.batch_bundles}")
         if not 1 <= self.max_rounds <= 1000:
             raise UsageError("max rounds must be 1..1000")
         if not 0 <= self.throttle_initial <= self.throttle_max <= 99:

@@ -23,11 +23,12 @@ from collections.abc import Callable
 from typing import Any
 
 from cvmotion.abi import wire
-from cvmotion.abi.wire import BundleHeader, BundleType
+from cvmotion.abi.wire import BundleType
 from cvmotion.errors import AbiError, CvmError, IntegrityError, MigrationError, ProtocolError
 from cvmotion.migration.channel import FrameKind, FrameSocket
 from cvmotion.migration.clients import PlatformClient, Ring, VmClient
 from cvmotion.migration.options import MigrationOptions
+from cvmotion.migration.pipeline import Arrival, IncomingStream
 from cvmotion.migration.stats import MigrationStats, MigrationStatus
 
 __all__ = ["Receiver"]
@@ -64,12 +65,14 @@ class Receiver:
         self._control_ready = threading.Event()
         self._cond = threading.Condition()
         self._imported: dict[int, int] = defaultdict(int)
+        self._epochs_closed = 0  # epoch tokens the firmware accepted: bundles of a later epoch wait for them
         self._context_ready = threading.Event()
-        self._streams: list[threading.Thread] = []
-        self._stream_sockets: list[FrameSocket] = []
-        self._rings: list[Ring] = []
+        self._streams: list[IncomingStream] = []
         self._lock = threading.Lock()
         self.committed = threading.Event()
+        self._commit_done = threading.Event()
+        self._control_send_lock = threading.Lock()  # stream importers and the control loop all send
+        self._phases: dict[str, float] = {}  # the switchover as this side saw it (ms), reported to the source
         self.failed = threading.Event()
         self.abort_token: bytes | None = None
         self.handle: int | None = None
@@ -89,15 +92,26 @@ class Receiver:
         elif role == "stream":
             index = int(hello.get("index", -1))
             with self._lock:
-                if not 0 <= index < self.expected_streams or len(self._streams) >= self.expected_streams:
+                taken = {stream.index for stream in self._streams}
+                if not 0 <= index < self.expected_streams or index in taken:
                     raise ProtocolError(f"unexpected stream {index}")
-                ring = Ring(f"in-{self.stats.id}-{index}", 2, self.options.pages_per_bundle)
-                self.platform.attach_ring(ring)
-                self._rings.append(ring)
-                self._stream_sockets.append(sock)
-                thread = threading.Thread(target=self._stream, args=(index, sock, ring), name=f"mig-in-{index}")
-                self._streams.append(thread)
-            thread.start()
+                o = self.options
+                ring = Ring(f"in-{self.stats.id}-{index}", 2 * o.batch_bundles, o.pages_per_bundle)
+                try:
+                    self.platform.attach_ring(ring)
+                except BaseException:
+                    ring.close()
+                    raise
+                stream = IncomingStream(
+                    index,
+                    sock,
+                    ring,
+                    import_batch=self._import_batch,
+                    on_error=self._stream_error,
+                    batch=o.batch_bundles,
+                )
+                self._streams.append(stream)
+            stream.start()
         else:
             raise ProtocolError(f"unknown connection role {role!r}")
 
@@ -124,8 +138,8 @@ class Receiver:
             if not self.committed.is_set():
                 self.fail(exc)
         finally:
-            for thread in self._streams:
-                thread.join(self.options.io_timeout)
+            if self.committed.is_set():
+                self._commit_done.wait(self.options.io_timeout)  # activation runs on the stream that committed
             self._finish()
 
     def _agent_session(self) -> None:
@@ -159,6 +173,7 @@ class Receiver:
     # -- streams -----------------------------------------------------------------------------------
 
     def _wait_for(self, epoch: int, total: int) -> None:
+        """Hold a token of ``epoch`` until ``total`` bundles of that epoch went to the firmware (other streams)."""
         deadline = time.monotonic() + self.options.io_timeout
         with self._cond:
             while self._imported[epoch] < total and not self.failed.is_set():
@@ -167,63 +182,84 @@ class Receiver:
                     return  # hand the token over anyway: the firmware will find the count wrong
                 self._cond.wait(left)
 
-    def _stream(self, index: int, sock: FrameSocket, ring: Ring) -> None:
-        slot = 0
-        try:
-            while not self.failed.is_set():
-                kind, length = sock.recv_head()
-                if kind is FrameKind.END:
-                    return
-                if kind is not FrameKind.BUNDLE or length > ring.slot_size:
-                    raise ProtocolError(f"stream {index}: unexpected {kind.name} frame of {length} bytes")
-                view = ring.slot(slot)[:length]
-                sock.recv_into(view)
-                self._import(index, ring, slot, view)
-                slot ^= 1
-        except BaseException as exc:  # noqa: BLE001
-            if not self.committed.is_set():
-                self.fail(exc)
+    def _wait_epoch_open(self, epoch: int) -> None:
+        """Hold a bundle of ``epoch`` until the tokens of every earlier epoch went through (they may travel on
+        another stream): the firmware takes epochs strictly in order."""
+        deadline = time.monotonic() + self.options.io_timeout
+        with self._cond:
+            while self._epochs_closed < epoch and not self.failed.is_set():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return  # hand it over anyway: the firmware refuses an out-of-order epoch
+                self._cond.wait(left)
+
+    def _send_control(self, message: dict[str, Any]) -> None:
+        """A message to the source (best effort: a lost control connection is handled by ``outcome()``)."""
+        if self.control is None:
+            return
+        with self._control_send_lock, contextlib.suppress(OSError, CvmError):
+            self.control.send_json(FrameKind.CONTROL, message)
+
+    def _stream_error(self, exc: BaseException) -> None:
+        # After the commit a stream ends when the source closes it (the normal end of a migration).
+        if not self.committed.is_set():
+            self.fail(exc)
+
+    def _import_batch(self, index: int, ring: Ring, arrivals: list[Arrival]) -> None:
+        """Hand bundles of one stream to the firmware, in order: one epoch's bundles, or a token alone."""
+        header = arrivals[0].header  # untrusted: only used to order work, never for security
+        kind = header.type
+        started = time.monotonic()
+        if kind is not BundleType.IMMUTABLE_STATE and not self._context_ready.wait(self.options.io_timeout):
+            raise MigrationError("no guest context arrived")
+        self._wait_epoch_open(header.epoch)
+        if kind in (BundleType.EPOCH_TOKEN, BundleType.START_TOKEN):
+            view = ring.slot(arrivals[0].slot)[: arrivals[0].length]
+            meta = bytes(view[wire.HEADER_SIZE : header.size - wire.MAC_SIZE])
+            if kind is BundleType.EPOCH_TOKEN:
+                self._wait_for(header.epoch, wire.parse_epoch_token_metadata(meta))
             else:
+                self._wait_for(header.epoch, wire.parse_start_token_metadata(meta)[1])
+        self.platform.import_bundles(self.stats.vm, ring, [(ring.offset(a.slot), a.length) for a in arrivals])
+        self.stats.transferred += sum(a.length for a in arrivals)
+        if kind is BundleType.IMMUTABLE_STATE:
+            self._context_ready.set()
+        if kind is BundleType.EPOCH_TOKEN:
+            # The source times its rounds end to end by this (and does not run ahead of the import).
+            self._send_control({"type": "epoch-imported", "epoch": header.epoch})
+        with self._cond:
+            if kind is BundleType.EPOCH_TOKEN:
+                self._epochs_closed = max(self._epochs_closed, header.epoch + 1)
+            elif kind is not BundleType.START_TOKEN:
+                self._imported[header.epoch] += len(arrivals)
+            self._cond.notify_all()
+        if kind is BundleType.START_TOKEN:
+            self._phases["start-token-imported"] = (time.monotonic() - started) * 1000
+            try:
+                self._commit()
+            except BaseException as exc:  # noqa: BLE001
                 # Committed but not running: the source is frozen, so the VM is stopped on both ends (safe,
                 # never forked); say so loudly, the operator (or a daemon restart) activates it.
                 log.exception("migration %s: committed but activation failed", self.stats.id)
                 self.stats.error = f"committed, activation failed: {exc}"
                 self.stats.outcome = "committed; destination VM not running"
                 self.emit("MigrationActivationFailed", {"id": self.stats.id, "error": str(exc)})
-
-    def _import(self, index: int, ring: Ring, slot: int, view: memoryview) -> None:
-        header = BundleHeader.from_bytes(view)  # untrusted: only used to order work, never for security
-        kind = header.type
-        if kind is not BundleType.IMMUTABLE_STATE and not self._context_ready.wait(self.options.io_timeout):
-            raise MigrationError("no guest context arrived")
-        meta = bytes(view[wire.HEADER_SIZE : header.size - wire.MAC_SIZE])
-        if kind is BundleType.EPOCH_TOKEN:
-            self._wait_for(header.epoch, wire.parse_epoch_token_metadata(meta))
-        elif kind is BundleType.START_TOKEN:
-            self._wait_for(header.epoch, wire.parse_start_token_metadata(meta)[1])
-        self.platform.import_bundle(self.stats.vm, ring, slot, len(view))
-        self.stats.transferred += len(view)
-        if kind is BundleType.IMMUTABLE_STATE:
-            self._context_ready.set()
-        if kind not in (BundleType.EPOCH_TOKEN, BundleType.START_TOKEN):
-            with self._cond:
-                self._imported[header.epoch] += 1
-                self._cond.notify_all()
-        if kind is BundleType.START_TOKEN:
-            self._commit()
+            finally:
+                self._commit_done.set()
 
     def _commit(self) -> None:
         """The start token verified: the destination owns the VM now."""
         self.committed.set()
+        t0 = time.monotonic()
         result, _, _ = self.platform.call("import_activate", {"vm": self.stats.vm})
         self.handle = int(result["handle"])
+        self._phases["activated"] = (time.monotonic() - t0) * 1000
         self.vm.call("resume")
         self.resumed_at = time.monotonic()
+        self._phases["resumed"] = (self.resumed_at - t0) * 1000
         self.stats.status = MigrationStatus.COMPLETED
         self.stats.outcome = "running on destination"
-        if self.control is not None:
-            with contextlib.suppress(OSError, CvmError):
-                self.control.send_json(FrameKind.CONTROL, {"type": "committed", "handle": self.handle})
+        self._send_control({"type": "committed", "handle": self.handle, "phases": self._phases})
         self.emit("MigrationCommitted", {"id": self.stats.id, "vm": self.stats.vm, "handle": self.handle})
 
     # -- failure -----------------------------------------------------------------------------------
@@ -246,15 +282,15 @@ class Receiver:
             self.abort_token = self.platform.call("import_abort", {"vm": s.vm})[1]
         except CvmError as abort_exc:
             s.error += f" (no abort token: {abort_exc})"
-        if self.control is not None and self.abort_token is not None:
-            message = {"type": "aborted", "reason": reason, "token": base64.b64encode(self.abort_token).decode()}
-            with contextlib.suppress(OSError, CvmError):
-                self.control.send_json(FrameKind.CONTROL, message)
+        if self.abort_token is not None:
+            token = base64.b64encode(self.abort_token).decode()
+            self._send_control({"type": "aborted", "reason": reason, "token": token})
         s.outcome = "import failed; source may resume with the abort token"
         self.emit("MigrationImportFailed", {"id": s.id, "error": reason, "kind": s.error_kind})
-        for sock in self._stream_sockets:
+        for stream in self._streams:
+            stream.stop()
             with contextlib.suppress(OSError):
-                sock.sock.shutdown(2)
+                stream.sock.sock.shutdown(2)
 
     def _finish(self) -> None:
         s = self.stats
@@ -262,11 +298,15 @@ class Receiver:
         if self.control is not None:
             with contextlib.suppress(OSError):
                 self.control.close()
-        for sock in self._stream_sockets:
-            sock.close()
-        for ring in self._rings:
+        for stream in self._streams:
+            stream.stop()
+            stream.sock.close()
+        for stream in self._streams:
+            stream.join(self.options.io_timeout)
+            with contextlib.suppress(CvmError):
+                self.platform.detach_ring(stream.ring)
             with contextlib.suppress(BufferError):
-                ring.close()
+                stream.ring.close()
         if not self.committed.is_set():
             with contextlib.suppress(CvmError):
                 self.vm.call("stop")

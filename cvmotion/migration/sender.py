@@ -18,9 +18,9 @@ Before the start token any failure aborts locally and the VM resumes on the sour
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
-import queue
 import threading
 import time
 import uuid
@@ -36,6 +36,7 @@ from cvmotion.errors import Aborted, CvmError, MigrationError, PolicyViolation, 
 from cvmotion.migration.channel import FrameKind, FrameSocket, connect
 from cvmotion.migration.clients import PlatformClient, Ring, VmClient
 from cvmotion.migration.options import MigrationOptions
+from cvmotion.migration.pipeline import OutgoingStream
 from cvmotion.migration.stats import BandwidthMeter, MigrationStats, MigrationStatus, RoundStats
 
 __all__ = ["Destination", "Sender"]
@@ -55,68 +56,6 @@ class Destination:
     ticket: str
     migration_id: str
     name: str = ""
-
-
-class _Stream:
-    """One TCP stream: a worker that seals pages into its ring and sends them, double-buffered."""
-
-    def __init__(self, index: int, sock: FrameSocket, ring: Ring, sender: Sender) -> None:
-        self.index = index
-        self.sock = sock
-        self.ring = ring
-        self.sender = sender
-        self.jobs: queue.Queue[npt.NDArray[np.uint64] | bytes | None] = queue.Queue()
-        self.pending = 0
-        self.cond = threading.Condition()
-        self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._run, name=f"mig-stream-{index}", daemon=True)
-        self.thread.start()
-
-    def submit(self, job: npt.NDArray[np.uint64] | bytes) -> None:
-        with self.cond:
-            self.pending += 1
-        self.jobs.put(job)
-
-    def drain(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        with self.cond:
-            while self.pending and self.error is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise MigrationError(f"stream {self.index}: sending timed out")
-                self.cond.wait(left)
-        if self.error is not None:
-            raise MigrationError(f"stream {self.index}: {self.error}") from self.error
-
-    def _run(self) -> None:
-        s = self.sender
-        slot = 0
-        while True:
-            job = self.jobs.get()
-            if job is None:
-                return
-            try:
-                if self.error is None:
-                    if isinstance(job, bytes):
-                        sent = self.sock.send(FrameKind.BUNDLE, job)
-                    else:
-                        length = s.platform.export_memory(s.handle, self.index, job, self.ring, slot)
-                        bundle = self.ring.slot(slot)[:length]
-                        s.count_pages(bundle)
-                        sent = self.sock.send(FrameKind.BUNDLE, bundle)
-                        slot ^= 1
-                    s.account(sent)
-            except BaseException as exc:  # noqa: BLE001 - handed to the coordinator, which aborts
-                self.error = exc
-            finally:
-                with self.cond:
-                    self.pending -= 1
-                    self.cond.notify_all()
-
-    def close(self) -> None:
-        self.jobs.put(None)
-        self.thread.join(5)
-        self.sock.close()
 
 
 class Sender:
@@ -147,7 +86,7 @@ class Sender:
         self.on_finished = on_finished
         self.session_id = session_id if session_id is not None else os.urandom(16)
         self.control: FrameSocket | None = None
-        self.streams: list[_Stream] = []
+        self.streams: list[OutgoingStream] = []
         self.meter = BandwidthMeter()
         self._account_lock = threading.Lock()
         self.start_token_sent = False
@@ -157,7 +96,18 @@ class Sender:
 
     # -- accounting --------------------------------------------------------------------------------
 
-    def count_pages(self, bundle: memoryview) -> None:
+    def _sealer(self, stream: int, ring: Ring) -> Callable[[list[npt.NDArray[np.uint64]], list[int]], list[int]]:
+        def seal(batches: list[npt.NDArray[np.uint64]], slots: list[int]) -> list[int]:
+            return self.platform.export_memory_batch(self.handle, stream, batches, ring, slots)
+
+        return seal
+
+    def _sent(self, bundle: memoryview | bytes, nbytes: int, memory: bool) -> None:
+        if memory:
+            self.count_pages(bundle)
+        self.account(nbytes)
+
+    def count_pages(self, bundle: memoryview | bytes) -> None:
         """Zero vs normal pages, from the bundle's plaintext metadata (ZERO is flag bit 0 of each entry)."""
         count = int.from_bytes(bundle[24:26], "little")
         entries = np.frombuffer(bundle[32 : 32 + 8 * count], dtype="<u8")
@@ -190,6 +140,10 @@ class Sender:
         finally:
             for stream in self.streams:
                 stream.close()
+                with _suppress():
+                    self.platform.detach_ring(stream.ring)
+                with contextlib.suppress(BufferError):
+                    stream.ring.close()
             if self.control is not None:
                 self.control.close()
             s.total_ms = s.elapsed_ms()
@@ -208,9 +162,16 @@ class Sender:
             sock.send_json(
                 FrameKind.HELLO, {"ticket": d.ticket, "role": "stream", "index": i, "migration": d.migration_id}
             )
-            ring = Ring(f"{s.id}-{i}", 2, o.pages_per_bundle)
-            self.platform.attach_ring(ring)
-            self.streams.append(_Stream(i, sock, ring, self))
+            ring = Ring(f"{s.id}-{i}", 2 * o.batch_bundles, o.pages_per_bundle)
+            try:
+                self.platform.attach_ring(ring)
+            except BaseException:
+                ring.close()
+                sock.close()
+                raise
+            self.streams.append(
+                OutgoingStream(i, sock, ring, seal=self._sealer(i, ring), on_sent=self._sent, batch=o.batch_bundles)
+            )
         self._agent_session()
         self.platform.call("export_start", {"handle": self.handle, "vm": s.vm})
         self.vm.call("start_dirty_tracking")
@@ -261,8 +222,19 @@ class Sender:
         return self.stats.transferred - before, time.monotonic() - t0
 
     def _epoch_token(self) -> None:
+        """Close the round's epoch and wait until the destination's firmware took it: a round is timed end to
+        end (the page rate it yields predicts the downtime), and the source never runs ahead of the import."""
+        assert self.control is not None
         self.streams[0].submit(self.platform.export_blob("export_epoch_token", self.handle, 0))
         self.streams[0].drain(self.options.io_timeout)
+        self.control.sock.settimeout(self.options.io_timeout)
+        kind, message = self.control.recv_json()
+        if kind is not FrameKind.CONTROL:
+            raise ProtocolError(f"expected the destination's epoch acknowledgement, got {kind.name}")
+        if message.get("type") == "aborted":
+            raise MigrationError(f"destination failed the import: {message.get('reason', 'unknown reason')}")
+        if message.get("type") != "epoch-imported":
+            raise ProtocolError(f"unexpected control message {message.get('type')!r} during pre-copy")
 
     def _precopy(self) -> None:
         s, o = self.stats, self.options
@@ -273,13 +245,17 @@ class Sender:
         for rnd in range(o.max_rounds):
             if self.cancel.is_set():
                 raise Aborted("migration cancelled")
-            sent, seconds = self._send_round(gfns)
+            t0 = time.monotonic()
+            sent, _ = self._send_round(gfns)
             self._epoch_token()
+            seconds = time.monotonic() - t0
             dirty = self.vm.harvest_dirty()
             s.remaining = len(dirty) * PAGE
             s.dirty_pages_rate = len(dirty) / seconds if seconds > 0 else 0.0
-            bandwidth = max(self.meter.bytes_per_second, sent / seconds if seconds > 0 else 0.0, 1.0)
-            s.expected_downtime_ms = len(dirty) * PAGE / bandwidth * 1000
+            # Pages per second of this round, end to end (sealed, sent, opened): the next round's pages are of
+            # the same kind (a dirty set), so this predicts their cost better than bytes on the wire.
+            page_rate = max(len(gfns) / seconds if seconds > 0 else 0.0, 1.0)
+            s.expected_downtime_ms = len(dirty) / page_rate * 1000
             s.rounds.append(RoundStats(rnd, len(gfns), 0, sent, seconds, len(dirty)))
             self.emit(
                 "MigrationRound",
@@ -311,22 +287,33 @@ class Sender:
         self.emit("MigrationForcedSwitchover", {"id": s.id, "remaining": s.remaining})
         self._final_dirty = gfns
 
+    def _mark(self, phase: str) -> None:
+        self.stats.downtime_phases[phase] = (time.monotonic() - self.paused_at) * 1000
+
     def _switchover(self) -> None:
         s, o = self.stats, self.options
+        if s.throttle_pct:
+            self.vm.call("throttle", {"pct": 0})
         self.paused_at = time.monotonic()
         s.status = MigrationStatus.DEVICE
         self.vm.call("pause")
-        self.vm.call("throttle", {"pct": 0})
+        self._mark("paused")
         self.platform.call("export_pause", {"handle": self.handle})
+        self._mark("held")
         final = np.union1d(self._final_dirty, self.vm.harvest_dirty()).astype(np.uint64)
+        self._mark("harvested")
         if len(final):
             self._send_round(final)
+        self._mark("final-pages-sent")
         for kind in (BundleType.VCPU_STATE, BundleType.DEVICE_STATE, BundleType.MUTABLE_STATE):
             self.streams[0].submit(self.platform.export_blob("export_state", self.handle, 0, kind=kind.name))
+        self._mark("state-sealed")
         token = self.platform.export_blob("export_start_token", self.handle, 0)
         self.start_token_sent = True  # from here on the source never resumes without an abort token
+        self._mark("start-token-sealed")
         self.streams[0].submit(token)
         self.streams[0].drain(o.io_timeout)
+        self._mark("start-token-sent")
         s.rounds.append(
             RoundStats(len(s.rounds), len(final), 0, s.downtime_bytes, time.monotonic() - self.paused_at, 0)
         )
@@ -342,6 +329,12 @@ class Sender:
         verdict = message.get("type")
         if verdict == "committed":
             s.downtime_ms = (time.monotonic() - self.paused_at) * 1000
+            self._mark("committed-heard")
+            phases = message.get("phases")
+            if isinstance(phases, dict):
+                for name, ms in phases.items():
+                    if isinstance(ms, int | float):
+                        s.downtime_phases[f"destination-{name}"] = float(ms)
             self.platform.call("export_finish", {"handle": self.handle})
             s.status = MigrationStatus.COMPLETED
             s.outcome = "running on destination"

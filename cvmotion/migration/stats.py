@@ -101,6 +101,7 @@ class MigrationStats:
     throttle_pct: int = 0
     streams: int = 1
     rounds: list[RoundStats] = field(default_factory=list)
+    downtime_phases: dict[str, float] = field(default_factory=dict)  # ms from the pause, per switchover step
     error: str | None = None
     error_kind: str | None = None
     outcome: str = ""  # "running on destination", "resumed on source", "stopped, awaiting destination"
@@ -161,6 +162,7 @@ class MigrationStats:
             out["downtime"] = round(self.downtime_ms)
             out["x-cvmotion"]["downtime-ms"] = round(self.downtime_ms, 2)
             out["x-cvmotion"]["total-time-ms"] = round(self.total_ms, 2)
+            out["x-cvmotion"]["downtime-phases-ms"] = {k: round(v, 2) for k, v in self.downtime_phases.items()}
         if self.error:
             out["error-desc"] = self.error
             out["x-cvmotion"]["error-kind"] = self.error_kind
