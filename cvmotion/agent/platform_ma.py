@@ -9,7 +9,9 @@ The untrusted host daemon relays the MAs' frames; it can start a session and del
 Replies carry frames (ciphertext inside TLS, or public HELLO/certificate data) and a public summary of the
 peer: never keys.  Configuration comes from the host's data directory (written by the operator, i.e. the
 host daemon on first start): ``pool-credential.der`` (this chip's pool credential), ``pool-ca.pem`` (the
-operator pool CA it trusts) and, optionally, ``ma-config.json`` (``policy_svn``, revoked chip ids/TCBs).
+operator pool CA it trusts) and, optionally, ``ma-config.json``: ``policy_svn``, ``revoked_chip_ids``,
+``revoked_tcbs``, ``allowed_ma_measurements`` (hex launch digests of peer MAs this host accepts; default: this
+build's) and ``versions`` (``[min, max]`` protocol versions this MA speaks; default ``[1, 1]``).
 """
 
 from __future__ import annotations
@@ -24,13 +26,14 @@ from cryptography import x509
 
 from cvmotion.abi.snp import Product, TcbVersion
 from cvmotion.agent.destination import DestinationSession
+from cvmotion.agent.hello import VersionRange
 from cvmotion.agent.identity import MigrationAgentIdentity
 from cvmotion.agent.platform import PlatformService
 from cvmotion.agent.policy import AgentConfig
 from cvmotion.agent.session import SessionBase, SessionState
 from cvmotion.agent.source import SourceSession
 from cvmotion.attestation.trust import TrustStore
-from cvmotion.errors import PolicyViolation, UsageError
+from cvmotion.errors import CvmError, PolicyViolation, UsageError
 from cvmotion.firmware.device import GuestHandle
 from cvmotion.ipc.rpc import Call, Reply
 
@@ -64,7 +67,12 @@ def load_agent_config(data_dir: Path, trust: TrustStore) -> AgentConfig:
                     (Product.from_name(t["product"]), TcbVersion(**{k: int(v) for k, v in t["tcb"].items()}))
                     for t in raw["revoked_tcbs"]
                 )
-        except (ValueError, KeyError, TypeError) as exc:
+            if "allowed_ma_measurements" in raw:
+                extra["allowed_ma_measurements"] = frozenset(bytes.fromhex(m) for m in raw["allowed_ma_measurements"])
+            if "versions" in raw:
+                low, high = (int(v) for v in raw["versions"])
+                extra["versions"] = VersionRange(low, high)
+        except (ValueError, KeyError, TypeError, CvmError) as exc:
             raise UsageError(f"{cfg_path}: {exc}") from None
     return AgentConfig(
         trust=trust,

@@ -17,6 +17,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import logging
 import os
 import re
 import socket
@@ -36,6 +37,7 @@ from cvmotion.agent.policy import MigrationPolicy
 from cvmotion.agent.vm_process import VmSpec
 from cvmotion.errors import Conflict, CvmError, MigrationError, NotFound, UsageError
 from cvmotion.host.events import EventBus
+from cvmotion.host.recovery import Recovery
 from cvmotion.migration.channel import FrameKind, FrameSocket
 from cvmotion.migration.clients import PlatformClient, VmClient
 from cvmotion.migration.options import MigrationOptions
@@ -46,6 +48,8 @@ from cvmotion.vmm.images import image_path
 from cvmotion.vmm.workloads import KvOp, decode_response, encode_request
 
 __all__ = ["DEFAULT_GUEST_POLICY", "HostConfig", "HostDaemon", "VmRecord"]
+
+log = logging.getLogger("cvmotion.host")
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 DEFAULT_GUEST_POLICY = int(PolicyFlag.RESERVED_MBO | PolicyFlag.SMT | PolicyFlag.MIGRATE_MA)
@@ -120,6 +124,7 @@ class HostDaemon:
         self._listener: socket.socket | None = None
         self.migration_port = 0
         self._stop = threading.Event()
+        self.recovery = Recovery(self)
 
     # -- start-up -----------------------------------------------------------------------------------
 
@@ -197,7 +202,7 @@ class HostDaemon:
         return self.platform
 
     def _reattach(self) -> None:
-        """Find VM processes that outlived a previous daemon and take them over."""
+        """Find VM processes that outlived a previous daemon, take them over and settle half-done migrations."""
         for vm_dir in sorted((self.dir / "vms").iterdir()):
             meta_path = vm_dir / "meta.json"
             sock = vm_dir / "control.sock"
@@ -205,6 +210,8 @@ class HostDaemon:
                 continue
             spec = VmSpec.from_json((vm_dir / "vm.json").read_text())
             meta = json.loads(meta_path.read_text())
+            if meta.get("state") in ("migrated", "deleted"):
+                continue  # gone from this host (its directory stays for the record)
             record = VmRecord(name=spec.name, spec=spec)
             for key in ("handle", "measurement", "policy", "migration_policy", "state", "created_at", "migrations"):
                 if key in meta:
@@ -219,27 +226,18 @@ class HostDaemon:
                 record.state = "lost" if record.state not in ("migrated", "stopped") else record.state
             self.vms[spec.name] = record
             self.events.publish("VmReattached", {"vm": spec.name, "state": record.state}, subject=spec.name)
-            if record.pending_recovery:
-                self._start_recovery(record)
-            elif record.client is not None:
-                self._resolve_interrupted_export(record)
+            try:
+                if meta.get("state") == "incoming":
+                    self.recovery.resolve_import(record)
+                else:
+                    self._resolve_interrupted_export(record)
+            except CvmError as exc:
+                log.exception("VM %s: recovery after restart failed", spec.name)
+                self.events.publish("MigrationRecoveryFailed", {"vm": spec.name, "error": str(exc)}, subject=spec.name)
 
     def _resolve_interrupted_export(self, record: VmRecord) -> None:
         """A daemon that died mid-migration left the firmware in an export state: finish the job safely."""
-        if record.handle is None:
-            return
-        with contextlib.suppress(CvmError):
-            state = self.platform_client().call("export_status", {"handle": record.handle})[0]["state"]
-            if state in ("LIVE_EXPORT", "PAUSED_EXPORT"):
-                # Before the start token: the source may abort on its own and run again.
-                self.platform_client().call("export_abort", {"handle": record.handle})
-                assert record.client is not None
-                record.client.call("throttle", {"pct": 0})
-                record.client.call("resume")
-                record.state = "running"
-                self.events.publish("MigrationAbortedAfterRestart", {"vm": record.name}, subject=record.name)
-            elif state == "POST_EXPORT":
-                record.state = "paused (awaiting destination)"
+        self.recovery.resolve_export(record)
 
     def _start_listener(self) -> None:
         srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -459,7 +457,8 @@ class HostDaemon:
 
     def kv(self, name: str, op: str, key: bytes, value: bytes = b"", timeout: float = 5.0) -> dict[str, Any]:
         record = self.get_vm(name)
-        if record.client is None or record.state != "running":
+        # A VM being migrated keeps serving I/O until the switchover pauses it (that is the point of live migration).
+        if record.client is None or record.state not in ("running", "migrating"):
             raise Conflict(f"VM {name!r} is not running here (state: {record.state})")
         try:
             kv_op = KvOp[op.upper()]
@@ -578,55 +577,14 @@ class HostDaemon:
                 record.lock.release()
 
     def _start_recovery(self, record: VmRecord) -> None:
-        threading.Thread(target=self._recover, args=(record,), name=f"recover-{record.name}", daemon=True).start()
+        self.recovery.start_polling(record)
 
-    def _recover(self, record: VmRecord, attempts: int = 600, interval: float = 1.0) -> None:
+    def _recover(self, record: VmRecord) -> None:
         """The source sent its start token but heard no verdict: ask the destination until it answers."""
-        pending = record.pending_recovery or {}
-        url, dest_mig = pending.get("destination"), pending.get("dest_migration")
-        if not url or not dest_mig or record.handle is None:
-            return
-        for _ in range(attempts):
-            if self._stop.is_set():
-                return
-            try:
-                response = httpx.get(f"{url.rstrip('/')}/v1/migrations/{dest_mig}/outcome", timeout=5)
-                if response.status_code == 200:
-                    outcome = response.json()
-                    if self._apply_outcome(record, outcome):
-                        return
-            except httpx.HTTPError:
-                pass
-            time.sleep(interval)
+        self.recovery.start_polling(record)
 
     def _apply_outcome(self, record: VmRecord, outcome: dict[str, Any]) -> bool:
-        platform = self.platform_client()
-        assert record.handle is not None
-        state = outcome.get("state")
-        if state == "committed":
-            with contextlib.suppress(CvmError):
-                platform.call("export_finish", {"handle": record.handle})
-            if record.client is not None:
-                with contextlib.suppress(CvmError):
-                    record.client.call("stop")
-            record.state = "migrated"
-            record.pending_recovery = None
-            self._save(record)
-            with self._lock:
-                self.vms.pop(record.name, None)
-            self.events.publish("MigrationRecovered", {"vm": record.name, "outcome": "committed"}, subject=record.name)
-            return True
-        if state == "aborted":
-            token = base64.b64decode(str(outcome["token"]))
-            platform.call("export_abort_with_token", {"handle": record.handle}, token)
-            if record.client is not None:
-                record.client.call("resume")
-            record.state = "running"
-            record.pending_recovery = None
-            self._save(record)
-            self.events.publish("MigrationRecovered", {"vm": record.name, "outcome": "resumed"}, subject=record.name)
-            return True
-        return False
+        return self.recovery.apply_outcome(record, outcome)
 
     # -- migration in -------------------------------------------------------------------------------
 
@@ -662,6 +620,13 @@ class HostDaemon:
         with self._lock:
             self.vms[name] = record
         self._save(record)
+        self.recovery.store.put(mig_id, name, "in-progress")
+
+        def events(kind: str, data: dict[str, Any]) -> None:
+            # A verdict is persisted before it is published, so /outcome survives a daemon restart.
+            self.recovery.incoming_event(record, mig_id, kind, data, receiver.abort_token)
+            self.events.publish(kind, data, subject=name)
+
         receiver = Receiver(
             stats=stats,
             platform=self.platform_client(),
@@ -669,7 +634,7 @@ class HostDaemon:
             session_id=session_id,
             streams=options.streams,
             options=options,
-            events=lambda kind, data: self.events.publish(kind, data, subject=name),
+            events=events,
             on_finished=lambda r: self._receiver_finished(record, r),
         )
         ticket = base64.urlsafe_b64encode(session_id + mig_id.encode()).decode()
@@ -709,10 +674,11 @@ class HostDaemon:
                     del self.vms[record.name]
 
     def outcome(self, mig_id: str) -> dict[str, Any]:
+        """The verdict of an incoming migration, for a source that lost its connection (or its daemon)."""
         receiver = self.receivers.get(mig_id)
-        if receiver is None:
-            raise NotFound(f"no incoming migration {mig_id!r} on this host")
-        return receiver.outcome()
+        if receiver is not None:
+            return receiver.outcome()
+        return self.recovery.store.outcome(mig_id)
 
     def migration(self, mig_id: str) -> MigrationStats:
         stats = self.migrations.get(mig_id)
