@@ -201,6 +201,8 @@ class _RingMap:
             self.map.close()
 
 
+STATE_ORDER = (BundleType.VCPU_STATE, BundleType.DEVICE_STATE, BundleType.MUTABLE_STATE)
+
 # The commands an untrusted host may send. Everything else (notably every ma_* firmware call) is refused.
 HOST_METHODS = frozenset(
     {
@@ -221,6 +223,7 @@ HOST_METHODS = frozenset(
         "export_pause",
         "export_state",
         "export_start_token",
+        "export_final",
         "export_abort",
         "export_abort_with_token",
         "export_finish",
@@ -448,6 +451,11 @@ class PlatformService:
             return Reply({}, mig.export_state(handle, stream, BundleType[str(a["kind"])]))
         if m == "export_start_token":
             return Reply({}, mig.export_start_token(handle, stream))
+        if m == "export_final":
+            # The stop-and-copy tail in one round trip: vCPU, device and mutable state, then the start token.
+            bundles = [mig.export_state(handle, stream, kind) for kind in STATE_ORDER]
+            bundles.append(mig.export_start_token(handle, stream))
+            return Reply({"lengths": [len(b) for b in bundles]}, b"".join(bundles))
         if m == "export_abort":
             mig.export_abort(handle)
             return Reply()

@@ -124,6 +124,7 @@ class _Export:
     hw: GuestHardware | None = None
     session: ExportSession = field(default_factory=ExportSession)
     clean: npt.NDArray[np.bool_] | None = None
+    captured: tuple[bytes, bytes] | None = None  # (vCPU, device) state, taken once: the VM stays held paused
 
 
 @dataclass(slots=True)
@@ -318,7 +319,9 @@ class MigrationFirmware:
             if kind is BundleType.MUTABLE_STATE:
                 blob = _MUTABLE.pack(*self._sp._guest_ctx(handle).msg_seqnos)
             else:
-                vcpu, device = exp.hw.capture_state()
+                if exp.captured is None:
+                    exp.captured = exp.hw.capture_state()
+                vcpu, device = exp.captured
                 blob = vcpu if kind is BundleType.VCPU_STATE else device
             return self._seal(exp, stream, kind, wire.pack_payload_metadata(len(blob)), blob)
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from cvmotion.errors import ProtocolError
 from cvmotion.firmware.migration import bundle_capacity
 from cvmotion.ipc.rpc import Endpoint, connect_unix
 
@@ -93,6 +94,17 @@ class PlatformClient:
     def export_blob(self, method: str, handle: int, stream: int = 0, **args: Any) -> bytes:
         _, blob, _ = self.endpoint.call(method, {"handle": handle, "stream": stream, **args})
         return blob
+
+    def export_final(self, handle: int, stream: int = 0) -> list[bytes]:
+        """The state bundles (vCPU, device, mutable) and the start token, sealed in one round trip."""
+        result, blob, _ = self.endpoint.call("export_final", {"handle": handle, "stream": stream})
+        out, offset = [], 0
+        for length in result["lengths"]:
+            out.append(blob[offset : offset + int(length)])
+            offset += int(length)
+        if offset != len(blob):
+            raise ProtocolError(f"export_final: {len(blob)} bytes for bundles of {offset}")
+        return out
 
     def import_bundle(self, vm: str, ring: Ring, slot: int, length: int) -> str:
         """Hand one bundle in ``slot`` of ``ring`` to the firmware; returns its type's name."""

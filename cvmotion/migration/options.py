@@ -16,6 +16,10 @@ class MigrationOptions:
     """How to migrate. ``downtime_limit_ms`` defaults to 300 ms like QEMU's ``downtime-limit``."""
 
     downtime_limit_ms: float = 300.0
+    # The stop-and-copy's fixed part (pause, final harvest, state and start token, destination activation and
+    # resume): added to the final pages' expected time, so the limit bounds the whole downtime.  ~25 ms on
+    # the reference machine (README, Performance); 0 gives QEMU's rule (final pages only).
+    switchover_cost_ms: float = 25.0
     streams: int = 2
     max_rounds: int = 30
     pages_per_bundle: int = MAX_PAGES_PER_BUNDLE
@@ -35,6 +39,8 @@ class MigrationOptions:
             raise UsageError(f"--downtime-limit {self.downtime_limit_ms} ms: use 1..60000")
         if not 1 <= self.pages_per_bundle <= MAX_PAGES_PER_BUNDLE:
             raise UsageError(f"pages per bundle must be 1..{MAX_PAGES_PER_BUNDLE}")
+        if not 0 <= self.switchover_cost_ms <= 10_000:
+            raise UsageError(f"switchover cost {self.switchover_cost_ms} ms: use 0..10000")
         if not 1 <= self.batch_bundles <= 16:
             raise UsageError(f"bundles per batch must be 1..16, not {self.batch_bundles}")
         if not 1 <= self.max_rounds <= 1000:

@@ -31,7 +31,6 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cvmotion.abi.wire import BundleType
 from cvmotion.errors import Aborted, CvmError, MigrationError, PolicyViolation, ProtocolError
 from cvmotion.migration.channel import FrameKind, FrameSocket, connect
 from cvmotion.migration.clients import PlatformClient, Ring, VmClient
@@ -255,7 +254,7 @@ class Sender:
             # Pages per second of this round, end to end (sealed, sent, opened): the next round's pages are of
             # the same kind (a dirty set), so this predicts their cost better than bytes on the wire.
             page_rate = max(len(gfns) / seconds if seconds > 0 else 0.0, 1.0)
-            s.expected_downtime_ms = len(dirty) / page_rate * 1000
+            s.expected_downtime_ms = len(dirty) / page_rate * 1000 + o.switchover_cost_ms
             s.rounds.append(RoundStats(rnd, len(gfns), 0, sent, seconds, len(dirty)))
             self.emit(
                 "MigrationRound",
@@ -271,7 +270,10 @@ class Sender:
                     "throttle": throttle,
                 },
             )
-            if s.expected_downtime_ms <= o.downtime_limit_ms:
+            # Round 0 sent long runs of pages; a dirty set is scattered and costs more per page, by how much
+            # is known once one dirty round ran: until then switch over only with a 2x margin.
+            limit = o.downtime_limit_ms if rnd else o.downtime_limit_ms / 2
+            if s.expected_downtime_ms <= limit:
                 self._final_dirty = dirty
                 return
             # Auto-converge (QEMU's rule of thumb): the guest dirties more than half of what we manage to
@@ -305,13 +307,11 @@ class Sender:
         if len(final):
             self._send_round(final)
         self._mark("final-pages-sent")
-        for kind in (BundleType.VCPU_STATE, BundleType.DEVICE_STATE, BundleType.MUTABLE_STATE):
-            self.streams[0].submit(self.platform.export_blob("export_state", self.handle, 0, kind=kind.name))
-        self._mark("state-sealed")
-        token = self.platform.export_blob("export_start_token", self.handle, 0)
+        bundles = self.platform.export_final(self.handle, 0)  # vCPU, device, mutable state, start token
         self.start_token_sent = True  # from here on the source never resumes without an abort token
         self._mark("start-token-sealed")
-        self.streams[0].submit(token)
+        for bundle in bundles:
+            self.streams[0].submit(bundle)
         self.streams[0].drain(o.io_timeout)
         self._mark("start-token-sent")
         s.rounds.append(
@@ -336,6 +336,7 @@ class Sender:
                     if isinstance(ms, int | float):
                         s.downtime_phases[f"destination-{name}"] = float(ms)
             self.platform.call("export_finish", {"handle": self.handle})
+            s.total_ms = s.elapsed_ms()  # before the status: a reader of "completed" sees its total-time
             s.status = MigrationStatus.COMPLETED
             s.outcome = "running on destination"
             s.remaining = 0
