@@ -258,6 +258,9 @@ class VmProcess:
             "vm_attach", {"name": spec.name, "memory": spec.memory, "mode": spec.mode}, fds=[self.memory.fd]
         )
         self.platform.on_close(self._stop.set)
+        # Ready before the guest runs here (its transfer key is an RSA key pair: ~0.1-0.3 s to make), so the
+        # re-attestation right after a migration's resume does not pay for it.
+        self.paravisor = self._make_paravisor()
 
     def launch_ranges(self) -> list[tuple[int, int]]:
         """Page-aligned GPA ranges the launch measures: the kernel's segments and the boot information."""
