@@ -31,6 +31,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cvmotion.abi.wire import BundleType
+from cvmotion.agent.peer import check_vm_peer
 from cvmotion.errors import CvmError, FirmwareError, FirmwareStatus, UsageError
 from cvmotion.firmware.device import GuestHandle, SecureProcessor
 from cvmotion.firmware.launch import PageType
@@ -86,10 +87,16 @@ class RemoteHardware:
         self._gfn_limit = max(r.gpa + r.size for r in memory.layout.regions) >> 12
         self._dirty_lock = threading.Lock()
         self._dirty: list[npt.NDArray[np.uint64]] = []
+        # The guest this hardware runs: bound by the SP at launch or import activation, never by the host.
+        self.handle: GuestHandle | None = None
 
     @property
     def memory(self) -> SpMemory:
         return self._memory
+
+    @property
+    def live(self) -> bool:
+        return not self._endpoint.closed
 
     @property
     def gfn_limit(self) -> int:
@@ -145,6 +152,10 @@ class _ImportHardware:
         self._hw = hw
         self._service = service
         self.handle: int | None = None
+
+    @property
+    def remote(self) -> RemoteHardware:
+        return self._hw
 
     @property
     def memory(self) -> SpMemory:
@@ -242,7 +253,7 @@ _VM_METHODS = frozenset({"vm_attach", "vm_detach", "vm_dirty", "can_run"})
 class PlatformService:
     """The SP and the MA of one host, behind the RPC surface."""
 
-    def __init__(self, sp: SecureProcessor) -> None:
+    def __init__(self, sp: SecureProcessor, *, verify_vm_peers: bool = True) -> None:
         self.sp = sp
         self._lock = threading.Lock()
         self.hardware: dict[str, RemoteHardware] = {}
@@ -250,6 +261,7 @@ class PlatformService:
         self.imports: dict[str, tuple[int, _ImportHardware]] = {}
         self._rings: dict[str, _RingMap] = {}
         self.extra_methods: dict[str, Callable[[Call], Reply]] = {}
+        self.verify_vm_peers = verify_vm_peers
 
     # -- connections --------------------------------------------------------------------------------
 
@@ -269,9 +281,13 @@ class PlatformService:
                 raise UsageError(f"{call.method!r} is not a command this client may send")
             if call.method == "vm_attach":
                 assert call.endpoint is not None
+                if self.verify_vm_peers:
+                    check_vm_peer(conn, str(call.args.get("name")))
                 return self._vm_attach(call, call.endpoint)
             if call.method == "vm_dirty":
                 return self._vm_dirty(call)
+            if role["kind"] == "vm" and call.method == "can_run":
+                return self._vm_can_run(call)
             return self.dispatch(call)
 
         return Endpoint(conn, handler, name="platform")
@@ -283,12 +299,21 @@ class PlatformService:
         memory = GuestMemory(int(call.args["memory"]), fd=call.fds[0], name=f"sp-view-{name}")
         hw = RemoteHardware(name, endpoint, memory)
         with self._lock:
-            old = self.hardware.pop(name, None)
+            old = self.hardware.get(name)
+            if old is not None and old.live:
+                memory.close()
+                raise UsageError(f"VM {name!r} is attached already; its hardware cannot be replaced")
             self.hardware[name] = hw
         if old is not None:
             old.close()
         endpoint.on_close(lambda: self._vm_gone(name, hw))
         return Reply()
+
+    def _vm_can_run(self, call: Call) -> Reply:
+        """A VM process asks before its vCPUs run: the answer is for the guest its hardware was bound to, never
+        for a handle the (untrusted) daemon told it."""
+        bound = next((hw.handle for hw in list(self.hardware.values()) if hw.attached_by(call.endpoint)), None)
+        return Reply({"can_run": bound is not None and self.sp.migration.can_run(bound)})
 
     def _vm_dirty(self, call: Call) -> Reply:
         """A VM process hands the SP a harvest of its dirty log (only for the VM it attached itself)."""
@@ -411,6 +436,7 @@ class PlatformService:
                 sp.decommission(handle)
             raise
         self.handles[name] = handle
+        hw.handle = handle
         info = sp.guest_info(handle)
         return {"handle": handle, "measurement": info.measurement.hex()}
 
@@ -436,7 +462,11 @@ class PlatformService:
         handle = GuestHandle(int(a["handle"]))
         stream = int(a.get("stream", 0))
         if m == "export_start":
-            mig.export_start(handle, self._hw(str(a["vm"])))
+            hw = self._hw(str(a["vm"]))
+            if hw.handle != handle:
+                # Another VM's memory and vCPUs under this guest's identity: refused (SNP binds them by the RMP).
+                raise FirmwareError(FirmwareStatus.INVALID_PARAM, f"VM {hw.name!r} does not run guest {handle}")
+            mig.export_start(handle, hw)
             return Reply()
         if m == "export_immutable":
             return Reply({}, mig.export_immutable(handle, stream))
@@ -490,7 +520,10 @@ class PlatformService:
 
     def register_import(self, vm: str, session_id: bytes) -> int:
         """Create the import context for an attached incoming VM (called by the MA session set-up)."""
-        hw = _ImportHardware(self._hw(vm), self)
+        remote = self._hw(vm)
+        if remote.handle is not None:
+            raise UsageError(f"VM {vm!r} runs guest {remote.handle}; an import needs fresh hardware")
+        hw = _ImportHardware(remote, self)
         ref = self.sp.migration.import_prepare(session_id, hw)
         with self._lock:
             self.imports[vm] = (ref, hw)
@@ -515,6 +548,7 @@ class PlatformService:
         if m == "import_activate":
             hw.handle = mig.import_handle(ref)
             handle = mig.import_activate(ref)
+            hw.remote.handle = handle
             self.handles[vm] = handle
             return Reply({"handle": handle})
         if m == "import_status":

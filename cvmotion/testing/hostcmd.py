@@ -70,13 +70,20 @@ class HostCommands:
     def vm_call(self, name: str, method: str, args: dict[str, Any] | None = None) -> Any:
         return self.vm(name).call(method, args or {})
 
-    def impersonate_vm(self, name: str, memory: int) -> tuple[Endpoint, GuestMemory]:
-        """Attach a memfd the attacker made (and can read) as the hardware of VM ``name``."""
+    def platform_as_vm(self) -> Endpoint:
+        """A connection to the platform process that will speak as a VM (its first call is ``vm_attach``)."""
+        return self._connect(self.data_dir / "platform.sock", "evil-vm->platform")
+
+    def attach(self, endpoint: Endpoint, name: str, memory: int) -> GuestMemory:
+        """``vm_attach`` a memfd the attacker made (and can read) as the hardware of VM ``name``."""
         fake = GuestMemory(memory, name=f"evil-{name}")
         self._memories.append(fake)
-        endpoint = self._connect(self.data_dir / "platform.sock", f"evil-vm-{name}")
         endpoint.call("vm_attach", {"name": name, "memory": memory, "mode": "incoming"}, fds=[fake.fd])
-        return endpoint, fake
+        return fake
+
+    def impersonate_vm(self, name: str, memory: int) -> tuple[Endpoint, GuestMemory]:
+        endpoint = self.platform_as_vm()
+        return endpoint, self.attach(endpoint, name, memory)
 
     def close(self) -> None:
         for endpoint in self._endpoints:
