@@ -1,0 +1,157 @@
+"""firmware.migration's vectorised data path: the per-page IVs and AADs, the zero test, the metadata parse, and
+the import's "nothing reaches guest memory before every tag of the bundle verified" rule."""
+
+from __future__ import annotations
+
+import random
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mig_harness import MEMORY, FakeHardware, Session, launch_guest, new_sp
+
+from cvmotion.abi import wire
+from cvmotion.abi.wire import BundleType
+from cvmotion.errors import FirmwareError, FirmwareStatus, IntegrityError, MalformedStructure
+from cvmotion.firmware import migration as fw
+from cvmotion.firmware.migration import bundle_capacity
+from cvmotion.firmware.vendor import Vendor
+from cvmotion.vmm.memory import GuestMemory
+
+PAGE = wire.PAGE_SIZE
+
+
+@pytest.fixture
+def session(emulated_vendor: Vendor, tmp_path: Path) -> Session:
+    src = launch_guest(new_sp(emulated_vendor, tmp_path / "a"))
+    s = Session(src=src, dst_sp=new_sp(emulated_vendor, tmp_path / "b"))
+    s.setup()
+    s.deliver()  # the immutable state
+    s.bundles.clear()
+    return s
+
+
+def _seal(s: Session, gfns: list[int], stream: int = 0) -> bytes:
+    out = bytearray(bundle_capacity(wire.MAX_PAGES_PER_BUNDLE))
+    n = s.src.sp.migration.export_memory(s.src.handle, stream, np.asarray(gfns, dtype=np.uint64), memoryview(out))
+    return bytes(out[:n])
+
+
+def test_ivs_and_aads_are_the_wire_formats() -> None:
+    rng = random.Random(11)
+    for _ in range(50):
+        first, count, stream = rng.randrange(1 << 62), rng.randrange(1, 40), rng.randrange(1 << 16)
+        ivs = fw._gcm_ivs(first, count, stream)
+        assert [bytes(ivs[12 * k : 12 * k + 12]) for k in range(count)] == [
+            wire.gcm_iv(first + k, stream) for k in range(count)
+        ]
+        head = rng.randbytes(wire.HEADER_SIZE)
+        entries = [rng.randrange(1 << 52) << 12 | rng.randrange(2) for _ in range(count)]
+        aads = fw._page_aads(head, np.asarray(entries, dtype=np.uint64))
+        assert [bytes(aads[32 * k : 32 * k + 32]) for k in range(count)] == [
+            wire.aad_for_page(head, e) for e in entries
+        ]
+
+
+def test_zero_test_finds_a_single_byte_in_long_and_short_runs() -> None:
+    memory = GuestMemory(MEMORY)
+    try:
+        long_run = list(range(0x200, 0x240))  # vectorised
+        scattered = [0x300, 0x302, 0x307]  # compared page by page
+        for gfn in (0x205, 0x23F, 0x302):
+            memory.write((gfn << 12) + PAGE - 1, b"\x01")  # only the last byte of the page
+        views, nonzero = fw._page_views(memory, np.asarray(long_run + scattered, dtype=np.uint64))
+        assert [bytes(v) for v in views[:2]] == [memory.read(0x200 << 12, PAGE), memory.read(0x201 << 12, PAGE)]
+        expected = [g in (0x205, 0x23F, 0x302) for g in long_run + scattered]
+        assert nonzero.tolist() == expected
+        del views  # the mapping cannot close while views of it exist
+    finally:
+        memory.close()
+
+
+def test_metadata_parse_matches_the_abi_parser() -> None:
+    entries = [(0x1234 + i) << 12 | (i & 1) for i in range(7)]
+    meta = wire.pack_memory_metadata(entries)
+    assert fw._memory_entries(meta).tolist() == list(wire.parse_memory_metadata(meta))
+    bad = [
+        meta[:6],  # too short
+        struct.pack("<HHI", 7, 1, 0) + meta[8:],  # reserved field
+        struct.pack("<HHI", 8, 0, 0) + meta[8:],  # count does not match
+        meta[:8] + struct.pack("<Q", (0x99 << 12) | 0x2) + meta[16:],  # a reserved flag bit
+    ]
+    for metadata in bad:
+        with pytest.raises(MalformedStructure):
+            wire.parse_memory_metadata(metadata)
+        with pytest.raises(MalformedStructure):
+            fw._memory_entries(metadata)
+
+
+def test_scattered_pages_and_zero_pages_round_trip(session: Session) -> None:
+    rng = random.Random(3)
+    gfns = sorted(rng.sample(range(0x200, 0x800), 300)) + list(range(0x900, 0x940))
+    for gfn in gfns:
+        if gfn % 5:  # every fifth page stays zero: it travels as a flag
+            session.src.hw.guest_write(gfn << 12, rng.randbytes(PAGE))
+    for i in range(0, len(gfns), 128):
+        session.dst_sp.migration.import_bundle(session.ref, _seal(session, gfns[i : i + 128], stream=0))
+    for gfn in gfns:
+        assert session.dst_hw.memory.read(gfn << 12, PAGE) == session.src.hw.memory.read(gfn << 12, PAGE)
+
+
+def test_a_bad_tag_on_the_last_page_leaves_guest_memory_untouched(session: Session) -> None:
+    gfns = list(range(0x200, 0x210))
+    for gfn in gfns:
+        session.src.hw.guest_write(gfn << 12, bytes([gfn & 0xFF]) * PAGE)
+    bundle = bytearray(_seal(session, gfns))
+    bundle[-1] ^= 1  # the last page's tag
+    with pytest.raises(IntegrityError):
+        session.dst_sp.migration.import_bundle(session.ref, bytes(bundle))
+    assert all(session.dst_hw.memory.read(g << 12, PAGE) == bytes(PAGE) for g in gfns)
+    assert session.dst_sp.migration.import_state(session.ref) == "FAILED"
+
+
+def test_a_gpa_twice_in_one_bundle_fails_the_import(session: Session) -> None:
+    session.src.hw.guest_write(0x200 << 12, b"x" * PAGE)
+    bundle = _seal(session, [0x200, 0x201, 0x200])  # the source firmware seals what it is asked
+    with pytest.raises(IntegrityError):
+        session.dst_sp.migration.import_bundle(session.ref, bundle)
+
+
+@pytest.mark.parametrize("where", ["beyond memory", "in the PCI hole"])
+def test_a_gfn_outside_ram_is_refused_by_the_source(emulated_vendor: Vendor, tmp_path: Path, where: str) -> None:
+    src = launch_guest(new_sp(emulated_vendor, tmp_path / "a"))
+    src.hw = FakeHardware(GuestMemory((3 << 30) + (16 << 20)))  # sparse: RAM below 3 GiB and above 4 GiB
+    s = Session(src=src, dst_sp=new_sp(emulated_vendor, tmp_path / "b"))
+    s.setup()
+    gfn = src.hw.gfn_limit if where == "beyond memory" else (3 << 30) >> 12
+    with pytest.raises(FirmwareError) as info:
+        _seal(s, [0x200, gfn])
+    assert info.value.status is FirmwareStatus.INVALID_ADDRESS
+
+
+class _CountingHardware(FakeHardware):
+    captures: int = 0
+
+    def capture_state(self) -> tuple[bytes, bytes]:
+        self.captures += 1
+        return super().capture_state()
+
+
+def test_vcpu_and_device_state_are_captured_once_per_pause(emulated_vendor: Vendor, tmp_path: Path) -> None:
+    src = launch_guest(new_sp(emulated_vendor, tmp_path / "a"))
+    counting = _CountingHardware(src.hw.memory)
+    src.hw = counting
+    s = Session(src=src, dst_sp=new_sp(emulated_vendor, tmp_path / "b"))
+    s.run_precopy(random.Random(1), rounds=0)
+    s.switchover(final_gfns=[])
+    assert counting.captures == 1
+    s.deliver()
+    assert s.dst_sp.migration.import_state(s.ref) == "POST_IMPORT"
+    kinds = [wire.BundleHeader.from_bytes(b).type for _, b in s.bundles]
+    assert kinds[-4:] == [
+        BundleType.VCPU_STATE,
+        BundleType.DEVICE_STATE,
+        BundleType.MUTABLE_STATE,
+        BundleType.START_TOKEN,
+    ]
