@@ -47,8 +47,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from cvmotion.abi import wire
 from cvmotion.abi.wire import BundleHeader, BundleType, EntryFlag
-from cvmotion.errors import AbiError, CvmError, FirmwareError, FirmwareStatus, IntegrityError, MalformedStructure
+from cvmotion.errors import AbiError, CvmError, FirmwareError, FirmwareStatus, IntegrityError
 from cvmotion.firmware.context import GuestContext, OpState
+from cvmotion.firmware.mig_pages import gcm_ivs, gfn_runs, memory_entries, page_aads, page_views
 from cvmotion.firmware.opstate import STATE_BUNDLES, ExportOpState, ExportSession, ImportOpState, ImportRules
 
 if TYPE_CHECKING:
@@ -66,8 +67,6 @@ KEY_SIZE = 32
 PAGE = wire.PAGE_SIZE
 _ZERO_PAGE = bytes(PAGE)
 _UNIT = PAGE + wire.TAG_SIZE  # one sealed page: ciphertext || tag
-_VECTOR_RUN = 16  # runs of at least this many pages are zero-tested with numpy
-_MEM_HEAD = struct.Struct("<HHI")  # abi.wire MEMORY metadata head: num_entries, reserved, reserved
 _MUTABLE = struct.Struct("<4Q")
 _ABORT_REASON_IMPORT_FAILED = 1
 
@@ -247,7 +246,7 @@ class MigrationFirmware:
             if len(dirty):
                 clean[dirty.astype(np.intp)] = False
             try:
-                pages, nonzero = _page_views(hw.memory, gfn_array)
+                pages, nonzero = page_views(hw.memory, gfn_array)
             except CvmError as exc:
                 raise FirmwareError(FirmwareStatus.INVALID_ADDRESS, "GFN outside guest RAM") from exc
             entries = (gfn_array << np.uint64(12)) | (~nonzero).astype(np.uint64) * np.uint64(EntryFlag.ZERO)
@@ -266,8 +265,8 @@ class MigrationFirmware:
             out[size - wire.MAC_SIZE : size] = exp.aead.encrypt(wire.gcm_iv(iv, stream), b"", head + metadata)
             if data:
                 # One AES-GCM per page, AAD = header || GPA entry: a page cannot move to another GPA or bundle.
-                ivs = _gcm_ivs(iv + 1, len(data), stream)
-                aads = _page_aads(head, entries[data])
+                ivs = gcm_ivs(iv + 1, len(data), stream)
+                aads = page_aads(head, entries[data])
                 encrypt_into = exp.aead.encrypt_into
                 off = size
                 for k, i in enumerate(data):
@@ -513,7 +512,7 @@ class MigrationFirmware:
     def _import_memory(
         self, imp: _Import, header: BundleHeader, head: bytes, metadata: bytes, rest: memoryview
     ) -> None:
-        entries = _memory_entries(metadata)
+        entries = memory_entries(metadata)
         gfns = entries >> np.uint64(12)
         is_data = (entries & np.uint64(EntryFlag.ZERO)) == 0
         data = np.flatnonzero(is_data).tolist()
@@ -535,8 +534,8 @@ class MigrationFirmware:
         for i in np.flatnonzero(~is_data).tolist():
             scratch[i * PAGE : (i + 1) * PAGE] = _ZERO_PAGE
         if data:
-            ivs = _gcm_ivs(header.iv_counter + 1, len(data), header.stream)
-            aads = _page_aads(head, entries[data])
+            ivs = gcm_ivs(header.iv_counter + 1, len(data), header.stream)
+            aads = page_aads(head, entries[data])
             decrypt_into = imp.aead.decrypt_into
             off = 0
             for k, i in enumerate(data):
@@ -549,7 +548,7 @@ class MigrationFirmware:
                 off += _UNIT
         memory = imp.hw.memory
         try:
-            for first, lo, hi in _runs(gfns):
+            for first, lo, hi in gfn_runs(gfns):
                 memory.write(first << 12, scratch[lo * PAGE : hi * PAGE])
         except CvmError as exc:
             raise IntegrityError() from exc
@@ -597,72 +596,6 @@ class MigrationFirmware:
             del self._imports[ref]
         if handle is not None:
             self._sp.decommission(handle)
-
-
-def _memory_entries(metadata: bytes) -> npt.NDArray[np.uint64]:
-    """``wire.parse_memory_metadata`` with the entry checks vectorised (same rules, same errors)."""
-    if len(metadata) < _MEM_HEAD.size:
-        raise MalformedStructure("memory bundle: metadata too short")
-    count, rsvd0, rsvd1 = _MEM_HEAD.unpack_from(metadata)
-    if rsvd0 or rsvd1:
-        raise MalformedStructure("memory bundle: reserved metadata fields must be zero")
-    if not 0 < count <= wire.MAX_PAGES_PER_BUNDLE or len(metadata) != _MEM_HEAD.size + 8 * count:
-        raise MalformedStructure(f"memory bundle: {count} entries do not match {len(metadata)} metadata bytes")
-    entries = np.frombuffer(metadata, dtype="<u8", offset=_MEM_HEAD.size).astype(np.uint64)
-    if np.any(entries & np.uint64((PAGE - 1) & ~int(EntryFlag.ZERO))):
-        raise MalformedStructure("memory bundle: an entry has reserved flag bits set")
-    return entries
-
-
-def _runs(gfns: npt.NDArray[np.uint64]) -> list[tuple[int, int, int]]:
-    """Maximal runs of consecutive GFNs, in order, as ``(first GFN, start index, end index)``."""
-    count = len(gfns)
-    breaks = (np.flatnonzero(np.diff(gfns.astype(np.int64)) != 1) + 1).tolist()
-    starts = [0, *breaks]
-    return list(zip(gfns[starts].tolist(), starts, [*breaks, count], strict=True))
-
-
-def _page_views(
-    memory: GuestMemoryAccess, gfns: npt.NDArray[np.uint64]
-) -> tuple[list[memoryview], npt.NDArray[np.bool_]]:
-    """One view per page of guest memory, in ``gfns`` order, and which pages hold a non-zero byte.
-
-    Consecutive GFNs are one view of guest memory (round 0 is mostly long runs); the zero test is one
-    vectorised pass over each run instead of a comparison per page.
-    """
-    pages: list[memoryview] = []
-    nonzero = np.empty(len(gfns), dtype=np.bool_)
-    for first, lo, hi in _runs(gfns):
-        run = memory.view(first << 12, (hi - lo) * PAGE)
-        if hi - lo >= _VECTOR_RUN:
-            pages.extend(run[j : j + PAGE] for j in range(0, (hi - lo) * PAGE, PAGE))
-            nonzero[lo:hi] = np.frombuffer(run, dtype=np.uint64).reshape(hi - lo, PAGE // 8).max(axis=1) != 0
-        else:
-            # Short runs (a dirty round's scattered pages): a compare per page beats numpy's per-call cost,
-            # and stops at the first non-zero byte.
-            for j in range(hi - lo):
-                page = run[j * PAGE : (j + 1) * PAGE]
-                pages.append(page)
-                nonzero[lo + j] = page != _ZERO_PAGE
-    return pages, nonzero
-
-
-def _gcm_ivs(first: int, count: int, stream: int) -> memoryview:
-    """``count`` consecutive 96-bit IVs (``wire.gcm_iv``: iv_counter u64 LE || stream u16 LE || 0), packed."""
-    ivs = np.zeros((count, 12), dtype=np.uint8)
-    ivs[:, :8] = np.arange(first, first + count, dtype=np.uint64).astype("<u8").view(np.uint8).reshape(count, 8)
-    ivs[:, 8] = stream & 0xFF
-    ivs[:, 9] = stream >> 8
-    return memoryview(ivs.tobytes())
-
-
-def _page_aads(head: bytes, entries: npt.NDArray[np.uint64]) -> memoryview:
-    """Per-page AADs (``wire.aad_for_page``: header || GPA entry u64 LE), packed 32 bytes apiece."""
-    count = len(entries)
-    aads = np.empty((count, wire.HEADER_SIZE + 8), dtype=np.uint8)
-    aads[:, : wire.HEADER_SIZE] = np.frombuffer(head, dtype=np.uint8)
-    aads[:, wire.HEADER_SIZE :] = entries.astype("<u8").view(np.uint8).reshape(count, 8)
-    return memoryview(aads.tobytes())
 
 
 def _make_abort_token(k_b: bytes, session_id: bytes, reason: int) -> bytes:

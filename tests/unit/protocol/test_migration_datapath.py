@@ -1,5 +1,5 @@
-"""firmware.migration's vectorised data path: the per-page IVs and AADs, the zero test, the metadata parse, and
-the import's "nothing reaches guest memory before every tag of the bundle verified" rule."""
+"""firmware.migration's data path (firmware.mig_pages): the per-page IVs and AADs, the zero test, the metadata
+parse, and the import's "nothing reaches guest memory before every tag of the bundle verified" rule."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from mig_harness import MEMORY, FakeHardware, Session, launch_guest, new_sp
 from cvmotion.abi import wire
 from cvmotion.abi.wire import BundleType
 from cvmotion.errors import FirmwareError, FirmwareStatus, IntegrityError, MalformedStructure
-from cvmotion.firmware import migration as fw
+from cvmotion.firmware import mig_pages
 from cvmotion.firmware.migration import bundle_capacity
 from cvmotion.firmware.vendor import Vendor
 from cvmotion.vmm.memory import GuestMemory
@@ -42,13 +42,13 @@ def test_ivs_and_aads_are_the_wire_formats() -> None:
     rng = random.Random(11)
     for _ in range(50):
         first, count, stream = rng.randrange(1 << 62), rng.randrange(1, 40), rng.randrange(1 << 16)
-        ivs = fw._gcm_ivs(first, count, stream)
+        ivs = mig_pages.gcm_ivs(first, count, stream)
         assert [bytes(ivs[12 * k : 12 * k + 12]) for k in range(count)] == [
             wire.gcm_iv(first + k, stream) for k in range(count)
         ]
         head = rng.randbytes(wire.HEADER_SIZE)
         entries = [rng.randrange(1 << 52) << 12 | rng.randrange(2) for _ in range(count)]
-        aads = fw._page_aads(head, np.asarray(entries, dtype=np.uint64))
+        aads = mig_pages.page_aads(head, np.asarray(entries, dtype=np.uint64))
         assert [bytes(aads[32 * k : 32 * k + 32]) for k in range(count)] == [
             wire.aad_for_page(head, e) for e in entries
         ]
@@ -61,7 +61,7 @@ def test_zero_test_finds_a_single_byte_in_long_and_short_runs() -> None:
         scattered = [0x300, 0x302, 0x307]  # compared page by page
         for gfn in (0x205, 0x23F, 0x302):
             memory.write((gfn << 12) + PAGE - 1, b"\x01")  # only the last byte of the page
-        views, nonzero = fw._page_views(memory, np.asarray(long_run + scattered, dtype=np.uint64))
+        views, nonzero = mig_pages.page_views(memory, np.asarray(long_run + scattered, dtype=np.uint64))
         assert [bytes(v) for v in views[:2]] == [memory.read(0x200 << 12, PAGE), memory.read(0x201 << 12, PAGE)]
         expected = [g in (0x205, 0x23F, 0x302) for g in long_run + scattered]
         assert nonzero.tolist() == expected
@@ -73,7 +73,7 @@ def test_zero_test_finds_a_single_byte_in_long_and_short_runs() -> None:
 def test_metadata_parse_matches_the_abi_parser() -> None:
     entries = [(0x1234 + i) << 12 | (i & 1) for i in range(7)]
     meta = wire.pack_memory_metadata(entries)
-    assert fw._memory_entries(meta).tolist() == list(wire.parse_memory_metadata(meta))
+    assert mig_pages.memory_entries(meta).tolist() == list(wire.parse_memory_metadata(meta))
     bad = [
         meta[:6],  # too short
         struct.pack("<HHI", 7, 1, 0) + meta[8:],  # reserved field
@@ -84,7 +84,7 @@ def test_metadata_parse_matches_the_abi_parser() -> None:
         with pytest.raises(MalformedStructure):
             wire.parse_memory_metadata(metadata)
         with pytest.raises(MalformedStructure):
-            fw._memory_entries(metadata)
+            mig_pages.memory_entries(metadata)
 
 
 def test_scattered_pages_and_zero_pages_round_trip(session: Session) -> None:
