@@ -317,7 +317,8 @@ class MigrationProxy:
             try:
                 kind, payload = _read_frame(src, self._record)
             except EOFError:
-                conn.end(direction)  # an orderly close travels on as one
+                if self._wait_thawed(conn):  # a close is traffic too: a freeze holds it
+                    conn.end(direction)  # an orderly close travels on as one
                 return
             except (OSError, ValueError):
                 break

@@ -12,9 +12,9 @@ host's *code* never does).  Canaries are bytes that never travel through device 
   snapshot taken early decays; ``InFlightCanaries`` instead reads, from the source's memory, the plaintext
   of pages *while their sealed bundle passes the proxy* — exactly what the stream carried encrypted.
 
-``scan_process`` reads another process's memory through ``/proc/PID/mem`` over the readable, resident
-mappings of ``/proc/PID/smaps`` (file-backed read-only mappings hold file contents, not runtime data, and are
-skipped), bounded by ``max_bytes``.
+``scan_process`` reads another process's memory through ``/proc/PID/mem``: the present pages
+(``/proc/PID/pagemap``) of its readable mappings with resident memory (``/proc/PID/smaps``; file-backed
+read-only mappings hold file contents, not runtime data, and are skipped), bounded by ``max_bytes``.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ import random
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
 
 from cvmotion.abi import wire
 from cvmotion.abi.wire import BundleType, EntryFlag
@@ -49,6 +52,7 @@ __all__ = [
 CANARY_SIZE = 32
 VMPCK0_OFFSET = 0x20  # SNP secrets page: 0x020 VMPCK0[32]
 _CHUNK = 64 << 20
+_PAGE = 4096
 _MAPS = re.compile(r"^([0-9a-f]+)-([0-9a-f]+) (\S{4}) \S+ \S+ (\d+)\s*(.*)$")
 
 
@@ -145,34 +149,51 @@ class ScanResult:
 
 
 def scan_process(pid: int, canaries: Sequence[bytes], *, max_bytes: int = 1 << 30) -> ScanResult:
-    """Search the readable, resident, writable-or-anonymous memory of ``pid`` for ``canaries``."""
+    """Search the resident pages of ``pid``'s readable, writable-or-anonymous mappings for ``canaries``.
+
+    Only pages ``/proc/PID/pagemap`` marks present are read (a page never touched is zero and holds nothing);
+    runs of present pages are searched whole, so a canary spanning pages is found.
+    """
     if not canaries:
         raise UsageError("no canaries to look for")
-    overlap = max(len(c) for c in canaries) - 1
     scanned = regions = 0
     hits: dict[int, str] = {}
-    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
-        for lo, hi, name in _resident_regions(pid):
+    with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem, open(f"/proc/{pid}/pagemap", "rb", buffering=0) as pm:
+        for lo, hi, name, shared in _resident_regions(pid):
             regions += 1
-            addr = lo
-            while addr < hi and scanned < max_bytes:
-                size = min(_CHUNK, hi - addr, max_bytes - scanned)
-                try:
-                    mem.seek(addr)
-                    data = mem.read(size + (overlap if addr + size < hi else 0))
-                except OSError:
-                    break  # unmapped under us, or a guard page: nothing readable there
-                scanned += size
-                for i in find_canaries([data], canaries):
-                    hits.setdefault(i, f"{lo:#x}-{hi:#x} {name}")
-                addr += size
+            # A shared mapping's pages may hold data another process wrote without being present here.
+            for start, end in [(lo, hi)] if shared else _present_runs(pm, lo, hi):
+                addr = start
+                while addr < end and scanned < max_bytes:
+                    size = min(_CHUNK, end - addr, max_bytes - scanned)
+                    try:
+                        mem.seek(addr)
+                        data = mem.read(size)
+                    except OSError:
+                        break  # unmapped under us, or a guard page: nothing readable there
+                    scanned += len(data)
+                    for i in find_canaries([data], canaries):
+                        hits.setdefault(i, f"{lo:#x}-{hi:#x} {name}")
+                    addr += size
     return ScanResult(pid, scanned, regions, tuple(sorted(hits)), tuple(hits[i] for i in sorted(hits)))
 
 
-def _resident_regions(pid: int) -> list[tuple[int, int, str]]:
-    """(start, end, name) of mappings worth scanning, from ``/proc/PID/smaps`` (Rss > 0)."""
-    out: list[tuple[int, int, str]] = []
-    current: tuple[int, int, str] | None = None
+def _present_runs(pagemap: BinaryIO, lo: int, hi: int) -> list[tuple[int, int]]:
+    """[start, end) address runs of present pages in [lo, hi) (pagemap bit 63: present; 62: swapped)."""
+    pagemap.seek((lo // _PAGE) * 8)
+    raw = pagemap.read(((hi - lo) // _PAGE) * 8)
+    entries = np.frombuffer(raw, dtype="<u8")
+    present = ((entries >> np.uint64(62)) & np.uint64(3)) != 0
+    if not present.any():
+        return []
+    edges = np.flatnonzero(np.diff(np.concatenate(([False], present, [False])).astype(np.int8)))
+    return [(lo + int(a) * _PAGE, lo + int(b) * _PAGE) for a, b in zip(edges[::2], edges[1::2], strict=True)]
+
+
+def _resident_regions(pid: int) -> list[tuple[int, int, str, bool]]:
+    """(start, end, name, shared) of mappings worth scanning, from ``/proc/PID/smaps`` (Rss > 0)."""
+    out: list[tuple[int, int, str, bool]] = []
+    current: tuple[int, int, str, bool] | None = None
     with open(f"/proc/{pid}/smaps") as f:
         for line in f:
             m = _MAPS.match(line)
@@ -181,9 +202,10 @@ def _resident_regions(pid: int) -> list[tuple[int, int, str]]:
                 readable = perms[0] == "r"
                 file_text = inode != 0 and perms[1] != "w" and not name.startswith("/memfd:")
                 special = name in ("[vvar]", "[vsyscall]", "[vvar_vclock]")
-                current = (lo, hi, name) if readable and not file_text and not special else None
+                keep = readable and not file_text and not special
+                current = (lo, hi, name, perms[3] == "s") if keep else None
             elif current is not None and line.startswith("Rss:"):
-                if int(line.split()[1]) > 0:
+                if int(line.split()[1]) > 0 or current[3]:
                     out.append(current)
                 current = None
     return out

@@ -21,6 +21,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import httpx
+
 from cvmotion.errors import CvmError
 from cvmotion.ipc.rpc import connect_unix
 from cvmotion.testing.hosts import ApiError, HostProcess
@@ -79,7 +81,7 @@ def placements(hosts: Sequence[HostProcess], name: str) -> list[Placement]:
     for host in hosts:
         api_state = None
         if host.running():
-            with contextlib.suppress(ApiError, OSError, ValueError, CvmError):
+            with contextlib.suppress(ApiError, httpx.HTTPError, OSError, ValueError, CvmError):
                 api_state = host.vms().get(name, {}).get("state")
         info = _process_info(host, name)
         state = None if info is None else str(info.get("state"))
@@ -177,7 +179,7 @@ class KvLedger:
             try:
                 body = {"op": "put", "key": key, "value": value}
                 result = host.api("POST", f"/v1/vms/{self.name}/kv", body, timeout=10)
-            except (ApiError, OSError, ValueError):
+            except (ApiError, httpx.HTTPError, OSError, ValueError):
                 continue
             if result.get("status") == "OK":
                 self.acked[key] = value

@@ -1,14 +1,12 @@
 """Fixtures for the process-level migration tests: one vendor and pool CA per run, hosts per module, a VM per test.
 
 Everything is real: host daemons, platform processes and KVM VM processes on loopback.  Skipped cleanly
-where /dev/kvm is unusable.  The attack modules share one ``attack_world`` (attacks leave the hosts as they
-found them); fault modules kill daemons and get their own.
+where /dev/kvm is unusable.  All modules share one world of hosts.
 """
 
 from __future__ import annotations
 
 import hashlib
-import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -35,13 +33,15 @@ def _world(root: Path, mig_root: Path, **start: int) -> Iterator[World]:
 
 @pytest.fixture(scope="session")
 def attack_world(mig_root: Path) -> Iterator[World]:
+    """host-a and host-b (behind the proxy) for the whole run: attacks leave them as they found them, and a
+    fault test's killed daemon comes back on the same data directory and ports."""
     # Patched firmware (SNP SPL above the factory default) on host-a and host-b; host-c keeps the old one.
-    yield from _world(mig_root / "attacks", mig_root, snp_spl=UPDATED_SNP)
+    yield from _world(mig_root / "hosts", mig_root, snp_spl=UPDATED_SNP)
 
 
-@pytest.fixture(scope="module")
-def fault_world(mig_root: Path, request: pytest.FixtureRequest) -> Iterator[World]:
-    yield from _world(mig_root / re.sub(r"\W+", "-", request.module.__name__), mig_root)
+@pytest.fixture
+def fault_world(attack_world: World) -> World:
+    return attack_world
 
 
 def seed_of(request: pytest.FixtureRequest) -> int:

@@ -46,7 +46,7 @@ class Victim:
     name: str
     seed: int
     tap: GuestMemoryTap
-    watch: MemdirtyWatch
+    watch: MemdirtyWatch | None  # None: not a memdirty guest
     canaries: list[bytes] = field(default_factory=list)
     in_flight: InFlightCanaries | None = None
 
@@ -125,6 +125,15 @@ class World:
         canaries = secrets_canaries(tap)[:1] + memdirty_canaries(tap, dirty_mib=DIRTY_MIB, rng=rng, count=2)
         return Victim(name, seed, tap, watch, canaries)
 
+    def new_kv_vm(self, name: str, *, host: HostProcess | None = None) -> Victim:
+        """A kvstore VM (its memory holds what clients PUT: device I/O, so its canaries are the VMPCKs)."""
+        host = host or self.a
+        host.api("POST", "/v1/vms", {"name": name, "image": "kvstore", "memory": MEMORY, "cmdline": "hb_ms=100"})
+        pid = host.vm_pid(name)
+        assert pid is not None
+        tap = GuestMemoryTap(pid, MEMORY)
+        return Victim(name, 0, tap, None, secrets_canaries(tap))
+
     def drop_vm(self, victim: Victim) -> None:
         victim.tap.close()
         for host in self.hosts:
@@ -169,7 +178,8 @@ class World:
             assert placement.host == expect_host, f"VM runs on {placement.host}, expected {expect_host}"
         assert assert_single_instance(self.hosts, victim.name) is not None
         host = next(h for h in self.hosts if h.name == placement.host)
-        victim.watch.check(host, victim.name)
+        if victim.watch is not None:
+            victim.watch.check(host, victim.name)
         self.assert_no_leak(victim)
         return placement
 

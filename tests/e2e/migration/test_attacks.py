@@ -22,6 +22,7 @@ from mig_world import Victim, World
 from cvmotion.abi import wire
 from cvmotion.abi.wire import BundleHeader, BundleType
 from cvmotion.testing.adversary import Frame
+from cvmotion.testing.canary import find_canaries, scan_process
 from cvmotion.testing.hostcmd import forge_abort_token
 from cvmotion.testing.tampering import (
     MoveToStream,
@@ -39,6 +40,7 @@ from cvmotion.testing.tampering import (
 )
 
 pytestmark = [pytest.mark.kvm, pytest.mark.timeout(180)]
+SLOW = pytest.mark.slow  # the long tail: run with -m slow
 
 A, B = "host-a", "host-b"
 MEMORY, EPOCH, START = BundleType.MEMORY, BundleType.EPOCH_TOKEN, BundleType.START_TOKEN
@@ -68,15 +70,27 @@ def attacked_and_refused(world: World, victim: Victim, attack: Any, **options: A
     return refused(world, info)
 
 
+def test_the_canary_scan_is_not_vacuous(attack_world: World, victim: Victim) -> None:
+    """Positive control: the scanner finds the canaries where they legitimately are — the VM process's guest
+    RAM (hardware) — and in any byte string that holds one."""
+    pid = attack_world.a.vm_pid(victim.name)
+    assert pid is not None
+    assert 0 in scan_process(pid, victim.canaries).hits  # VMPCK0, in the secrets page of guest RAM
+    assert find_canaries([b"..." + victim.canaries[-1] + b"..."], victim.canaries) == [len(victim.canaries) - 1]
+
+
 # -- bits flipped in flight ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("region", ["page", "tag", "header", "mac", "gpa"])
+@pytest.mark.parametrize(
+    "region", ["page", "tag", pytest.param("header", marks=SLOW), pytest.param("mac", marks=SLOW), "gpa"]
+)
 def test_flipped_bit_in_a_memory_bundle(attack_world: World, victim: Victim, region: str) -> None:
     """One bit of a page's ciphertext, its tag, the header counters, the MBMD MAC or a GPA entry."""
     attacked_and_refused(attack_world, victim, On(bundle(MEMORY, pages=1), flip(region, random.Random(region))))
 
 
+@pytest.mark.slow
 def test_flipped_bit_in_the_guest_context(attack_world: World, victim: Victim) -> None:
     """The immutable-state bundle (VMPCKs, measurement, policy) is the first bundle; a flip there fails it."""
     attacked_and_refused(attack_world, victim, On(bundle(BundleType.IMMUTABLE_STATE), flip("mac", random.Random(3))))
@@ -100,6 +114,7 @@ def test_dropped_bundle(attack_world: World, victim: Victim) -> None:
     attacked_and_refused(attack_world, victim, On(bundle(MEMORY, epoch=0), drop, nth=1), **SMALL_BUNDLES)
 
 
+@pytest.mark.slow
 def test_duplicated_bundle(attack_world: World, victim: Victim) -> None:
     attacked_and_refused(attack_world, victim, On(bundle(MEMORY, epoch=0), duplicate, nth=1), **SMALL_BUNDLES)
 
@@ -120,7 +135,7 @@ def test_replayed_bundle_from_an_earlier_session(attack_world: World, victim: Vi
     attacked_and_refused(world, victim, attack)
 
 
-@pytest.mark.parametrize("how", ["extra-page", "forged-bundle", "swapped-gpas"])
+@pytest.mark.parametrize("how", ["extra-page", pytest.param("forged-bundle", marks=SLOW), "swapped-gpas"])
 def test_injected_pages(attack_world: World, victim: Victim, how: str) -> None:
     """Pages the source never sealed: appended to a bundle, a whole forged bundle, or two GPAs swapped."""
 
@@ -151,6 +166,7 @@ def test_truncated_stream(attack_world: World, victim: Victim) -> None:
 # -- epoch and start tokens ---------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_withheld_epoch_token(attack_world: World, victim: Victim) -> None:
     """Without epoch 0's token, epoch 1 never opens at the destination (bounded by the I/O timeout)."""
     attacked_and_refused(attack_world, victim, On(bundle(EPOCH), drop), io_timeout_s=3.0, **ROUNDS)
@@ -173,6 +189,7 @@ def test_forged_start_token(attack_world: World, victim: Victim) -> None:
     attacked_and_refused(attack_world, victim, On(bundle(START), flip("mac", random.Random(2))))
 
 
+@pytest.mark.slow
 def test_replayed_start_token_from_an_earlier_session(attack_world: World, victim: Victim) -> None:
     world = attack_world
     attacked_and_refused(world, victim, On(bundle(START), flip("mac", random.Random(4))))
@@ -181,6 +198,7 @@ def test_replayed_start_token_from_an_earlier_session(attack_world: World, victi
     attacked_and_refused(world, victim, attack)
 
 
+@pytest.mark.slow
 def test_withheld_start_token(attack_world: World, victim: Victim) -> None:
     """The source is frozen after its start token; the destination times out, aborts and sends the token that
     lets the source resume (it never resumes on its own)."""
@@ -208,6 +226,7 @@ def test_forged_abort_token_after_commit(attack_world: World, victim: Victim) ->
     assert victim.name not in world.a.vms()
 
 
+@pytest.mark.slow
 def test_replayed_abort_token_from_an_earlier_session(attack_world: World, victim: Victim) -> None:
     """A genuine abort token — of an earlier session the destination really aborted — replaces "committed"."""
     world = attack_world

@@ -69,6 +69,7 @@ def test_frozen_source_cannot_be_resumed_without_a_token(attack_world: World, vi
     world.finish(victim, expect_host=B)
 
 
+@pytest.mark.slow
 def test_destination_cannot_abort_after_commit(attack_world: World, victim: Victim) -> None:
     """A malicious destination daemon wants an abort token (to run the VM twice): refused once committed."""
     world = attack_world
@@ -121,6 +122,7 @@ def test_export_with_another_vms_hardware(attack_world: World, victim: Victim) -
         assert stats.outcome == "resumed on source"
         assert f"does not run guest {victim_handle(world, victim)}" in str(stats.error), stats.error
         world.finish(victim, expect_host=A)
+        assert decoy.watch is not None
         decoy.watch.check(world.a, decoy.name)
     finally:
         world.drop_vm(decoy)

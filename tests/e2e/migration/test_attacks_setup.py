@@ -86,6 +86,7 @@ def test_relay_key_substitution(attack_world: World, victim: Victim) -> None:
     refused_at_setup(attack_world, victim, info, "REPORT_DATA")
 
 
+@pytest.mark.slow
 def test_stale_report_from_an_earlier_session(attack_world: World, victim: Victim) -> None:
     """The destination MA's genuine certificate of an earlier session: its evidence verifies, but the relay
     cannot prove possession of that key in this session's TLS handshake."""
@@ -99,6 +100,7 @@ def test_stale_report_from_an_earlier_session(attack_world: World, victim: Victi
     refused_at_setup(world, victim, info, "not the attested one")
 
 
+@pytest.mark.slow
 def test_corrupted_tls_record(attack_world: World, victim: Victim) -> None:
     def corrupt(f: Frame) -> Frame:
         data = bytearray(f.payload)
@@ -122,6 +124,7 @@ def test_destination_below_the_minimum_tcb(attack_world: World, vm_with: Any) ->
     refused_at_setup(attack_world, victim, info, "minimum_tcb", f"snp={TCB.snp} < {TCB.snp + 1}")
 
 
+@pytest.mark.slow
 def test_destination_running_older_firmware(attack_world: World, vm_with: Any) -> None:
     """host-c still runs the factory firmware; the VM requires the update host-a and host-b installed
     (``cvmotion platform set-tcb --snp``)."""
@@ -135,6 +138,7 @@ def test_destination_running_older_firmware(attack_world: World, vm_with: Any) -
     assert victim.name not in host_c.vms()
 
 
+@pytest.mark.slow
 def test_destination_outside_the_allowed_pools(attack_world: World, victim: Victim) -> None:
     world = attack_world
     host_c = world.extra_host("host-c", pool="pool-c")
@@ -143,6 +147,7 @@ def test_destination_outside_the_allowed_pools(attack_world: World, victim: Vict
     assert victim.name not in host_c.vms()
 
 
+@pytest.mark.slow
 def test_non_genuine_chip(attack_world: World, victim: Victim) -> None:
     """host-d's chip was made by a second emulated vendor whose ARK no MA trusts."""
     world = attack_world
