@@ -2,7 +2,7 @@
 destination daemon (SIGKILL) or the connection dies while the adversary holds the traffic at the phase's frame;
 a killed daemon restarts on the same data directory (its VM and platform processes lived on).
 
-Phases: set-up (the MAs' TLS frames), a pre-copy round (epoch token 0), the pause (the first bundle of the
+Phases: set-up (the MAs' TLS frames), each pre-copy round (epoch tokens 0 and 1), the pause (the first bundle of the
 final epoch), state transfer (vCPU state), the start token, after the commit (the destination's "committed").
 Each case ends with the kvstore VM running on exactly one host with every write the host API acknowledged
 during the migration still readable, and with no guest key in anything the untrusted side handled.  Where the
@@ -38,6 +38,7 @@ def _final_epoch(f: Frame) -> bool:
 PHASES: dict[str, tuple[Callable[[Frame], bool], dict[str, Any]]] = {
     "setup": (ma(Direction.FORWARD, FrameType.TLS), {}),
     "round": (bundle(BundleType.EPOCH_TOKEN, epoch=0), ROUNDS),
+    "round-1": (bundle(BundleType.EPOCH_TOKEN, epoch=1), ROUNDS),
     "pause": (_final_epoch, ROUNDS),
     "state": (bundle(BundleType.VCPU_STATE), {}),
     "start": (bundle(BundleType.START_TOKEN), {}),
@@ -47,9 +48,9 @@ PHASES: dict[str, tuple[Callable[[Frame], bool], dict[str, Any]]] = {
 # token yet; one killed at "start" closes its control connection, and the destination aborts if it sees that
 # before the released start token; the invariants hold either way).
 EXPECTED = {
-    "cut": {"setup": A, "round": A, "pause": A, "state": A, "start": A, "commit": B},
-    "kill-source": {"setup": A, "round": A, "pause": A, "state": None, "start": None, "commit": B},
-    "kill-destination": {"setup": A, "round": A, "pause": A, "state": A, "start": A, "commit": B},
+    "cut": {"setup": A, "round": A, "round-1": A, "pause": A, "state": A, "start": A, "commit": B},
+    "kill-source": {"setup": A, "round": A, "round-1": A, "pause": A, "state": None, "start": None, "commit": B},
+    "kill-destination": {"setup": A, "round": A, "round-1": A, "pause": A, "state": A, "start": A, "commit": B},
 }
 DEFAULT = {("setup", "cut"), ("round", "kill-source"), ("pause", "kill-destination"), ("state", "kill-source"),
            ("start", "kill-destination"), ("commit", "kill-source")}  # fmt: skip
