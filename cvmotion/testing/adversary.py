@@ -18,7 +18,9 @@ names its ticket, role ``control|stream`` and stream index) and hands every fram
 
 Every byte read from either side is recorded (``carried()``) for the canary scan.  Sessions are numbered in
 the order their first connection arrived.  Each relay direction has its own thread; tamper calls are
-serialised, so policies keep plain state.  Every socket wait is bounded by ``io_timeout``.
+serialised, so policies keep plain state.  A connection's first frame must arrive within ``io_timeout``;
+after that a relay waits as long as the peers do (they bound their own waits), until a close, ``cut()`` or
+``close()``.
 """
 
 from __future__ import annotations
@@ -198,6 +200,7 @@ class MigrationProxy:
             self._tamper = tamper or _passthrough
             self._log.clear()
             self._carried.clear()
+            self._conns = {k: c for k, c in self._conns.items() if not c.closed.is_set()}
         self.frozen.clear()
         self._thawed.set()
 
@@ -290,6 +293,9 @@ class MigrationProxy:
             return
         for sock in (client, upstream):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            # From here a relay waits as long as the peers do: they bound their own waits and close, and a cut
+            # or close() ends it (an idle control connection is not a reason to break a migration).
+            sock.settimeout(None)
         with self._lock:
             session = self._tickets.setdefault(str(hello.get("ticket", "")), len(self._tickets))
             role = str(hello.get("role", "?"))
