@@ -34,9 +34,8 @@ import numpy as np
 import numpy.typing as npt
 
 from cvmotion.abi.cvmio import BlobKind
-from cvmotion.attestation.client import AttestationClient
+from cvmotion.attestation.client import AttestationClient, KeyReleaseClient
 from cvmotion.attestation.keyrelease import TransferKey
-from cvmotion.attestation.keyrelease_http import KeyReleaseClient
 from cvmotion.attestation.paravisor import Paravisor
 from cvmotion.errors import CvmError, UsageError
 from cvmotion.ipc.rpc import Call, Endpoint, Reply, connect_unix

@@ -20,10 +20,11 @@ from typing import Any, Literal
 import httpx
 
 from cvmotion.attestation.jwks import b64url_encode
+from cvmotion.attestation.keyrelease import WRAP_ALGORITHM, TransferKey
 from cvmotion.attestation.request import ServiceError
 from cvmotion.errors import PolicyViolation, UsageError, VerificationError
 
-__all__ = ["AttestationClient", "raise_for_error"]
+__all__ = ["AttestationClient", "KeyReleaseClient", "raise_for_error"]
 
 _VERIFICATION_KINDS = frozenset({"verification_failed", "runtime_data_mismatch"})
 
@@ -154,3 +155,38 @@ class AttestationClient:
 
     def openid_configuration(self) -> dict[str, Any]:
         return self._get_json("/.well-known/openid-configuration")
+
+
+class KeyReleaseClient:
+    """Guest-side client: send a token, unwrap the secret with the transfer key."""
+
+    def __init__(self, base_url: str, *, timeout: float = 10.0, transport: httpx.BaseTransport | None = None) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._client = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
+
+    def __enter__(self) -> KeyReleaseClient:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._client.close()
+
+    def release(self, name: str, token: str, transfer: TransferKey) -> bytes:
+        """The secret named ``name``.  Raises ``PolicyViolation`` / ``UsageError`` / ``ServiceError`` on refusal."""
+        try:
+            response = self._client.post(
+                f"/keys/{name}/release",
+                content=json.dumps({"target": token}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+        except httpx.HTTPError as exc:
+            raise ServiceError(503, "unreachable", f"key-release service {self.base_url}: {exc}") from None
+        raise_for_error(response, f"release of {name!r}")
+        doc = response.json()
+        if not isinstance(doc, dict) or doc.get("alg") != WRAP_ALGORITHM or not isinstance(doc.get("value"), str):
+            raise ServiceError(502, "bad_response", "key-release service answered without an RSA-OAEP-256 value")
+        return transfer.unwrap(doc["value"])

@@ -18,20 +18,17 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from types import TracebackType
 from typing import Any
 
-import httpx
 from fastapi import FastAPI, Request, Response
 from starlette.concurrency import run_in_threadpool
 
-from cvmotion.attestation.client import raise_for_error
+from cvmotion.attestation.client import KeyReleaseClient
 from cvmotion.attestation.http_common import error_response, install_error_handlers, json_response, read_json_body
 from cvmotion.attestation.keyrelease import (
     KEY_NAME,
     WRAP_ALGORITHM,
     KeyStore,
-    TransferKey,
     transfer_key_from_claims,
     wrap_secret,
 )
@@ -138,38 +135,3 @@ def create_app(service: KeyReleaseService) -> FastAPI:
         return json_response({"status": "ok"})
 
     return app
-
-
-class KeyReleaseClient:
-    """Guest-side client: send a token, unwrap the secret with the transfer key."""
-
-    def __init__(self, base_url: str, *, timeout: float = 10.0, transport: httpx.BaseTransport | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
-        self._client = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
-
-    def __enter__(self) -> KeyReleaseClient:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._client.close()
-
-    def release(self, name: str, token: str, transfer: TransferKey) -> bytes:
-        """The secret named ``name``.  Raises ``PolicyViolation`` / ``UsageError`` / ``ServiceError`` on refusal."""
-        try:
-            response = self._client.post(
-                f"/keys/{name}/release",
-                content=json.dumps({"target": token}).encode(),
-                headers={"Content-Type": "application/json"},
-            )
-        except httpx.HTTPError as exc:
-            raise ServiceError(503, "unreachable", f"key-release service {self.base_url}: {exc}") from None
-        raise_for_error(response, f"release of {name!r}")
-        doc = response.json()
-        if not isinstance(doc, dict) or doc.get("alg") != WRAP_ALGORITHM or not isinstance(doc.get("value"), str):
-            raise ServiceError(502, "bad_response", "key-release service answered without an RSA-OAEP-256 value")
-        return transfer.unwrap(doc["value"])
