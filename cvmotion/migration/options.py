@@ -17,9 +17,9 @@ class MigrationOptions:
 
     downtime_limit_ms: float = 300.0
     # The stop-and-copy's fixed part (pause, final harvest, state and start token, destination activation and
-    # resume): added to the final pages' expected time, so the limit bounds the whole downtime.  ~25 ms on
+    # resume): added to the final pages' expected time, so the limit bounds the whole downtime.  40-50 ms on
     # the reference machine (README, Performance); 0 gives QEMU's rule (final pages only).
-    switchover_cost_ms: float = 25.0
+    switchover_cost_ms: float = 40.0
     streams: int = 2
     max_rounds: int = 30
     pages_per_bundle: int = MAX_PAGES_PER_BUNDLE
