@@ -35,6 +35,7 @@ from cvmotion.agent.peer import check_vm_peer
 from cvmotion.errors import CvmError, FirmwareError, FirmwareStatus, UsageError
 from cvmotion.firmware.device import GuestHandle, SecureProcessor
 from cvmotion.firmware.launch import PageType
+from cvmotion.firmware.mig_pages import sorted_union
 from cvmotion.firmware.migration import MigrationFirmware
 from cvmotion.ipc.rpc import Call, Endpoint, Reply
 from cvmotion.vmm.layout import Gpa
@@ -123,7 +124,7 @@ class RemoteHardware:
         parts = [p for p in parts if len(p)]
         if not parts:
             return np.zeros(0, dtype=np.uint64)
-        return np.unique(np.concatenate(parts))
+        return sorted_union(*parts)
 
     def hold_paused(self) -> None:
         self._endpoint.call("sp_hold_paused")

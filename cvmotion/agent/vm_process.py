@@ -38,6 +38,7 @@ from cvmotion.attestation.client import AttestationClient, KeyReleaseClient
 from cvmotion.attestation.keyrelease import TransferKey
 from cvmotion.attestation.paravisor import Paravisor
 from cvmotion.errors import CvmError, UsageError
+from cvmotion.firmware.mig_pages import sorted_union
 from cvmotion.ipc.rpc import Call, Endpoint, Reply, connect_unix
 from cvmotion.vmm.backend import BackendKind
 from cvmotion.vmm.images import load_image
@@ -125,7 +126,7 @@ class DirtyViews:
             self._pending[consumer] = []
         if not parts:
             return np.zeros(0, dtype=np.uint64)
-        return np.unique(np.concatenate(parts))
+        return sorted_union(*parts)
 
 
 class _ParavisorHost:

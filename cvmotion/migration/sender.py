@@ -32,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cvmotion.errors import Aborted, CvmError, MigrationError, PolicyViolation, ProtocolError
+from cvmotion.firmware.mig_pages import sorted_union
 from cvmotion.migration.channel import FrameKind, FrameSocket, connect
 from cvmotion.migration.clients import PlatformClient, Ring, VmClient
 from cvmotion.migration.options import MigrationOptions
@@ -302,7 +303,7 @@ class Sender:
         self._mark("paused")
         self.platform.call("export_pause", {"handle": self.handle})
         self._mark("held")
-        final = np.union1d(self._final_dirty, self.vm.harvest_dirty()).astype(np.uint64)
+        final = sorted_union(self._final_dirty, self.vm.harvest_dirty())
         self._mark("harvested")
         if len(final):
             self._send_round(final)

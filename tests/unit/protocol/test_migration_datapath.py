@@ -155,3 +155,13 @@ def test_vcpu_and_device_state_are_captured_once_per_pause(emulated_vendor: Vend
         BundleType.MUTABLE_STATE,
         BundleType.START_TOKEN,
     ]
+
+
+def test_sorted_union_is_numpys_union() -> None:
+    rng = np.random.default_rng(5)
+    for sizes in ([], [0], [1], [7, 0, 3], [100, 100, 1], [5000]):
+        parts = [rng.integers(0, 300, size=n).astype(np.uint64) for n in sizes]
+        expected = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
+        got = mig_pages.sorted_union(*parts)
+        assert got.dtype == np.uint64
+        assert got.tolist() == expected.tolist()
