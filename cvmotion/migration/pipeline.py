@@ -244,7 +244,12 @@ class IncomingStream:
                     raise ProtocolError(f"stream {self.index}: unexpected {kind.name} frame of {length} bytes")
                 view = self.ring.slot(slot)[:length]
                 self.sock.recv_into(view)
-                self._arrived.put(Arrival(slot, length, BundleHeader.from_bytes(view)))
+                header = BundleHeader.from_bytes(view)
+                if header.stream != self.index:
+                    # Each connection carries one stream: a bundle moved to another connection could otherwise
+                    # reach the firmware in its stream's order or not, depending on timing.  Refuse it here.
+                    raise ProtocolError(f"stream {self.index}: a bundle of stream {header.stream} on this connection")
+                self._arrived.put(Arrival(slot, length, header))
         except BaseException as exc:  # noqa: BLE001
             if not self._stop.is_set():
                 self._on_error(exc)

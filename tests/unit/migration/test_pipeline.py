@@ -38,9 +38,11 @@ def tcp_pair() -> Iterator[tuple[FrameSocket, FrameSocket]]:
     b.close()
 
 
-def _bundle(kind: BundleType, epoch: int, mb: int, payload: bytes = b"", meta: bytes = b"") -> bytes:
+def _bundle(
+    kind: BundleType, epoch: int, mb: int, payload: bytes = b"", meta: bytes = b"", *, stream: int = 0
+) -> bytes:
     size = wire.HEADER_SIZE + len(meta) + wire.MAC_SIZE
-    head = BundleHeader(size=size, stream=0, type=kind, mb_counter=mb, epoch=epoch, iv_counter=mb).to_bytes()
+    head = BundleHeader(size=size, stream=stream, type=kind, mb_counter=mb, epoch=epoch, iv_counter=mb).to_bytes()
     return head + meta + bytes(wire.MAC_SIZE) + payload
 
 
@@ -147,6 +149,24 @@ def test_incoming_batches_one_epoch_and_tokens_alone(tcp_pair: tuple[FrameSocket
     ring.close()
 
 
+def test_incoming_refuses_a_bundle_of_another_stream(tcp_pair: tuple[FrameSocket, FrameSocket]) -> None:
+    tx, rx = tcp_pair
+    ring = Ring("test-moved", 2, 1)
+    errors: list[BaseException] = []
+    imported: list[Arrival] = []
+    stream = IncomingStream(
+        1, rx, ring, import_batch=lambda i, r, a: imported.extend(a), on_error=errors.append, batch=1
+    )
+    stream.start()
+    tx.send(FrameKind.BUNDLE, _bundle(BundleType.MEMORY, 0, 0, b"x", stream=0))  # stream 0's bundle, moved
+    stream.join(WAIT)
+    assert not imported
+    assert errors
+    assert "a bundle of stream 0 on this connection" in str(errors[0])
+    errors.clear()  # the traceback holds the reader's view of the ring
+    ring.close()
+
+
 def test_incoming_refuses_an_oversized_frame(tcp_pair: tuple[FrameSocket, FrameSocket]) -> None:
     tx, rx = tcp_pair
     ring = Ring("test-big", 2, 1)
@@ -214,8 +234,8 @@ def test_receiver_feeds_epochs_in_order_across_streams() -> None:
         senders.append(FrameSocket(client, timeout=WAIT))
     server.close()
     # Stream 1 races ahead with a bundle of epoch 1 before stream 0 has even sent the guest context.
-    senders[1].send(FrameKind.BUNDLE, _bundle(BundleType.MEMORY, 0, 0, b"a"))
-    senders[1].send(FrameKind.BUNDLE, _bundle(BundleType.MEMORY, 1, 1, b"b"))
+    senders[1].send(FrameKind.BUNDLE, _bundle(BundleType.MEMORY, 0, 0, b"a", stream=1))
+    senders[1].send(FrameKind.BUNDLE, _bundle(BundleType.MEMORY, 1, 1, b"b", stream=1))
     time.sleep(0.05)
     senders[0].send(FrameKind.BUNDLE, _bundle(BundleType.IMMUTABLE_STATE, 0, 0, b"ctx"))
     senders[0].send(FrameKind.BUNDLE, _bundle(BundleType.MEMORY, 0, 1, b"c"))
