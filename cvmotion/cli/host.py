@@ -46,10 +46,10 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from cvmotion.ipc.http import listen_socket, parse_listen
     from cvmotion.cli.paths import default_home
     from cvmotion.host.api import create_app
     from cvmotion.host.daemon import HostConfig, HostDaemon
+    from cvmotion.ipc.http import listen_socket, parse_listen
 
     host, port = parse_listen(args.listen)
     vendor_dir = args.vendor_dir or (default_home() / "vendor")
