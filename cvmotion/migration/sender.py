@@ -355,19 +355,14 @@ class Sender:
         log.warning("migration %s: %s", self.stats.id, exc, exc_info=exc)
         s = self.stats
         s.error = str(exc) or type(exc).__name__
-        s.error_kind = type(exc).__name__
-        s.status = (
-            MigrationStatus.CANCELLED if isinstance(exc, Aborted) and self.cancel.is_set() else MigrationStatus.FAILED
-        )
-        if isinstance(exc, PolicyViolation):
-            s.error_kind = "PolicyViolation"
+        s.error_kind = "PolicyViolation" if isinstance(exc, PolicyViolation) else type(exc).__name__
         if self.control is not None:
             with _suppress():
                 self.control.send_json(FrameKind.CONTROL, {"type": "cancel", "reason": s.error, "kind": s.error_kind})
-        if s.outcome == "" and isinstance(exc, Aborted) and "destination aborted" in str(exc):
-            s.outcome = "resumed on source"
-            return
-        if not self.start_token_sent:
+        if isinstance(exc, Aborted) and "destination aborted" in str(exc):
+            # The destination's abort token already resumed the source (_await_verdict).
+            outcome = "resumed on source"
+        elif not self.start_token_sent:
             # Before the point of no return the source may abort on its own and run again.
             with _suppress():
                 self.platform.call("export_abort", {"handle": self.handle})
@@ -375,11 +370,16 @@ class Sender:
                 self.vm.call("throttle", {"pct": 0})
             with _suppress():
                 self.vm.call("resume")
-            s.outcome = "resumed on source"
+            outcome = "resumed on source"
         else:
             # The destination may have committed: running here could fork the VM. Stay stopped until the
             # destination answers (the host daemon keeps asking).
-            s.outcome = "stopped, awaiting destination"
+            outcome = "stopped, awaiting destination"
+        # The outcome before the status: an API reader that sees a terminal status also sees where the VM is.
+        s.outcome = outcome
+        s.status = (
+            MigrationStatus.CANCELLED if isinstance(exc, Aborted) and self.cancel.is_set() else MigrationStatus.FAILED
+        )
         self.emit("MigrationFailed", {"id": s.id, "error": s.error, "kind": s.error_kind, "outcome": s.outcome})
 
 
