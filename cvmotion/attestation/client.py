@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
-from types import TracebackType
 from typing import Any, Literal
 
 import httpx
@@ -23,6 +22,7 @@ from cvmotion.attestation.jwks import b64url_encode
 from cvmotion.attestation.keyrelease import WRAP_ALGORITHM, TransferKey
 from cvmotion.attestation.request import ServiceError
 from cvmotion.errors import PolicyViolation, UsageError, VerificationError
+from cvmotion.ipc.http import HttpClient
 
 __all__ = ["AttestationClient", "KeyReleaseClient", "raise_for_error"]
 
@@ -50,7 +50,7 @@ def raise_for_error(response: httpx.Response, what: str) -> None:
     raise ServiceError(response.status_code, kind, text)
 
 
-class AttestationClient:
+class AttestationClient(HttpClient):
     """HTTP client of one attestation service (and one tenant)."""
 
     def __init__(
@@ -61,20 +61,8 @@ class AttestationClient:
         timeout: float = 10.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        self.base_url = base_url.rstrip("/")
+        super().__init__(base_url, timeout=timeout, transport=transport)
         self.tenant = tenant
-        self._client = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
-
-    def __enter__(self) -> AttestationClient:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._client.close()
 
     @staticmethod
     def evidence_body(
@@ -157,23 +145,8 @@ class AttestationClient:
         return self._get_json("/.well-known/openid-configuration")
 
 
-class KeyReleaseClient:
+class KeyReleaseClient(HttpClient):
     """Guest-side client: send a token, unwrap the secret with the transfer key."""
-
-    def __init__(self, base_url: str, *, timeout: float = 10.0, transport: httpx.BaseTransport | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
-        self._client = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
-
-    def __enter__(self) -> KeyReleaseClient:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._client.close()
 
     def release(self, name: str, token: str, transfer: TransferKey) -> bytes:
         """The secret named ``name``.  Raises ``PolicyViolation`` / ``UsageError`` / ``ServiceError`` on refusal."""

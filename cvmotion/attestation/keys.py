@@ -20,12 +20,9 @@ write is an atomic rename, so ``refresh`` either sees the old or the new state, 
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
-import os
-import tempfile
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from cvmotion.attestation.jwks import jwk_thumbprint, rsa_public_jwk
 from cvmotion.errors import UsageError
+from cvmotion.files import PRIVATE, dir_lock, write_atomic
 
 __all__ = ["KEY_SIZES", "SigningKeyStore", "TokenSigningKey", "utc_now"]
 
@@ -79,21 +77,6 @@ class TokenSigningKey:
 
 def _iso(value: datetime | None) -> str | None:
     return value.isoformat() if value is not None else None
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, mode)  # 0600 from the first byte for private keys, never chmod-ed afterwards
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _parse_time(value: object, what: str) -> datetime | None:
@@ -215,15 +198,8 @@ class SigningKeyStore:
 
     # -- writing ---------------------------------------------------------------------------------
 
-    @contextlib.contextmanager
-    def _flock(self) -> Iterator[None]:
-        fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
-        finally:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+    def _flock(self) -> contextlib.AbstractContextManager[None]:
+        return dir_lock(self.directory)
 
     def _new_key(self, now: datetime) -> TokenSigningKey:
         private = rsa.generate_private_key(public_exponent=65537, key_size=self.bits)
@@ -231,7 +207,7 @@ class SigningKeyStore:
         pem = private.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        _write_atomic(self.directory / f"{kid}.pem", pem, 0o600)
+        write_atomic(self.directory / f"{kid}.pem", pem, mode=PRIVATE)
         return TokenSigningKey(kid=kid, private_key=private, bits=self.bits, created=now)
 
     def _save(self) -> None:
@@ -241,7 +217,7 @@ class SigningKeyStore:
             "overlap_s": int(self.overlap.total_seconds()),
             "keys": [k._meta() for k in sorted(self._keys.values(), key=lambda k: k.created)],
         }
-        _write_atomic(self.directory / _STATE, (json.dumps(doc, indent=2) + "\n").encode(), 0o644)
+        write_atomic(self.directory / _STATE, (json.dumps(doc, indent=2) + "\n").encode())
 
     def rotate(self, now: datetime | None = None) -> TokenSigningKey:
         """Make a new key active; the old one stays published for ``overlap``.  Returns the new key."""

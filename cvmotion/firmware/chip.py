@@ -22,7 +22,7 @@ from typing import Any
 
 from cvmotion.abi.snp import PlatformInfo, Product, TcbVersion
 from cvmotion.errors import AbiError, FirmwareError, FirmwareStatus, UsageError
-from cvmotion.firmware._store import PRIVATE, read_json, write_atomic, write_json
+from cvmotion.files import PRIVATE, read_json, write_atomic, write_json
 from cvmotion.firmware.keys import SeededRandom, system_random
 from cvmotion.firmware.vendor import Vendor
 

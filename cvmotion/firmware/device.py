@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives import serialization
 
 from cvmotion.abi.snp import GuestPolicy, Product, SigningKey, TcbVersion
 from cvmotion.errors import FirmwareError, FirmwareStatus, UsageError
-from cvmotion.firmware._store import PRIVATE, write_atomic
+from cvmotion.files import PRIVATE, write_atomic
 from cvmotion.firmware.chip import Chip
 from cvmotion.firmware.context import ContextFlag, GuestContext, GuestState, OpState
 from cvmotion.firmware.guest_request import Signers, handle_guest_request

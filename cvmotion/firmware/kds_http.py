@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from types import TracebackType
 
 import httpx
 import uvicorn
@@ -18,7 +17,7 @@ from fastapi import FastAPI, Request, Response
 
 from cvmotion.abi.snp import Product, TcbVersion
 from cvmotion.firmware.kds import Kds, KdsError, vcek_path
-from cvmotion.ipc.http import ServerThread, listen_socket, parse_listen, uvicorn_config
+from cvmotion.ipc.http import HttpClient, ServerThread, listen_socket, parse_listen, uvicorn_config
 
 __all__ = ["KdsClient", "KdsServer", "create_app", "listen_socket", "parse_listen", "server_config"]
 
@@ -61,22 +60,8 @@ class KdsServer(ServerThread):
         super().__init__(create_app(kds), sock, url, name="kds-server")
 
 
-class KdsClient:
+class KdsClient(HttpClient):
     """HTTP client for a KDS (AMD's or ours). Failures become ``KdsError`` with the server's message."""
-
-    def __init__(self, base_url: str, *, timeout: float = 10.0, transport: httpx.BaseTransport | None = None) -> None:
-        self._client = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout, transport=transport)
-
-    def __enter__(self) -> KdsClient:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._client.close()
 
     def _get(self, path: str) -> httpx.Response:
         try:

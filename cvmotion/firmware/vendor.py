@@ -33,8 +33,8 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 
 from cvmotion.abi.snp import Product, TcbVersion
 from cvmotion.errors import UsageError
+from cvmotion.files import PRIVATE, dir_lock, read_json, write_atomic, write_json
 from cvmotion.firmware import certs
-from cvmotion.firmware._store import PRIVATE, dir_lock, read_json, write_atomic, write_json
 from cvmotion.firmware.keys import derive_p384_key, derive_vcek, tcb_bytes
 from cvmotion.firmware.vlek import wrap_vlek
 

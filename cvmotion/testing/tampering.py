@@ -222,33 +222,24 @@ class Reorder:
             return None
         if frame.conn == self.held.conn and frame.direction is self.held.direction:
             self.fired.set()
-            return [frame, self.held]
+            return [frame, self.release(self.held, frame)]
         return None
 
+    def release(self, held: Frame, after: Frame) -> Frame:
+        """What goes out in place of the held frame, right after ``after``."""
+        return held
 
-class MoveToStream:
+
+class MoveToStream(Reorder):
     """Send the first frame matching ``predicate`` on stream connection ``to`` instead of its own, after the
     next frame of its own stream went out (so the move is observable whatever the thread timing)."""
 
     def __init__(self, predicate: Predicate, to: int) -> None:
-        self.predicate = predicate
+        super().__init__(predicate)
         self.to = to
-        self.held: Frame | None = None
-        self.fired = threading.Event()
 
-    def __call__(self, frame: Frame, proxy: MigrationProxy) -> Sequence[Emit] | None:
-        if self.fired.is_set():
-            return None
-        if self.held is None:
-            if self.predicate(frame):
-                self.held = frame
-                return []
-            return None
-        if frame.conn == self.held.conn and frame.direction is self.held.direction:
-            self.fired.set()
-            moved = self.held.replace(conn=ConnKey(frame.conn.session, "stream", self.to))
-            return [frame, moved]
-        return None
+    def release(self, held: Frame, after: Frame) -> Frame:
+        return held.replace(conn=ConnKey(after.conn.session, "stream", self.to))
 
 
 class ReplayLater:

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 from attest_pki import AT, TCB, Pki, chip_id_for, make_report, p384
-from conftest import RealEvidence
+from real_vectors import RealEvidence
 
 from cvmotion.abi.snp import KeyInfo, PolicyFlag, Product, SigningKey
 from cvmotion.attestation.policy import AttestationPolicy, MigrateMa, load_policy, policy_json_schema

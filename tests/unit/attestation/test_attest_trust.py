@@ -7,9 +7,9 @@ import warnings
 
 import pytest
 from attest_pki import Pki, make_cert, rogue_key
-from conftest import RealEvidence
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 from cryptography.utils import CryptographyDeprecationWarning
+from real_vectors import RealEvidence
 
 from cvmotion.abi.snp import Product
 from cvmotion.attestation.evidence import load_certificate, load_certificates, spki_sha256

@@ -6,10 +6,10 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 from attest_pki import Pki, make_cert, rogue_key
-from conftest import RealEvidence
 from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from real_vectors import RealEvidence
 
 from cvmotion.abi.snp import SIGNED_LEN, AttestationReport, Product, SigningKey, TcbVersion
 from cvmotion.attestation.evidence import load_certificate, load_certificates

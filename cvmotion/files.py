@@ -1,7 +1,8 @@
-"""firmware layer: small persistence helpers (atomic writes, private files, a directory lock).
+"""Small persistence helpers shared by every layer (atomic writes, private files, a directory lock).
 
-The vendor directory and a host's data directory may be opened by several processes at once (two host
-daemons starting together, a KDS and a ``cvmotion platform create``). Files are written to a temporary
+The vendor directory, a host's data directory and the token service's key directory may be opened by
+several processes at once (two host daemons starting together, a KDS and a ``cvmotion platform create``,
+forked attestation workers). Files are written to a temporary
 name and renamed, so a reader never sees half a key; secrets are created 0600 from the start (never
 chmod-ed after the fact, which would leave a window); lazy creation happens under an ``flock``.
 """
