@@ -44,6 +44,7 @@ __all__ = [
     "KvmError",
     "MalformedStructure",
     "MigrationError",
+    "Moved",
     "NotFound",
     "PolicyViolation",
     "ProtocolError",
@@ -70,6 +71,14 @@ class NotFound(UsageError):
 
 class Conflict(UsageError):
     """The name is taken, or the object is in a state that forbids the request."""
+
+
+class Moved(Conflict):
+    """The object lives on another host now (a completed live migration); ``location`` is where to ask."""
+
+    def __init__(self, message: str, location: str) -> None:
+        super().__init__(message)
+        self.location = location
 
 
 class AbiError(CvmError):

@@ -419,6 +419,10 @@ class VmProcess:
             self.set_throttle(int(a["pct"]))
             return Reply()
         if m == "stop":
+            if self.vm is not None:
+                # Requests waiting on the guest fail now, not when this process is gone: their callers
+                # (a client caught by a switchover) learn at once that the VM will not answer here.
+                self.vm.cvmio.close()
             threading.Thread(target=self._stop.set, daemon=True).start()
             return Reply()
         raise UsageError(f"unknown VM control method {m!r}")

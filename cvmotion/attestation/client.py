@@ -22,7 +22,7 @@ from cvmotion.attestation.jwks import b64url_encode
 from cvmotion.attestation.keyrelease import WRAP_ALGORITHM, TransferKey
 from cvmotion.attestation.request import ServiceError
 from cvmotion.errors import PolicyViolation, UsageError, VerificationError
-from cvmotion.ipc.http import HttpClient
+from cvmotion.ipc.http_client import HttpClient
 
 __all__ = ["AttestationClient", "KeyReleaseClient", "raise_for_error"]
 

@@ -17,7 +17,8 @@ from fastapi import FastAPI, Request, Response
 
 from cvmotion.abi.snp import Product, TcbVersion
 from cvmotion.firmware.kds import Kds, KdsError, vcek_path
-from cvmotion.ipc.http import HttpClient, ServerThread, listen_socket, parse_listen, uvicorn_config
+from cvmotion.ipc.http import ServerThread, listen_socket, parse_listen, uvicorn_config
+from cvmotion.ipc.http_client import HttpClient
 
 __all__ = ["KdsClient", "KdsServer", "create_app", "listen_socket", "parse_listen", "server_config"]
 

@@ -25,6 +25,7 @@ from cvmotion.errors import (
     AbiError,
     Conflict,
     CvmError,
+    Moved,
     NotFound,
     PolicyViolation,
     UsageError,
@@ -96,7 +97,14 @@ def create_app(daemon: HostDaemon) -> FastAPI:
     app = FastAPI(title=f"cvmotion host API ({daemon.config.name})", version="1")
 
     @app.exception_handler(CvmError)
-    async def _cvm_error(_: Request, exc: CvmError) -> JSONResponse:
+    async def _cvm_error(request: Request, exc: CvmError) -> JSONResponse:
+        if isinstance(exc, Moved):
+            # 307 keeps the method and body: a client that follows redirects reaches the VM on its new host.
+            suffix = request.url.path.removeprefix(f"/v1/vms/{request.path_params.get('name', '')}")
+            location = exc.location + suffix
+            response = _error(307, "Moved", str(exc), location=location)
+            response.headers["Location"] = location
+            return response
         extra = {"violations": exc.violations} if isinstance(exc, PolicyViolation) else {}
         return _error(_status_for(exc), type(exc).__name__, str(exc), **extra)
 

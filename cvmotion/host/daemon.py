@@ -35,9 +35,10 @@ import httpx
 from cvmotion.abi.snp import PolicyFlag
 from cvmotion.agent.policy import MigrationPolicy
 from cvmotion.agent.vm_process import VmSpec
-from cvmotion.errors import Conflict, CvmError, MigrationError, NotFound, UsageError
+from cvmotion.errors import Conflict, CvmError, DeviceError, MigrationError, Moved, NotFound, UsageError
 from cvmotion.host.events import EventBus
 from cvmotion.host.recovery import Recovery
+from cvmotion.ipc.rpc import RpcError
 from cvmotion.migration.channel import FrameKind, FrameSocket
 from cvmotion.migration.clients import PlatformClient, VmClient
 from cvmotion.migration.options import MigrationOptions
@@ -118,6 +119,8 @@ class HostDaemon:
         self.receivers: dict[str, Receiver] = {}
         self._tickets: dict[str, Receiver] = {}
         self.senders: dict[str, Sender] = {}
+        # VM name -> the host API URL it left for (in memory: after a restart a client resolves afresh).
+        self.moved: dict[str, str] = {}
         self._lock = threading.RLock()
         self.platform: PlatformClient | None = None
         self.identity: dict[str, Any] = {}
@@ -456,7 +459,10 @@ class HostDaemon:
         self.events.publish("VmDeleted", {"vm": name}, subject=name)
 
     def kv(self, name: str, op: str, key: bytes, value: bytes = b"", timeout: float = 5.0) -> dict[str, Any]:
-        record = self.get_vm(name)
+        record = self.vms.get(name)
+        if record is None:
+            self._raise_if_moved(name)
+            raise NotFound(f"no VM named {name!r} on host {self.config.name}")
         # A VM being migrated keeps serving I/O until the switchover pauses it (that is the point of live migration).
         if record.client is None or record.state not in ("running", "migrating"):
             raise Conflict(f"VM {name!r} is not running here (state: {record.state})")
@@ -464,9 +470,28 @@ class HostDaemon:
             kv_op = KvOp[op.upper()]
         except KeyError:
             raise UsageError(f"unknown kv operation {op!r} (get, put, delete)") from None
-        _, blob, _ = record.client.call("cvmio", {"timeout": timeout}, encode_request(kv_op, key, value))
+        try:
+            _, blob, _ = record.client.call("cvmio", {"timeout": timeout}, encode_request(kv_op, key, value))
+        except (DeviceError, RpcError):
+            # A request caught by the switchover fails when the source VM stops; once the migration has
+            # completed the client is sent to the destination instead of seeing an error. Whether the guest
+            # ran it there before the move is unknown, as with any request that got no answer.
+            self._wait_for_migration(record, 2.0)
+            self._raise_if_moved(name)
+            raise
         status, data = decode_response(blob)
         return {"status": status.name, "value": data}
+
+    def _raise_if_moved(self, name: str) -> None:
+        location = self.moved.get(name)
+        if location is not None and name not in self.vms:
+            raise Moved(f"VM {name!r} was live-migrated to {location}", f"{location}/v1/vms/{name}")
+
+    @staticmethod
+    def _wait_for_migration(record: VmRecord, timeout: float) -> None:
+        """Until the record's migration (if any) has settled; the lock is held for its whole run."""
+        if record.state == "migrating" and record.lock.acquire(timeout=timeout):
+            record.lock.release()
 
     def attestation(self, name: str) -> dict[str, Any]:
         """The paravisor's current token and what it says (the token is public: relying parties get it)."""
@@ -559,6 +584,9 @@ class HostDaemon:
     def _sender_finished(self, record: VmRecord, stats: MigrationStats) -> None:
         try:
             if stats.status is MigrationStatus.COMPLETED:
+                destination = (record.pending_recovery or {}).get("destination")
+                if isinstance(destination, str):
+                    self.moved[record.name] = destination.rstrip("/")
                 record.state = "migrated"
                 record.pending_recovery = None
                 record.client = None

@@ -5,8 +5,7 @@
   once), ``IPPROTO_TCP`` so asyncio sets ``TCP_NODELAY`` (without it Nagle + delayed ACK add ~40 ms per
   response), optional ``SO_REUSEPORT`` for forked workers;
 * ``uvicorn_config`` and ``ServerThread``: uvicorn on an already bound socket in a daemon thread (tests and
-  in-process fabrics) — no start-up polling: the kernel queues connections until uvicorn accepts them;
-* ``HttpClient``: the keep-alive client the service clients (KDS, attestation, key release) build on.
+  in-process fabrics) — no start-up polling: the kernel queues connections until uvicorn accepts them.
 """
 
 from __future__ import annotations
@@ -14,15 +13,13 @@ from __future__ import annotations
 import socket
 import threading
 from types import TracebackType
-from typing import Self
 
-import httpx
 import uvicorn
 from fastapi import FastAPI
 
 from cvmotion.errors import UsageError
 
-__all__ = ["HttpClient", "ServerThread", "listen_socket", "parse_listen", "uvicorn_config"]
+__all__ = ["ServerThread", "listen_socket", "parse_listen", "uvicorn_config"]
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -79,22 +76,3 @@ class ServerThread:
         if self._thread.is_alive():
             self._thread.join(timeout)
         self._sock.close()
-
-
-class HttpClient:
-    """One keep-alive ``httpx.Client`` for a service at ``base_url``; a context manager that closes it."""
-
-    def __init__(self, base_url: str, *, timeout: float = 10.0, transport: httpx.BaseTransport | None = None) -> None:
-        self.base_url = base_url.rstrip("/")
-        self._client = httpx.Client(base_url=self.base_url, timeout=timeout, transport=transport)
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
-    ) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self._client.close()

@@ -244,7 +244,7 @@ class Endpoint:
 _KNOWN_ERRORS: dict[str, type[CvmError]] = {
     name: cls for name, cls in vars(_errors).items() if isinstance(cls, type) and issubclass(cls, CvmError)
 }
-_CARRIED_ATTRS = ("status", "violations", "ioctl", "errno", "structure", "lo", "hi")
+_CARRIED_ATTRS = ("status", "violations", "ioctl", "errno", "structure", "lo", "hi", "location")
 
 
 def _error_fields(exc: CvmError) -> dict[str, Any]:
