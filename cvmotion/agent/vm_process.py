@@ -180,6 +180,7 @@ class VmProcess:
         self.state_note = "created"
         self.paravisor: Paravisor | None = None
         self._restored = False
+        self._prepared: Vm | None = None
 
     def daemon_call(self, method: str, args: dict[str, Any], blob: bytes = b"") -> tuple[dict[str, Any], bytes]:
         """Call the host daemon over the newest live control connection (it relays for the paravisor)."""
@@ -251,6 +252,10 @@ class VmProcess:
             self.dirty = DirtyViews(self.vm, feeds={"sp": self._feed_sp})
         elif spec.mode == "incoming":
             self.memory = GuestMemory(spec.memory, name=f"cvmotion-{spec.name}")
+            # Built now, filled at activation: ~10 ms less inside the downtime (Vm.prepare). If it cannot be
+            # built, activation builds it and reports why.
+            with contextlib.suppress(CvmError, OSError):
+                self._prepared = Vm.prepare(MachineConfig(spec.memory, spec.vcpus, backend), self.memory)
         else:
             raise UsageError(f"unknown VM mode {spec.mode!r}")
         self.platform = connect_unix(self.platform_socket, self._serve_platform, name=f"vm-{spec.name}->platform")
@@ -470,7 +475,8 @@ class VmProcess:
             vcpu_len = int(call.args["vcpu_len"])
             state = VmState.from_bytes(call.blob[:vcpu_len])
             backend = BackendKind(self.spec.backend) if self.spec.backend else None
-            self.vm = Vm.restore(state, self.memory, backend)
+            prepared, self._prepared = self._prepared, None
+            self.vm = Vm.restore(state, self.memory, backend, prepared=prepared)
             self.dirty = DirtyViews(self.vm, feeds={"sp": self._feed_sp})
             self.handle = int(call.args["handle"])
             self._user_paused = True
@@ -513,6 +519,8 @@ class VmProcess:
             with contextlib.suppress(CvmError):
                 self.platform.call("vm_detach", {"name": self.spec.name}, timeout=2)
             self.platform.close()
+        if self._prepared is not None:
+            self._prepared.discard()
         if self.vm is not None:
             self.vm.close()
         elif self.memory is not None:

@@ -14,7 +14,7 @@ from vmm_helpers import VmFactory
 from cvmotion.abi import kvm as abi
 from cvmotion.vmm.backend import BackendKind
 from cvmotion.vmm.snapshot import VmState, load_snapshot, save_snapshot
-from cvmotion.vmm.vm import RunState, Vm
+from cvmotion.vmm.vm import MachineConfig, RunState, Vm
 from cvmotion.vmm.workloads import KvClient, MemdirtyModel, parse_heartbeat
 
 pytestmark = pytest.mark.timeout(180)
@@ -114,3 +114,27 @@ def test_state_bytes_round_trip(vms: VmFactory) -> None:
     assert VmState.from_bytes(state.to_bytes()) == state
     assert state.backend is vms.backend
     assert state.vcpus == 3
+
+
+@pytest.mark.parametrize("matches", [True, False], ids=["prepared-used", "prepared-discarded"])
+def test_restore_into_a_prepared_vm(vms: VmFactory, tmp_path: Path, matches: bool) -> None:
+    """An incoming migration builds the VM before the state arrives; a prepared VM that does not match the
+    state (here: another vCPU count) is discarded without closing the memory the restore needs."""
+    vm = vms.boot("memdirty", "dirty_mib=1 rate=20000 hb_ms=100 seed=5")
+    before = _beats(vm, 2)
+    vm.pause()
+    state = vm.capture_state()
+    save_snapshot(tmp_path / "snap", state, vm.memory)
+    vm.close()
+    state2, memory = load_snapshot(tmp_path / "snap")
+    prepared = Vm.prepare(MachineConfig(memory.size, 1 if matches else 2, vms.backend), memory)
+    restored = vms.adopt(Vm.restore(state2, memory, prepared=prepared))
+    assert (restored is prepared) is matches
+    if not matches:
+        assert prepared.state is RunState.STOPPED
+    restored.resume()
+    after = _beats(restored, 2)
+    model = MemdirtyModel(dirty_mib=1, seed=5)
+    assert after[0][0] > before[-1][0]
+    for _, writes, csum in before + after:
+        assert model.checksum_at(writes) == csum
