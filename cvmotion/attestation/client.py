@@ -20,7 +20,7 @@ import httpx
 
 from cvmotion.attestation.jwks import b64url_encode
 from cvmotion.attestation.keyrelease import WRAP_ALGORITHM, TransferKey
-from cvmotion.attestation.request import ServiceError
+from cvmotion.attestation.service_error import ServiceError
 from cvmotion.errors import PolicyViolation, UsageError, VerificationError
 from cvmotion.ipc.http_client import HttpClient
 

@@ -23,7 +23,7 @@ from cryptography import x509
 from cryptography.utils import CryptographyDeprecationWarning
 
 from cvmotion.abi.snp import AttestationReport, Product, SigningKey, TcbVersion
-from cvmotion.attestation.request import ServiceError
+from cvmotion.attestation.service_error import ServiceError
 from cvmotion.errors import AbiError
 
 __all__ = ["KdsFetcher", "vcek_url_path"]

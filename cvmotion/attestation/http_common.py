@@ -28,7 +28,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cvmotion.attestation.request import ServiceError
+from cvmotion.attestation.service_error import ServiceError
 from cvmotion.errors import UsageError
 from cvmotion.ipc.http import ServerThread, listen_socket, parse_listen, uvicorn_config
 

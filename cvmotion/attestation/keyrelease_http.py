@@ -33,7 +33,7 @@ from cvmotion.attestation.keyrelease import (
     wrap_secret,
 )
 from cvmotion.attestation.relying_party import RelyingParty
-from cvmotion.attestation.request import ServiceError
+from cvmotion.attestation.service_error import ServiceError
 from cvmotion.attestation.token import decode_unverified
 from cvmotion.errors import PolicyViolation, TokenError, UsageError
 

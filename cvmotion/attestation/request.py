@@ -35,7 +35,8 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from cvmotion.abi.snp import REPORT_SIZE, AttestationReport, Product
 from cvmotion.attestation.evidence import common_name, load_certificates
 from cvmotion.attestation.jwks import b64url_decode
-from cvmotion.errors import AbiError, CvmError
+from cvmotion.attestation.service_error import ServiceError
+from cvmotion.errors import AbiError
 
 __all__ = [
     "MAX_BODY",
@@ -50,25 +51,6 @@ __all__ = [
 MAX_BODY = 64 * 1024
 MAX_RUNTIME_DATA = 16 * 1024
 _MAX_CHAIN_PEM = 32 * 1024
-
-
-class ServiceError(CvmError):
-    """A request the attestation or key-release service refuses: HTTP ``status``, a stable ``kind``, a message.
-
-    Rendered as ``{"error": {"kind", "message"[, "violations"]}}``.
-    """
-
-    def __init__(self, status: int, kind: str, message: str, *, violations: list[str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.kind = kind
-        self.violations = list(violations) if violations is not None else None
-
-    def to_json(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"kind": self.kind, "message": str(self)}
-        if self.violations is not None:
-            error["violations"] = self.violations
-        return {"error": error}
 
 
 class _Model(BaseModel):

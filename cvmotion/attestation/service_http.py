@@ -19,8 +19,9 @@ import logging
 from fastapi import FastAPI, Request, Response
 
 from cvmotion.attestation.http_common import error_response, install_error_handlers, json_response, read_json_body
-from cvmotion.attestation.request import MAX_BODY, ServiceError
+from cvmotion.attestation.request import MAX_BODY
 from cvmotion.attestation.service import AttestationService
+from cvmotion.attestation.service_error import ServiceError
 
 __all__ = ["create_app"]
 

@@ -11,7 +11,7 @@ import pytest
 from attsvc_support import FakeClock, Guest, body, emulated_trust, launch, make_service, new_sp
 
 from cvmotion.attestation.relying_party import RelyingParty
-from cvmotion.attestation.request import ServiceError
+from cvmotion.attestation.service_error import ServiceError
 from cvmotion.attestation.token import StaticJwks
 from cvmotion.errors import TokenError
 from cvmotion.firmware.context import GuestContext

@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from cvmotion.attestation.policy import AttestationPolicy
-from cvmotion.attestation.request import CertificateCache, ServiceError, check_runtime_binding, parse_evidence
+from cvmotion.attestation.request import CertificateCache, check_runtime_binding, parse_evidence
+from cvmotion.attestation.service_error import ServiceError
 from cvmotion.attestation.tenants import load_tenants
 from cvmotion.errors import UsageError
 
