@@ -32,7 +32,12 @@ def peer_pid(sock: socket.socket) -> int:
 
 
 def check_vm_peer(sock: socket.socket, name: str) -> None:
-    """Refuse unless the peer runs ``python -m cvmotion.agent.vm_process --dir .../<name>`` (``UsageError``)."""
+    """Refuse unless the peer runs ``python -m cvmotion.agent.vm_process --dir .../<name>`` (``UsageError``).
+
+    A warm standby (``--standby``, started before its VM existed) learns its name when the daemon configures
+    it; it is accepted for any name because it is the same genuine VM process and attaches once, as the VM it
+    became (the daemon chose that name for a cold VM process too, through ``--dir`` and ``vm.json``).
+    """
     pid = peer_pid(sock)
     try:
         argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
@@ -41,5 +46,5 @@ def check_vm_peer(sock: socket.socket, name: str) -> None:
     args = [a.decode(errors="replace") for a in argv if a]
     ok = len(args) >= 3 and args[1:3] == ["-m", VM_PROCESS_MODULE]
     directory = args[args.index("--dir") + 1] if ok and "--dir" in args[:-1] else ""
-    if not ok or Path(directory).name != name:
+    if not ok or (Path(directory).name != name and "--standby" not in args):
         raise UsageError(f"vm_attach {name!r}: the peer (pid {pid}) is not the VM process of {name!r}")

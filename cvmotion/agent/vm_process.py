@@ -181,6 +181,11 @@ class VmProcess:
         self.paravisor: Paravisor | None = None
         self._restored = False
         self._prepared: Vm | None = None
+        # A standby process (``--standby``) runs with a placeholder spec until the daemon hands it a VM
+        # (``configure``); meanwhile it has paid the interpreter start-up and made a transfer key.
+        self.configured = True
+        self._spare_transfer: TransferKey | None = None
+        self._parent = os.getppid()
 
     def daemon_call(self, method: str, args: dict[str, Any], blob: bytes = b"") -> tuple[dict[str, Any], bytes]:
         """Call the host daemon over the newest live control connection (it relays for the paravisor)."""
@@ -195,7 +200,10 @@ class VmProcess:
         if not spec.attestation_url:
             return None
         client = AttestationClient(spec.attestation_url)
-        transfer = TransferKey.generate() if spec.key_release_url and spec.key_name else None
+        transfer = None
+        if spec.key_release_url and spec.key_name:
+            transfer, self._spare_transfer = self._spare_transfer, None
+            transfer = transfer or TransferKey.generate()
 
         def attest(report: bytes, chain: bytes | None, runtime: bytes) -> str:
             return client.attest(report, chain, runtime, data_type="JSON")
@@ -372,6 +380,8 @@ class VmProcess:
         m = call.method
         if m == "info":
             return Reply(self.info())
+        if m == "configure":
+            return Reply(self.configure(Path(str(a["dir"]))))
         if m == "attestation":
             current = self.paravisor.current if self.paravisor else None
             return Reply(
@@ -484,6 +494,38 @@ class VmProcess:
             self.state_note = "restored"
             return {"state": self.vm.state.value}
 
+    # -- standby ------------------------------------------------------------------------------------
+
+    def make_spare_key(self) -> None:
+        """While idle as a standby: the transfer key a paravisor will need (an RSA key pair, 0.1-0.3 s)."""
+        with contextlib.suppress(CvmError, ValueError):
+            self._spare_transfer = TransferKey.generate()
+
+    def configure(self, vm_dir: Path) -> dict[str, Any]:
+        """Become the VM described by ``vm_dir/vm.json`` (the daemon moved this standby's socket there)."""
+        with self._lock:
+            if self.configured:
+                raise UsageError("this VM process already runs a VM")
+            self.spec = VmSpec.from_json((vm_dir / "vm.json").read_text())
+            self.dir = vm_dir
+            self.configured = True
+        try:
+            self.setup()
+        except CvmError as exc:
+            (vm_dir / "error").write_text(str(exc))
+            threading.Thread(target=self._stop.set, daemon=True).start()
+            raise
+        return self.info()
+
+    def _orphaned(self) -> bool:
+        """A standby whose daemon went away has nothing left to wait for: its control connection closed, or
+        the daemon died before it connected (this process was re-parented)."""
+        if self.configured:
+            return False
+        if os.getppid() != self._parent:
+            return True
+        return bool(self._controls) and all(ep.closed for ep in self._controls)
+
     # -- main loop ----------------------------------------------------------------------------------
 
     def serve(self) -> None:
@@ -500,6 +542,8 @@ class VmProcess:
                 try:
                     conn, _ = server.accept()
                 except TimeoutError:
+                    if self._orphaned():
+                        break
                     vm = self.vm
                     if vm is not None and vm.stop_reason is not None and vm.state is not RunState.STOPPED:
                         self.state_note = f"stopped: {vm.stop_reason.message}"
@@ -508,7 +552,7 @@ class VmProcess:
         finally:
             server.close()
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                (self.dir / "control.sock").unlink()  # where it is now: a standby's socket moves
             self.close()
 
     def close(self) -> None:
@@ -535,20 +579,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cvmotion-vm", description="one cvmotion VM (started by the host daemon)")
     parser.add_argument("--dir", required=True, type=Path, help="the VM's directory (vm.json, control.sock)")
     parser.add_argument("--platform", required=True, help="the platform process's socket")
+    parser.add_argument("--standby", action="store_true", help="start without a VM; wait for `configure`")
     args = parser.parse_args(argv)
-    spec = VmSpec.from_json((args.dir / "vm.json").read_text())
-    proc = VmProcess(spec, args.dir, args.platform)
+    if args.standby:
+        proc = VmProcess(VmSpec(name="standby", memory=0), args.dir, args.platform)
+        proc.configured = False
+    else:
+        proc = VmProcess(VmSpec.from_json((args.dir / "vm.json").read_text()), args.dir, args.platform)
     signal.signal(signal.SIGTERM, lambda *_: proc._stop.set())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the daemon's terminal going away must not kill the guest
     # vCPU threads are kicked out of KVM_RUN with a signal whose handler only the main thread may install;
     # an incoming VM is created later, from an RPC thread, when the firmware hands over its state.
     install_kick_handler()
-    try:
-        proc.setup()
-    except CvmError as exc:
-        print(f"cvmotion-vm: {exc}", file=sys.stderr)
-        (args.dir / "error").write_text(str(exc))
-        return 1
+    if args.standby:
+        threading.Thread(target=proc.make_spare_key, name="spare-key", daemon=True).start()
+    else:
+        try:
+            proc.setup()
+        except CvmError as exc:
+            print(f"cvmotion-vm: {exc}", file=sys.stderr)
+            (args.dir / "error").write_text(str(exc))
+            return 1
     proc.serve()
     return 0
 

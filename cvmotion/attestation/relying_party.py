@@ -27,6 +27,7 @@ from cvmotion.attestation.keys import utc_now
 from cvmotion.attestation.release_policy import ReleasePolicy
 from cvmotion.attestation.token import JwksUrlResolver, KeyResolver, VerifiedToken, verify_token_at
 from cvmotion.errors import PolicyViolation, TokenError
+from cvmotion.ipc.http_client import default_ssl_context
 
 __all__ = ["RelyingParty"]
 
@@ -71,7 +72,7 @@ class RelyingParty:
         base = issuer.rstrip("/")
         url = f"{base}/.well-known/openid-configuration"
         try:
-            response = httpx.get(url, timeout=timeout)
+            response = httpx.get(url, timeout=timeout, verify=default_ssl_context())
             response.raise_for_status()
             meta = response.json()
         except (httpx.HTTPError, ValueError) as exc:

@@ -7,6 +7,7 @@ from typing import Any
 import httpx
 
 from cvmotion.errors import Conflict, CvmError, MigrationError, NotFound, PolicyViolation, UsageError
+from cvmotion.ipc.http_client import default_ssl_context
 
 __all__ = ["api"]
 
@@ -14,7 +15,7 @@ __all__ = ["api"]
 def api(method: str, url: str, body: dict[str, Any] | None = None, *, timeout: float = 120.0) -> dict[str, Any]:
     """``method url`` with a JSON body; returns the JSON object or raises a ``CvmError`` naming the problem."""
     try:
-        response = httpx.request(method, url, json=body, timeout=timeout)
+        response = httpx.request(method, url, json=body, timeout=timeout, verify=default_ssl_context())
     except httpx.HTTPError as exc:
         raise UsageError(f"cannot reach {url}: {exc}") from None
     try:

@@ -24,6 +24,7 @@ import httpx
 
 from cvmotion.cli._http import api
 from cvmotion.errors import CvmError, UsageError
+from cvmotion.ipc.http_client import default_ssl_context
 
 __all__ = ["register"]
 
@@ -54,7 +55,7 @@ class Endpoint:
         self.retry_for = retry_for
         self.current = hosts[0]
         self._lock = threading.Lock()
-        self._client = httpx.Client(timeout=10.0)
+        self._client = httpx.Client(timeout=10.0, verify=default_ssl_context())
 
     def _resolve(self) -> None:
         for host in self.hosts:

@@ -32,6 +32,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument("--key-release", metavar="URL", help="key-release service for the guests' data keys")
     serve.add_argument("--migration-port", type=int, default=0, help="TCP port for incoming migrations (0: pick)")
     serve.add_argument(
+        "--no-standby",
+        dest="standby",
+        action="store_false",
+        help="do not keep a warm VM process for the next VM (each VM then waits ~0.5-1 s for its process)",
+    )
+    serve.add_argument(
         "--migration-advertise",
         metavar="HOST:PORT",
         help="address sources should dial for migrations (default: the listener)",
@@ -67,6 +73,7 @@ def _serve(args: argparse.Namespace) -> int:
         pool_ca_dir=args.pool_ca_dir or (default_home() / "pool-ca"),
         migration_advertise=args.migration_advertise,
         key_release_url=args.key_release,
+        standby=args.standby,
     )
     try:
         sock, url = listen_socket(host, port)

@@ -9,6 +9,7 @@ Files under ``--data-dir``::
     chip.json, chip.secret   the emulated chip's identity (created once, "at manufacturing")
     platform.sock            the platform process (SP + MA)
     vms/<name>/              vm.json (spec), meta.json (handle, measurement, policy), control.sock, vm.log
+    standby/<id>/            a warm VM process waiting to become the next VM (``host.standby``)
     events.jsonl             every event, CloudEvents JSON
 """
 
@@ -38,6 +39,8 @@ from cvmotion.agent.vm_process import VmSpec
 from cvmotion.errors import Conflict, CvmError, DeviceError, MigrationError, Moved, NotFound, UsageError
 from cvmotion.host.events import EventBus
 from cvmotion.host.recovery import Recovery
+from cvmotion.host.standby import StandbyPool
+from cvmotion.ipc.http_client import default_ssl_context
 from cvmotion.ipc.rpc import RpcError
 from cvmotion.migration.channel import FrameKind, FrameSocket
 from cvmotion.migration.clients import PlatformClient, VmClient
@@ -72,6 +75,7 @@ class HostConfig:
     pool_ca_dir: Path | None = None
     migration_advertise: str | None = None
     key_release_url: str | None = None  # HOST:PORT sources should dial (a proxy, NAT) instead of the listener
+    standby: bool = True  # keep one warm VM process for the next VM (launch or incoming migration)
 
 
 @dataclass
@@ -128,6 +132,9 @@ class HostDaemon:
         self.migration_port = 0
         self._stop = threading.Event()
         self.recovery = Recovery(self)
+        self.standby = StandbyPool(
+            self.dir / "standby", self._platform_socket, self._vm_calls, enabled=config.standby, timeout=_SPAWN_TIMEOUT
+        )
 
     # -- start-up -----------------------------------------------------------------------------------
 
@@ -137,8 +144,10 @@ class HostDaemon:
         self._ensure_platform()
         self.identity = self.platform_client().identity()
         self._start_listener()
+        self.standby.clean()
         self._reattach()
         self.events.publish("HostStarted", self.host_info())
+        self.standby.refill()
 
     def _ensure_chip(self) -> None:
         if (self.dir / "chip.json").exists():
@@ -277,6 +286,7 @@ class HostDaemon:
 
     def stop(self) -> None:
         self._stop.set()
+        self.standby.close()
         if self._listener is not None:
             self._listener.close()
 
@@ -320,6 +330,13 @@ class HostDaemon:
             with contextlib.suppress(FileNotFoundError):
                 (vm_dir / stale).unlink()
         (vm_dir / "vm.json").write_text(spec.to_json())
+        try:
+            warm = self.standby.take(vm_dir)
+        except CvmError as exc:
+            raise UsageError(f"VM {spec.name!r} failed to start: {exc}") from exc
+        if warm is not None:
+            warm.name = spec.name
+            return warm
         cmd = [sys.executable, "-m", "cvmotion.agent.vm_process", "--dir", str(vm_dir), "--platform"]
         cmd.append(str(self._platform_socket()))
         log = (vm_dir / "vm.log").open("ab")
@@ -403,6 +420,8 @@ class HostDaemon:
                 with contextlib.suppress(CvmError):
                     record.client.call("stop")
             raise
+        finally:
+            self.standby.refill()
         self.events.publish(
             "VmCreated",
             {"vm": name, "image": image, "memory": memory, "measurement": record.measurement, "handle": record.handle},
@@ -567,7 +586,12 @@ class HostDaemon:
             "measurement": record.measurement,
         }
         try:
-            response = httpx.post(f"{url.rstrip('/')}/v1/migrations/incoming", json=body, timeout=_SPAWN_TIMEOUT + 10)
+            response = httpx.post(
+                f"{url.rstrip('/')}/v1/migrations/incoming",
+                json=body,
+                timeout=_SPAWN_TIMEOUT + 10,
+                verify=default_ssl_context(),
+            )
         except httpx.HTTPError as exc:
             raise UsageError(f"destination {url} is unreachable: {exc}") from exc
         if response.status_code != 200:
@@ -685,6 +709,7 @@ class HostDaemon:
         }
 
     def _receiver_finished(self, record: VmRecord, receiver: Receiver) -> None:
+        self.standby.refill()  # the host is quiet again: the next VM's process can start now
         if receiver.committed.is_set():
             record.handle = receiver.handle
             record.state = "running"

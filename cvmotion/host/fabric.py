@@ -23,6 +23,7 @@ from typing import IO, Any
 import httpx
 
 from cvmotion.errors import UsageError
+from cvmotion.ipc.http_client import default_ssl_context
 
 __all__ = ["FabricHost", "LocalFabric"]
 
@@ -151,7 +152,9 @@ class LocalFabric:
         args += extra or []
         proc, _ = self._spawn(name, args)
         url = self._wait_url(name, proc)
-        host = FabricHost(name, url, data_dir, proc, httpx.get(f"{url}/v1/host", timeout=10).json())
+        host = FabricHost(
+            name, url, data_dir, proc, httpx.get(f"{url}/v1/host", timeout=10, verify=default_ssl_context()).json()
+        )
         self.hosts[name] = host
         return host
 

@@ -40,6 +40,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from cvmotion.errors import CvmError, NotFound
+from cvmotion.ipc.http_client import default_ssl_context
 from cvmotion.migration.stats import MigrationStatus
 
 if TYPE_CHECKING:
@@ -203,7 +204,11 @@ class Recovery:
             delay = _POLL_FIRST
             while not self.daemon._stop.is_set():
                 try:
-                    response = httpx.get(f"{str(url).rstrip('/')}/v1/migrations/{dest_mig}/outcome", timeout=5)
+                    response = httpx.get(
+                        f"{str(url).rstrip('/')}/v1/migrations/{dest_mig}/outcome",
+                        timeout=5,
+                        verify=default_ssl_context(),
+                    )
                     if response.status_code == 200 and self.apply_outcome(record, response.json()):
                         return
                 except (httpx.HTTPError, ValueError):

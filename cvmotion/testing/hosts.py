@@ -152,7 +152,8 @@ class HostProcess:
     def leftover_pids(self) -> list[int]:
         """Platform and VM processes of this data directory that are still alive."""
         pids = []
-        for path in [self.data_dir / "platform.pid", *self.data_dir.glob("vms/*/pid")]:
+        pid_files = [*self.data_dir.glob("vms/*/pid"), *self.data_dir.glob("standby/*/pid")]
+        for path in [self.data_dir / "platform.pid", *pid_files]:
             with contextlib.suppress(OSError, ValueError):
                 pid = int(path.read_text().strip())
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")

@@ -203,7 +203,7 @@ def test_frozen_source_waits_and_rejects_a_forged_verdict(tmp_path: Path, monkey
     monkeypatch.setattr(
         recovery_module.httpx,
         "get",
-        lambda url, timeout: httpx.Response(200, json=answers.pop(0), request=httpx.Request("GET", url)),
+        lambda url, **_: httpx.Response(200, json=answers.pop(0), request=httpx.Request("GET", url)),
     )
     recovery.resolve_export(record)
     deadline = threading.Event()
