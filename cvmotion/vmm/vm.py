@@ -231,7 +231,8 @@ class Vm:
         )
 
     def discard(self) -> None:
-        """Close an unused prepared VM but not the memory it was built over (its owner keeps it)."""
+        """Stop the vCPUs and fail waiting cvm-io requests, but leave the memory mapped: for an unused
+        prepared VM, whose memory belongs to the caller.  Idempotent."""
         if self._closed:
             return
         self._closed = True
@@ -243,11 +244,8 @@ class Vm:
         """Stop the vCPUs, fail waiting cvm-io requests, unmap memory.  Idempotent."""
         if self._closed:
             return
-        self._closed = True
-        self.cvmio.close()
-        self.backend.close()
+        self.discard()
         self.memory.close()
-        self.state = RunState.STOPPED
 
     def __enter__(self) -> Vm:
         return self
