@@ -10,6 +10,8 @@ import contextlib
 import os
 import re
 import shutil
+import signal
+import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,6 +26,11 @@ from cvmotion.host.fabric import FabricHost, LocalFabric
 __all__ = ["HostPair", "cpu_seconds", "heartbeats"]
 
 _HB = re.compile(r"^HB seq=(\d+) writes=(\d+) csum=([0-9a-f]{8})$")
+
+
+def exit_cleanly_on_sigterm() -> None:
+    """SIGTERM (``kill``, a CI timeout) runs the ``finally`` blocks that stop the hosts, as Ctrl-C does."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
 
 
 def heartbeats(lines: list[str]) -> list[tuple[int, int]]:

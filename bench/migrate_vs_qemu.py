@@ -38,7 +38,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _cvmhosts import HostPair, cpu_seconds, heartbeats  # noqa: E402
+from _cvmhosts import HostPair, cpu_seconds, exit_cleanly_on_sigterm, heartbeats  # noqa: E402
 from _machine import machine_facts, wait_quiet  # noqa: E402
 from _qemu import INSTALL_HINT, QemuPair, QmpError, free_port, qemu_binary, qemu_version  # noqa: E402
 
@@ -225,6 +225,7 @@ def table(scenario: str, results: dict[str, list[Run]], facts: dict[str, Any]) -
 
 
 def main() -> int:
+    exit_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", choices=(*SCENARIOS, "all"), default="all")
     parser.add_argument("--repeat", type=int, default=3, help="runs per configuration (median reported)")

@@ -36,7 +36,7 @@ from rich.table import Table
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _cvmhosts import HostPair, cpu_seconds, heartbeats  # noqa: E402
+from _cvmhosts import HostPair, cpu_seconds, exit_cleanly_on_sigterm, heartbeats  # noqa: E402
 from _machine import machine_facts, wait_quiet  # noqa: E402
 
 from cvmotion.abi import wire  # noqa: E402
@@ -234,6 +234,7 @@ def end_to_end(mib: int, repeat: int, max_load: float, console: Console) -> list
 
 
 def main() -> int:
+    exit_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=1024, help="idle guest's populated working set (MiB, ≤ 2048)")
     parser.add_argument("--fw-mib", type=int, default=256, help="MiB sealed and opened in process")
