@@ -18,7 +18,15 @@ from cvmotion.abi import wire
 from cvmotion.abi.wire import EntryFlag
 from cvmotion.errors import MalformedStructure
 
-__all__ = ["gcm_ivs", "gfn_runs", "memory_entries", "page_aads", "page_views", "sorted_union"]
+__all__ = [
+    "gcm_ivs",
+    "gfn_runs",
+    "memory_entries",
+    "page_aads",
+    "page_views",
+    "page_views_and_addresses",
+    "sorted_union",
+]
 
 PAGE = wire.PAGE_SIZE
 _ZERO_PAGE = bytes(PAGE)
@@ -59,13 +67,24 @@ def page_views(memory: _Views, gfns: npt.NDArray[np.uint64]) -> tuple[list[memor
     Consecutive GFNs are one view of guest memory (round 0 is mostly long runs); the zero test is one
     vectorised pass over each run instead of a comparison per page.
     """
+    pages, nonzero, _ = page_views_and_addresses(memory, gfns)
+    return pages, nonzero
+
+
+def page_views_and_addresses(
+    memory: _Views, gfns: npt.NDArray[np.uint64]
+) -> tuple[list[memoryview], npt.NDArray[np.bool_], npt.NDArray[np.uint64]]:
+    """``page_views`` plus each page's address (for the native AES-GCM; valid while the views are alive)."""
     pages: list[memoryview] = []
     nonzero = np.empty(len(gfns), dtype=np.bool_)
+    addresses = np.empty(len(gfns), dtype=np.uint64)
     for first, lo, hi in gfn_runs(gfns):
         run = memory.view(first << 12, (hi - lo) * PAGE)
+        words = np.frombuffer(run, dtype=np.uint64)
+        addresses[lo:hi] = np.uint64(words.ctypes.data) + np.arange(hi - lo, dtype=np.uint64) * np.uint64(PAGE)
         if hi - lo >= _VECTOR_RUN:
             pages.extend(run[j : j + PAGE] for j in range(0, (hi - lo) * PAGE, PAGE))
-            nonzero[lo:hi] = np.frombuffer(run, dtype=np.uint64).reshape(hi - lo, PAGE // 8).max(axis=1) != 0
+            nonzero[lo:hi] = words.reshape(hi - lo, PAGE // 8).max(axis=1) != 0
         else:
             # Short runs (a dirty round's scattered pages): a compare per page beats numpy's per-call cost,
             # and stops at the first non-zero byte.
@@ -73,7 +92,7 @@ def page_views(memory: _Views, gfns: npt.NDArray[np.uint64]) -> tuple[list[memor
                 page = run[j * PAGE : (j + 1) * PAGE]
                 pages.append(page)
                 nonzero[lo + j] = page != _ZERO_PAGE
-    return pages, nonzero
+    return pages, nonzero, addresses
 
 
 def gcm_ivs(first: int, count: int, stream: int) -> memoryview:

@@ -49,7 +49,9 @@ from cvmotion.abi import wire
 from cvmotion.abi.wire import BundleHeader, BundleType, EntryFlag
 from cvmotion.errors import AbiError, CvmError, FirmwareError, FirmwareStatus, IntegrityError
 from cvmotion.firmware.context import GuestContext, OpState
-from cvmotion.firmware.mig_pages import gcm_ivs, gfn_runs, memory_entries, page_aads, page_views
+from cvmotion.firmware.mig_pages import gcm_ivs, gfn_runs, memory_entries, page_aads, page_views_and_addresses
+from cvmotion.firmware.native_gcm import buffer_address
+from cvmotion.firmware.native_gcm import load as load_native_gcm
 from cvmotion.firmware.opstate import STATE_BUNDLES, ExportOpState, ExportSession, ImportOpState, ImportRules
 
 if TYPE_CHECKING:
@@ -149,6 +151,8 @@ class MigrationFirmware:
         self._exports: dict[GuestHandle, _Export] = {}
         self._imports: dict[int, _Import] = {}
         self._next_import = 1
+        # One OpenSSL call per bundle when the native shim is built (native/cvmgcm.c), else one per page.
+        self._native = load_native_gcm()
 
     # -- shared ------------------------------------------------------------------------------------
 
@@ -246,7 +250,7 @@ class MigrationFirmware:
             if len(dirty):
                 clean[dirty.astype(np.intp)] = False
             try:
-                pages, nonzero = page_views(hw.memory, gfn_array)
+                pages, nonzero, addresses = page_views_and_addresses(hw.memory, gfn_array)
             except CvmError as exc:
                 raise FirmwareError(FirmwareStatus.INVALID_ADDRESS, "GFN outside guest RAM") from exc
             entries = (gfn_array << np.uint64(12)) | (~nonzero).astype(np.uint64) * np.uint64(EntryFlag.ZERO)
@@ -267,13 +271,20 @@ class MigrationFirmware:
                 # One AES-GCM per page, AAD = header || GPA entry: a page cannot move to another GPA or bundle.
                 ivs = gcm_ivs(iv + 1, len(data), stream)
                 aads = page_aads(head, entries[data])
-                encrypt_into = exp.aead.encrypt_into
-                off = size
-                for k, i in enumerate(data):
-                    encrypt_into(
-                        ivs[12 * k : 12 * k + 12], pages[i], aads[32 * k : 32 * k + 32], out[off : off + _UNIT]
-                    )
-                    off += _UNIT
+                native = self._native
+                if native is not None:
+                    # The whole bundle in one call: the pages' addresses (``pages`` keeps them mapped).
+                    sealed = out[size:total]
+                    if not native.seal_pages(exp.k_f, ivs, addresses[data], aads, 32, buffer_address(sealed)):
+                        raise FirmwareError(FirmwareStatus.INVALID_CONFIG, "AES-GCM failed")
+                else:
+                    encrypt_into = exp.aead.encrypt_into
+                    off = size
+                    for k, i in enumerate(data):
+                        encrypt_into(
+                            ivs[12 * k : 12 * k + 12], pages[i], aads[32 * k : 32 * k + 32], out[off : off + _UNIT]
+                        )
+                        off += _UNIT
             clean[gfn_array.astype(np.intp)] = True
             return total
 
@@ -536,16 +547,25 @@ class MigrationFirmware:
         if data:
             ivs = gcm_ivs(header.iv_counter + 1, len(data), header.stream)
             aads = page_aads(head, entries[data])
-            decrypt_into = imp.aead.decrypt_into
-            off = 0
-            for k, i in enumerate(data):
-                decrypt_into(
-                    ivs[12 * k : 12 * k + 12],
-                    rest[off : off + _UNIT],
-                    aads[32 * k : 32 * k + 32],
-                    scratch[i * PAGE : (i + 1) * PAGE],
-                )
-                off += _UNIT
+            native = self._native
+            if native is not None:
+                assert imp.k_f is not None
+                if data[-1] >= len(scratch) // PAGE:  # memory_entries bounds it already; raw addresses follow
+                    raise IntegrityError()
+                outs = np.uint64(buffer_address(scratch)) + np.asarray(data, dtype=np.uint64) * np.uint64(PAGE)
+                if native.open_pages(imp.k_f, ivs, rest, aads, 32, outs) != 0:
+                    raise IntegrityError()
+            else:
+                decrypt_into = imp.aead.decrypt_into
+                off = 0
+                for k, i in enumerate(data):
+                    decrypt_into(
+                        ivs[12 * k : 12 * k + 12],
+                        rest[off : off + _UNIT],
+                        aads[32 * k : 32 * k + 32],
+                        scratch[i * PAGE : (i + 1) * PAGE],
+                    )
+                    off += _UNIT
         memory = imp.hw.memory
         try:
             for first, lo, hi in gfn_runs(gfns):

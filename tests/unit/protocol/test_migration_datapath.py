@@ -9,12 +9,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from mig_harness import MEMORY, FakeHardware, Session, launch_guest, new_sp
 
 from cvmotion.abi import wire
 from cvmotion.abi.wire import BundleType
 from cvmotion.errors import FirmwareError, FirmwareStatus, IntegrityError, MalformedStructure
-from cvmotion.firmware import mig_pages
+from cvmotion.firmware import mig_pages, native_gcm
+from cvmotion.firmware.device import SecureProcessor
 from cvmotion.firmware.migration import bundle_capacity
 from cvmotion.firmware.vendor import Vendor
 from cvmotion.vmm.memory import GuestMemory
@@ -22,10 +24,24 @@ from cvmotion.vmm.memory import GuestMemory
 PAGE = wire.PAGE_SIZE
 
 
-@pytest.fixture
-def session(emulated_vendor: Vendor, tmp_path: Path) -> Session:
+NATIVE = native_gcm.load()
+PATHS = [
+    pytest.param("native", marks=pytest.mark.skipif(NATIVE is None, reason="native/cvmgcm.c not built")),
+    "python",
+]
+
+
+def _use(sp: SecureProcessor, path: str) -> None:
+    """Seal/open through the native shim (one OpenSSL call per bundle) or page by page in Python."""
+    sp.migration._native = NATIVE if path == "native" else None
+
+
+@pytest.fixture(params=PATHS)
+def session(emulated_vendor: Vendor, tmp_path: Path, request: pytest.FixtureRequest) -> Session:
     src = launch_guest(new_sp(emulated_vendor, tmp_path / "a"))
     s = Session(src=src, dst_sp=new_sp(emulated_vendor, tmp_path / "b"))
+    _use(src.sp, request.param)
+    _use(s.dst_sp, request.param)
     s.setup()
     s.deliver()  # the immutable state
     s.bundles.clear()
@@ -165,3 +181,54 @@ def test_sorted_union_is_numpys_union() -> None:
         got = mig_pages.sorted_union(*parts)
         assert got.dtype == np.uint64
         assert got.tolist() == expected.tolist()
+
+
+@pytest.mark.skipif(NATIVE is None, reason="native/cvmgcm.c not built")
+@pytest.mark.parametrize(("seal_with", "open_with"), [("native", "python"), ("python", "native")])
+def test_native_and_python_paths_speak_the_same_format(
+    emulated_vendor: Vendor, tmp_path: Path, seal_with: str, open_with: str
+) -> None:
+    src = launch_guest(new_sp(emulated_vendor, tmp_path / "a"))
+    s = Session(src=src, dst_sp=new_sp(emulated_vendor, tmp_path / "b"))
+    s.setup()
+    s.deliver()
+    s.bundles.clear()
+    _use(src.sp, seal_with)
+    _use(s.dst_sp, open_with)
+    rng = random.Random(11)
+    gfns = sorted(rng.sample(range(0x200, 0x600), 200))
+    for gfn in gfns:
+        src.hw.guest_write(gfn << 12, rng.randbytes(PAGE))
+    s.dst_sp.migration.import_bundle(s.ref, _seal(s, gfns[:100]))
+    s.dst_sp.migration.import_bundle(s.ref, _seal(s, gfns[100:]))
+    for gfn in gfns:
+        assert s.dst_hw.memory.read(gfn << 12, PAGE) == src.hw.memory.read(gfn << 12, PAGE)
+
+
+@pytest.mark.skipif(NATIVE is None, reason="native/cvmgcm.c not built")
+def test_native_shim_matches_cryptography_and_refuses_any_flipped_bit() -> None:
+    assert NATIVE is not None
+    rng = random.Random(5)
+    key, n = rng.randbytes(32), 9
+    pages = [bytearray(rng.randbytes(PAGE)) for _ in range(n)]
+    ivs, aads = memoryview(rng.randbytes(12 * n)), memoryview(rng.randbytes(32 * n))
+    addresses = np.array([native_gcm.buffer_address(memoryview(p)) for p in pages], dtype=np.uint64)
+    out = bytearray((PAGE + 16) * n)
+    assert NATIVE.seal_pages(key, ivs, addresses, aads, 32, native_gcm.buffer_address(memoryview(out)))
+    aead = AESGCM(key)
+    for i in range(n):
+        expected = aead.encrypt(bytes(ivs[12 * i : 12 * i + 12]), bytes(pages[i]), bytes(aads[32 * i : 32 * i + 32]))
+        assert out[(PAGE + 16) * i : (PAGE + 16) * (i + 1)] == expected
+    back = [bytearray(PAGE) for _ in range(n)]
+    targets = np.array([native_gcm.buffer_address(memoryview(b)) for b in back], dtype=np.uint64)
+    assert NATIVE.open_pages(key, ivs, memoryview(out), aads, 32, targets) == 0
+    assert back == pages
+    for where in (5, PAGE + 3, (PAGE + 16) * (n - 1) + PAGE + 15):  # a page, a tag, the last tag
+        bad = bytearray(out)
+        bad[where] ^= 0x40
+        assert NATIVE.open_pages(key, ivs, memoryview(bad), aads, 32, targets) == 1
+    bad_aad = bytearray(aads)
+    bad_aad[-1] ^= 1
+    assert NATIVE.open_pages(key, ivs, memoryview(out), memoryview(bad_aad), 32, targets) == 1
+    with pytest.raises(ValueError, match="sizes"):
+        NATIVE.open_pages(key, ivs, memoryview(out)[:-1], aads, 32, targets)
