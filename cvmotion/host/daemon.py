@@ -242,14 +242,11 @@ class HostDaemon:
                 if meta.get("state") == "incoming":
                     self.recovery.resolve_import(record)
                 else:
-                    self._resolve_interrupted_export(record)
+                    # A daemon that died mid-migration left the firmware in an export state: finish it safely.
+                    self.recovery.resolve_export(record)
             except CvmError as exc:
                 log.exception("VM %s: recovery after restart failed", spec.name)
                 self.events.publish("MigrationRecoveryFailed", {"vm": spec.name, "error": str(exc)}, subject=spec.name)
-
-    def _resolve_interrupted_export(self, record: VmRecord) -> None:
-        """A daemon that died mid-migration left the firmware in an export state: finish the job safely."""
-        self.recovery.resolve_export(record)
 
     def _start_listener(self) -> None:
         srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -478,10 +475,11 @@ class HostDaemon:
         self.events.publish("VmDeleted", {"vm": name}, subject=name)
 
     def kv(self, name: str, op: str, key: bytes, value: bytes = b"", timeout: float = 5.0) -> dict[str, Any]:
-        record = self.vms.get(name)
-        if record is None:
+        try:
+            record = self.get_vm(name)
+        except NotFound:
             self._raise_if_moved(name)
-            raise NotFound(f"no VM named {name!r} on host {self.config.name}")
+            raise
         # A VM being migrated keeps serving I/O until the switchover pauses it (that is the point of live migration).
         if record.client is None or record.state not in ("running", "migrating"):
             raise Conflict(f"VM {name!r} is not running here (state: {record.state})")
@@ -619,7 +617,7 @@ class HostDaemon:
                 record.pending_recovery = None
             else:
                 record.state = "paused (awaiting destination)"
-                self._start_recovery(record)
+                self.recovery.start_polling(record)
             self._save(record)
             if record.state == "migrated":
                 with self._lock:
@@ -627,16 +625,6 @@ class HostDaemon:
         finally:
             with contextlib.suppress(RuntimeError):
                 record.lock.release()
-
-    def _start_recovery(self, record: VmRecord) -> None:
-        self.recovery.start_polling(record)
-
-    def _recover(self, record: VmRecord) -> None:
-        """The source sent its start token but heard no verdict: ask the destination until it answers."""
-        self.recovery.start_polling(record)
-
-    def _apply_outcome(self, record: VmRecord, outcome: dict[str, Any]) -> bool:
-        return self.recovery.apply_outcome(record, outcome)
 
     # -- migration in -------------------------------------------------------------------------------
 

@@ -137,6 +137,15 @@ class Recovery:
         if stats is not None:
             stats.status, stats.outcome = status, outcome
 
+    def _resumed(self, record: VmRecord, kind: str, **data: Any) -> None:
+        """The export was aborted (before the start token, or with the destination's abort token): the VM runs
+        here again and no migration is pending."""
+        self._resume(record)
+        self._stats(record, MigrationStatus.FAILED, "resumed on source")
+        record.pending_recovery = None
+        self.daemon._save(record)
+        self._event(kind, record, **data)
+
     def _migrated(self, record: VmRecord) -> None:
         self._vm(record, "stop")
         record.state = "migrated"
@@ -166,11 +175,7 @@ class Recovery:
         state = str(platform.call("export_status", handle)[0]["state"])
         if state in ("LIVE_EXPORT", "PAUSED_EXPORT"):
             platform.call("export_abort", handle)
-            self._resume(record)
-            self._stats(record, MigrationStatus.FAILED, "resumed on source")
-            record.pending_recovery = None
-            self.daemon._save(record)
-            self._event("MigrationAbortedAfterRestart", record, op_state=state)
+            self._resumed(record, "MigrationAbortedAfterRestart", op_state=state)
         elif state == "POST_EXPORT":
             record.state = "paused (awaiting destination)"
             self.daemon._save(record)
@@ -182,10 +187,7 @@ class Recovery:
             # RUNNABLE: a session was prepared (K_f made) or aborted just before the crash; destroy what is left.
             with contextlib.suppress(CvmError):
                 platform.call("export_abort", handle)
-            self._resume(record)
-            record.pending_recovery = None
-            self.daemon._save(record)
-            self._event("MigrationAbortedAfterRestart", record, op_state=state)
+            self._resumed(record, "MigrationAbortedAfterRestart", op_state=state)
 
     def start_polling(self, record: VmRecord) -> None:
         with self._lock:
@@ -238,11 +240,7 @@ class Recovery:
         if state == "aborted" and isinstance(outcome.get("token"), str):
             token = base64.b64decode(str(outcome["token"]), validate=True)
             platform.call("export_abort_with_token", handle, token)
-            self._resume(record)
-            self._stats(record, MigrationStatus.FAILED, "resumed on source")
-            record.pending_recovery = None
-            self.daemon._save(record)
-            self._event("MigrationRecovered", record, outcome="resumed")
+            self._resumed(record, "MigrationRecovered", outcome="resumed")
             return True
         return False
 
