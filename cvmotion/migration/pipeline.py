@@ -23,7 +23,6 @@ from __future__ import annotations
 import collections
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -79,13 +78,9 @@ class OutgoingStream:
 
     def drain(self, timeout: float) -> None:
         """Wait until everything submitted is on the wire (or raise the stream's error)."""
-        deadline = time.monotonic() + timeout
         with self._cond:
-            while self._pending and self.error is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    raise MigrationError(f"stream {self.index}: sending timed out")
-                self._cond.wait(left)
+            if not self._cond.wait_for(lambda: not self._pending or self.error is not None, timeout):
+                raise MigrationError(f"stream {self.index}: sending timed out")
         if self.error is not None:
             raise MigrationError(f"stream {self.index}: {self.error}") from self.error
 

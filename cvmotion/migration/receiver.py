@@ -174,24 +174,18 @@ class Receiver:
 
     def _wait_for(self, epoch: int, total: int) -> None:
         """Hold a token of ``epoch`` until ``total`` bundles of that epoch went to the firmware (other streams)."""
-        deadline = time.monotonic() + self.options.io_timeout
-        with self._cond:
-            while self._imported[epoch] < total and not self.failed.is_set():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return  # hand the token over anyway: the firmware will find the count wrong
-                self._cond.wait(left)
+        self._wait_until(lambda: self._imported[epoch] >= total)
 
     def _wait_epoch_open(self, epoch: int) -> None:
         """Hold a bundle of ``epoch`` until the tokens of every earlier epoch went through (they may travel on
         another stream): the firmware takes epochs strictly in order."""
-        deadline = time.monotonic() + self.options.io_timeout
+        self._wait_until(lambda: self._epochs_closed >= epoch)
+
+    def _wait_until(self, ready: Callable[[], bool]) -> None:
+        """Until ``ready()`` (under the import condition), the migration failed, or ``io_timeout`` passed; on a
+        timeout the bundle goes to the firmware anyway, which refuses a wrong count or an out-of-order epoch."""
         with self._cond:
-            while self._epochs_closed < epoch and not self.failed.is_set():
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return  # hand it over anyway: the firmware refuses an out-of-order epoch
-                self._cond.wait(left)
+            self._cond.wait_for(lambda: ready() or self.failed.is_set(), self.options.io_timeout)
 
     def _send_control(self, message: dict[str, Any]) -> None:
         """A message to the source (best effort: a lost control connection is handled by ``outcome()``)."""
