@@ -24,7 +24,6 @@ __all__ = [
     "memory_entries",
     "page_aads",
     "page_views",
-    "page_views_and_addresses",
     "sorted_union",
 ]
 
@@ -61,20 +60,15 @@ def gfn_runs(gfns: npt.NDArray[np.uint64]) -> list[tuple[int, int, int]]:
     return list(zip(gfns[starts].tolist(), starts, [*breaks, count], strict=True))
 
 
-def page_views(memory: _Views, gfns: npt.NDArray[np.uint64]) -> tuple[list[memoryview], npt.NDArray[np.bool_]]:
-    """One view per page of guest memory, in ``gfns`` order, and which pages hold a non-zero byte.
+def page_views(
+    memory: _Views, gfns: npt.NDArray[np.uint64]
+) -> tuple[list[memoryview], npt.NDArray[np.bool_], npt.NDArray[np.uint64]]:
+    """One view per page of guest memory in ``gfns`` order, which pages hold a non-zero byte, and each page's
+    address (for the native AES-GCM; valid while the views are alive).
 
     Consecutive GFNs are one view of guest memory (round 0 is mostly long runs); the zero test is one
     vectorised pass over each run instead of a comparison per page.
     """
-    pages, nonzero, _ = page_views_and_addresses(memory, gfns)
-    return pages, nonzero
-
-
-def page_views_and_addresses(
-    memory: _Views, gfns: npt.NDArray[np.uint64]
-) -> tuple[list[memoryview], npt.NDArray[np.bool_], npt.NDArray[np.uint64]]:
-    """``page_views`` plus each page's address (for the native AES-GCM; valid while the views are alive)."""
     pages: list[memoryview] = []
     nonzero = np.empty(len(gfns), dtype=np.bool_)
     addresses = np.empty(len(gfns), dtype=np.uint64)

@@ -49,7 +49,7 @@ from cvmotion.abi import wire
 from cvmotion.abi.wire import BundleHeader, BundleType, EntryFlag
 from cvmotion.errors import AbiError, CvmError, FirmwareError, FirmwareStatus, IntegrityError
 from cvmotion.firmware.context import GuestContext, OpState
-from cvmotion.firmware.mig_pages import gcm_ivs, gfn_runs, memory_entries, page_aads, page_views_and_addresses
+from cvmotion.firmware.mig_pages import gcm_ivs, gfn_runs, memory_entries, page_aads, page_views
 from cvmotion.firmware.native_gcm import buffer_address
 from cvmotion.firmware.native_gcm import load as load_native_gcm
 from cvmotion.firmware.opstate import STATE_BUNDLES, ExportOpState, ExportSession, ImportOpState, ImportRules
@@ -250,7 +250,7 @@ class MigrationFirmware:
             if len(dirty):
                 clean[dirty.astype(np.intp)] = False
             try:
-                pages, nonzero, addresses = page_views_and_addresses(hw.memory, gfn_array)
+                pages, nonzero, addresses = page_views(hw.memory, gfn_array)
             except CvmError as exc:
                 raise FirmwareError(FirmwareStatus.INVALID_ADDRESS, "GFN outside guest RAM") from exc
             entries = (gfn_array << np.uint64(12)) | (~nonzero).astype(np.uint64) * np.uint64(EntryFlag.ZERO)

@@ -77,7 +77,7 @@ def test_zero_test_finds_a_single_byte_in_long_and_short_runs() -> None:
         scattered = [0x300, 0x302, 0x307]  # compared page by page
         for gfn in (0x205, 0x23F, 0x302):
             memory.write((gfn << 12) + PAGE - 1, b"\x01")  # only the last byte of the page
-        views, nonzero = mig_pages.page_views(memory, np.asarray(long_run + scattered, dtype=np.uint64))
+        views, nonzero, _ = mig_pages.page_views(memory, np.asarray(long_run + scattered, dtype=np.uint64))
         assert [bytes(v) for v in views[:2]] == [memory.read(0x200 << 12, PAGE), memory.read(0x201 << 12, PAGE)]
         expected = [g in (0x205, 0x23F, 0x302) for g in long_run + scattered]
         assert nonzero.tolist() == expected
