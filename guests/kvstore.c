@@ -1,7 +1,7 @@
 /* kvstore: a key-value store in guest memory, serving GET/PUT/DELETE through the cvm-io device.
  *
- * Command line: slots=N (table size, default 1024)  base=GPA (table address, default 0x400000)
- *               hb_ms=N (heartbeat period, default 1000)
+ * Command line: slots=N (table size; default: a quarter of the RAM above the table's base, at most
+ *               1,000,000)  base=GPA (table address, default 0x400000)  hb_ms=N (heartbeat period, default 1000)
  *
  * Requests and responses (little-endian; cvmotion.vmm.workloads.KvClient builds them):
  *   request  = u8 op | u8 key_len | u16 value_len | key[key_len] | value[value_len]
@@ -13,6 +13,10 @@
  * stored in the table before its COMPLETE is posted, so every acknowledged PUT lives in guest memory
  * and survives anything that preserves guest memory (pause, snapshot, migration).
  *
+ * The table is not cleared at boot: the RAM above the image is zero when the guest starts (cvmotion's
+ * loader hands over an empty memfd, QEMU fresh anonymous memory), and clearing it would populate every
+ * page of a table sized from a full SKU's memory, which a live migration would then have to carry.
+ *
  * Without cvm-io (under QEMU: the ID register reads 0xFFFFFFFF) it says so and only heartbeats. */
 #include "cvmio.h"
 
@@ -21,6 +25,7 @@
 #define SLOT_EMPTY 0u
 #define SLOT_USED 1u
 #define SLOT_TOMBSTONE 2u
+#define SLOTS_MAX 1000000u
 
 enum { OP_GET = 1, OP_PUT = 2, OP_DELETE = 3, OP_STATS = 4, OP_BLOB = 5 };
 enum { KV_OK = 0, KV_NOT_FOUND = 1, KV_FULL = 2, KV_BAD_REQUEST = 3, KV_NO_BLOB = 4, KV_TOO_BIG = 5 };
@@ -150,14 +155,15 @@ void guest_main(const struct boot_env *env) {
     u32 base = (u32)cmdline_u64(cl, "base", 0x400000);
     u32 hb_ms = (u32)cmdline_u64(cl, "hb_ms", 1000);
     u64 ram_end = 0x100000ull + (u64)env->mem_upper_kib * 1024u;
-    nslots = (u32)cmdline_u64(cl, "slots", 1024);
-    if (nslots == 0 || nslots > 1000000u || base < env->kernel_end ||
+    /* A quarter of the RAM above the base by default: a 64 MiB VM holds ~14,000 keys, a full SKU the cap. */
+    u64 fit = ram_end > base ? (ram_end - base) / 4u / sizeof(struct slot) : 0;
+    nslots = (u32)cmdline_u64(cl, "slots", fit < SLOTS_MAX ? fit : SLOTS_MAX);
+    if (nslots == 0 || nslots > SLOTS_MAX || base < env->kernel_end ||
         (u64)base + (u64)nslots * sizeof(struct slot) > ram_end) {
         kprintf("kvstore: FATAL %u slots at 0x%x do not fit RAM ending at 0x%llx\n", nslots, base, ram_end);
         guest_exit(3);
     }
     table = (struct slot *)base;
-    memset(table, 0, nslots * sizeof(struct slot));
     u64 hb_ticks = clock_ms_to_ticks(hb_ms ? hb_ms : 1);
     u64 next_hb = rdtsc() + hb_ticks;
     u32 seq = 0;

@@ -18,7 +18,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -31,6 +31,10 @@ __all__ = ["register"]
 VM = "kvdemo"
 _TOKEN_FIELDS = ("jti", "chip_id", "tcb", "platform", "data_key")
 KEY_NAME = "kvdemo-data-key"
+# Each client cycles through this many keys of its own, overwriting values: the store holds at most
+# clients x KEYS_PER_CLIENT keys however fast the clients run, and a read-back checks the latest value
+# (an older one would be a rollback).
+KEYS_PER_CLIENT = 256
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -40,6 +44,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     demo.add_argument("--memory", default="64M", help="guest RAM (default 64M)")
     demo.add_argument("--load-seconds", type=float, default=2.0, help="client load before the migration starts")
     demo.add_argument("--clients", type=int, default=2, help="client threads (default 2)")
+    demo.add_argument(
+        "--keys-per-client",
+        type=int,
+        default=KEYS_PER_CLIENT,
+        help=f"each client rewrites its own keys round-robin (default {KEYS_PER_CLIENT})",
+    )
     demo.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS")
     demo.add_argument("--streams", type=int, default=2)
     demo.add_argument("--seed", type=int, default=1)
@@ -98,65 +108,101 @@ class Endpoint:
         self._client.close()
 
 
+class KvEndpoint(Protocol):
+    """Where the load sends its requests: the VM's stable HTTP endpoint, or a guest's cvm-io in a test."""
+
+    def kv(self, op: str, key: str, value: str = "") -> dict[str, Any]: ...
+
+
+def load_key(client: int, i: int, keys_per_client: int) -> str:
+    """The key of client ``client``'s ``i``-th write: its own keys, round-robin."""
+    return f"c{client}-{i % keys_per_client}"
+
+
 @dataclass
 class Load:
-    """Client threads writing unique keys (and reading some back) through the endpoint."""
+    """Client threads overwriting their own bounded key sets (and reading some back) through the endpoint.
 
-    endpoint: Endpoint
+    ``acked`` holds the latest acknowledged value of every key; a write that got no answer leaves its key
+    uncertain (it may or may not be stored) until a later write to it is acknowledged. ``max_requests``
+    bounds a run by count as well as by ``stop``.
+    """
+
+    endpoint: KvEndpoint
     clients: int
     seed: int
+    keys_per_client: int = KEYS_PER_CLIENT
+    max_requests: int | None = None
     acked: dict[str, str] = field(default_factory=dict)
+    acked_writes: int = 0
     requests: int = 0
     failed: int = 0
+    full: int = 0
     wrong_reads: int = 0
     # (start, end) of every request, monotonic: the stall a migration caused is read from those that overlap it.
     spans: list[tuple[float, float]] = field(default_factory=list)
     stop: threading.Event = field(default_factory=threading.Event)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _progress: threading.Condition = field(init=False)
     _threads: list[threading.Thread] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._progress = threading.Condition(self._lock)
+
+    def _count(self, t0: float, t1: float, *, failed: bool = False) -> bool:
+        """Record one request (lock held); False once the run's request bound is reached."""
+        self.requests += 1
+        self.spans.append((t0, t1))
+        self.failed += failed
+        self._progress.notify_all()
+        return self.max_requests is None or self.requests < self.max_requests
 
     def _run(self, index: int) -> None:
         rng = random.Random(self.seed * 1000 + index)
         i = 0
         while not self.stop.is_set():
-            key = f"c{index}-{i}"
+            key = load_key(index, i, self.keys_per_client)
             value = rng.randbytes(12).hex()
             t0 = time.monotonic()
             try:
-                result = self.endpoint.kv("put", key, value)
-                ok = result.get("status") == "OK"
+                status = self.endpoint.kv("put", key, value).get("status")
             except CvmError:
-                ok = False
+                status = None
             t1 = time.monotonic()
             with self._lock:
-                self.requests += 1
-                self.spans.append((t0, t1))
-                if ok:
+                if status == "OK":
                     self.acked[key] = value
+                    self.acked_writes += 1
                 else:
-                    self.failed += 1
-            if i % 4 == 3:
-                self._read_back(f"c{index}-{rng.randrange(i)}")
+                    self.acked.pop(key, None)  # unanswered: stored or not, nobody can say
+                    self.full += status == "FULL"
+                if not self._count(t0, t1, failed=status != "OK"):
+                    self.stop.set()
+            if i % 4 == 3 and not self.stop.is_set():
+                self._read_back(load_key(index, rng.randrange(i), self.keys_per_client))
             i += 1
 
     def _read_back(self, key: str) -> None:
-        expected = self.acked.get(key)
+        with self._lock:
+            expected = self.acked.get(key)
         if expected is None:
             return
         t0 = time.monotonic()
         try:
-            result = self.endpoint.kv("get", key)
+            result: dict[str, Any] | None = self.endpoint.kv("get", key)
         except CvmError:
-            with self._lock:
-                self.requests += 1
-                self.failed += 1
-            return
+            result = None
         t1 = time.monotonic()
         with self._lock:
-            self.requests += 1
-            self.spans.append((t0, t1))
-            if result.get("value") != expected:
+            if result is not None and result.get("value") != expected:
                 self.wrong_reads += 1
+            if not self._count(t0, t1, failed=result is None):
+                self.stop.set()
+
+    def wait_requests(self, count: int, timeout: float) -> bool:
+        """Until ``count`` requests in all have completed (bounded by ``timeout``); False on timeout."""
+        with self._progress:
+            return self._progress.wait_for(lambda: self.requests >= count, timeout)
 
     def longest_wait(self, start: float = float("-inf"), end: float = float("inf")) -> float:
         """The longest request that was in flight at some point between ``start`` and ``end`` (default: any)."""
@@ -236,17 +282,28 @@ def _run(args: argparse.Namespace, root: Path) -> int:
         token, chip = before["jti"][:12], before["chip_id"][:16]
         _say(quiet, f"  paravisor attested: token {token}... chip {chip}... data key {before['data_key']}")
 
+        capacity = api("POST", f"{a.url}/v1/vms/{VM}/kv", {"op": "stats"})
+        if args.clients * args.keys_per_client > capacity["slots"] // 2:
+            raise UsageError(
+                f"{args.clients} clients x {args.keys_per_client} keys would fill more than half of the "
+                f"guest's {capacity['slots']}-slot table: use fewer keys or more --memory"
+            )
         endpoint = Endpoint([a.url, b.url], VM)
-        load = Load(endpoint, args.clients, args.seed)
+        load = Load(endpoint, args.clients, args.seed, keys_per_client=args.keys_per_client)
         load.start()
+        # The load runs for --load-seconds, and at least until every client has been answered a few times.
         time.sleep(args.load_seconds)
+        if not load.wait_requests(4 * args.clients, 60):
+            raise UsageError("the client load got no answers from the VM within 60 s")
         _say(quiet, f"client load running ({args.clients} clients, {load.requests} requests so far)")
         _say(quiet, "live-migrating host-a -> host-b ...")
         t_request = time.monotonic()
         mig_id = start(a.url, VM, b.url, downtime_limit_ms=args.downtime_limit, streams=args.streams)
         t_started = time.monotonic()
         info = wait(a.url, mig_id, 600)
-        time.sleep(0.5)  # keep the load on the destination for a moment
+        # Keep the load going until the clients have been answered a few more times (on the destination,
+        # once the migration completed): counted, so it means the same on a fast and a slow machine.
+        load.wait_requests(load.requests + 8 * args.clients, 30)
         load.finish()
         stall = load.longest_wait(t_request, time.monotonic())
         endpoint.close()
@@ -271,7 +328,10 @@ def _run(args: argparse.Namespace, root: Path) -> int:
             "pages_normal": info["ram"]["normal"],
             "pages_zero": info["ram"]["duplicate"],
             "lost_writes": lost,
-            "acknowledged_writes": len(load.acked),
+            "acknowledged_writes": load.acked_writes,
+            "keys_written": len(load.acked),
+            "kv_table_slots": capacity["slots"],
+            "full_answers": load.full,
             "client_requests": load.requests,
             "failed_requests": load.failed,
             "wrong_reads": load.wrong_reads,
@@ -306,7 +366,7 @@ def _run(args: argparse.Namespace, root: Path) -> int:
 
 
 def _check_writes(hosts: list[str], acked: dict[str, str]) -> int:
-    """Read back every acknowledged write from whichever host runs the VM; count the missing or wrong."""
+    """Read back every key's latest acknowledged value from whichever host runs the VM; count the missing or wrong."""
     endpoint = Endpoint(hosts, VM, retry_for=10)
     lost = 0
     try:
@@ -372,7 +432,11 @@ def _print_summary(s: dict[str, Any]) -> None:
         ("transferred", f"{mib:.1f} MiB ({s['pages_normal']} pages + {s['pages_zero']} zero pages as flags)"),
         ("client requests", f"{s['client_requests']} ({s['failed_requests']} failed)"),
         ("longest client stall", f"{s['max_client_stall_ms']} ms during the migration"),
-        ("acknowledged writes", f"{s['acknowledged_writes']}, lost: {s['lost_writes']}"),
+        (
+            "acknowledged writes",
+            f"{s['acknowledged_writes']} to {s['keys_written']} keys (table: {s['kv_table_slots']} slots), "
+            f"lost: {s['lost_writes']}",
+        ),
         ("token before", f"{before.get('jti', '-')}  chip {str(before.get('chip_id', ''))[:16]}..."),
         ("token after", f"{after.get('jti', '-')}  chip {str(after.get('chip_id', ''))[:16]}..."),
         ("data key (fingerprint)", f"{before.get('data_key')} -> {after.get('data_key')}"),

@@ -58,8 +58,8 @@ class CreateVm(BaseModel):
 class KvRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    op: str = Field(pattern="^(get|put|delete|GET|PUT|DELETE)$")
-    key: str = Field(min_length=1, max_length=64)
+    op: str = Field(pattern="^(get|put|delete|stats|GET|PUT|DELETE|STATS)$")
+    key: str = Field(default="", max_length=64)  # required by get, put and delete; stats takes none
     value: str = Field(default="", max_length=1024)
 
 
@@ -175,6 +175,8 @@ def create_app(daemon: HostDaemon) -> FastAPI:
     @app.post("/v1/vms/{name}/kv")
     async def kv(name: str, body: KvRequest) -> dict[str, Any]:
         result = await run_in_threadpool(daemon.kv, name, body.op, body.key.encode(), body.value.encode())
+        if "slots" in result:
+            return result
         value = result["value"]
         return {"status": result["status"], "value": value.decode("utf-8", "replace") if value else None}
 

@@ -49,7 +49,7 @@ from cvmotion.migration.receiver import Receiver
 from cvmotion.migration.sender import Destination, Sender, new_migration_id
 from cvmotion.migration.stats import MigrationStats, MigrationStatus
 from cvmotion.vmm.images import image_path
-from cvmotion.vmm.workloads import KvOp, decode_response, encode_request
+from cvmotion.vmm.workloads import KvOp, KvStats, KvStatus, decode_response, encode_request
 
 __all__ = ["DEFAULT_GUEST_POLICY", "HostConfig", "HostDaemon", "VmRecord"]
 
@@ -486,7 +486,11 @@ class HostDaemon:
         try:
             kv_op = KvOp[op.upper()]
         except KeyError:
-            raise UsageError(f"unknown kv operation {op!r} (get, put, delete)") from None
+            raise UsageError(f"unknown kv operation {op!r} (get, put, delete, stats)") from None
+        if kv_op not in (KvOp.GET, KvOp.PUT, KvOp.DELETE, KvOp.STATS):
+            raise UsageError(f"unknown kv operation {op!r} (get, put, delete, stats)")
+        if (kv_op is KvOp.STATS) == bool(key):
+            raise UsageError("kv: get, put and delete need a key; stats takes none")
         try:
             _, blob, _ = record.client.call("cvmio", {"timeout": timeout}, encode_request(kv_op, key, value))
         except (DeviceError, RpcError):
@@ -497,6 +501,9 @@ class HostDaemon:
             self._raise_if_moved(name)
             raise
         status, data = decode_response(blob)
+        if kv_op is KvOp.STATS and status is KvStatus.OK:
+            stats = KvStats.from_bytes(data)
+            return {"status": status.name, "keys": stats.keys, "slots": stats.slots, "ops": stats.ops}
         return {"status": status.name, "value": data}
 
     def _raise_if_moved(self, name: str) -> None:

@@ -106,6 +106,13 @@ class KvStats:
     slots: int
     ops: int
 
+    @classmethod
+    def from_bytes(cls, value: bytes) -> KvStats:
+        """The STATS response value: u32 keys, u32 slots, u64 ops (guests/kvstore.c)."""
+        if len(value) != 16:
+            raise DeviceError(f"kvstore: STATS value of {len(value)} bytes, expected 16")
+        return cls(*struct.unpack("<IIQ", value))
+
 
 KEY_MAX = 64
 VALUE_MAX = 1024
@@ -160,9 +167,9 @@ class KvClient:
 
     def stats(self) -> KvStats:
         status, value = self._call(KvOp.STATS)
-        if status is not KvStatus.OK or len(value) != 16:
+        if status is not KvStatus.OK:
             raise DeviceError(f"kvstore: STATS failed: {status.name}")
-        return KvStats(*struct.unpack("<IIQ", value))
+        return KvStats.from_bytes(value)
 
     def blob(self, kind: int) -> bytes | None:
         """The guest fetches mailbox blob ``kind`` with cvm-io GET_BLOB and returns it."""
