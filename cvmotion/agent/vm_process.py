@@ -88,6 +88,10 @@ class DirtyViews:
     with a ``feeds`` callable is handed each harvest at once (the SP: its view lives in the platform process,
     so folding it before each bundle is local there); the harvest reaches it before the harvesting consumer
     has it, so the engine can never ask the SP to export a page the SP does not yet know is dirty.
+
+    The SP's view only grows until the SP takes it: no call the (untrusted) daemon can make drops a bit.
+    ``start`` turns the hardware log on once and then only moves the engine's baseline (its harvest still
+    feeds the SP); a harvest the SP could not be handed is kept and offered again with the next one.
     """
 
     CONSUMERS = ("engine", "sp")
@@ -97,14 +101,20 @@ class DirtyViews:
         self._lock = threading.Lock()
         self._pending: dict[str, list[npt.NDArray[np.uint64]]] = {c: [] for c in self.CONSUMERS}
         self._feeds = dict(feeds or {})
+        self._unfed: list[npt.NDArray[np.uint64]] = []  # harvested, but a feed failed: nobody has these yet
         self.tracking = False
 
     def start(self) -> None:
+        """Dirty tracking on (the first call; the log then stays on) and a new baseline for the engine.
+
+        Clears nothing: the first harvest holds every populated page (``Vm.start_dirty_tracking``), and the
+        harvest made here reaches the SP before the engine's copy is dropped.
+        """
         with self._lock:
-            self._vm.start_dirty_tracking()
-            for parts in self._pending.values():
-                parts.clear()
-            self.tracking = True
+            if not self.tracking:
+                self._vm.start_dirty_tracking()
+                self.tracking = True
+        self.take("engine")
 
     def take(self, consumer: str, *, fresh: bool = True) -> npt.NDArray[np.uint64]:
         with self._lock:
@@ -113,15 +123,20 @@ class DirtyViews:
             parts = self._pending[consumer]
             if fresh:
                 new = self._vm.harvest_dirty().gfns()
+                if self._unfed:
+                    new = sorted_union(new, *self._unfed)
                 if len(new):
+                    # Keep the harvest until every feed took it: a feed that raises leaves it for the next take.
+                    self._unfed = [new]
                     for other, pending in self._pending.items():
                         if other == consumer:
                             continue
                         feed = self._feeds.get(other)
                         if feed is not None:
-                            feed(new)  # raises if the other consumer cannot be told: nobody gets this harvest
+                            feed(new)  # raises if the other consumer cannot be told: nobody gets this harvest now
                         else:
                             pending.append(new)
+                    self._unfed = []
                     parts.append(new)
             self._pending[consumer] = []
         if not parts:
@@ -412,7 +427,8 @@ class VmProcess:
             self.resume()
             return Reply()
         if m == "start_dirty_tracking":
-            self._require_dirty().start()
+            with self._lock:  # the emulated backend pauses to add its hook: never across the SP's hold
+                self._require_dirty().start()
             return Reply()
         if m == "harvest_dirty":
             gfns = self._require_dirty().take("engine")

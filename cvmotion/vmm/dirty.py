@@ -113,13 +113,17 @@ class VmmDirtyBitmap:
         self._words = [np.zeros(bitmap_words(r.npages), dtype=np.uint64) for r in self._regions]
 
     def mark_range(self, gpa: int, length: int) -> None:
+        if length <= 0:
+            return
         first, last = gpa >> PAGE_SHIFT, (gpa + length - 1) >> PAGE_SHIFT
-        with self._lock:
-            for region, words in zip(self._regions, self._words, strict=True):
-                lo, hi = max(first, region.first_gfn), min(last, region.first_gfn + region.npages - 1)
-                for gfn in range(lo, hi + 1):
-                    i = gfn - region.first_gfn
-                    words[i >> 6] |= np.uint64(1 << (i & 63))
+        if first == last:  # the common case (a device's small write): no arrays
+            with self._lock:
+                for region, words in zip(self._regions, self._words, strict=True):
+                    i = first - region.first_gfn
+                    if 0 <= i < region.npages:
+                        words[i >> 6] |= np.uint64(1 << (i & 63))
+            return
+        self.mark_gfns(np.arange(first, last + 1, dtype=np.uint64))
 
     def mark_gfns(self, gfns: U64Array) -> None:
         with self._lock:
@@ -129,10 +133,7 @@ class VmmDirtyBitmap:
                 np.bitwise_or.at(words, idx >> np.uint64(6), np.left_shift(np.uint64(1), idx & np.uint64(63)))
 
     def take(self) -> DirtyLog:
-        """Return the marked pages and start a new, empty log (atomically)."""
+        """Return the marked pages and start a new, empty log (atomically): the only way bits leave it."""
         with self._lock:
             taken, self._words = self._words, [np.zeros_like(w) for w in self._words]
         return DirtyLog(list(zip(self._regions, taken, strict=True)))
-
-    def clear(self) -> None:
-        self.take()

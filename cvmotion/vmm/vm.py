@@ -4,9 +4,9 @@ This is the object the migration engine drives::
 
     vm = Vm.create(MachineConfig(memory=64 * MIB), read_kernel(path), "dirty_mib=4")
     vm.start()
-    vm.start_dirty_tracking()
+    vm.start_dirty_tracking()                   # once; the log then stays on
     ranges = vm.populated_ranges()              # round 0: every populated page
-    dirty = vm.harvest_dirty()                  # later rounds: KVM log | VMM writes, cleared on harvest
+    dirty = vm.harvest_dirty()                  # KVM log | VMM writes (the first: all populated), cleared on harvest
     latency = vm.pause()                        # bounded; no half-done I/O afterwards
     state = vm.capture_state()                  # VmState, .to_bytes() is versioned
     ...
@@ -103,6 +103,7 @@ class Vm:
         bus.register(CVMIO_PORT, CVMIO_PORT_COUNT, self.cvmio)
         bus.register(EXIT_PORT, 4, ExitPort(self._on_exit_port))
         self._lock = threading.Lock()
+        self._tracking = False
         self.state = RunState.CREATED
         self.backend: Backend
         if self.backend_kind is BackendKind.KVM:
@@ -263,13 +264,24 @@ class Vm:
         return self.memory.fd
 
     def start_dirty_tracking(self) -> None:
-        """From now on ``harvest_dirty`` reports every page written by the guest or the VMM."""
+        """Turn the dirty log on: from now on ``harvest_dirty`` reports every page written by the guest or the VMM.
+
+        Nothing is ever dropped from the log.  The first harvest also holds every page populated before this call
+        (the guest's writes before it were not logged, and a consumer such as the secure processor's "exported
+        and clean" view must not miss one) and every VMM write not harvested yet; a second call changes nothing.
+        """
+        if self._tracking:
+            return
         was_running = self.state is RunState.RUNNING
         if was_running and self.backend_kind is BackendKind.EMULATED:
             self.pause()  # unicorn hooks may only change while emulation is stopped
         try:
             self.backend.start_dirty_tracking()
-            self.memory.vmm_dirty.clear()
+            self._tracking = True
+            # After the log is on: a guest write racing this call either populated its page before the look-up
+            # below (marked here) or lands in the log.
+            for gpa, length in self.memory.populated_ranges():
+                self.memory.vmm_dirty.mark_range(gpa, length)
         finally:
             if was_running and self.backend_kind is BackendKind.EMULATED:
                 self.resume()

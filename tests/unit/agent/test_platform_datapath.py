@@ -48,8 +48,8 @@ def test_sp_view_is_fed_before_the_engine_gets_a_harvest() -> None:
         events.append("sp fed")
         fed.append(gfns.tolist())
 
-    views = DirtyViews(_FakeVm([[5, 3], [9], [7]]), feeds={"sp": feed})  # type: ignore[arg-type]
-    views.start()
+    views = DirtyViews(_FakeVm([[], [5, 3], [9], [7]]), feeds={"sp": feed})  # type: ignore[arg-type]
+    views.start()  # the engine's baseline: one (empty) harvest
     got = views.take("engine")
     events.append("engine has it")
     assert got.tolist() == [3, 5]
@@ -64,7 +64,7 @@ def test_a_failed_feed_gives_the_engine_nothing() -> None:
     def feed(gfns: npt.NDArray[np.uint64]) -> None:
         raise UsageError("platform gone")
 
-    views = DirtyViews(_FakeVm([[1, 2]]), feeds={"sp": feed})  # type: ignore[arg-type]
+    views = DirtyViews(_FakeVm([[], [1, 2]]), feeds={"sp": feed})  # type: ignore[arg-type]
     views.start()
     with pytest.raises(UsageError, match="platform gone"):
         views.take("engine")
