@@ -29,6 +29,12 @@ across streams.  Payload units follow the MBMD, each ``ciphertext || tag``:
   many bundles to hand to the firmware before the token.
 - START_TOKEN: metadata = ``session_id[16], total_mb u32, reserved u32``.  No payload.
 - ABORT_TOKEN (backward key): metadata = ``session_id[16], reason u32, reserved u32``.  No payload.
+- COMMIT_RECEIPT (backward key): metadata = ``session_id[16], start_token_digest[32]`` (SHA-256 of the whole
+  start token the destination verified).  No payload.  The destination's proof of commit: the source
+  decommissions only on a receipt its firmware verifies, never on a plaintext verdict.
+
+Both backward-key tokens travel on ``BACKWARD_STREAM`` with ``mb_counter`` 0 and epoch 0; the abort token uses
+``iv_counter`` 0 and the receipt ``iv_counter`` 1, so the two never share a GCM nonce under K_b.
 
 Everything here is layout only; sealing and opening happen in the firmware (``firmware.mig_stream``).
 """
@@ -59,11 +65,13 @@ __all__ = [
     "pack_payload_metadata",
     "pack_start_token_metadata",
     "pack_abort_token_metadata",
+    "pack_commit_receipt_metadata",
     "pack_epoch_token_metadata",
     "parse_memory_metadata",
     "parse_payload_metadata",
     "parse_start_token_metadata",
     "parse_abort_token_metadata",
+    "parse_commit_receipt_metadata",
     "parse_epoch_token_metadata",
 ]
 
@@ -76,6 +84,7 @@ MAX_PAGES_PER_BUNDLE = 512  # 2 MiB of payload; keeps the MBMD (24 + 8 + 8*512 +
 BACKWARD_STREAM = 0xFFFF
 _ENTRY_FLAGS_MASK = PAGE_SIZE - 1
 SESSION_ID_SIZE = 16
+START_TOKEN_DIGEST_SIZE = 32
 
 
 class BundleType(enum.IntEnum):
@@ -90,6 +99,7 @@ class BundleType(enum.IntEnum):
     EPOCH_TOKEN = 6
     START_TOKEN = 7
     ABORT_TOKEN = 8
+    COMMIT_RECEIPT = 9
 
 
 class EntryFlag(enum.IntFlag):
@@ -253,3 +263,19 @@ def parse_abort_token_metadata(metadata: bytes) -> tuple[bytes, int]:
     if rsvd:
         raise MalformedStructure("abort token: reserved field must be zero")
     return session_id, int(reason)
+
+
+_RECEIPT = struct.Struct("<16s32s")
+
+
+def pack_commit_receipt_metadata(session_id: bytes, start_token_digest: bytes) -> bytes:
+    if len(session_id) != SESSION_ID_SIZE or len(start_token_digest) != START_TOKEN_DIGEST_SIZE:
+        raise MalformedStructure("commit receipt: session id is 16 bytes, the start token digest 32")
+    return _RECEIPT.pack(session_id, start_token_digest)
+
+
+def parse_commit_receipt_metadata(metadata: bytes) -> tuple[bytes, bytes]:
+    if len(metadata) != _RECEIPT.size:
+        raise MalformedStructure(f"commit receipt: metadata must be {_RECEIPT.size} bytes")
+    session_id, digest = _RECEIPT.unpack(metadata)
+    return bytes(session_id), bytes(digest)

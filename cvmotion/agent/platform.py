@@ -39,6 +39,7 @@ from cvmotion.firmware.mig_pages import sorted_union
 from cvmotion.firmware.migration import MigrationFirmware
 from cvmotion.ipc.rpc import Call, Endpoint, Reply
 from cvmotion.vmm.layout import Gpa
+from cvmotion.vmm.loader import SECRETS_PAGE_GPA
 from cvmotion.vmm.memory import GuestMemory
 
 __all__ = ["HOST_METHODS", "PlatformService", "RemoteHardware", "SpMemory", "main"]
@@ -90,6 +91,10 @@ class RemoteHardware:
         self._dirty: list[npt.NDArray[np.uint64]] = []
         # The guest this hardware runs: bound by the SP at launch or import activation, never by the host.
         self.handle: GuestHandle | None = None
+        # Hardware serves one guest in its life: claimed by its launch or its import, never released. A second
+        # launch over it would be a new guest context over the old guest's memory (a fork, and a measurement
+        # oracle over its pages).
+        self.claimed = False
 
     @property
     def memory(self) -> SpMemory:
@@ -213,6 +218,28 @@ class _RingMap:
             self.map.close()
 
 
+_MAX_LAUNCH_RANGES = 64
+
+
+def _launch_ranges(raw: Any, gfn_limit: int) -> list[tuple[int, int]]:
+    """The host's measured ranges, checked: page-aligned, inside guest memory, bounded, never the secrets page."""
+    if not isinstance(raw, list) or not 0 < len(raw) <= _MAX_LAUNCH_RANGES:
+        raise FirmwareError(FirmwareStatus.INVALID_PARAM, f"launch needs 1-{_MAX_LAUNCH_RANGES} [gpa, length] ranges")
+    ranges = []
+    for item in raw:
+        if not (isinstance(item, list | tuple) and len(item) == 2 and all(type(x) is int for x in item)):
+            raise FirmwareError(FirmwareStatus.INVALID_PARAM, "a launch range is [gpa, length]")
+        gpa, length = item
+        if gpa < 0 or length <= 0 or gpa % PAGE or length % PAGE or (gpa + length) >> 12 > gfn_limit:
+            raise FirmwareError(FirmwareStatus.INVALID_ADDRESS, f"launch range {gpa:#x}+{length:#x} is not guest RAM")
+        if gpa < SECRETS_PAGE_GPA + PAGE and gpa + length > SECRETS_PAGE_GPA:
+            raise FirmwareError(
+                FirmwareStatus.INVALID_ADDRESS, f"launch range {gpa:#x}+{length:#x} covers the secrets page"
+            )
+        ranges.append((gpa, length))
+    return ranges
+
+
 STATE_ORDER = (BundleType.VCPU_STATE, BundleType.DEVICE_STATE, BundleType.MUTABLE_STATE)
 
 # The commands an untrusted host may send. Everything else (notably every ma_* firmware call) is refused.
@@ -243,6 +270,7 @@ HOST_METHODS = frozenset(
         "import_bundle",
         "import_abort",
         "import_activate",
+        "import_commit_receipt",
         "import_status",
         "import_discard",
         "vm_handle",
@@ -369,9 +397,9 @@ class PlatformService:
         if m == "launch":
             return Reply(self._launch(a))
         if m == "guest_request":
-            return Reply({}, sp.guest_request(GuestHandle(int(a["handle"])), call.blob))
+            return Reply({}, sp.guest_request(self._vm_guest(a), call.blob))
         if m == "guest_info":
-            info = sp.guest_info(GuestHandle(int(a["handle"])))
+            info = sp.guest_info(self._vm_guest(a))
             return Reply(
                 {
                     "state": info.state.name,
@@ -382,13 +410,17 @@ class PlatformService:
                 }
             )
         if m == "can_run":
-            return Reply({"can_run": mig.can_run(GuestHandle(int(a["handle"])))})
+            return Reply({"can_run": mig.can_run(self._vm_guest(a))})
         if m == "decommission":
-            sp.decommission(GuestHandle(int(a["handle"])))
+            handle = self._vm_guest(a)
+            sp.decommission(handle)
+            with self._lock:
+                for vm, h in list(self.handles.items()):
+                    if h == handle:
+                        del self.handles[vm]
             return Reply()
         if m == "vm_handle":
-            handle = self.handles.get(str(a["vm"]))
-            return Reply({"handle": handle})
+            return Reply({"handle": self.handles.get(str(a["vm"]))})
         if m == "ring_attach":
             return self._ring_attach(call)
         if m == "ring_detach":
@@ -419,27 +451,53 @@ class PlatformService:
         }
 
     def _launch(self, a: dict[str, Any]) -> dict[str, Any]:
-        """SNP launch of an attached VM: START, UPDATE (measured image pages + secrets page), FINISH, ACTIVATE."""
+        """SNP launch of an attached VM: START, UPDATE (measured image pages + secrets page), FINISH, ACTIVATE.
+
+        Only on hardware no guest ever had (``claim``): its memory holds nothing but what its VM process loaded,
+        so the measured ranges can reveal nothing the host did not write, and the secrets page goes to the one
+        GPA the launch defines (``SECRETS_PAGE_GPA``), outside every measured range.
+        """
         name = str(a["vm"])
         hw = self._hw(name)
+        ranges = _launch_ranges(a.get("ranges"), hw.gfn_limit)
+        self._claim(hw)
         sp = self.sp
         handle = sp.launch_start(int(a["policy"]))
         try:
-            for gpa, length in a["ranges"]:
-                for page in range(int(gpa), int(gpa) + int(length), PAGE):
+            for gpa, length in ranges:
+                for page in range(gpa, gpa + length, PAGE):
                     sp.launch_update(handle, page, PageType.NORMAL, hw.memory.view(page, PAGE))
-            secrets_gpa = int(a["secrets_gpa"])
-            sp.launch_update(handle, secrets_gpa, PageType.SECRETS, hw.memory.view(secrets_gpa, PAGE))
+            sp.launch_update(handle, SECRETS_PAGE_GPA, PageType.SECRETS, hw.memory.view(SECRETS_PAGE_GPA, PAGE))
             sp.launch_finish(handle, host_data=bytes.fromhex(str(a.get("host_data", "00" * 32))))
             sp.activate(handle)
         except BaseException:
             with contextlib.suppress(CvmError):
                 sp.decommission(handle)
             raise
-        self.handles[name] = handle
-        hw.handle = handle
+        with self._lock:
+            self.handles[name] = handle
+            hw.handle = handle
         info = sp.guest_info(handle)
         return {"handle": handle, "measurement": info.measurement.hex()}
+
+    def _claim(self, hw: RemoteHardware) -> None:
+        with self._lock:
+            if hw.claimed:
+                raise FirmwareError(
+                    FirmwareStatus.INVALID_GUEST_STATE, f"VM {hw.name!r}: its hardware served a guest already"
+                )
+            hw.claimed = True
+
+    def _vm_guest(self, a: dict[str, Any]) -> GuestHandle:
+        """The guest a host command names: only a VM's guest bound here (never the MA's own context)."""
+        try:
+            handle = GuestHandle(int(a["handle"]))
+        except (KeyError, TypeError, ValueError):
+            raise UsageError("the command needs an integer 'handle'") from None
+        with self._lock:
+            if handle not in self.handles.values():
+                raise FirmwareError(FirmwareStatus.INVALID_GUEST, f"no VM guest with handle {handle}")
+        return handle
 
     def _ring_attach(self, call: Call) -> Reply:
         if len(call.fds) != 1:
@@ -460,7 +518,7 @@ class PlatformService:
 
     def _export(self, m: str, a: dict[str, Any], blob: bytes) -> Reply:
         mig = self.sp.migration
-        handle = GuestHandle(int(a["handle"]))
+        handle = self._vm_guest(a)
         stream = int(a.get("stream", 0))
         if m == "export_start":
             hw = self._hw(str(a["vm"]))
@@ -494,10 +552,11 @@ class PlatformService:
             mig.export_abort_with_token(handle, blob)
             return Reply()
         if m == "export_finish":
-            mig.export_finish(handle)
-            for name, h in list(self.handles.items()):
-                if h == handle:
-                    del self.handles[name]
+            mig.export_finish(handle, blob)  # the destination's commit receipt, verified by the firmware
+            with self._lock:
+                for name, h in list(self.handles.items()):
+                    if h == handle:
+                        del self.handles[name]
             return Reply()
         if m == "export_status":
             return Reply({"state": mig.export_status(handle)})
@@ -522,8 +581,7 @@ class PlatformService:
     def register_import(self, vm: str, session_id: bytes) -> int:
         """Create the import context for an attached incoming VM (called by the MA session set-up)."""
         remote = self._hw(vm)
-        if remote.handle is not None:
-            raise UsageError(f"VM {vm!r} runs guest {remote.handle}; an import needs fresh hardware")
+        self._claim(remote)
         hw = _ImportHardware(remote, self)
         ref = self.sp.migration.import_prepare(session_id, hw)
         with self._lock:
@@ -549,9 +607,12 @@ class PlatformService:
         if m == "import_activate":
             hw.handle = mig.import_handle(ref)
             handle = mig.import_activate(ref)
-            hw.remote.handle = handle
-            self.handles[vm] = handle
-            return Reply({"handle": handle})
+            with self._lock:
+                hw.remote.handle = handle
+                self.handles[vm] = handle
+            return Reply({"handle": handle}, mig.import_commit_receipt(ref))
+        if m == "import_commit_receipt":
+            return Reply({}, mig.import_commit_receipt(ref))
         if m == "import_status":
             return Reply({"state": mig.import_state(ref), "handle": mig.import_handle(ref)})
         if m == "import_discard":

@@ -43,14 +43,13 @@ from cvmotion.ipc.rpc import Call, Endpoint, Reply, connect_unix
 from cvmotion.vmm.backend import BackendKind
 from cvmotion.vmm.images import load_image
 from cvmotion.vmm.kvm_backend import install_kick_handler
-from cvmotion.vmm.loader import BOOT_INFO_END, BOOT_INFO_GPA
+from cvmotion.vmm.loader import BOOT_INFO_END, BOOT_INFO_GPA, SECRETS_PAGE_GPA
 from cvmotion.vmm.memory import GuestMemory
 from cvmotion.vmm.snapshot import VmState
 from cvmotion.vmm.vm import MachineConfig, RunState, Vm
 
 __all__ = ["SECRETS_PAGE_GPA", "DirtyViews", "VmProcess", "VmSpec", "main"]
 
-SECRETS_PAGE_GPA = 0x7000  # conventional memory the guests never touch; the SNP secrets page lives here
 PAGE = 4096
 _THROTTLE_PERIOD = 0.05  # auto-converge: each 50 ms window, the vCPUs sleep pct% of it
 _TOKEN_REFRESH = 300.0  # the paravisor renews its token well before the service's lifetime runs out

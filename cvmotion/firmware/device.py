@@ -43,6 +43,8 @@ __all__ = ["EndorsementSource", "ExtCerts", "GuestHandle", "GuestInfo", "Platfor
 GuestHandle = NewType("GuestHandle", int)
 MAX_GUESTS = 509  # SNP ASIDs on Milan/Genoa (CPUID Fn8000_001F ECX minus the SEV-ES range): RESOURCE_LIMIT beyond
 _MAX_GPA = 1 << 52
+# Op-states in which the host may destroy a guest: a runnable guest (the owner deletes the VM) or a failed import.
+_DECOMMISSIONABLE = frozenset({OpState.RUNNABLE, OpState.FAILED, OpState.MEMORY_IMPORT, OpState.STATE_IMPORT})
 _VLEK_FILE, _VLEK_CERT_FILE = "vlek.bin", "vlek.der"
 
 
@@ -363,11 +365,25 @@ class SecureProcessor:
             )
 
     def decommission(self, handle: GuestHandle) -> None:
-        """SNP_DECOMMISSION: destroy the context and its keys."""
+        """SNP_DECOMMISSION: destroy the context and its keys.
+
+        Refused while the context may be the only copy of a migrating guest: during an export (LIVE, PAUSED or
+        POST_EXPORT: abort first, or finish with the destination's commit receipt) and once an import has
+        committed but is not running yet (POST_IMPORT: the frozen source waits for that guest's receipt).
+        """
         with self._lock:
-            self._guest(handle)
-            del self._guests[handle]
-            self._digests.pop(handle, None)
+            ctx = self._guest(handle)
+            if ctx.op_state not in _DECOMMISSIONABLE:
+                raise FirmwareError(
+                    FirmwareStatus.INVALID_GUEST_STATE, f"DECOMMISSION not allowed in op-state {ctx.op_state.name}"
+                )
+            self._destroy(handle)
+        if self._migration is not None:
+            self._migration.forget(handle)
+
+    def _destroy(self, handle: GuestHandle) -> None:
+        del self._guests[handle]
+        self._digests.pop(handle, None)
 
     # -- for the migration commands (cvmotion.firmware.migration), same trust domain ------------------
 
@@ -393,6 +409,12 @@ class SecureProcessor:
             ctx = self._guests.get(handle)
             if ctx is not None:
                 ctx.op_state = op_state
+
+    def _decommission_migrated(self, handle: GuestHandle) -> None:
+        """The migration firmware's own DECOMMISSION: after a verified commit receipt, or of a failed import."""
+        with self._lock:
+            self._guest(handle)
+            self._destroy(handle)
 
     def _adopt_context(self, ctx: GuestContext) -> GuestHandle:
         """Install a context that arrived inside the SP (issue 4's import path, after decrypting it)."""

@@ -17,7 +17,8 @@ Source::
     export_start_token(h, stream) -> bundle      PAUSED_EXPORT -> POST_EXPORT: only if every page is clean
     export_abort(h)                              before the start token: back to RUNNABLE
     export_abort_with_token(h, token)            a frozen source resumes only with the destination's token
-    export_finish(h)                             POST_EXPORT -> decommissioned
+    export_finish(h, receipt)                    POST_EXPORT -> decommissioned: only with the destination's
+                                                 commit receipt (MAC under K_b over the session and start token)
 
 Destination::
 
@@ -27,12 +28,15 @@ Destination::
     import_bundle(h, bundle)                     any bundle of any stream; immutable state first
     import_abort(h) -> abort token               only before commit; the context becomes FAILED for ever
     import_activate(h)                           after the start token: restores vCPU state, RUNNABLE
+    import_commit_receipt(h) -> receipt          after the start token: the source's proof of commit
 
 Every import failure is the same opaque ``IntegrityError`` and makes the import context FAILED.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import os
 import struct
 import threading
@@ -126,6 +130,7 @@ class _Export:
     session: ExportSession = field(default_factory=ExportSession)
     clean: npt.NDArray[np.bool_] | None = None
     captured: tuple[bytes, bytes] | None = None  # (vCPU, device) state, taken once: the VM stays held paused
+    start_token_digest: bytes | None = None  # what a commit receipt must name: the start token this SP emitted
 
 
 @dataclass(slots=True)
@@ -139,6 +144,7 @@ class _Import:
     ctx: GuestContext | None = None
     handle: GuestHandle | None = None
     states: dict[BundleType, bytes] = field(default_factory=dict)
+    start_token_digest: bytes | None = None  # the start token that committed this import
     scratch: memoryview = field(default_factory=lambda: memoryview(bytearray(wire.MAX_PAGES_PER_BUNDLE * PAGE)))
 
 
@@ -353,7 +359,9 @@ class MigrationFirmware:
             mb, _, iv = exp.session.next_slot(stream, 0, BundleType.START_TOKEN)
             self._sp._set_op_state(handle, OpState.POST_EXPORT)
             meta = wire.pack_start_token_metadata(exp.session_id, total)
-            return self._token(exp, stream, BundleType.START_TOKEN, mb, epoch, iv, meta)
+            token = self._token(exp, stream, BundleType.START_TOKEN, mb, epoch, iv, meta)
+            exp.start_token_digest = hashlib.sha256(token).digest()
+            return token
 
     def export_abort(self, handle: GuestHandle) -> None:
         """Abort before the start token: the guest may run again here. The session keys are destroyed."""
@@ -374,13 +382,24 @@ class MigrationFirmware:
             del self._exports[handle]
             self._sp._set_op_state(handle, OpState.RUNNABLE)
 
-    def export_finish(self, handle: GuestHandle) -> None:
-        """The destination confirmed it committed: destroy the source context (SNP_DECOMMISSION)."""
+    def export_finish(self, handle: GuestHandle, receipt: bytes) -> None:
+        """The destination proved it committed: destroy the source context (SNP_DECOMMISSION).
+
+        The proof is the destination firmware's commit receipt, MAC'd under K_b and naming this session and
+        the start token this SP emitted; nothing the untrusted hosts say in plaintext can stand in for it.
+        Without a valid receipt the source stays frozen (recoverable): one opaque ``IntegrityError``.
+        """
         with self._lock:
             exp = self._export(handle, ExportOpState.POST_EXPORT)
+            if (
+                exp.k_b is None
+                or exp.start_token_digest is None
+                or not _check_commit_receipt(exp.k_b, exp.session_id, exp.start_token_digest, receipt)
+            ):
+                raise IntegrityError()
             exp.session.decommission()
             del self._exports[handle]
-        self._sp.decommission(handle)
+            self._sp._decommission_migrated(handle)
 
     def export_status(self, handle: GuestHandle) -> str:
         with self._lock:
@@ -485,6 +504,7 @@ class MigrationFirmware:
             rules.accept_bundle(header.stream, kind, 0)
             if not rules.commit(total):
                 raise IntegrityError()
+            imp.start_token_digest = hashlib.sha256(buf[: header.size]).digest()
             self._commit(imp)
         else:
             raise IntegrityError()
@@ -595,6 +615,14 @@ class MigrationFirmware:
             imp.ctx.op_state = OpState.RUNNABLE
             return imp.handle
 
+    def import_commit_receipt(self, ref: int) -> bytes:
+        """The proof of commit for the source (after the start token verified); the same bytes every time."""
+        with self._lock:
+            imp = self._import(ref)
+            if not imp.rules.committed or imp.k_b is None or imp.start_token_digest is None:
+                raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, f"import is {imp.rules.state.value}")
+            return _make_commit_receipt(imp.k_b, imp.session_id, imp.start_token_digest)
+
     def import_abort(self, ref: int) -> bytes:
         """Give up before commit: FAILED for ever, and an abort token that lets the source resume."""
         with self._lock:
@@ -615,28 +643,70 @@ class MigrationFirmware:
             handle = imp.handle
             del self._imports[ref]
         if handle is not None:
-            self._sp.decommission(handle)
+            self._sp._decommission_migrated(handle)
+
+    def forget(self, handle: GuestHandle) -> None:
+        """A decommissioned RUNNABLE guest's prepared (never started) export session goes with it."""
+        with self._lock:
+            exp = self._exports.get(handle)
+            if exp is not None and exp.session.state is ExportOpState.RUNNABLE:
+                del self._exports[handle]
 
 
 def _make_abort_token(k_b: bytes, session_id: bytes, reason: int) -> bytes:
     meta = wire.pack_abort_token_metadata(session_id, reason)
-    size = wire.HEADER_SIZE + len(meta) + wire.MAC_SIZE
-    head = BundleHeader(
-        size=size, stream=wire.BACKWARD_STREAM, type=BundleType.ABORT_TOKEN, mb_counter=0, epoch=0, iv_counter=0
-    ).to_bytes()
-    return head + meta + AESGCM(k_b).encrypt(wire.gcm_iv(0, wire.BACKWARD_STREAM), b"", head + meta)
+    return _backward_token(k_b, BundleType.ABORT_TOKEN, _ABORT_IV_COUNTER, meta)
 
 
 def _check_abort_token(k_b: bytes, session_id: bytes, token: bytes) -> bool:
+    meta = _open_backward_token(k_b, BundleType.ABORT_TOKEN, _ABORT_IV_COUNTER, token)
+    try:
+        return meta is not None and hmac.compare_digest(wire.parse_abort_token_metadata(meta)[0], session_id)
+    except AbiError:
+        return False
+
+
+_ABORT_IV_COUNTER = 0
+_RECEIPT_IV_COUNTER = 1  # the two backward-key tokens never share a GCM nonce under K_b
+
+
+def _backward_token(k_b: bytes, kind: BundleType, iv_counter: int, meta: bytes) -> bytes:
+    size = wire.HEADER_SIZE + len(meta) + wire.MAC_SIZE
+    head = BundleHeader(
+        size=size, stream=wire.BACKWARD_STREAM, type=kind, mb_counter=0, epoch=0, iv_counter=iv_counter
+    ).to_bytes()
+    return head + meta + AESGCM(k_b).encrypt(wire.gcm_iv(iv_counter, wire.BACKWARD_STREAM), b"", head + meta)
+
+
+def _make_commit_receipt(k_b: bytes, session_id: bytes, start_token_digest: bytes) -> bytes:
+    meta = wire.pack_commit_receipt_metadata(session_id, start_token_digest)
+    return _backward_token(k_b, BundleType.COMMIT_RECEIPT, _RECEIPT_IV_COUNTER, meta)
+
+
+def _check_commit_receipt(k_b: bytes, session_id: bytes, start_token_digest: bytes, receipt: bytes) -> bool:
+    meta = _open_backward_token(k_b, BundleType.COMMIT_RECEIPT, _RECEIPT_IV_COUNTER, receipt)
+    try:
+        if meta is None:
+            return False
+        sid, digest = wire.parse_commit_receipt_metadata(meta)
+    except AbiError:
+        return False
+    return hmac.compare_digest(sid, session_id) and hmac.compare_digest(digest, start_token_digest)
+
+
+def _open_backward_token(k_b: bytes, kind: BundleType, iv_counter: int, token: bytes) -> bytes | None:
+    """The metadata of a backward-key token of ``kind`` whose MAC verifies under K_b, else None."""
     try:
         header = BundleHeader.from_bytes(token)
-        if header.type is not BundleType.ABORT_TOKEN or header.stream != wire.BACKWARD_STREAM:
-            return False
-        if header.size != len(token):
-            return False
-        head, meta, mac = token[: wire.HEADER_SIZE], token[wire.HEADER_SIZE : -wire.MAC_SIZE], token[-wire.MAC_SIZE :]
-        AESGCM(k_b).decrypt(wire.gcm_iv(header.iv_counter, header.stream), mac, head + meta)
-        sid, _reason = wire.parse_abort_token_metadata(meta)
-        return sid == session_id
-    except (AbiError, InvalidTag, ValueError):
-        return False
+    except AbiError:
+        return None
+    if header.type is not kind or header.stream != wire.BACKWARD_STREAM or header.iv_counter != iv_counter:
+        return None
+    if header.size != len(token) or (header.mb_counter, header.epoch) != (0, 0):
+        return None
+    head, meta, mac = token[: wire.HEADER_SIZE], token[wire.HEADER_SIZE : -wire.MAC_SIZE], token[-wire.MAC_SIZE :]
+    try:
+        AESGCM(k_b).decrypt(wire.gcm_iv(iv_counter, wire.BACKWARD_STREAM), mac, head + meta)
+    except (InvalidTag, ValueError):
+        return None
+    return meta

@@ -400,7 +400,6 @@ class HostDaemon:
                     "vm": name,
                     "policy": policy,
                     "ranges": ranges["ranges"],
-                    "secrets_gpa": ranges["secrets_gpa"],
                     "host_data": host_data.hex(),
                 },
             )[0]
@@ -671,7 +670,8 @@ class HostDaemon:
 
         def events(kind: str, data: dict[str, Any]) -> None:
             # A verdict is persisted before it is published, so /outcome survives a daemon restart.
-            self.recovery.incoming_event(record, mig_id, kind, data, receiver.abort_token)
+            token = receiver.commit_receipt if kind == "MigrationCommitted" else receiver.abort_token
+            self.recovery.incoming_event(record, mig_id, kind, data, token)
             self.events.publish(kind, data, subject=name)
 
         receiver = Receiver(

@@ -8,8 +8,9 @@ Source, at start-up (``resolve_export``), by the export op-state of each re-atta
                                  commit without the start token)
     POST_EXPORT                  the start token may be out: stay stopped, ask the destination's
                                  GET /v1/migrations/{id}/outcome (persisted in meta.json ``pending_recovery``)
-                                 until it answers — committed: export_finish + stop;  aborted: apply the
-                                 abort token (the firmware checks its MAC under K_b) + resume
+                                 until it answers — committed: export_finish with the destination's
+                                 commit receipt + stop;  aborted: apply the abort token + resume (the
+                                 firmware checks either token's MAC under K_b; no plaintext verdict counts)
     RUNNABLE                     a prepared or aborted session: destroy it; make sure the VM runs
     guest gone                   export_finish happened: the VM lives on the destination
 
@@ -230,9 +231,10 @@ class Recovery:
         platform = self.daemon.platform_client()
         handle = {"handle": record.handle}
         state = outcome.get("state")
-        if state == "committed":
-            with contextlib.suppress(CvmError):
-                platform.call("export_finish", handle)
+        if state == "committed" and isinstance(outcome.get("token"), str):
+            # The commit receipt: the firmware decommissions only if it verifies under K_b (else it raises).
+            receipt = base64.b64decode(str(outcome["token"]), validate=True)
+            platform.call("export_finish", handle, receipt)
             self._stats(record, MigrationStatus.COMPLETED, "running on destination")
             self._event("MigrationRecovered", record, outcome="committed")
             self._migrated(record)
@@ -256,11 +258,13 @@ class Recovery:
             status = None  # no import context: the session never reached the MA, or it was discarded
         state = None if status is None else str(status["state"])
         if state == "POST_IMPORT":
-            record.handle = int(platform.call("import_activate", {"vm": record.name})[0]["handle"])
-            self._committed(record, mig_id, "activated after restart")
+            result, receipt, _ = platform.call("import_activate", {"vm": record.name})
+            record.handle = int(result["handle"])
+            self._committed(record, mig_id, "activated after restart", receipt)
         elif state == "RUNNABLE":
             record.handle = int(status["handle"]) if status else None
-            self._committed(record, mig_id, "running")
+            receipt = platform.call("import_commit_receipt", {"vm": record.name})[1]
+            self._committed(record, mig_id, "running", receipt)
         else:
             token: bytes | None = None
             if state in _IMPORTING:
@@ -278,9 +282,9 @@ class Recovery:
                 self.daemon.vms.pop(record.name, None)
             self._event("MigrationAbortedAfterRestart", record, migration=mig_id, op_state=state, token=bool(token))
 
-    def _committed(self, record: VmRecord, mig_id: str, how: str) -> None:
+    def _committed(self, record: VmRecord, mig_id: str, how: str, receipt: bytes) -> None:
         if mig_id:
-            self.store.put(mig_id, record.name, "committed")
+            self.store.put(mig_id, record.name, "committed", receipt)
         if record.client is not None:
             self._resume(record)
         record.state = "running" if record.client is not None else "lost"
@@ -290,7 +294,7 @@ class Recovery:
     def incoming_event(self, record: VmRecord, mig_id: str, kind: str, data: dict[str, Any], token: Any) -> None:
         """Persist a verdict the moment the receiver reaches it (before anyone is told)."""
         if kind == "MigrationCommitted":
-            self.store.put(mig_id, record.name, "committed")
+            self.store.put(mig_id, record.name, "committed", token if isinstance(token, bytes) else None)
             record.handle = int(data["handle"]) if data.get("handle") is not None else record.handle
             record.state = "running"
             self.daemon._save(record)

@@ -75,6 +75,7 @@ class Receiver:
         self._phases: dict[str, float] = {}  # the switchover as this side saw it (ms), reported to the source
         self.failed = threading.Event()
         self.abort_token: bytes | None = None
+        self.commit_receipt: bytes | None = None  # the destination firmware's proof of commit, for the source
         self.handle: int | None = None
         self.resumed_at = 0.0
         self.done = threading.Event()
@@ -245,7 +246,7 @@ class Receiver:
         """The start token verified: the destination owns the VM now."""
         self.committed.set()
         t0 = time.monotonic()
-        result, _, _ = self.platform.call("import_activate", {"vm": self.stats.vm})
+        result, self.commit_receipt, _ = self.platform.call("import_activate", {"vm": self.stats.vm})
         self.handle = int(result["handle"])
         self._phases["activated"] = (time.monotonic() - t0) * 1000
         self.vm.call("resume")
@@ -253,7 +254,8 @@ class Receiver:
         self._phases["resumed"] = (self.resumed_at - t0) * 1000
         self.stats.status = MigrationStatus.COMPLETED
         self.stats.outcome = "running on destination"
-        self._send_control({"type": "committed", "handle": self.handle, "phases": self._phases})
+        receipt = base64.b64encode(self.commit_receipt).decode()
+        self._send_control({"type": "committed", "handle": self.handle, "phases": self._phases, "receipt": receipt})
         self.emit("MigrationCommitted", {"id": self.stats.id, "vm": self.stats.vm, "handle": self.handle})
 
     # -- failure -----------------------------------------------------------------------------------
@@ -313,7 +315,13 @@ class Receiver:
     def outcome(self) -> dict[str, Any]:
         """What a source daemon that lost the connection may ask: committed, or failed with the abort token."""
         if self.committed.is_set():
-            return {"state": "committed"}
+            receipt = self.commit_receipt
+            if receipt is None:  # committed, activation failed: the firmware still proves the commit
+                with contextlib.suppress(CvmError):
+                    receipt = self.platform.call("import_commit_receipt", {"vm": self.stats.vm})[1]
+            if receipt is None:
+                return {"state": "in-progress"}
+            return {"state": "committed", "token": base64.b64encode(receipt).decode()}
         if self.failed.is_set() and self.abort_token is not None:
             return {"state": "aborted", "token": base64.b64encode(self.abort_token).decode()}
         return {"state": "in-progress"}

@@ -9,7 +9,8 @@
              the vCPUs when rounds stop shrinking
     DEVICE   pause ─► export_pause (the firmware holds the VM) ─► final dirty pages ─► vCPU, device and
              mutable state ─► start token (point of no return) ─► wait for the destination's verdict
-    verdict  committed ─► export_finish, the source VM is gone;  abort token ─► resume here;
+    verdict  commit receipt ─► export_finish (the firmware verifies it under K_b), the source VM is gone;
+             abort token ─► resume here (verified the same way);
              nothing (destination lost) ─► stay stopped and keep asking (never resume without a token)
 
 Before the start token any failure aborts locally and the VM resumes on the source.
@@ -336,7 +337,9 @@ class Sender:
                 for name, ms in phases.items():
                     if isinstance(ms, int | float):
                         s.downtime_phases[f"destination-{name}"] = float(ms)
-            self.platform.call("export_finish", {"handle": self.handle})
+            # Only the destination firmware's receipt ends the source: a forged or missing one is refused by
+            # this firmware (IntegrityError) and the VM stays frozen and recoverable, never decommissioned.
+            self.platform.call("export_finish", {"handle": self.handle}, _token(message.get("receipt")))
             s.total_ms = s.elapsed_ms()  # before the status: a reader of "completed" sees its total-time
             s.status = MigrationStatus.COMPLETED
             s.outcome = "running on destination"
@@ -345,8 +348,7 @@ class Sender:
                 self.vm.call("stop")
             return
         if verdict == "aborted":
-            token = base64.b64decode(str(message.get("token", "")))
-            self.platform.call("export_abort_with_token", {"handle": self.handle}, token)
+            self.platform.call("export_abort_with_token", {"handle": self.handle}, _token(message.get("token")))
             self.vm.call("resume")
             raise Aborted(f"destination aborted the import: {message.get('reason', 'unknown reason')}")
         raise ProtocolError(f"unknown verdict {verdict!r}")
@@ -391,6 +393,15 @@ class _suppress:
 
     def __exit__(self, *exc: object) -> bool:
         return exc[0] is not None and isinstance(exc[1], (CvmError, OSError))
+
+
+def _token(value: Any) -> bytes:
+    """A backward-key token (commit receipt or abort token) from a control message; its MAC is the firmware's
+    to check, so anything undecodable becomes bytes that fail that check."""
+    try:
+        return base64.b64decode(str(value or ""), validate=True)
+    except ValueError:
+        return b""
 
 
 def _agent_error(result: dict[str, Any]) -> CvmError:

@@ -90,6 +90,7 @@ class EvilSource:
         *,
         options: MigrationOptions,
         platform_call: CallHook | None = None,
+        vm_call: CallHook | None = None,
         vm_answer: AnswerHook | None = None,
         hardware_vm: str | None = None,
     ) -> None:
@@ -99,6 +100,7 @@ class EvilSource:
         self.destination = destination
         self.options = options
         self.platform_call = platform_call
+        self.vm_call = vm_call
         self.vm_answer = vm_answer
         self._endpoints: list[Endpoint] = []
 
@@ -126,7 +128,7 @@ class EvilSource:
         vm_ep = connect_unix(str(control), name=f"evil-daemon->vm-{self.hardware_vm}")
         self._endpoints += [platform_ep, vm_ep]
         platform = PlatformClient(cast(Endpoint, HookedEndpoint(platform_ep, call=self.platform_call)))
-        vm = VmClient(self.vm, cast(Endpoint, HookedEndpoint(vm_ep, answer=self.vm_answer)))
+        vm = VmClient(self.vm, cast(Endpoint, HookedEndpoint(vm_ep, call=self.vm_call, answer=self.vm_answer)))
         stats = MigrationStats(id=mig_id, vm=self.vm, source=self.source.name, destination=self.destination.name)
         sender = Sender(
             stats=stats,

@@ -21,6 +21,7 @@ from cvmotion.vmm.memory import GuestMemory
 __all__ = [
     "BOOT_INFO_END",
     "BOOT_INFO_GPA",
+    "SECRETS_PAGE_GPA",
     "BootInfo",
     "KernelImage",
     "Segment",
@@ -31,6 +32,9 @@ __all__ = [
 
 PARAVISOR_START = 0x6000  # paravisor state page (0x6000) and SNP secrets page (0x7000)
 PARAVISOR_END = 0x8000
+# The SNP secrets page: fixed, so the launch measures it at one known GPA and a host cannot have the SP write
+# it over any other page.
+SECRETS_PAGE_GPA = PARAVISOR_START + 0x1000
 BOOT_INFO_GPA = 0x9000  # MBI, memory map, loader name, command line: two pages of conventional memory
 BOOT_INFO_END = 0xB000
 EBDA_START = 0x9FC00  # conventional memory ends where a PC's extended BIOS data area begins

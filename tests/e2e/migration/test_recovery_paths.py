@@ -24,6 +24,8 @@ from cvmotion.host.recovery import OutcomeStore, Recovery
 from cvmotion.migration.stats import MigrationStats, MigrationStatus
 
 TOKEN = b"\x18" * 64
+RECEIPT = b"\x19" * 88  # the destination firmware's commit receipt (its MAC is the fake's to check)
+B64_RECEIPT = base64.b64encode(RECEIPT).decode()
 
 
 class FakePlatform:
@@ -47,7 +49,15 @@ class FakePlatform:
             return {}, TOKEN, []
         if method == "import_activate":
             self.import_state = "RUNNABLE"
-            return {"handle": 7}, b"", []
+            return {"handle": 7}, RECEIPT, []
+        if method == "import_commit_receipt":
+            if self.import_state not in ("POST_IMPORT", "RUNNABLE"):
+                raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, "not committed")
+            return {}, RECEIPT, []
+        if method == "export_finish":
+            if blob != RECEIPT:
+                raise IntegrityError()
+            self.guest = False
         if method == "guest_info":
             if not self.guest:
                 raise FirmwareError(FirmwareStatus.INVALID_GUEST, "no guest")
@@ -136,7 +146,7 @@ def test_committed_but_not_activated_import_is_activated(tmp_path: Path) -> None
     assert "import_abort" not in platform.calls
     assert "resume" in vm.calls
     assert (record.state, record.handle) == ("running", 7)
-    assert recovery.store.outcome("abc123") == {"state": "committed"}
+    assert recovery.store.outcome("abc123") == {"state": "committed", "token": B64_RECEIPT}
 
 
 def test_running_import_stays(tmp_path: Path) -> None:
@@ -147,7 +157,7 @@ def test_running_import_stays(tmp_path: Path) -> None:
     assert "resume" not in vm.calls
     assert "import_abort" not in platform.calls
     assert record.state == "running"
-    assert recovery.store.outcome("abc123") == {"state": "committed"}
+    assert recovery.store.outcome("abc123") == {"state": "committed", "token": B64_RECEIPT}
 
 
 def test_import_without_a_context_fails_without_a_token(tmp_path: Path) -> None:
@@ -160,9 +170,9 @@ def test_import_without_a_context_fails_without_a_token(tmp_path: Path) -> None:
 def test_a_verdict_never_changes(tmp_path: Path) -> None:
     store = OutcomeStore(tmp_path / "incoming")
     store.put("m1", "vm1", "in-progress")
-    store.put("m1", "vm1", "committed")
+    store.put("m1", "vm1", "committed", RECEIPT)
     store.put("m1", "vm1", "aborted", TOKEN)
-    assert store.outcome("m1") == {"state": "committed"}
+    assert store.outcome("m1") == {"state": "committed", "token": B64_RECEIPT}
     with pytest.raises(NotFound):
         store.outcome("m2")
     with pytest.raises(NotFound):
@@ -197,7 +207,9 @@ def test_frozen_source_waits_and_rejects_a_forged_verdict(tmp_path: Path, monkey
     answers = [
         {"state": "in-progress"},
         {"state": "aborted", "token": base64.b64encode(b"forged").decode()},
-        {"state": "committed"},
+        {"state": "committed"},  # a plaintext verdict with no proof: no answer
+        {"state": "committed", "token": base64.b64encode(b"forged receipt").decode()},
+        {"state": "committed", "token": B64_RECEIPT},
     ]
     monkeypatch.setattr(recovery_module, "_POLL_FIRST", 0.001)
     monkeypatch.setattr(
@@ -214,7 +226,7 @@ def test_frozen_source_waits_and_rejects_a_forged_verdict(tmp_path: Path, monkey
     assert record.state == "migrated"
     assert "resume" not in vm.calls  # never ran again: neither on its own nor on the forged token
     assert platform.calls.count("export_abort_with_token") == 1
-    assert "export_finish" in platform.calls
+    assert platform.calls.count("export_finish") == 2  # the forged receipt refused, then the real one
     assert (stats.status, stats.outcome) == (MigrationStatus.COMPLETED, "running on destination")
     assert "MigrationRecoveryRejected" in _kinds(recovery)
 

@@ -72,9 +72,54 @@ def test_honest_migration_moves_memory_context_and_keys(session: Session) -> Non
     # VMRK-rooted keys survive the move (sealed data stays readable).
     req = ch.key_request(KeyReq(root_key=RootKey.VMRK))
     assert KeyRsp.from_bytes(ch.open_response(s.dst_sp.guest_request(handle, req))).derived_key == vmrk_key_before
-    s.src.sp.migration.export_finish(s.src.handle)
+    s.src.sp.migration.export_finish(s.src.handle, s.dst_sp.migration.import_commit_receipt(s.ref))
     with pytest.raises(FirmwareError):
         s.src.sp.guest_request(s.src.handle, req)
+
+
+def test_source_decommissions_only_on_the_destinations_commit_receipt(session: Session) -> None:
+    s = session
+    s.run_precopy(random.Random(5))
+    s.switchover()
+    s.deliver()
+    assert _dst_committed(s)
+    receipt = s.dst_sp.migration.import_commit_receipt(s.ref)
+    assert receipt == s.dst_sp.migration.import_commit_receipt(s.ref)  # the same proof each time it is asked
+    src = s.src.sp.migration
+    forged = [
+        b"",
+        b"committed",
+        _flip(receipt, len(receipt) - 1),  # the MAC
+        _flip(receipt, 24),  # the session id
+        _flip(receipt, 24 + 16),  # the start token digest
+        _flip(receipt, 6),  # the type: an abort-shaped header
+    ]
+    for bad in forged:
+        with pytest.raises(IntegrityError):
+            src.export_finish(s.src.handle, bad)
+        assert src.export_status(s.src.handle) == "POST_EXPORT"  # frozen and recoverable, not destroyed
+    # Neither plaintext verdicts nor the host's own DECOMMISSION destroy the only recoverable copy.
+    with pytest.raises(FirmwareError, match="POST_EXPORT"):
+        s.src.sp.decommission(s.src.handle)
+    src.export_finish(s.src.handle, receipt)
+    assert src.export_status(s.src.handle) == "RUNNABLE"  # no session left: the context is gone
+    with pytest.raises(FirmwareError):
+        s.src.sp.guest_info(s.src.handle)
+
+
+def test_no_commit_receipt_before_the_start_token(session: Session) -> None:
+    s = session
+    s.run_precopy(random.Random(6))
+    s.deliver()
+    with pytest.raises(FirmwareError, match="MEMORY_IMPORT|STATE_IMPORT"):
+        s.dst_sp.migration.import_commit_receipt(s.ref)
+
+
+def test_host_cannot_decommission_a_guest_that_is_being_exported(session: Session) -> None:
+    s = session
+    s.run_precopy(random.Random(7))
+    with pytest.raises(FirmwareError, match="LIVE_EXPORT"):
+        s.src.sp.decommission(s.src.handle)
 
 
 def test_start_token_refused_while_a_page_is_dirty(session: Session) -> None:
