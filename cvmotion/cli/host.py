@@ -42,7 +42,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         metavar="HOST:PORT",
         help="address sources should dial for migrations (default: the listener)",
     )
+    fleet = serve.add_argument_group("fleet controller (optional)")
+    fleet.add_argument("--controller", metavar="URL", help="register with this fleet controller and heartbeat")
+    fleet.add_argument("--controller-token", help="registration token (role Host; default $CVMOTION_HOST_TOKEN)")
+    fleet.add_argument("--region", default="local")
+    fleet.add_argument("--zone", default="")
+    fleet.add_argument("--capacity-vcpus", type=int, default=96, help="vCPUs this host offers the fleet")
+    fleet.add_argument("--capacity-gib", type=int, default=768, help="GiB of guest memory this host offers")
     serve.set_defaults(handler=_serve)
+    from cvmotion.cli.fleet_host import register_host_list
+
+    register_host_list(verbs)
     host.set_defaults(handler=lambda _a: _usage(host))
 
 
@@ -99,8 +109,13 @@ def _serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     server = uvicorn.Server(uvicorn.Config(create_app(daemon), log_level="warning", lifespan="off", access_log=False))
+    from cvmotion.cli.fleet_host import start_registration
+
+    registration = start_registration(daemon, args, url)
     try:
         server.run(sockets=[sock])
     finally:
+        if registration is not None:
+            registration.stop()
         daemon.stop()
     return 0

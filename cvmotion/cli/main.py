@@ -25,7 +25,10 @@ EXIT_POLICY = 5
 
 # Verb groups, each a module in this package exposing ``register(subparsers)``. Imported lazily inside
 # handlers, so `cvmotion --help` does not pay for unicorn, uvicorn or cryptography.
-_GROUPS = ("attest", "platform", "vm", "host", "migrate", "attestation", "demo", "kds", "pool")
+_GROUPS = (
+    "attest", "platform", "vm", "host", "migrate", "attestation", "demo", "kds", "pool",
+    "controller", "policy", "deployment",
+)  # fmt: skip
 
 Handler = Callable[[argparse.Namespace], int]
 

@@ -1,4 +1,8 @@
-"""cli layer: ``cvmotion vm create|list|show|delete|kv|console --host URL`` — VMs on a running host daemon."""
+"""cli layer: ``cvmotion vm create|list|show|delete|kv|console --host URL`` — VMs on a running host daemon.
+
+With ``--controller URL``/``--resource-group RG`` the same verbs go through the fleet controller instead
+(``cli.fleet_vm``), where ``--host NAME`` pins the VM to a registered host.
+"""
 
 from __future__ import annotations
 
@@ -7,18 +11,24 @@ import base64
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from cvmotion.cli import fleet_vm
 from cvmotion.cli._http import api
 from cvmotion.errors import UsageError
 
 __all__ = ["register_fleet_verbs"]
 
+Handler = Callable[[argparse.Namespace], int]
+
 
 def register_fleet_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     create = verbs.add_parser("create", help="launch a confidential VM on a host daemon; returns when it runs")
-    create.add_argument("--host", required=True, metavar="HOST_URL", help="host API, e.g. http://127.0.0.1:8701")
+    create.add_argument(
+        "--host", metavar="HOST", help="host API URL, e.g. http://127.0.0.1:8701 (with --controller: a host to pin to)"
+    )
     create.add_argument("--name", required=True)
     create.add_argument("--image", required=True, help="memdirty | kvstore | probe | PATH")
     size = create.add_mutually_exclusive_group(required=True)
@@ -30,22 +40,32 @@ def register_fleet_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentPars
     create.add_argument("--migration-policy", type=Path, metavar="FILE", help="canonical MigrationPolicy JSON")
     create.add_argument("--key-name", help="data key the paravisor fetches from the host's key-release service")
     create.add_argument("--json", action="store_true")
-    create.set_defaults(handler=_create)
+    create.add_argument("--confidential-live-migration", choices=("Enabled", "Disabled"), help="controller path")
+    create.add_argument("--location", help="controller path: the VM's location (default 'local')")
+    fleet_vm.add_shared(create)
+    create.set_defaults(handler=_via_controller(_create, fleet_vm.create))
 
     listing = verbs.add_parser("list", help="list the VMs of a host daemon")
-    listing.add_argument("--host", required=True, metavar="HOST_URL")
+    listing.add_argument("--host", metavar="HOST_URL")
     listing.add_argument("--json", action="store_true")
-    listing.set_defaults(handler=_list)
+    fleet_vm.add_shared(listing)
+    listing.set_defaults(handler=_via_controller(_list, fleet_vm.listing))
 
     show = verbs.add_parser("show", help="one VM of a host daemon")
-    show.add_argument("name")
-    show.add_argument("--host", required=True, metavar="HOST_URL")
-    show.set_defaults(handler=_show)
+    show.add_argument("name", nargs="?")
+    show.add_argument("--host", metavar="HOST_URL")
+    show.add_argument("--name", dest="name_flag", help="controller path: the VM's name")
+    show.add_argument("--json", action="store_true")
+    fleet_vm.add_shared(show)
+    show.set_defaults(handler=_via_controller(_show, fleet_vm.show))
 
     delete = verbs.add_parser("delete", help="stop and decommission a VM")
-    delete.add_argument("name")
-    delete.add_argument("--host", required=True, metavar="HOST_URL")
-    delete.set_defaults(handler=_delete)
+    delete.add_argument("name", nargs="?")
+    delete.add_argument("--host", metavar="HOST_URL")
+    delete.add_argument("--name", dest="name_flag", help="controller path: the VM's name")
+    delete.add_argument("--json", action="store_true")
+    fleet_vm.add_shared(delete)
+    delete.set_defaults(handler=_via_controller(_delete, fleet_vm.delete))
 
     kv = verbs.add_parser("kv", help="one kvstore request to a VM (GET/PUT/DELETE through cvm-io)")
     kv.add_argument("name")
@@ -60,9 +80,16 @@ def register_fleet_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentPars
     console.add_argument("--host", required=True, metavar="HOST_URL")
     console.add_argument("--follow", action="store_true", help="keep printing new lines (Ctrl-C to stop)")
     console.set_defaults(handler=_console)
+    fleet_vm.add_controller_verbs(verbs)
 
 
-def _base(url: str) -> str:
+def _via_controller(direct: Handler, controlled: Handler) -> Handler:
+    return lambda args: controlled(args) if fleet_vm.controller_path(args) else direct(args)
+
+
+def _base(url: str | None) -> str:
+    if not url:
+        raise UsageError("give --host HOST_URL (a host daemon), or --controller URL --resource-group RG")
     if not url.startswith(("http://", "https://")):
         raise UsageError(f"--host {url!r}: expected a URL such as http://127.0.0.1:8701")
     return url.rstrip("/")
@@ -113,14 +140,21 @@ def _list(args: argparse.Namespace) -> int:
     return 0
 
 
+def _vm_name(args: argparse.Namespace) -> str:
+    name = args.name or args.name_flag
+    if not name:
+        raise UsageError("give the VM's name")
+    return str(name)
+
+
 def _show(args: argparse.Namespace) -> int:
-    print(json.dumps(api("GET", f"{_base(args.host)}/v1/vms/{args.name}"), indent=2))
+    print(json.dumps(api("GET", f"{_base(args.host)}/v1/vms/{_vm_name(args)}"), indent=2))
     return 0
 
 
 def _delete(args: argparse.Namespace) -> int:
-    api("DELETE", f"{_base(args.host)}/v1/vms/{args.name}")
-    print(f"{args.name}: deleted")
+    api("DELETE", f"{_base(args.host)}/v1/vms/{_vm_name(args)}")
+    print(f"{_vm_name(args)}: deleted")
     return 0
 
 

@@ -1,0 +1,48 @@
+"""control layer: the controller's client of a host daemon's HTTP API (the only way it reaches a host)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+
+from cvmotion.control.errors import HostUnreachable
+from cvmotion.errors import Conflict, CvmError, NotFound, UsageError
+
+__all__ = ["HostApi"]
+
+
+class HostApi:
+    """``method path`` against one host; errors become ``NotFound``/``Conflict``/``UsageError``/``CvmError``."""
+
+    def __init__(self, base_url: str, *, timeout: float = 30.0) -> None:
+        self.base = base_url.rstrip("/")
+        self.timeout = timeout
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
+        try:
+            response = httpx.request(method, self.base + path, json=body, timeout=timeout or self.timeout)
+        except httpx.HTTPError as exc:
+            raise HostUnreachable(f"host {self.base} did not answer {method} {path}: {exc}") from None
+        try:
+            data = response.json()
+        except ValueError:
+            data = {}
+        if response.status_code < 300:
+            return data
+        error = data.get("error", {}) if isinstance(data, dict) else {}
+        message = f"host {self.base}: {error.get('message') or response.text[:300]}"
+        if response.status_code in (404, 307):  # 307: the VM moved away (a completed migration)
+            raise NotFound(message)
+        if response.status_code == 409:
+            raise Conflict(message)
+        if response.status_code < 500:
+            raise UsageError(message)
+        raise CvmError(message)
+
+    def get_vm(self, name: str) -> dict[str, Any] | None:
+        try:
+            vm = self.call("GET", f"/v1/vms/{name}")
+        except NotFound:
+            return None
+        return vm if isinstance(vm, dict) else None

@@ -1,0 +1,159 @@
+"""control layer: the host inventory — registration, heartbeats, availability and reconciliation.
+
+A host registers with its identity and capacity; its name is bound to its chip id from then on (a
+second registration of the name with another chip is refused: 409).  Heartbeats carry the host-side
+names of the VMs it runs.  The leader's sweep marks hosts whose heartbeat is older than the timeout
+``Unavailable`` and compares records with reports: a VM the controller places on a host that does not
+report it gets power state ``unknown`` and an event — it is investigated, never re-created elsewhere.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from cvmotion.control.db import Event, Host, Vm
+from cvmotion.control.placement import Candidate
+from cvmotion.control.resources import HostState, PowerState, ProvisioningState
+from cvmotion.errors import Conflict, NotFound
+
+__all__ = ["Heartbeat", "HostRegistration", "Inventory"]
+
+HOST_TYPE = "Cvmotion.Fabric/hosts"
+
+
+class HostRegistration(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    chip_id: str = Field(min_length=2, max_length=128, pattern=r"^[0-9a-f]+$")
+    product: str = Field(pattern="^(Milan|Genoa|Turin)$")
+    tcb: int = Field(ge=0, lt=1 << 64)
+    tcb_text: str = Field(default="", max_length=128)
+    pool: str = Field(min_length=1, max_length=64)
+    region: str = Field(default="local", max_length=64)
+    zone: str = Field(default="", max_length=16)
+    vcpus: int = Field(ge=1, le=4096)
+    memory_gib: int = Field(ge=1, le=65536)
+    api_url: str = Field(pattern=r"^https?://", max_length=256)
+    migration_address: str = Field(max_length=256)
+    vms: list[str] = Field(default_factory=list, max_length=4096)
+
+
+class Heartbeat(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    vms: list[str] = Field(default_factory=list, max_length=4096)
+
+
+class Inventory:
+    def __init__(self, heartbeat_timeout: float) -> None:
+        self.heartbeat_timeout = heartbeat_timeout
+
+    def register(self, session: Session, body: HostRegistration) -> dict[str, Any]:
+        row = session.get(Host, body.name, with_for_update=True)
+        now = time.time()
+        if row is not None and row.chip_id != body.chip_id:
+            raise Conflict(
+                f"host {body.name!r} is registered with chip {row.chip_id[:16]}..., not {body.chip_id[:16]}...:"
+                " a host name stays bound to its chip (remove the record to re-use the name)"
+            )
+        if row is None:
+            row = Host(name=body.name, chip_id=body.chip_id, registered_at=now)
+            session.add(row)
+        fields = body.model_dump(exclude={"name", "chip_id", "vms"})
+        for key, value in fields.items():
+            setattr(row, key, value)
+        row.state = HostState.AVAILABLE
+        row.last_heartbeat = now
+        row.reported_vms = sorted(body.vms)
+        session.add(Event(type="HostRegistered", subject=f"/providers/{HOST_TYPE}/{body.name}", data=fields))
+        session.flush()
+        return self.resource(session, row)
+
+    def heartbeat(self, session: Session, name: str, body: Heartbeat) -> dict[str, Any]:
+        row = session.get(Host, name, with_for_update=True)
+        if row is None:
+            raise NotFound(f"host {name!r} is not registered")
+        row.last_heartbeat = time.time()
+        row.reported_vms = sorted(body.vms)
+        if row.state is not HostState.AVAILABLE:
+            row.state = HostState.AVAILABLE
+            session.add(Event(type="HostAvailable", subject=f"/providers/{HOST_TYPE}/{name}", data={}))
+        return {"name": name, "state": row.state.value}
+
+    def sweep(self, session: Session, now: float | None = None) -> list[str]:
+        """Mark silent hosts Unavailable and flag VMs their hosts do not report; returns what changed."""
+        now = time.time() if now is None else now
+        changed: list[str] = []
+        for row in session.scalars(select(Host).where(Host.state == HostState.AVAILABLE)):
+            if now - row.last_heartbeat > self.heartbeat_timeout:
+                row.state = HostState.UNAVAILABLE
+                changed.append(row.name)
+                session.add(Event(type="HostUnavailable", subject=f"/providers/{HOST_TYPE}/{row.name}", data={}))
+        reported = {h.name: set(h.reported_vms) for h in session.scalars(select(Host))}
+        settled = select(Vm).where(Vm.provisioning_state == ProvisioningState.SUCCEEDED, Vm.host.is_not(None))
+        for vm in session.scalars(settled):
+            present = vm.host_vm_name in reported.get(vm.host or "", set())
+            if not present and vm.power_state is PowerState.RUNNING:
+                vm.power_state = PowerState.UNKNOWN
+                vm.status_message = f"host {vm.host} does not report this VM; under investigation"
+                session.add(Event(type="VmMissingOnHost", subject=vm.id, data={"host": vm.host}))
+                changed.append(vm.id)
+            elif present and vm.power_state is PowerState.UNKNOWN:
+                vm.power_state = PowerState.RUNNING
+                vm.status_message = ""
+                changed.append(vm.id)
+        return changed
+
+    def candidates(self, session: Session) -> list[Candidate]:
+        usage = {
+            host: (vcpus or 0, mem or 0, count)
+            for host, vcpus, mem, count in session.execute(
+                select(Vm.host, func.sum(Vm.vcpus), func.sum(Vm.memory_gib), func.count())
+                .where(Vm.host.is_not(None))
+                .group_by(Vm.host)
+            )
+        }
+        out = []
+        for h in session.scalars(select(Host).order_by(Host.name)):
+            used = usage.get(h.name, (0, 0, 0))
+            out.append(
+                Candidate(h.name, h.pool, h.product, h.tcb, h.state, h.vcpus, h.memory_gib, used[0], used[1], used[2])
+            )
+        return out
+
+    def resource(self, session: Session, row: Host) -> dict[str, Any]:
+        return {
+            "id": f"/providers/{HOST_TYPE}/{row.name}",
+            "name": row.name,
+            "type": HOST_TYPE,
+            "location": row.region,
+            "properties": {
+                "state": row.state.value,
+                "pool": row.pool,
+                "zone": row.zone,
+                "product": row.product,
+                "chipId": row.chip_id,
+                "reportedTcb": row.tcb,
+                "reportedTcbText": row.tcb_text,
+                "capacity": {"vcpus": row.vcpus, "memoryGiB": row.memory_gib},
+                "apiUrl": row.api_url,
+                "migrationAddress": row.migration_address,
+                "lastHeartbeat": row.last_heartbeat,
+                "reportedVms": row.reported_vms,
+            },
+        }
+
+    def list_hosts(self, session: Session) -> list[dict[str, Any]]:
+        return [self.resource(session, h) for h in session.scalars(select(Host).order_by(Host.name))]
+
+    def get(self, session: Session, name: str) -> Host:
+        row = session.get(Host, name)
+        if row is None:
+            raise NotFound(f"host {name!r} is not registered")
+        return row

@@ -1,0 +1,1 @@
+"""control layer: the schema revisions, oldest first."""

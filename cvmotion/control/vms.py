@@ -1,0 +1,303 @@
+"""control layer: VM resources — create, update, delete and move requests become rows and operations.
+
+A request is judged in one transaction: schema, size, policy (a ``deny`` is a 403 naming the
+assignment), placement (the host is chosen and its capacity taken here, so ``--host`` that cannot take
+the VM is refused at once), then the VM row and its operation row are written together.  The worker
+(``control.worker``) carries the operation out against the host's API.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from cvmotion.control.db import Event, Host, Operation, ResourceGroup, Vm
+from cvmotion.control.errors import InvalidRequest, RequestDisallowedByPolicy
+from cvmotion.control.inventory import Inventory
+from cvmotion.control.operations import OperationKind, Step
+from cvmotion.control.placement import Demand, NoHost, choose_host
+from cvmotion.control.policy_store import PolicyStore
+from cvmotion.control.resources import (
+    VM_TYPE,
+    ClmSetting,
+    HostState,
+    PowerState,
+    ProvisioningState,
+    VmPatch,
+    VmPut,
+    check_name,
+    host_vm_name,
+    rg_id,
+    vm_id,
+)
+from cvmotion.errors import Conflict, NotFound, UsageError
+from cvmotion.vmm.layout import GIB
+from cvmotion.vmm.sku import find_sku
+
+__all__ = ["VmService"]
+
+_BUSY = (ProvisioningState.CREATING, ProvisioningState.DELETING, ProvisioningState.MIGRATING)
+
+
+def policy_doc(vm: Vm, *, host_pool: str | None = None, host: str | None = None) -> dict[str, Any]:
+    """The ARM body policy rules see; ``host_pool``/``host`` fill the Cvmotion.Fabric aliases."""
+    props: dict[str, Any] = {
+        "hardwareProfile": {"vmSize": vm.vm_size},
+        "securityProfile": {"securityType": "ConfidentialVM", "confidentialLiveMigration": vm.clm.value},
+        "storageProfile": {"imageReference": {"id": vm.image}},
+        "osProfile": {"cmdline": vm.cmdline, "osType": vm.os_type},
+    }
+    if host_pool is not None:
+        props["extended"] = {"hostPool": host_pool, "hostName": host}
+    return {
+        "id": vm.id,
+        "name": vm.name,
+        "type": VM_TYPE,
+        "location": vm.location,
+        "tags": vm.tags,
+        "properties": props,
+    }
+
+
+class VmService:
+    def __init__(self, policy: PolicyStore, inventory: Inventory) -> None:
+        self.policy = policy
+        self.inventory = inventory
+
+    # -- lookups -----------------------------------------------------------------------------------
+
+    def get(self, session: Session, sub: str, rg: str, name: str, *, lock: bool = False) -> Vm:
+        row = session.get(Vm, vm_id(sub, rg, name).lower(), with_for_update=lock)
+        if row is None:
+            raise NotFound(f"virtual machine {name!r} does not exist in resource group {rg!r}")
+        return row
+
+    def list_vms(self, session: Session, sub: str, rg: str | None) -> list[Vm]:
+        query = select(Vm).where(Vm.subscription == sub).order_by(Vm.id)
+        if rg is not None:
+            query = query.where(Vm.resource_group == rg_id(sub, rg).lower())
+        return list(session.scalars(query))
+
+    def _ensure_rg(self, session: Session, sub: str, rg: str, location: str) -> str:
+        check_name("subscriptions", sub)
+        check_name("resourceGroups", rg)
+        key = rg_id(sub, rg).lower()
+        if session.get(ResourceGroup, key) is None:
+            session.add(ResourceGroup(id=key, subscription=sub, name=rg, location=location))
+            session.flush()
+        return key
+
+    # -- placement ---------------------------------------------------------------------------------
+
+    def _place(self, session: Session, vm: Vm, *, exclude: str | None = None, pinned: str | None = None) -> Host:
+        assignments = self.policy.in_scope(session, vm.id)
+
+        def pool_allowed(pool: str) -> bool:
+            try:
+                self.policy.judge(session, policy_doc(vm, host_pool=pool), record=False, assignments=assignments)
+            except RequestDisallowedByPolicy:
+                return False
+            return True
+
+        # Rows locked so two replicas placing at once cannot both take the last capacity of a host.
+        session.scalars(select(Host).with_for_update()).all()
+        demand = Demand(
+            vcpus=vm.vcpus,
+            memory_gib=vm.memory_gib,
+            product=vm.placement.get("product"),
+            minimum_tcb=vm.placement.get("minimumTcb"),
+            pinned_host=pinned,
+            exclude=exclude,
+        )
+        try:
+            chosen = choose_host(self.inventory.candidates(session), demand, pool_allowed)
+        except NoHost as exc:
+            raise Conflict(str(exc)) from None
+        return self.inventory.get(session, chosen.name)
+
+    def _bound_pools(self, session: Session, vm: Vm) -> list[str]:
+        """Pools the policy allows today, bound into the VM's migration policy (the agents enforce them)."""
+        pools = sorted(set(session.scalars(select(Host.pool))))
+        assignments = self.policy.in_scope(session, vm.id)
+        allowed = []
+        for pool in pools:
+            try:
+                self.policy.judge(session, policy_doc(vm, host_pool=pool), record=False, assignments=assignments)
+            except RequestDisallowedByPolicy:
+                continue
+            allowed.append(pool)
+        return allowed
+
+    # -- requests ----------------------------------------------------------------------------------
+
+    def _operation(self, session: Session, vm: Vm, kind: OperationKind, step: Step, **fields: Any) -> Operation:
+        op = Operation(
+            id=str(uuid.uuid4()), kind=kind, step=step, resource_id=vm.id, subscription=vm.subscription, **fields
+        )
+        session.add(op)
+        session.add(Event(type=f"{kind.value}Accepted", subject=vm.id, data={"operation": op.id}))
+        return op
+
+    def put(self, session: Session, sub: str, rg: str, name: str, body: VmPut) -> tuple[Vm, Operation | None, bool]:
+        check_name("virtualMachines", name)
+        rid = vm_id(sub, rg, name)
+        existing = session.get(Vm, rid.lower(), with_for_update=True)
+        if existing is not None:
+            return self._update_from_put(session, existing, body), None, False
+        try:
+            sku = find_sku(body.properties.hardware_profile.vm_size)
+        except UsageError as exc:
+            raise InvalidRequest(str(exc)) from None
+        group = self._ensure_rg(session, sub, rg, body.location)
+        props = body.properties
+        vm = Vm(
+            id=rid.lower(),
+            subscription=sub,
+            resource_group=group,
+            name=name,
+            location=body.location,
+            tags=dict(body.tags),
+            vm_size=sku.name,
+            vcpus=sku.vcpus,
+            memory_gib=sku.memory // GIB,
+            image=props.storage_profile.image_reference.id,
+            cmdline=props.os_profile.cmdline,
+            os_type=props.os_profile.os_type,
+            clm=props.security_profile.confidential_live_migration,
+            placement=props.placement.model_dump(by_alias=True, exclude_none=True, exclude={"host"}),
+            provisioning_state=ProvisioningState.CREATING,
+            power_state=PowerState.STARTING,
+            host_vm_name=host_vm_name(rid, name),
+        )
+        self.policy.judge(session, policy_doc(vm))
+        if props.placement.host is not None:
+            # A pinned host is judged like a move's named destination: a deny names the assignment.
+            pinned = self.inventory.get(session, props.placement.host)
+            self.policy.judge(session, policy_doc(vm, host_pool=pinned.pool, host=pinned.name))
+        host = self._place(session, vm, pinned=props.placement.host)
+        vm.host = host.name
+        vm.allowed_pools = self._bound_pools(session, vm) or [host.pool]
+        vm.attestation = {"chipId": host.chip_id, "product": host.product}
+        session.add(vm)
+        op = self._operation(session, vm, OperationKind.CREATE, Step.PLACED, host=host.name)
+        session.flush()
+        return vm, op, True
+
+    def _update_from_put(self, session: Session, vm: Vm, body: VmPut) -> Vm:
+        props = body.properties
+        fixed = {
+            "hardwareProfile.vmSize": (find_sku(props.hardware_profile.vm_size).name, vm.vm_size),
+            "storageProfile.imageReference.id": (props.storage_profile.image_reference.id, vm.image),
+            "osProfile.cmdline": (props.os_profile.cmdline, vm.cmdline),
+            "location": (body.location, vm.location),
+        }
+        changed = [k for k, (new, old) in fixed.items() if new != old]
+        if changed:
+            raise Conflict(f"{', '.join(changed)} cannot change on an existing VM (delete it and create it again)")
+        return self._update(session, vm, props.security_profile.confidential_live_migration, dict(body.tags))
+
+    def patch(self, session: Session, sub: str, rg: str, name: str, body: VmPatch) -> Vm:
+        vm = self.get(session, sub, rg, name, lock=True)
+        sec = body.properties.security_profile if body.properties else None
+        clm = sec.confidential_live_migration if sec and sec.confidential_live_migration else vm.clm
+        return self._update(session, vm, clm, body.tags if body.tags is not None else vm.tags)
+
+    def _update(self, session: Session, vm: Vm, clm: ClmSetting, tags: dict[str, Any]) -> Vm:
+        if vm.provisioning_state in _BUSY:
+            raise Conflict(f"VM {vm.name!r} is {vm.provisioning_state.value}; try again when it settles")
+        before = vm.clm
+        vm.clm, vm.tags = clm, dict(tags)
+        self.policy.judge(session, policy_doc(vm))
+        vm.updated_at = time.time()
+        if before is not clm:
+            session.add(Event(type="VmConfidentialLiveMigrationChanged", subject=vm.id, data={"value": clm.value}))
+        return vm
+
+    def delete(self, session: Session, sub: str, rg: str, name: str) -> Operation | None:
+        vm = self.get(session, sub, rg, name, lock=True)
+        if vm.provisioning_state in (ProvisioningState.DELETING, ProvisioningState.MIGRATING):
+            raise Conflict(f"VM {name!r} is {vm.provisioning_state.value}; try again when it settles")
+        if vm.host is None:
+            session.delete(vm)
+            session.add(Event(type="VmDeleted", subject=vm.id, data={}))
+            return None
+        vm.provisioning_state = ProvisioningState.DELETING
+        return self._operation(session, vm, OperationKind.DELETE, Step.ACCEPTED, host=vm.host)
+
+    def migrate(self, session: Session, sub: str, rg: str, name: str, target: str | None) -> Operation:
+        vm = self.get(session, sub, rg, name, lock=True)
+        reasons = self.ineligible(session, vm, check_destination=False)
+        if reasons:
+            raise Conflict(f"VM {name!r} cannot be live-migrated: {'; '.join(reasons)}")
+        self.policy.judge(session, policy_doc(vm))
+        if target is not None:
+            host = self.inventory.get(session, target)
+            # The named destination is judged like any placement; a deny names the assignment.
+            self.policy.judge(session, policy_doc(vm, host_pool=host.pool, host=host.name))
+        dest = self._place(session, vm, exclude=vm.host, pinned=target)
+        if dest.pool not in vm.allowed_pools:
+            raise Conflict(
+                f"host {dest.name} is in pool {dest.pool!r}, outside the pools bound into the VM at launch"
+                f" {vm.allowed_pools}: its migration agent would refuse it"
+            )
+        vm.provisioning_state = ProvisioningState.MIGRATING
+        return self._operation(session, vm, OperationKind.MIGRATE, Step.ACCEPTED, host=vm.host, target_host=dest.name)
+
+    # -- views -------------------------------------------------------------------------------------
+
+    def ineligible(self, session: Session, vm: Vm, *, check_destination: bool = True) -> list[str]:
+        """Why the VM cannot be live-migrated now (empty: it can), like KubeVirt's LiveMigratable."""
+        reasons = []
+        if vm.clm is ClmSetting.DISABLED:
+            reasons.append("ConfidentialLiveMigrationDisabled: the VM has not opted in")
+        if vm.provisioning_state is not ProvisioningState.SUCCEEDED:
+            reasons.append(f"NotSettled: provisioning state is {vm.provisioning_state.value}")
+        if vm.power_state is not PowerState.RUNNING:
+            reasons.append(f"NotRunning: power state is {vm.power_state.value}")
+        host = session.get(Host, vm.host) if vm.host else None
+        if host is None or host.state is not HostState.AVAILABLE:
+            reasons.append(f"HostUnavailable: host {vm.host} is not available")
+        try:
+            self.policy.judge(session, policy_doc(vm), record=False)
+        except RequestDisallowedByPolicy as exc:
+            reasons.append(f"DisallowedByPolicy: assignment {exc.assignment.rsplit('/', 1)[-1]}")
+        if check_destination and not reasons:
+            try:
+                self._place(session, vm, exclude=vm.host)
+            except Conflict as exc:
+                reasons.append(f"NoDestination: {exc}")
+        return reasons
+
+    def resource(self, session: Session, vm: Vm, *, eligibility: bool = True) -> dict[str, Any]:
+        host = session.get(Host, vm.host) if vm.host else None
+        reasons = self.ineligible(session, vm) if eligibility else []
+        group = session.get(ResourceGroup, vm.resource_group)
+        rg = group.name if group is not None else vm.resource_group.rsplit("/", 1)[-1]
+        return {
+            "id": vm_id(vm.subscription, rg, vm.name),
+            "name": vm.name,
+            "type": VM_TYPE,
+            "location": vm.location,
+            "tags": vm.tags,
+            "properties": {
+                "hardwareProfile": {"vmSize": vm.vm_size},
+                "securityProfile": {"securityType": "ConfidentialVM", "confidentialLiveMigration": vm.clm.value},
+                "storageProfile": {"imageReference": {"id": vm.image}},
+                "osProfile": {"cmdline": vm.cmdline, "osType": vm.os_type},
+                "provisioningState": vm.provisioning_state.value,
+                "instanceView": {
+                    "host": vm.host,
+                    "hostPool": host.pool if host else None,
+                    "hostVmName": vm.host_vm_name,
+                    "powerState": vm.power_state.value,
+                    "statusMessage": vm.status_message,
+                    "attestation": vm.attestation,
+                    "allowedHostPools": vm.allowed_pools,
+                    "liveMigration": {"eligible": not reasons, "reasons": reasons},
+                },
+            },
+        }

@@ -1,0 +1,305 @@
+"""control layer: the operation worker — claims operations and carries them out against host APIs.
+
+Claims are leases: ``SELECT … FOR UPDATE SKIP LOCKED`` (PostgreSQL; SQLite's ``BEGIN IMMEDIATE``
+serialises instead) picks an unfinished operation nobody holds or whose holder's lease ran out, and
+stamps it with this worker's id.  Each step commits before the host is asked anything, and every write
+checks the claim is still ours (a worker that lost its lease stops: fencing).  Host calls are
+idempotent by the VM's host-side name: a successor first asks the host what it already did.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import or_, select, update
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from cvmotion.agent.policy import MigrationPolicy
+from cvmotion.control.db import Event, Host, Operation, Vm
+from cvmotion.control.errors import HostUnreachable
+from cvmotion.control.hostclient import HostApi
+from cvmotion.control.operations import NEXT_STEPS, OperationKind, Step
+from cvmotion.control.resources import PowerState, ProvisioningState
+from cvmotion.errors import Conflict, CvmError, NotFound
+
+__all__ = ["LostClaim", "Worker"]
+
+log = logging.getLogger("cvmotion.control.worker")
+_DONE = (Step.SUCCEEDED, Step.FAILED)
+_MAX_ATTEMPTS = 8
+_RUNNING = "running"
+_VM_DEAD = ("stopped", "lost", "failed", "decommissioned")
+
+
+class LostClaim(Exception):
+    """Another worker holds the operation now; this one must stop touching it."""
+
+
+class _Failed(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Worker:
+    def __init__(self, engine: Engine, worker_id: str, *, lease: float = 5.0, poll: float = 0.5) -> None:
+        self.engine = engine
+        self.id = worker_id
+        self.lease = lease
+        self.poll = poll
+        self.wake = threading.Event()
+
+    # -- claims ------------------------------------------------------------------------------------
+
+    def claim(self) -> str | None:
+        now = time.time()
+        with Session(self.engine) as session, session.begin():
+            query = (
+                select(Operation)
+                .where(Operation.step.not_in(_DONE), or_(Operation.claimed_by.is_(None), Operation.lease_until < now))
+                .order_by(Operation.lease_until, Operation.created_at)
+                .limit(1)
+                .with_for_update(skip_locked=True)
+            )
+            op = session.scalars(query).first()
+            if op is None:
+                return None
+            op.claimed_by, op.lease_until, op.attempts = self.id, now + self.lease, op.attempts + 1
+            return op.id
+
+    def _txn(self, op_id: str, body: Callable[[Session, Operation], Any]) -> Any:
+        """Run ``body`` in a transaction after checking the claim is still ours; renews the lease."""
+        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+            op = session.get(Operation, op_id, with_for_update=True)
+            if op is None or op.claimed_by != self.id:
+                raise LostClaim(op_id)
+            op.lease_until = time.time() + self.lease
+            op.updated_at = time.time()
+            return body(session, op)
+
+    def _advance(self, session: Session, op: Operation, step: Step, **fields: Any) -> None:
+        allowed = NEXT_STEPS[op.kind].get(op.step, frozenset())
+        if step not in allowed:
+            raise ValueError(f"operation {op.id}: {op.step.value} -> {step.value} is not a transition of {op.kind}")
+        op.step = step
+        for key, value in fields.items():
+            setattr(op, key, value)
+        if step in _DONE:
+            op.claimed_by = None
+        session.add(Event(type=f"Operation{step.value}", subject=op.resource_id, data={"operation": op.id}))
+
+    def run(self, stop: threading.Event) -> None:
+        while not stop.is_set():
+            try:
+                op_id = self.claim()
+            except Exception:
+                log.exception("claiming an operation failed (database unavailable?); retrying")
+                stop.wait(self.poll)
+                continue
+            if op_id is None:
+                self.wake.wait(self.poll)
+                self.wake.clear()
+                continue
+            try:
+                self.execute(op_id)
+            except LostClaim:
+                log.warning("operation %s: claim lost to another worker", op_id)
+            except Exception:
+                log.exception("operation %s: step failed; it stays claimable after the lease", op_id)
+                stop.wait(self.poll)
+
+    # -- execution ---------------------------------------------------------------------------------
+
+    def execute(self, op_id: str) -> None:
+        kind, step = self._txn(op_id, lambda _s, op: (op.kind, op.step))
+        try:
+            if kind is OperationKind.CREATE:
+                self._create(op_id, step)
+            elif kind is OperationKind.DELETE:
+                self._delete(op_id)
+            else:
+                self._migrate(op_id, step)
+        except _Failed as failed:
+            code, message = failed.code, str(failed)
+            self._txn(op_id, lambda s, op: self._fail(s, op, code, message))
+        except HostUnreachable as unreachable:
+            text = str(unreachable)
+            self._txn(op_id, lambda s, op: self._retry_or_fail(s, op, text))
+
+    def _retry_or_fail(self, session: Session, op: Operation, message: str) -> None:
+        if op.attempts >= _MAX_ATTEMPTS:
+            self._fail(session, op, "HostUnreachable", message)
+            return
+        op.error_message = message
+        op.claimed_by = None
+        op.lease_until = time.time() + min(0.2 * 2**op.attempts, 10.0)  # backoff before the next claim
+
+    def _fail(self, session: Session, op: Operation, code: str, message: str) -> None:
+        vm = session.get(Vm, op.resource_id)
+        if vm is not None:
+            if op.kind is OperationKind.CREATE:
+                vm.provisioning_state, vm.power_state = ProvisioningState.FAILED, PowerState.STOPPED
+                if code != "HostUnreachable":
+                    vm.host = None  # the host refused it: nothing runs there, its capacity is free again
+            else:
+                vm.provisioning_state = ProvisioningState.SUCCEEDED  # the VM stays where its host runs it
+            vm.status_message = message[:1000]
+        self._advance(session, op, Step.FAILED, error_code=code, error_message=message[:2000])
+
+    def _context(self, op_id: str, host_field: str = "host") -> tuple[Vm, Host]:
+        def read(session: Session, op: Operation) -> tuple[Vm, Host]:
+            vm = session.get(Vm, op.resource_id)
+            host = session.get(Host, getattr(op, host_field) or "")
+            if vm is None or host is None:
+                raise _Failed("Gone", f"the VM or its host record is gone ({op.resource_id})")
+            session.expunge(vm)
+            session.expunge(host)
+            return vm, host
+
+        result: tuple[Vm, Host] = self._txn(op_id, read)
+        return result
+
+    def _create(self, op_id: str, step: Step) -> None:
+        if step is Step.PLACED:
+            self._txn(op_id, lambda s, op: self._advance(s, op, Step.HOST_REQUESTED))
+        vm, host = self._context(op_id)
+        api = HostApi(host.api_url)
+        found = api.get_vm(vm.host_vm_name)
+        if found is None:
+            doc = MigrationPolicy(allowed_pools=tuple(vm.allowed_pools)).canonical()
+            body = {
+                "name": vm.host_vm_name,
+                "image": vm.image,
+                "size": vm.vm_size,
+                "cmdline": vm.cmdline,
+                "migration_policy": base64.b64encode(doc).decode(),
+            }
+            try:
+                found = api.call("POST", "/v1/vms", body, timeout=180)
+            except Conflict:
+                found = api.get_vm(vm.host_vm_name)  # a predecessor's request got there first
+            except HostUnreachable:
+                raise
+            except CvmError as exc:
+                raise _Failed("HostRefused", str(exc)) from None
+        state = str((found or {}).get("state", ""))
+        if state in _VM_DEAD or not found:
+            raise _Failed("VmFailed", f"the VM is {state or 'missing'} on host {host.name}")
+
+        def done(session: Session, op: Operation) -> None:
+            row = session.get(Vm, op.resource_id)
+            if row is not None:
+                row.provisioning_state = ProvisioningState.SUCCEEDED
+                row.power_state = PowerState.RUNNING if state == _RUNNING else PowerState.STARTING
+                row.status_message = ""
+                session.add(Event(type="VmCreated", subject=row.id, data={"host": host.name}))
+            self._advance(session, op, Step.SUCCEEDED)
+
+        self._txn(op_id, done)
+
+    def _delete(self, op_id: str) -> None:
+        def requested(session: Session, op: Operation) -> None:
+            if op.step is Step.ACCEPTED:
+                self._advance(session, op, Step.HOST_REQUESTED)
+
+        self._txn(op_id, requested)
+        vm, host = self._context(op_id)
+        try:
+            HostApi(host.api_url).call("DELETE", f"/v1/vms/{vm.host_vm_name}", timeout=60)
+        except NotFound:
+            pass  # already gone: a predecessor deleted it, or it never started
+        except (HostUnreachable, _Failed):
+            raise
+        except CvmError as exc:
+            raise _Failed("HostRefused", str(exc)) from None
+
+        def done(session: Session, op: Operation) -> None:
+            row = session.get(Vm, op.resource_id)
+            if row is not None:
+                session.delete(row)
+                session.add(Event(type="VmDeleted", subject=op.resource_id, data={"host": host.name}))
+            self._advance(session, op, Step.SUCCEEDED)
+
+        self._txn(op_id, done)
+
+    def _migrate(self, op_id: str, step: Step) -> None:
+        if step is Step.ACCEPTED:
+            self._txn(op_id, lambda s, op: self._advance(s, op, Step.HOST_REQUESTED))
+        vm, source = self._context(op_id)
+        _, dest = self._context(op_id, "target_host")
+        src_api, dst_api = HostApi(source.api_url), HostApi(dest.api_url)
+        mig_id: str | None = self._txn(op_id, lambda _s, op: op.migration_id)
+        if mig_id is None:
+            arrived = dst_api.get_vm(vm.host_vm_name)
+            if arrived is not None and arrived.get("state") == _RUNNING:
+                self._finish_migration(op_id, dest, None)
+                return
+            mig_id = self._find_migration(src_api, vm.host_vm_name)
+            if mig_id is None:
+                try:
+                    started = src_api.call(
+                        "POST", f"/v1/vms/{vm.host_vm_name}/migrate", {"destination": dest.api_url}, timeout=120
+                    )
+                except (HostUnreachable, _Failed):
+                    raise
+                except CvmError as exc:
+                    raise _Failed("MigrationRefused", str(exc)) from None
+                mig_id = str(started["migration"])
+            recorded = mig_id
+            self._txn(op_id, lambda s, op: self._advance(s, op, Step.MIGRATING, migration_id=recorded))
+        self._await_migration(op_id, src_api, dst_api, vm, dest, mig_id)
+
+    @staticmethod
+    def _find_migration(api: HostApi, name: str) -> str | None:
+        for mig in api.call("GET", "/v1/migrations")["migrations"]:
+            if mig["x-cvmotion"]["vm"] == name and mig["status"] not in ("failed", "cancelled"):
+                return str(mig["x-cvmotion"]["id"])
+        return None
+
+    def _await_migration(self, op_id: str, src: HostApi, dst: HostApi, vm: Vm, dest: Host, mig_id: str) -> None:
+        while True:
+            try:
+                status = src.call("GET", f"/v1/migrations/{mig_id}")
+            except NotFound:
+                # The source restarted and forgot the id: the destination says whether the VM arrived.
+                arrived = dst.get_vm(vm.host_vm_name)
+                if arrived is not None and arrived.get("state") == _RUNNING:
+                    self._finish_migration(op_id, dest, None)
+                    return
+                lost = f"migration {mig_id} is unknown to the source and the VM did not arrive"
+                raise _Failed("MigrationLost", lost) from None
+            if status["status"] == "completed":
+                self._finish_migration(op_id, dest, status)
+                return
+            if status["status"] in ("failed", "cancelled"):
+                raise _Failed("MigrationFailed", str(status.get("error-desc") or status["status"]))
+            self._txn(op_id, lambda _s, _op: None)  # renew the lease while the host works
+            time.sleep(0.1)
+
+    def _finish_migration(self, op_id: str, dest: Host, stats: dict[str, Any] | None) -> None:
+        def done(session: Session, op: Operation) -> None:
+            row = session.get(Vm, op.resource_id)
+            if row is not None:
+                row.host = dest.name
+                row.provisioning_state = ProvisioningState.SUCCEEDED
+                row.power_state = PowerState.RUNNING
+                row.attestation = {"chipId": dest.chip_id, "product": dest.product}
+                data = {"from": op.host, "to": dest.name, "migration": op.migration_id}
+                if stats is not None:
+                    data |= {"total-time": stats.get("total-time"), "downtime": stats.get("downtime")}
+                session.add(Event(type="VmMigrated", subject=row.id, data=data))
+            self._advance(session, op, Step.SUCCEEDED)
+
+        self._txn(op_id, done)
+
+
+def reset_claims(engine: Engine) -> None:
+    """Free every claim: only for a database this process owns alone (SQLite under the leader lock)."""
+    with Session(engine) as session, session.begin():
+        session.execute(update(Operation).where(Operation.step.not_in(_DONE)).values(claimed_by=None, lease_until=0.0))
