@@ -2,7 +2,7 @@
 
 * bounded body reading (``Content-Length`` checked first, then the stream counted: a chunked body cannot
   sneak past the limit), ``application/json`` enforcement, and one error shape for every refusal —
-  ``{"error": {"kind", "message"}}`` — including FastAPI's own 404/405/422 answers;
+  ``{"error": {"kind", "message"}}`` (FastAPI's own 404/405/422 answers: ``cvmotion.ipc.openapi``);
 * ``listen_socket``: bind before announcing (port 0 picks a free port), ``IPPROTO_TCP`` so asyncio sets
   ``TCP_NODELAY`` (without it Nagle + delayed ACK add ~40 ms per response);
 * ``ServerThread``: uvicorn on a bound socket in a background thread (tests, in-process fabrics);
@@ -25,14 +25,16 @@ from typing import Any
 
 import uvicorn
 from fastapi import FastAPI, Request, Response
-from fastapi.exceptions import RequestValidationError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cvmotion.attestation.service_error import ServiceError
 from cvmotion.errors import UsageError
 from cvmotion.ipc.http import ServerThread, listen_socket, parse_listen, uvicorn_config
+from cvmotion.ipc.openapi import install_error_handlers
 
 __all__ = [
+    "BODY_REFUSALS",
+    "EXAMPLE_JWT",
+    "JWT_PATTERN",
     "ServerThread",
     "error_response",
     "install_error_handlers",
@@ -44,6 +46,13 @@ __all__ = [
 ]
 
 log = logging.getLogger("cvmotion.attestation.http")
+JWT_PATTERN = r"^[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*$"  # compact JWS, as documented (RFC 7515 7.1)
+# What read_json_body refuses besides its 400 bad_request (an unreadable Content-Length), for error_responses().
+BODY_REFUSALS: dict[int, tuple[str, ...]] = {
+    413: ("the body is larger than 64 KiB", "request_too_large"),
+    415: ("the body is not application/json", "unsupported_media_type"),
+}
+EXAMPLE_JWT = "eyJhbGciOiJSUzI1NiIsImtpZCI6ImsxIn0.eyJpc3MiOiJodHRwOi8vMTI3LjAuMC4xOjg3OTAifQ.c2lnbmF0dXJl"
 
 
 def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -78,23 +87,6 @@ async def read_json_body(request: Request, limit: int) -> bytes:
             raise ServiceError(413, "request_too_large", f"request body exceeds {limit} bytes")
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def install_error_handlers(app: FastAPI) -> None:
-    """Render FastAPI's own refusals (unknown route, wrong method, bad parameters) in our error shape."""
-
-    async def http_error(request: Request, exc: Exception) -> Response:
-        status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
-        kind = {404: "not_found", 405: "method_not_allowed"}.get(status, "http_error")
-        detail = exc.detail if isinstance(exc, StarletteHTTPException) else "error"
-        log.warning("request refused %s %s: %d %s", request.method, request.url.path, status, kind)
-        return error_response(ServiceError(status, kind, f"{request.method} {request.url.path}: {detail}"))
-
-    async def validation_error(request: Request, exc: Exception) -> Response:
-        return error_response(ServiceError(400, "invalid_request", str(exc)[:500]))
-
-    app.add_exception_handler(StarletteHTTPException, http_error)
-    app.add_exception_handler(RequestValidationError, validation_error)
 
 
 def _config(app: FastAPI) -> uvicorn.Config:

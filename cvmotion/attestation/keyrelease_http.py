@@ -5,7 +5,7 @@ POST /keys/{name}/release   {"target": "<attestation token>"}
      200 {"key": name, "kid": transfer-key kid, "alg": "RSA-OAEP-256", "value": base64url(wrapped secret)}
      401 token_invalid (signature, issuer, audience, expiry, evaluation time)   403 release_denied (policy)
      404 unknown_key   400 no_transfer_key / invalid_request   415 / 413 as for the attestation service
-GET  /keys                  {"keys": [names]}      GET /healthz
+GET  /keys                  {"keys": [names]}  (OpenAPI link: each name -> its release)      GET /healthz
 ```
 The token's (unverified) ``iss`` only *selects* an authority listed in the key's release policy; a token
 naming any other issuer is refused before anything is fetched, so a client cannot make the service fetch
@@ -18,13 +18,22 @@ import json
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, Path, Request, Response
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 
 from cvmotion.attestation.client import KeyReleaseClient
-from cvmotion.attestation.http_common import error_response, install_error_handlers, json_response, read_json_body
+from cvmotion.attestation.http_common import (
+    BODY_REFUSALS,
+    EXAMPLE_JWT,
+    JWT_PATTERN,
+    error_response,
+    install_error_handlers,
+    json_response,
+    read_json_body,
+)
 from cvmotion.attestation.keyrelease import (
     KEY_NAME,
     WRAP_ALGORITHM,
@@ -36,12 +45,51 @@ from cvmotion.attestation.relying_party import RelyingParty
 from cvmotion.attestation.service_error import ServiceError
 from cvmotion.attestation.token import decode_unverified
 from cvmotion.errors import PolicyViolation, TokenError, UsageError
+from cvmotion.ipc.openapi import Health, error_responses, json_body
 
 __all__ = ["KeyReleaseClient", "KeyReleaseService", "create_app"]
 
 log = logging.getLogger("cvmotion.attestation.keyrelease")
 RelyingPartyFactory = Callable[[str], RelyingParty]
 _MAX_BODY = 64 * 1024
+_MAX_TOKEN = 32 * 1024
+
+
+class ReleaseRequest(BaseModel):
+    """The body of ``POST /keys/{name}/release``; the handler reads it itself (its own error kinds)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    target: str = Field(pattern=JWT_PATTERN, max_length=_MAX_TOKEN, description="the guest's attestation token (JWS)")
+
+
+class ReleasedKey(BaseModel):
+    key: str = Field(description="the key's name")
+    kid: str = Field(description="the transfer key (from the token's x-ms-runtime) the secret is wrapped to")
+    alg: Literal["RSA-OAEP-256"]
+    value: str = Field(description="base64url of the wrapped secret")
+
+
+class KeyNames(BaseModel):
+    keys: list[str]
+
+
+_RELEASE_REFUSALS = error_responses(
+    {
+        400: (
+            "a malformed body or key name, or a token without a transfer key",
+            "invalid_request",
+            "malformed_json",
+            "no_transfer_key",
+            "bad_request",
+        ),
+        401: ("the token does not verify (signature, issuer, audience, expiry)", "token_invalid"),
+        403: ("the key's release policy is not met (every failed condition in violations)", "release_denied"),
+        404: ("no such key", "unknown_key"),
+        **BODY_REFUSALS,
+    }
+)
+_KEY_NAME = f"^{KEY_NAME.pattern}$"
 
 
 class KeyReleaseService:
@@ -83,6 +131,8 @@ class KeyReleaseService:
         token = doc.get("target") if isinstance(doc, dict) else None
         if not isinstance(token, str) or set(doc) != {"target"}:
             raise ServiceError(400, "invalid_request", 'body must be exactly {"target": "<attestation token>"}')
+        if len(token) > _MAX_TOKEN:
+            raise ServiceError(400, "invalid_request", f"target: a token is at most {_MAX_TOKEN} characters")
         try:
             issuer = str(decode_unverified(token)[1].get("iss", ""))
         except TokenError as exc:
@@ -111,11 +161,26 @@ class KeyReleaseService:
 
 
 def create_app(service: KeyReleaseService) -> FastAPI:
-    app = FastAPI(title="cvmotion key-release service", version="1", docs_url=None, redoc_url=None)
+    app = FastAPI(
+        title="cvmotion key-release service",
+        description="Secure key release (Azure Key Vault look-alike): a secret, wrapped to an attested guest's key.",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+    )
     install_error_handlers(app)
 
-    @app.post("/keys/{name}/release", summary="release a key to an attested guest")
-    async def release(name: str, request: Request) -> Response:
+    @app.post(
+        "/keys/{name}/release",
+        summary="release a key to an attested guest",
+        operation_id="release_key",
+        responses={200: {"model": ReleasedKey, "description": "the secret, wrapped"}, **_RELEASE_REFUSALS},
+        openapi_extra=json_body(ReleaseRequest, {"target": EXAMPLE_JWT}),
+    )
+    async def release(
+        name: Annotated[str, Path(pattern=_KEY_NAME, max_length=63, examples=["kvstore-data-key"])],
+        request: Request,
+    ) -> Response:
         try:
             body = await read_json_body(request, _MAX_BODY)
             # JWKS discovery and fetches block (urllib inside PyJWKClient): keep them off the event loop.
@@ -126,11 +191,27 @@ def create_app(service: KeyReleaseService) -> FastAPI:
             log.exception("key release failed unexpectedly key=%s", name)
             return error_response(ServiceError(500, "internal", "internal error (see the service log)"))
 
-    @app.get("/keys", summary="names of the releasable keys")
+    release_link = {
+        "operationId": "release_key",
+        "parameters": {"name": "$response.body#/keys/0"},
+        "description": "release the first listed key",
+    }
+
+    @app.get(
+        "/keys",
+        summary="names of the releasable keys",
+        operation_id="list_keys",
+        responses={200: {"model": KeyNames, "description": "key names", "links": {"release": release_link}}},
+    )
     def keys() -> Response:
         return json_response({"keys": service.store.names()})
 
-    @app.get("/healthz", include_in_schema=False)
+    @app.get(
+        "/healthz",
+        summary="liveness",
+        operation_id="healthz",
+        responses={200: {"model": Health, "description": "serving"}},
+    )
     def healthz() -> Response:
         return json_response({"status": "ok"})
 

@@ -34,15 +34,17 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 
 from cvmotion.abi.snp import REPORT_SIZE, AttestationReport, Product
 from cvmotion.attestation.evidence import common_name, load_certificates
-from cvmotion.attestation.jwks import b64url_decode
+from cvmotion.attestation.jwks import b64url_decode, b64url_encode
 from cvmotion.attestation.service_error import ServiceError
 from cvmotion.errors import AbiError
 
 __all__ = [
+    "EVIDENCE_EXAMPLE",
     "MAX_BODY",
     "MAX_RUNTIME_DATA",
     "CertificateCache",
     "DecodedEvidence",
+    "EvidenceRequest",
     "ServiceError",
     "check_runtime_binding",
     "parse_evidence",
@@ -57,22 +59,73 @@ class _Model(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
 
+def _b64url_schema(size: int, what: str, *, exact: bool = False) -> dict[str, Any]:
+    """The documented shape of a base64url field of ``size`` bytes (``exact``: exactly, else at most).
+
+    Documentation only: ``b64url_decode`` and the parsers behind it enforce it, each with its own error kind.
+    """
+    unpadded = (size * 4 + 2) // 3
+    padded = 4 * ((size + 2) // 3)
+    doc: dict[str, Any] = {"description": f"base64url (padding optional) of {what}", "maxLength": padded}
+    if exact:
+        doc.update(minLength=unpadded, pattern=f"^[A-Za-z0-9_-]{{{unpadded}}}={{0,{padded - unpadded}}}$")
+    else:
+        doc["pattern"] = "^[A-Za-z0-9_-]*={0,2}$"
+    return doc
+
+
 class RuntimeDataModel(_Model):
-    data: str = Field(max_length=(MAX_RUNTIME_DATA * 4) // 3 + 4)
-    data_type: Literal["Binary", "JSON"] = Field("Binary", validation_alias=AliasChoices("dataType", "data_type"))
+    data: str = Field(
+        max_length=(MAX_RUNTIME_DATA * 4) // 3 + 4,
+        json_schema_extra=_b64url_schema(MAX_RUNTIME_DATA, "the runtime data; SHA-256 of it is REPORT_DATA[0:32]"),
+    )
+    data_type: Literal["Binary", "JSON"] = Field(
+        "Binary",
+        validation_alias=AliasChoices("dataType", "data_type"),
+        description="JSON: data is a UTF-8 JSON object, echoed in the token as x-ms-runtime",
+    )
 
 
 class EvidenceRequest(_Model):
-    report: str = Field(max_length=(REPORT_SIZE * 4) // 3 + 4)
+    """The body of ``POST /attest/SevSnpVm`` (unknown members are refused)."""
+
+    report: str = Field(
+        max_length=(REPORT_SIZE * 4) // 3 + 4,
+        json_schema_extra=_b64url_schema(REPORT_SIZE, "the 0x4A0-byte ATTESTATION_REPORT", exact=True),
+    )
     vcek_cert_chain: str | None = Field(
         None,
         max_length=(_MAX_CHAIN_PEM * 4) // 3 + 4,
         validation_alias=AliasChoices("vcek_cert_chain", "vcekCertChain"),
+        json_schema_extra=_b64url_schema(_MAX_CHAIN_PEM, "PEM: VCEK (or VLEK), ASK (or ASVK), ARK; absent: the KDS"),
     )
     runtime_data: RuntimeDataModel | None = Field(None, validation_alias=AliasChoices("runtime_data", "runtimeData"))
-    nonce: str | None = Field(None, max_length=1024)
-    product: str | None = Field(None, max_length=16)
-    at: str | None = Field(None, max_length=64)
+    nonce: str | None = Field(None, max_length=1024, description="opaque, echoed as the token's nonce claim")
+    product: str | None = Field(
+        None,
+        max_length=16,
+        description="which KDS product a v2 report (no CPUID) is for",
+        json_schema_extra={"enum": [p.value for p in Product] + [None]},
+    )
+    at: str | None = Field(
+        None,
+        max_length=64,
+        description="evaluation time (certificate validity); only with --allow-evaluation-time",
+        json_schema_extra={"format": "date-time"},
+    )
+
+
+def _example_report() -> str:
+    """An unsigned version-5 report (policy: reserved bit 17 set): the shape of the real thing, never verified."""
+    head = (5).to_bytes(4, "little") + bytes(4) + (0x30000).to_bytes(8, "little")  # VERSION, GUEST_SVN, POLICY
+    return b64url_encode(head + bytes(REPORT_SIZE - len(head)))
+
+
+EVIDENCE_EXAMPLE: dict[str, Any] = {
+    "report": _example_report(),
+    "runtime_data": {"data": b64url_encode(b'{"nonce":"n-1"}'), "dataType": "JSON"},
+    "nonce": "n-1",
+}
 
 
 @dataclass(frozen=True, slots=True)

@@ -31,6 +31,7 @@ EMULATED_HEADER = ("X-Cvmotion-Platform", "emulated")
 PKIX_CERT = "application/pkix-cert"
 PEM_FILE = "application/x-pem-file"
 _SPL_PARAMS = ("blSPL", "teeSPL", "snpSPL", "ucodeSPL")
+_ALLOW = ("Allow", "GET, HEAD")  # RFC 9110 section 15.5.6: a 405 names the methods the resource has
 
 
 class KdsError(CvmError):
@@ -105,7 +106,7 @@ class Kds:
 
     def _route(self, method: str, target: str) -> KdsResponse:
         if method not in ("GET", "HEAD"):
-            raise KdsError(405, "method_not_allowed", f"{method} is not supported; the KDS is read-only (GET)")
+            return _error(405, "method_not_allowed", f"{method} is not supported; the KDS is read-only (GET)", _ALLOW)
         url = urlsplit(target)
         parts = url.path.strip("/").split("/")
         if len(parts) != 4 or parts[0] not in ("vcek", "vlek") or parts[1] != "v1":
@@ -123,9 +124,9 @@ class Kds:
         return KdsResponse(200, PKIX_CERT, self.vcek_der(product, hwid, tcb))
 
 
-def _error(status: int, kind: str, message: str) -> KdsResponse:
+def _error(status: int, kind: str, message: str, *headers: tuple[str, str]) -> KdsResponse:
     body = json.dumps({"error": {"kind": kind, "message": message}}).encode()
-    return KdsResponse(status, "application/json", body)
+    return KdsResponse(status, "application/json", body, (EMULATED_HEADER, *headers))
 
 
 def _no_query(query: str) -> None:
