@@ -4,7 +4,8 @@
 CvmError
 ├── UsageError                      bad user input: sizes, SKU names, files, options       (CLI exit 1)
 │   ├── NotFound                    no such VM / migration / host (HTTP 404)
-│   └── Conflict                    the name exists, or the object is busy (HTTP 409)
+│   ├── Conflict                    the name exists, or the object is busy (HTTP 409)
+│   └── Unauthorized                a request without valid credentials (HTTP 401)
 ├── AbiError                        bytes that do not parse                                (CLI exit 1)
 │   ├── MalformedStructure          wrong length or an impossible value
 │   ├── ReservedNotZero(lo, hi)     a must-be-zero range is not zero
@@ -50,6 +51,7 @@ __all__ = [
     "ProtocolError",
     "ReservedNotZero",
     "TokenError",
+    "Unauthorized",
     "UnsupportedVersion",
     "UsageError",
     "VcpuError",
@@ -71,6 +73,10 @@ class NotFound(UsageError):
 
 class Conflict(UsageError):
     """The name is taken, or the object is in a state that forbids the request."""
+
+
+class Unauthorized(UsageError):
+    """The request carries no credential, or one that does not verify (one message: no detail which check)."""
 
 
 class Moved(Conflict):

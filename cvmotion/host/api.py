@@ -2,7 +2,9 @@
 
 Handlers only parse requests into daemon calls; errors become ``{"error": {"kind", "message"}}`` with a
 status per class (400 bad input, 404 not found, 409 conflict, 422 policy violation, 500 otherwise).
-Bound to loopback (or a test network namespace) only; there is no authentication on this interface.
+Bound to loopback (or a test network namespace) only. The host-to-host calls (``/v1/migrations/incoming``,
+``/v1/migrations/{id}/outcome``) need a request signed with a pool-issued host credential (``host.peers``); the
+operator's calls carry no authentication on this interface yet.
 """
 
 from __future__ import annotations
@@ -11,13 +13,13 @@ import asyncio
 import base64
 import json
 import queue
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
 
 from cvmotion.abi.wire import MAX_PAGES_PER_BUNDLE
@@ -28,12 +30,15 @@ from cvmotion.errors import (
     Moved,
     NotFound,
     PolicyViolation,
+    Unauthorized,
     UsageError,
     VerificationError,
 )
 from cvmotion.host.daemon import DEFAULT_GUEST_POLICY, HostDaemon
+from cvmotion.ipc.names import NAME_PATTERN
 from cvmotion.migration.options import MigrationOptions
-from cvmotion.vmm.sku import find_sku, parse_memory
+from cvmotion.vmm.layout import MIN_MEMORY
+from cvmotion.vmm.sku import MAX_SKU_MEMORY, MAX_SKU_VCPUS, find_sku, parse_memory
 
 __all__ = ["create_app"]
 
@@ -43,7 +48,7 @@ MAX_BODY = 1 << 20
 class CreateVm(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(min_length=1, max_length=63)
+    name: str = Field(pattern=NAME_PATTERN)
     image: str = Field(min_length=1, max_length=4096)
     memory: str | int | None = None
     size: str | None = None
@@ -77,9 +82,44 @@ class MigrateRequest(BaseModel):
     commit_timeout_s: float = Field(default=60.0, gt=0, le=3600)
 
 
+class IncomingSpec(BaseModel):
+    """The VM's spec as the source sends it: bounded, and named as the VM it describes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    memory: int = Field(ge=MIN_MEMORY, le=MAX_SKU_MEMORY)
+    vcpus: int = Field(default=1, ge=1, le=MAX_SKU_VCPUS)
+    image: str = Field(default="", max_length=4096)
+    cmdline: str = Field(default="", max_length=3000)
+    backend: str | None = Field(default=None, pattern="^(kvm|emulated)$")
+    mode: str = Field(default="incoming", pattern="^(launch|incoming)$")  # always "incoming" here
+    attestation_url: str | None = Field(default=None, max_length=2048)  # replaced by this host's services
+    key_release_url: str | None = Field(default=None, max_length=2048)
+    key_name: str | None = Field(default=None, pattern="^[A-Za-z0-9._-]{1,64}$")
+
+
+class IncomingMigration(BaseModel):
+    """``POST /v1/migrations/incoming``: a source host asks this host to receive a VM."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vm: str = Field(pattern=NAME_PATTERN)
+    spec: IncomingSpec
+    session_id: str = Field(pattern="^[0-9a-f]{32}$")
+    options: dict[str, Any] = Field(default_factory=dict)
+    source: str = Field(default="", max_length=63)
+    source_migration: str = Field(default="", pattern="^[0-9a-f]{0,32}$")
+    policy: int = Field(default=DEFAULT_GUEST_POLICY, ge=0, lt=1 << 64)
+    migration_policy: str = Field(default="", max_length=65536)
+    measurement: str = Field(default="", pattern="^([0-9a-f]{96})?$")
+
+
 def _status_for(exc: CvmError) -> int:
     if isinstance(exc, NotFound):
         return 404
+    if isinstance(exc, Unauthorized):
+        return 401
     if isinstance(exc, Conflict):
         return 409
     if isinstance(exc, PolicyViolation):
@@ -87,6 +127,10 @@ def _status_for(exc: CvmError) -> int:
     if isinstance(exc, (UsageError, AbiError, VerificationError)):
         return 400
     return 500
+
+
+def _problems(errors: Sequence[Any]) -> str:
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors) or "invalid request"
 
 
 def _error(status: int, kind: str, message: str, **extra: Any) -> JSONResponse:
@@ -110,8 +154,7 @@ def create_app(daemon: HostDaemon) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return _error(400, "UsageError", problems or "invalid request")
+        return _error(400, "UsageError", _problems(exc.errors()))
 
     @app.middleware("http")
     async def _limit_body(request: Request, call_next: Any) -> Any:
@@ -210,16 +253,19 @@ def create_app(daemon: HostDaemon) -> FastAPI:
 
     @app.post("/v1/migrations/incoming")
     async def incoming(request: Request) -> dict[str, Any]:
+        body = await request.body()
+        daemon.peers.verify(request.method, request.url.path, body, request.headers)
         try:
-            body = json.loads(await request.body())
-        except ValueError:
-            raise UsageError("request body is not JSON") from None
-        if not isinstance(body, dict):
-            raise UsageError("request body must be a JSON object")
-        return await run_in_threadpool(daemon.incoming, body)
+            parsed = IncomingMigration.model_validate_json(body)
+        except ValidationError as exc:
+            raise UsageError(_problems(exc.errors())) from None
+        if parsed.spec.name != parsed.vm:
+            raise UsageError(f"spec.name {parsed.spec.name!r} is not the VM {parsed.vm!r} being migrated")
+        return await run_in_threadpool(daemon.incoming, parsed.model_dump())
 
     @app.get("/v1/migrations/{mig_id}/outcome")
-    async def outcome(mig_id: str) -> dict[str, Any]:
+    async def outcome(request: Request, mig_id: str) -> dict[str, Any]:
+        daemon.peers.verify(request.method, request.url.path, b"", request.headers)
         return daemon.outcome(mig_id)
 
     @app.get("/v1/events")

@@ -20,7 +20,6 @@ import contextlib
 import json
 import logging
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -37,10 +36,13 @@ from cvmotion.abi.snp import PolicyFlag
 from cvmotion.agent.policy import MigrationPolicy
 from cvmotion.agent.vm_process import VmSpec
 from cvmotion.errors import Conflict, CvmError, DeviceError, MigrationError, Moved, NotFound, UsageError
+from cvmotion.files import dir_lock
 from cvmotion.host.events import EventBus
+from cvmotion.host.peers import HOST_CERT_FILE, PeerAuth, issue_host_credential
 from cvmotion.host.recovery import Recovery
 from cvmotion.host.standby import StandbyPool
 from cvmotion.ipc.http_client import default_ssl_context
+from cvmotion.ipc.names import check_name
 from cvmotion.ipc.rpc import RpcError
 from cvmotion.migration.channel import FrameKind, FrameSocket
 from cvmotion.migration.clients import PlatformClient, VmClient
@@ -55,7 +57,6 @@ __all__ = ["DEFAULT_GUEST_POLICY", "HostConfig", "HostDaemon", "VmRecord"]
 
 log = logging.getLogger("cvmotion.host")
 
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
 DEFAULT_GUEST_POLICY = int(PolicyFlag.RESERVED_MBO | PolicyFlag.SMT | PolicyFlag.MIGRATE_MA)
 _SPAWN_TIMEOUT = 60.0
 
@@ -132,6 +133,7 @@ class HostDaemon:
         self.migration_port = 0
         self._stop = threading.Event()
         self.recovery = Recovery(self)
+        self.peers = PeerAuth(cas=())  # loaded at start: host-to-host calls need the pool-issued credential
         self.standby = StandbyPool(
             self.dir / "standby", self._platform_socket, self._vm_calls, enabled=config.standby, timeout=_SPAWN_TIMEOUT
         )
@@ -141,6 +143,7 @@ class HostDaemon:
     def start(self) -> None:
         self._ensure_chip()
         self._ensure_pool_credential()
+        self.peers = PeerAuth.load(self.dir)
         self._ensure_platform()
         self.identity = self.platform_client().identity()
         self._start_listener()
@@ -170,16 +173,21 @@ class HostDaemon:
         from cvmotion.firmware.chip import Chip
 
         ca_dir = self.config.pool_ca_dir
-        if ca_dir is None or (self.dir / POOL_CREDENTIAL_FILE).exists():
+        need_pool = not (self.dir / POOL_CREDENTIAL_FILE).exists()
+        need_host = not (self.dir / HOST_CERT_FILE).exists()
+        if ca_dir is None or not (need_pool or need_host):
             return
         now = datetime.now(UTC)
-        ca_dir.mkdir(parents=True, exist_ok=True)
-        has_ca = (ca_dir / CA_CERT_FILE).exists()
-        authority = load_pool_ca(ca_dir) if has_ca else create_pool_ca(ca_dir, now=now)
-        chip_id = Chip.load(self.dir).chip_id
-        credential = issue_pool_credential(authority, chip_id, self.config.pool, now=now)
-        (self.dir / POOL_CREDENTIAL_FILE).write_bytes(credential.public_bytes(serialization.Encoding.DER))
-        (self.dir / POOL_CA_FILE).write_bytes(authority.cert.public_bytes(serialization.Encoding.PEM))
+        with dir_lock(ca_dir):  # two hosts starting together share one pool CA
+            has_ca = (ca_dir / CA_CERT_FILE).exists()
+            authority = load_pool_ca(ca_dir) if has_ca else create_pool_ca(ca_dir, now=now)
+        if need_pool:
+            chip_id = Chip.load(self.dir).chip_id
+            credential = issue_pool_credential(authority, chip_id, self.config.pool, now=now)
+            (self.dir / POOL_CREDENTIAL_FILE).write_bytes(credential.public_bytes(serialization.Encoding.DER))
+            (self.dir / POOL_CA_FILE).write_bytes(authority.cert.public_bytes(serialization.Encoding.PEM))
+        if need_host:
+            issue_host_credential(authority, self.dir, host=self.config.name, pool=self.config.pool, now=now)
 
     def _platform_socket(self) -> Path:
         return self.dir / "platform.sock"
@@ -370,8 +378,7 @@ class HostDaemon:
         migration_policy: bytes | None = None,
         key_name: str | None = None,
     ) -> VmRecord:
-        if not NAME_RE.match(name):
-            raise UsageError(f"VM name {name!r}: use 1-63 of a-z, 0-9 and '-', starting with a letter or digit")
+        check_name("VM name", name)
         image_path(image)  # a clear error for a missing image before any process starts
         with self._lock:
             if name in self.vms:
@@ -589,12 +596,12 @@ class HostDaemon:
             "migration_policy": record.migration_policy,
             "measurement": record.measurement,
         }
+        target = f"{url.rstrip('/')}/v1/migrations/incoming"
+        content = json.dumps(body).encode()
+        headers = {"content-type": "application/json", **self.peers.sign("POST", httpx.URL(target).path, content)}
         try:
             response = httpx.post(
-                f"{url.rstrip('/')}/v1/migrations/incoming",
-                json=body,
-                timeout=_SPAWN_TIMEOUT + 10,
-                verify=default_ssl_context(),
+                target, content=content, headers=headers, timeout=_SPAWN_TIMEOUT + 10, verify=default_ssl_context()
             )
         except httpx.HTTPError as exc:
             raise UsageError(f"destination {url} is unreachable: {exc}") from exc
@@ -635,9 +642,10 @@ class HostDaemon:
     # -- migration in -------------------------------------------------------------------------------
 
     def incoming(self, body: dict[str, Any]) -> dict[str, Any]:
-        name = str(body.get("vm", ""))
-        if not NAME_RE.match(name):
-            raise UsageError(f"bad VM name {name!r}")
+        """A source host's request to receive a VM (``host.api.IncomingMigration``, validated and authenticated)."""
+        name = check_name("VM name", body.get("vm"))
+        if body["spec"]["name"] != name:
+            raise UsageError(f"spec.name {body['spec']['name']!r} is not the VM {name!r} being migrated")
         with self._lock:
             existing = self.vms.get(name)
             if existing is not None and existing.state not in ("migrated", "deleted"):

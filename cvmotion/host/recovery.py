@@ -207,11 +207,9 @@ class Recovery:
             delay = _POLL_FIRST
             while not self.daemon._stop.is_set():
                 try:
-                    response = httpx.get(
-                        f"{str(url).rstrip('/')}/v1/migrations/{dest_mig}/outcome",
-                        timeout=5,
-                        verify=default_ssl_context(),
-                    )
+                    target = f"{str(url).rstrip('/')}/v1/migrations/{dest_mig}/outcome"
+                    headers = self.daemon.peers.sign("GET", httpx.URL(target).path, b"")
+                    response = httpx.get(target, headers=headers, timeout=5, verify=default_ssl_context())
                     if response.status_code == 200 and self.apply_outcome(record, response.json()):
                         return
                 except (httpx.HTTPError, ValueError):

@@ -8,7 +8,9 @@ from typing import Any
 from cvmotion.abi.wire import MAX_PAGES_PER_BUNDLE
 from cvmotion.errors import UsageError
 
-__all__ = ["MigrationOptions"]
+__all__ = ["MAX_TIMEOUT", "MigrationOptions"]
+
+MAX_TIMEOUT = 3600.0  # seconds: no wait of a migration may be longer than an hour
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,13 +47,33 @@ class MigrationOptions:
             raise UsageError(f"bundles per batch must be 1..16, not {self.batch_bundles}")
         if not 1 <= self.max_rounds <= 1000:
             raise UsageError("max rounds must be 1..1000")
-        if not 0 <= self.throttle_initial <= self.throttle_max <= 99:
-            raise UsageError("throttle percentages must satisfy 0 <= initial <= max <= 99")
+        if not 0 <= self.throttle_initial <= self.throttle_max <= 99 or not 1 <= self.throttle_increment <= 99:
+            raise UsageError("throttle percentages must satisfy 0 <= initial <= max <= 99, increment 1..99")
+        for name in ("setup_timeout", "io_timeout", "commit_timeout"):
+            if not 0.1 <= getattr(self, name) <= MAX_TIMEOUT:
+                raise UsageError(f"{name.replace('_', ' ')} {getattr(self, name)} s: use 0.1..{MAX_TIMEOUT:.0f}")
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> MigrationOptions:
-        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
-        return cls(**known)
+    def from_json(cls, data: object) -> MigrationOptions:
+        """The options from their JSON form (``to_json``); unknown keys and wrong types are refused, not dropped.
+
+        Raises:
+            UsageError: not an object, an unknown key, a value of the wrong type, or one out of range.
+        """
+        if not isinstance(data, dict):
+            raise UsageError("migration options must be a JSON object")
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise UsageError(f"unknown migration option(s): {', '.join(map(str, unknown))}")
+        for key, value in data.items():
+            kind = type(getattr(_DEFAULTS, key))
+            ok = isinstance(value, bool) if kind is bool else type(value) in ((int,) if kind is int else (int, float))
+            if not ok:
+                raise UsageError(f"migration option {key}: expected {kind.__name__}, got {value!r}")
+        return cls(**data)
+
+
+_DEFAULTS = MigrationOptions()

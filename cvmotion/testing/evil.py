@@ -121,7 +121,7 @@ class EvilSource:
             "migration_policy": meta["migration_policy"],
             "measurement": info["measurement"],
         }
-        incoming = self.destination.api("POST", "/v1/migrations/incoming", body)
+        incoming = self.destination.api("POST", "/v1/migrations/incoming", body, signed_by=self.source)
         platform_ep = connect_unix(str(self.source.data_dir / "platform.sock"), name="evil-daemon->platform")
         platform_ep.call("host_hello")
         control = self.source.vm_dir(self.hardware_vm) / "control.sock"

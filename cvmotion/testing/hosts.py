@@ -11,7 +11,9 @@ and migration port: a source's recovery thread keeps asking the URL it persisted
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import json
 import os
 import selectors
 import signal
@@ -27,6 +29,7 @@ from typing import Any
 import httpx
 
 from cvmotion.errors import UsageError
+from cvmotion.host.peers import PeerAuth
 
 __all__ = ["ApiError", "HostProcess", "free_port", "pid_alive"]
 
@@ -73,6 +76,8 @@ class HostProcess:
     proc: subprocess.Popen[bytes] | None = None
     starts: int = 0
     _drain: threading.Thread | None = None
+    # Every HTTP answer this client got (bounded): tests look for canaries in what the host API hands out.
+    responses: collections.deque[bytes] = field(default_factory=lambda: collections.deque(maxlen=4096))
 
     @property
     def url(self) -> str:
@@ -178,9 +183,25 @@ class HostProcess:
 
     # -- the host API -------------------------------------------------------------------------------
 
-    def api(self, method: str, path: str, body: dict[str, Any] | None = None, *, timeout: float = 120.0) -> Any:
-        """``method path`` on the host API; the JSON answer, or ``ApiError`` for an error status."""
-        response = httpx.request(method, f"{self.url}{path}", json=body, timeout=timeout)
+    def api(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        timeout: float = 120.0,
+        signed_by: HostProcess | None = None,
+    ) -> Any:
+        """``method path`` on the host API; the JSON answer, or ``ApiError`` for an error status.
+
+        ``signed_by``: a host-to-host call, signed with that host's pool-issued credential (``host.peers``).
+        """
+        content = b"" if body is None else json.dumps(body).encode()
+        headers = {"content-type": "application/json"} if body is not None else {}
+        if signed_by is not None:
+            headers |= PeerAuth.load(signed_by.data_dir).sign(method, path, content)
+        response = httpx.request(method, f"{self.url}{path}", content=content, headers=headers, timeout=timeout)
+        self.responses.append(response.content)
         try:
             data = response.json()
         except ValueError:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from cvmotion.errors import UsageError
 from cvmotion.vmm.layout import GIB, MAX_MEMORY, MIB, MIN_MEMORY
 
-__all__ = ["CATALOG", "Sku", "find_sku", "format_size", "parse_memory"]
+__all__ = ["CATALOG", "MAX_SKU_MEMORY", "MAX_SKU_VCPUS", "Sku", "find_sku", "format_size", "parse_memory"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +40,10 @@ CATALOG: dict[str, Sku] = {
         + [Sku("Standard_EC96ias_v5", "ECasv5", 96, 672 * GIB), Sku("Standard_EC96iads_v5", "ECadsv5", 96, 672 * GIB)]
     )
 }
+
+
+MAX_SKU_MEMORY = max(sku.memory for sku in CATALOG.values())
+MAX_SKU_VCPUS = max(sku.vcpus for sku in CATALOG.values())
 
 
 def find_sku(name: str) -> Sku:

@@ -90,6 +90,13 @@ class FakeVm:
         return {"state": self.state}
 
 
+class FakePeers:
+    """Signing of host-to-host requests (``host.peers``): the answers below are scripted, so any headers do."""
+
+    def sign(self, method: str, path: str, body: bytes) -> dict[str, str]:
+        return {"x-cvmotion-signature": f"{method} {path}"}
+
+
 class FakeDaemon:
     def __init__(self, root: Path, platform: FakePlatform) -> None:
         self.dir = root
@@ -100,6 +107,7 @@ class FakeDaemon:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self.saved: list[str] = []
+        self.peers = FakePeers()
 
     def platform_client(self) -> FakePlatform:
         return self.platform
