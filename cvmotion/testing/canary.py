@@ -7,14 +7,20 @@ host's *code* never does).  Canaries are bytes that never travel through device 
 
 - the guest's VMPCK0..3, from the SNP secrets page (``SECRETS_PAGE_GPA`` + 0x20, SNP ABI "Secrets Page
   Format"): static key material; seeing one anywhere in a daemon means the daemon held a guest key;
+- keys the SP derives for the guest (``MSG_KEY_REQ``, VMRK- and VCEK-rooted), asked for over VMPCK0 exactly as
+  the guest would (``guest_key_canaries``): the host relays the request and the response, sealed;
+- the migration session keys K_f and K_b, which only the firmware and the MAs hold: tests that run the SP
+  in-process read them there (``session_key_canaries``);
 - memdirty's working set: words the guest wrote (``MemdirtyModel`` replays them), as windows spanning four
   written words (>= 128 bits only the guest's writes put there).  memdirty keeps rewriting its pages, so a
   snapshot taken early decays; ``InFlightCanaries`` instead reads, from the source's memory, the plaintext
   of pages *while their sealed bundle passes the proxy* — exactly what the stream carried encrypted.
 
-``scan_process`` reads another process's memory through ``/proc/PID/mem``: the present pages
-(``/proc/PID/pagemap``) of its readable mappings with resident memory (``/proc/PID/smaps``; file-backed
-read-only mappings hold file contents, not runtime data, and are skipped), bounded by ``max_bytes``.
+Where the untrusted side keeps bytes, a helper looks: ``find_canaries`` in relayed traffic, RPC replies and HTTP
+responses, ``scan_tree`` in a host's data directory (its logs included), ``scan_process`` in a daemon's memory
+through ``/proc/PID/mem``: the present pages (``/proc/PID/pagemap``) of its readable mappings with resident
+memory (``/proc/PID/smaps``; file-backed read-only mappings hold file contents, not runtime data, and are
+skipped), bounded by ``max_bytes``.
 """
 
 from __future__ import annotations
@@ -23,18 +29,23 @@ import contextlib
 import os
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import BinaryIO
+from pathlib import Path
+from typing import TYPE_CHECKING, BinaryIO
 
 import numpy as np
 
 from cvmotion.abi import wire
+from cvmotion.abi.guest_msg import GuestChannel, KeyReq, KeyRsp, RootKey
 from cvmotion.abi.wire import BundleType, EntryFlag
 from cvmotion.agent.vm_process import SECRETS_PAGE_GPA
 from cvmotion.errors import AbiError, UsageError
 from cvmotion.testing.adversary import Emit, Frame, MigrationProxy, Tamper
 from cvmotion.vmm.layout import MemoryLayout
+
+if TYPE_CHECKING:
+    from cvmotion.firmware.device import GuestHandle, SecureProcessor
 
 __all__ = [
     "CANARY_SIZE",
@@ -42,10 +53,13 @@ __all__ = [
     "InFlightCanaries",
     "ScanResult",
     "find_canaries",
+    "guest_key_canaries",
     "memdirty_canaries",
     "page_windows",
     "scan_process",
+    "scan_tree",
     "secrets_canaries",
+    "session_key_canaries",
     "vmpck0",
 ]
 
@@ -126,6 +140,58 @@ def secrets_canaries(tap: GuestMemoryTap) -> list[bytes]:
     if any(k == bytes(32) for k in keys):
         raise UsageError(f"no VMPCKs in a secrets page at GPA {SECRETS_PAGE_GPA:#x}")
     return keys
+
+
+def guest_key_canaries(vmpck0_key: bytes, relay: Callable[[bytes], bytes]) -> dict[str, bytes]:
+    """Keys the SP derives for the guest, asked for as the guest would: ``MSG_KEY_REQ`` sealed under VMPCK0.
+
+    ``relay`` carries the sealed request to the SP and returns its sealed response (the host's path: the
+    platform's ``guest_request``).  The channel starts at sequence number 1, so use it on a guest that has not
+    sent a guest message yet (one without a paravisor); the SP then expects the guest's next at 3.
+    """
+    channel = GuestChannel(vmpck0_key)
+    out: dict[str, bytes] = {}
+    for label, req in (
+        ("VMRK-derived key", KeyReq(root_key=RootKey.VMRK)),
+        ("VMRK-derived key (svn 1)", KeyReq(root_key=RootKey.VMRK, guest_svn=1)),
+        ("VCEK-derived key", KeyReq(root_key=RootKey.VCEK)),
+    ):
+        out[label] = KeyRsp.from_bytes(channel.open_response(relay(channel.key_request(req)))).derived_key
+    return out
+
+
+def session_key_canaries(
+    sp: SecureProcessor, *, export: GuestHandle | None = None, ref: int | None = None
+) -> dict[str, bytes]:
+    """K_f (of the export of ``export``) and K_b (of the import ``ref``) read inside an in-process SP: "hardware"
+    access the host has no protocol path to."""
+    mig = sp.migration
+    out: dict[str, bytes] = {}
+    if export is not None:
+        exp = mig._exports[export]
+        out["K_f"] = exp.k_f
+        if exp.k_b is not None:
+            out["K_b (source copy)"] = exp.k_b
+    if ref is not None:
+        imp = mig._imports[ref]
+        if imp.k_b is not None:
+            out["K_b"] = imp.k_b
+        if imp.k_f is not None:
+            out["K_f (destination copy)"] = imp.k_f
+    return out
+
+
+def scan_tree(root: Path, canaries: Sequence[bytes], *, max_file: int = 256 << 20) -> dict[int, str]:
+    """Canaries found in the regular files under ``root`` (a data directory: state, logs, sockets skipped):
+    index -> the first file that holds it."""
+    hits: dict[int, str] = {}
+    for path in sorted(root.rglob("*")):
+        with contextlib.suppress(OSError):
+            if not path.is_file() or path.is_symlink() or path.stat().st_size > max_file:
+                continue
+            for i in find_canaries([path.read_bytes()], canaries):
+                hits.setdefault(i, str(path))
+    return hits
 
 
 def find_canaries(chunks: Iterable[bytes | bytearray | memoryview], canaries: Sequence[bytes]) -> list[int]:

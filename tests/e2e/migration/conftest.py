@@ -1,12 +1,14 @@
 """Fixtures for the process-level migration tests: one vendor and pool CA per run, hosts per module, a VM per test.
 
-Everything is real: host daemons, platform processes and KVM VM processes on loopback.  Skipped cleanly
-where /dev/kvm is unusable.  All modules share one world of hosts.
+Everything is real: host daemons, platform processes and VM processes on loopback.  The VMs run on KVM where
+/dev/kvm is usable and on the emulated backend otherwise, so the adversary, fault and canary suites run
+everywhere; ``CVMOTION_E2E_BACKEND=emulated`` (or ``kvm``) forces one.  All modules share one world of hosts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,16 +17,26 @@ from mig_world import UPDATED_SNP, Victim, World
 
 from cvmotion.vmm.kvm import kvm_usable
 
+BACKEND_ENV = "CVMOTION_E2E_BACKEND"
+
+
+def e2e_backend() -> str:
+    """``$CVMOTION_E2E_BACKEND`` if set, else KVM where /dev/kvm is usable, else the emulated backend."""
+    forced = os.environ.get(BACKEND_ENV, "")
+    if forced:
+        if forced not in ("kvm", "emulated"):
+            raise pytest.UsageError(f"{BACKEND_ENV}={forced!r}: use kvm or emulated")
+        return forced
+    return "kvm" if kvm_usable()[0] else "emulated"
+
 
 @pytest.fixture(scope="session")
 def mig_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    if not kvm_usable():
-        pytest.skip("/dev/kvm is not usable here")
     return tmp_path_factory.mktemp("mig-e2e")
 
 
 def _world(root: Path, mig_root: Path, **start: int) -> Iterator[World]:
-    w = World(root, mig_root / "vendor", mig_root / "pool-ca").start(**start)
+    w = World(root, mig_root / "vendor", mig_root / "pool-ca", backend=e2e_backend()).start(**start)
     try:
         yield w
     finally:

@@ -4,7 +4,9 @@
 adversary's ``MigrationProxy`` (``--migration-advertise``).  ``Victim`` is one memdirty VM with its canaries
 and heartbeat model.  ``World.finish`` asserts what every attack and fault must end with: the VM runs on
 exactly one host (or is stopped everywhere), memory is intact and not rolled back, and no canary was ever
-visible to the untrusted side (proxy bytes, both daemons' memory).
+visible to the untrusted side: the proxy's bytes, the host API's answers, every file in the hosts' data
+directories (logs included) and both daemons' memory.  The canaries: the guest's VMPCK0..3, keys the SP
+derived for it (VMRK- and VCEK-rooted) and memdirty plaintext that crossed the wire sealed.
 """
 
 from __future__ import annotations
@@ -26,10 +28,13 @@ from cvmotion.testing.canary import (
     GuestMemoryTap,
     InFlightCanaries,
     find_canaries,
+    guest_key_canaries,
     memdirty_canaries,
     scan_process,
+    scan_tree,
     secrets_canaries,
 )
+from cvmotion.testing.hostcmd import HostCommands
 from cvmotion.testing.hosts import ApiError, HostProcess
 from cvmotion.testing.invariants import MemdirtyWatch, Placement, SafetyViolation, assert_single_instance, settle
 
@@ -67,8 +72,9 @@ def _set_firmware(host: HostProcess, snp_spl: int) -> None:
 class World:
     """host-a, host-b (behind the proxy) and the proxy; VMs are made per test."""
 
-    def __init__(self, root: Path, vendor_dir: Path, pool_ca_dir: Path) -> None:
+    def __init__(self, root: Path, vendor_dir: Path, pool_ca_dir: Path, *, backend: str = "kvm") -> None:
         self.root = root
+        self.backend = backend  # every VM made here runs on it ("kvm" or "emulated"); a migrated VM keeps it
         self.proxy = MigrationProxy(io_timeout=60.0).start()
         self.a = HostProcess("host-a", root / "a", vendor_dir, pool_ca_dir)
         self.b = HostProcess("host-b", root / "b", vendor_dir, pool_ca_dir, advertise=self.proxy.address)
@@ -114,25 +120,38 @@ class World:
     def new_vm(self, name: str, *, seed: int = 1, host: HostProcess | None = None, **create: Any) -> Victim:
         host = host or self.a
         cmdline = f"dirty_mib={DIRTY_MIB} rate=20000 hb_ms=100 seed={seed}"
-        body = {"name": name, "image": "memdirty", "memory": MEMORY, "cmdline": cmdline}
+        body = {"name": name, "image": "memdirty", "memory": MEMORY, "cmdline": cmdline, "backend": self.backend}
         host.api("POST", "/v1/vms", {**body, **create})
+        assert host.vms()[name]["backend"] == self.backend
         watch = MemdirtyWatch(DIRTY_MIB, seed)
         watch.check(host, name)
         pid = host.vm_pid(name)
         assert pid is not None
         tap = GuestMemoryTap(pid, MEMORY)
         rng = random.Random(seed)
-        canaries = secrets_canaries(tap)[:1] + memdirty_canaries(tap, dirty_mib=DIRTY_MIB, rng=rng, count=2)
+        keys = self.guest_keys(host, name, tap)
+        canaries = keys + memdirty_canaries(tap, dirty_mib=DIRTY_MIB, rng=rng, count=2)
         return Victim(name, seed, tap, watch, canaries)
+
+    @staticmethod
+    def guest_keys(host: HostProcess, name: str, tap: GuestMemoryTap) -> list[bytes]:
+        """VMPCK0..3 and keys the SP derives for the guest (asked for over VMPCK0, relayed as the host does)."""
+        vmpcks = secrets_canaries(tap)
+        handle = int(host.vms()[name]["handle"])
+        with HostCommands(host.data_dir) as cmd:
+            platform = cmd.platform()
+            derived = guest_key_canaries(vmpcks[0], lambda m: platform.call("guest_request", {"handle": handle}, m)[1])
+        return [*vmpcks, *derived.values()]
 
     def new_kv_vm(self, name: str, *, host: HostProcess | None = None) -> Victim:
         """A kvstore VM (its memory holds what clients PUT: device I/O, so its canaries are the VMPCKs)."""
         host = host or self.a
-        host.api("POST", "/v1/vms", {"name": name, "image": "kvstore", "memory": MEMORY, "cmdline": "hb_ms=100"})
+        body = {"name": name, "image": "kvstore", "memory": MEMORY, "cmdline": "hb_ms=100", "backend": self.backend}
+        host.api("POST", "/v1/vms", body)
         pid = host.vm_pid(name)
         assert pid is not None
         tap = GuestMemoryTap(pid, MEMORY)
-        return Victim(name, 0, tap, None, secrets_canaries(tap))
+        return Victim(name, 0, tap, None, self.guest_keys(host, name, tap))
 
     def drop_vm(self, victim: Victim) -> None:
         victim.tap.close()
@@ -189,6 +208,10 @@ class World:
         leaked = find_canaries(carried, canaries)
         assert not leaked, f"guest plaintext crossed the untrusted network: canaries {leaked}"
         for host in self.hosts:
+            answered = find_canaries(host.responses, canaries)
+            assert not answered, f"host {host.name}'s API answered with guest keys or plaintext: canaries {answered}"
+            stored = scan_tree(host.data_dir, canaries)
+            assert not stored, f"guest keys or plaintext in {host.name}'s data directory: {stored}"
             if not host.running():
                 continue
             scan = scan_process(host.pid, canaries)

@@ -39,7 +39,7 @@ from cvmotion.testing.tampering import (
     truncate,
 )
 
-pytestmark = [pytest.mark.kvm, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 SLOW = pytest.mark.slow  # the long tail: run with -m slow
 
 A, B = "host-a", "host-b"

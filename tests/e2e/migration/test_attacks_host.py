@@ -27,7 +27,7 @@ from cvmotion.testing.evil import EvilSource, hide_dirty_pages, swap_export_hard
 from cvmotion.testing.hostcmd import HostCommands, forge_abort_token
 from cvmotion.testing.tampering import On, bundle, control, flip, freeze, ma
 
-pytestmark = [pytest.mark.kvm, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 
 A, B = "host-a", "host-b"
 START = BundleType.START_TOKEN

@@ -27,7 +27,7 @@ from cvmotion.host.daemon import DEFAULT_GUEST_POLICY
 from cvmotion.testing.adversary import Direction, Frame
 from cvmotion.testing.tampering import On, ma, ma_hello, rewrite, rewrite_ma_hello, substitute_ratls_key
 
-pytestmark = [pytest.mark.kvm, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 
 A = "host-a"
 FACTORY = default_tcb(Product.GENOA)  # host-c's firmware

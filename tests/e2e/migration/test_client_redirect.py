@@ -13,7 +13,7 @@ from mig_world import Victim, World
 from cvmotion.abi.wire import BundleType
 from cvmotion.testing.tampering import On, bundle, freeze
 
-pytestmark = [pytest.mark.kvm, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture

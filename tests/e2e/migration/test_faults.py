@@ -24,7 +24,7 @@ from cvmotion.testing.adversary import Direction, Frame
 from cvmotion.testing.invariants import KvLedger
 from cvmotion.testing.tampering import On, bundle, control, freeze, ma
 
-pytestmark = [pytest.mark.kvm, pytest.mark.timeout(240)]
+pytestmark = pytest.mark.timeout(240)
 
 A, B = "host-a", "host-b"
 ROUNDS = {"downtime_limit_ms": 0.01, "max_rounds": 2, "auto_converge": False}  # epochs 0, 1; the pause in 2

@@ -12,7 +12,7 @@ from mig_world import MEMORY, World
 
 from cvmotion.testing.hosts import HostProcess, pid_alive
 
-pytestmark = [pytest.mark.kvm, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 
 
 def _standby_pid(host: HostProcess, *, other_than: int | None = None, timeout: float = 60.0) -> tuple[int, Path]:
@@ -38,7 +38,9 @@ def _cmdline(pid: int) -> list[str]:
 def test_a_new_vm_runs_in_the_warm_process(attack_world: World) -> None:
     host = attack_world.a
     warm, warm_dir = _standby_pid(host)
-    host.api("POST", "/v1/vms", {"name": "warm-vm", "image": "kvstore", "memory": MEMORY})
+    host.api(
+        "POST", "/v1/vms", {"name": "warm-vm", "image": "kvstore", "memory": MEMORY, "backend": attack_world.backend}
+    )
     try:
         assert host.vm_pid("warm-vm") == warm
         assert "--standby" in _cmdline(warm)
