@@ -7,14 +7,15 @@ ACTIVATE) and from then on obtains attestation reports through real, encrypted S
 (``GuestChannel``), exactly as a guest would.  Its launch digest (MEASUREMENT in every report it gets) is a
 function of the image only, and ``expected_ma_measurement()`` computes it offline so operators can pin it.
 
-The image is deterministic: ``MA_VERSION``, then every ``cvmotion/agent/*.py`` in name order (name, length,
-bytes), zero-padded to whole pages::
+The image is deterministic: ``MA_VERSION``, then every source file of the code the MA runs
+(``MEASURED_SOURCES``: the agent, the firmware it drives, abi, the attestation verifier, ipc, vmm, errors and
+files — each as its path relative to the package, length, bytes, in sorted order), zero-padded to whole pages::
 
     GPA 0x100000 + 0x1000*i   NORMAL pages: the image          (PAGE_INFO chain, SNP ABI SNP_LAUNCH_UPDATE)
     GPA 0x1000                SECRETS page (contents not measured; the SP fills it with the VMPCKs)
 
 Emulation note: there is no separate MA VM here; the MA's code runs in the platform process, and the
-"image" stands for it.  Changing any agent source file changes the measurement, as rebuilding a real MA would.
+"image" stands for it.  Changing any source file it runs changes the measurement, as rebuilding a real MA would.
 """
 
 from __future__ import annotations
@@ -36,9 +37,11 @@ __all__ = [
     "IMAGE_GPA",
     "MA_POLICY",
     "MA_VERSION",
+    "MEASURED_SOURCES",
     "SECRETS_GPA",
     "MigrationAgentIdentity",
     "expected_ma_measurement",
+    "measured_files",
     "ma_image",
 ]
 
@@ -47,16 +50,31 @@ MA_POLICY = GuestPolicy(flags=PolicyFlag.RESERVED_MBO | PolicyFlag.SMT)  # no MI
 IMAGE_GPA = 0x100000
 SECRETS_GPA = 0x1000
 _MAX_IMAGE = 16 << 20
-_SOURCE_DIR = Path(__file__).resolve().parent
+_PACKAGE_DIR = Path(__file__).resolve().parent.parent
+
+
+# Every package and module whose code the MA runs in the platform process: the agent itself, the secure
+# processor it drives (firmware), the byte formats (abi), the verifier it judges peers with (attestation), the
+# RPC and file plumbing (ipc, files) and what the SP maps guest memory with (vmm), plus the error types.
+MEASURED_SOURCES = ("abi", "agent", "attestation", "firmware", "ipc", "vmm", "errors.py", "files.py")
+
+
+def measured_files() -> list[Path]:
+    """The source files in this build's MA image, in image order (paths relative to the ``cvmotion`` package)."""
+    files: list[Path] = []
+    for name in MEASURED_SOURCES:
+        target = _PACKAGE_DIR / name
+        files += sorted(target.rglob("*.py")) if target.is_dir() else [target]
+    return [path.relative_to(_PACKAGE_DIR) for path in files]
 
 
 @functools.cache
 def ma_image() -> bytes:
-    """This build's MA image: the version string and the agent sources, page aligned (module docstring)."""
+    """This build's MA image: the version string and every measured source, page aligned (module docstring)."""
     parts = [MA_VERSION.encode() + b"\0"]
-    for path in sorted(_SOURCE_DIR.glob("*.py"), key=lambda p: p.name):
-        data = path.read_bytes()
-        parts.append(f"{path.name}\0{len(data)}\0".encode() + data)
+    for rel in measured_files():
+        data = (_PACKAGE_DIR / rel).read_bytes()
+        parts.append(f"{rel.as_posix()}\0{len(data)}\0".encode() + data)
     return _pad(b"".join(parts))
 
 

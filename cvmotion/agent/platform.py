@@ -650,13 +650,25 @@ class PlatformService:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from cvmotion.agent.provision import provision
+
     parser = argparse.ArgumentParser(prog="cvmotion-platform", description="a host's emulated AMD-SP and MA")
     parser.add_argument("--data-dir", required=True, type=Path, help="the host's data directory (chip identity)")
     parser.add_argument("--socket", required=True, type=Path)
     parser.add_argument("--vendor-dir", type=Path, help="emulated vendor (for VCEK certificates)")
     parser.add_argument("--kds", help="KDS URL for VCEK certificates (instead of --vendor-dir)")
+    parser.add_argument("--product", help="first start: the chip to manufacture (Milan, Genoa, Turin)")
+    parser.add_argument("--pool", help="first start: the pool the operator's pool CA puts this chip in")
+    parser.add_argument("--pool-ca-dir", type=Path, help="first start: the operator's pool CA (issues the credential)")
     args = parser.parse_args(argv)
     try:
+        provision(
+            args.data_dir,
+            product=args.product,
+            vendor_dir=args.vendor_dir,
+            pool=args.pool,
+            pool_ca_dir=args.pool_ca_dir,
+        )
         service = build_service(args.data_dir, vendor_dir=args.vendor_dir, kds_url=args.kds)
     except CvmError as exc:
         print(f"cvmotion-platform: {exc}", file=sys.stderr)
@@ -671,10 +683,9 @@ def main(argv: list[str] | None = None) -> int:
 
 def build_service(data_dir: Path, *, vendor_dir: Path | None, kds_url: str | None) -> PlatformService:
     """Open the host's chip, bring up its SP and its migration agent (MA)."""
-    from cryptography import x509
-
     from cvmotion.agent.platform_ma import MigrationAgentService, load_agent_config
-    from cvmotion.attestation.trust import TrustStore
+    from cvmotion.agent.provision import platform_trust
+    from cvmotion.firmware.chip import Chip
     from cvmotion.firmware.kds import Kds
     from cvmotion.firmware.kds_http import KdsClient
     from cvmotion.firmware.vendor import Vendor
@@ -688,10 +699,9 @@ def build_service(data_dir: Path, *, vendor_dir: Path | None, kds_url: str | Non
         raise UsageError("the platform needs --kds URL or --vendor-dir for VCEK certificates")
     sp = SecureProcessor.open(data_dir, endorsements=endorsements)
     service = PlatformService(sp)
-    # Real AMD roots are pinned; the emulated vendor's ARK for this product is the only other anchor (a
-    # migration never leaves the product family, so no other emulated root is needed).
-    chain = x509.load_pem_x509_certificates(endorsements.cert_chain_pem(sp.product))
-    trust = TrustStore.amd().with_anchor(chain[-1])
+    # Real AMD roots are pinned; the emulated ARK recorded when the chip was made is the only other anchor (a
+    # migration never leaves the product family), never one the KDS or vendor directory of this start offers.
+    trust = platform_trust(data_dir, Chip.load(data_dir))
     try:
         MigrationAgentService(service, load_agent_config(data_dir, trust))
     except UsageError as exc:

@@ -7,11 +7,12 @@ The untrusted host daemon relays the MAs' frames; it can start a session and del
     ma_deliver      {session_id, role} + frame                   -> {state, messages, summary | error}
 
 Replies carry frames (ciphertext inside TLS, or public HELLO/certificate data) and a public summary of the
-peer: never keys.  Configuration comes from the host's data directory (written by the operator, i.e. the
-host daemon on first start): ``pool-credential.der`` (this chip's pool credential), ``pool-ca.pem`` (the
-operator pool CA it trusts) and, optionally, ``ma-config.json``: ``policy_svn``, ``revoked_chip_ids``,
-``revoked_tcbs``, ``allowed_ma_measurements`` (hex launch digests of peer MAs this host accepts; default: this
-build's) and ``versions`` (``[min, max]`` protocol versions this MA speaks; default ``[1, 1]``).
+peer: never keys.  Configuration comes from the host's data directory (provisioned by the operator or by the
+platform process on its first start, ``agent.provision``; never by the host daemon): ``pool-credential.der``
+(this chip's pool credential), ``pool-ca.pem`` (the operator pool CA it trusts) and, optionally,
+``ma-config.json``: ``policy_svn``, ``revoked_chip_ids``, ``revoked_tcbs``, ``allowed_ma_measurements`` (hex
+launch digests of peer MAs this host accepts; default: this build's) and ``versions`` (``[min, max]``
+protocol versions this MA speaks; default ``[1, 1]``).
 """
 
 from __future__ import annotations

@@ -26,10 +26,11 @@ from cvmotion.files import PRIVATE, read_json, write_atomic, write_json
 from cvmotion.firmware.keys import SeededRandom, system_random
 from cvmotion.firmware.vendor import Vendor
 
-__all__ = ["CHIP_FILE", "Chip", "Cpuid", "FirmwareVersion", "default_tcb"]
+__all__ = ["CHIP_FILE", "TRUST_ANCHOR_FILE", "Chip", "Cpuid", "FirmwareVersion", "default_tcb"]
 
 CHIP_FILE = "chip.json"
 SECRET_FILE = "chip.secret"
+TRUST_ANCHOR_FILE = "trust-anchor.pem"  # the emulated vendor ARK of this chip's product (PEM)
 _FORMAT = 1
 
 
@@ -146,6 +147,9 @@ class Chip:
         vendor.register_chip(product, chip_id, secret)
         data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         write_atomic(data_dir / SECRET_FILE, secret, mode=PRIVATE)
+        # The maker's root, recorded at manufacturing: the emulated trust anchor this platform's migration agent
+        # accepts next to AMD's pinned ARKs (never one a KDS or the host names later).
+        write_atomic(data_dir / TRUST_ANCHOR_FILE, vendor.ark_path(product).read_bytes())
         chip.save()
         return chip
 

@@ -6,7 +6,9 @@ after a daemon restart: they outlive it), the migration engine for both directio
 
 Files under ``--data-dir``::
 
-    chip.json, chip.secret   the emulated chip's identity (created once, "at manufacturing")
+    chip.json, chip.secret   the emulated chip's identity, its trust anchor and pool credential: the platform
+    trust-anchor.pem, pool-* process's own (``agent.provision``), never written by the daemon
+    host-cert.pem, host-key.pem, peer-cas.pem   the daemon's pool-issued credential for host-to-host calls
     platform.sock            the platform process (SP + MA)
     vms/<name>/              vm.json (spec), meta.json (handle, measurement, policy), control.sock, vm.log
     standby/<id>/            a warm VM process waiting to become the next VM (``host.standby``)
@@ -141,8 +143,8 @@ class HostDaemon:
     # -- start-up -----------------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._ensure_chip()
-        self._ensure_pool_credential()
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self._ensure_host_credential()
         self.peers = PeerAuth.load(self.dir)
         self._ensure_platform()
         self.identity = self.platform_client().identity()
@@ -152,42 +154,21 @@ class HostDaemon:
         self.events.publish("HostStarted", self.host_info())
         self.standby.refill()
 
-    def _ensure_chip(self) -> None:
-        if (self.dir / "chip.json").exists():
-            return
-        from cvmotion.abi.snp import Product
-        from cvmotion.firmware.chip import Chip
-        from cvmotion.firmware.vendor import Vendor
-
-        if self.config.vendor_dir is None:
-            raise UsageError(f"{self.dir} has no chip yet: give --vendor-dir so one can be made")
-        product = Product.from_name(self.config.product)
-        Chip.create(self.dir, Vendor.open(self.config.vendor_dir), product)
-
-    def _ensure_pool_credential(self) -> None:
-        """Operator step, done here for convenience: the pool CA binds this chip to its pool."""
-        from cryptography.hazmat.primitives import serialization
-
-        from cvmotion.agent.platform_ma import POOL_CA_FILE, POOL_CREDENTIAL_FILE
-        from cvmotion.agent.pool import CA_CERT_FILE, create_pool_ca, issue_pool_credential, load_pool_ca
-        from cvmotion.firmware.chip import Chip
+    def _ensure_host_credential(self) -> None:
+        """Operator step, done here for convenience: the pool CA issues this daemon its host credential, which
+        signs its calls to other hosts (``host.peers``). The platform provisions its own chip and pool
+        credential (``agent.provision``): nothing the secure processor or the MA trusts is written here."""
+        from cvmotion.agent.pool import CA_CERT_FILE, create_pool_ca, load_pool_ca
 
         ca_dir = self.config.pool_ca_dir
-        need_pool = not (self.dir / POOL_CREDENTIAL_FILE).exists()
-        need_host = not (self.dir / HOST_CERT_FILE).exists()
-        if ca_dir is None or not (need_pool or need_host):
+        if ca_dir is None or (self.dir / HOST_CERT_FILE).exists():
             return
         now = datetime.now(UTC)
+        ca_dir.mkdir(parents=True, exist_ok=True)
         with dir_lock(ca_dir):  # two hosts starting together share one pool CA
             has_ca = (ca_dir / CA_CERT_FILE).exists()
             authority = load_pool_ca(ca_dir) if has_ca else create_pool_ca(ca_dir, now=now)
-        if need_pool:
-            chip_id = Chip.load(self.dir).chip_id
-            credential = issue_pool_credential(authority, chip_id, self.config.pool, now=now)
-            (self.dir / POOL_CREDENTIAL_FILE).write_bytes(credential.public_bytes(serialization.Encoding.DER))
-            (self.dir / POOL_CA_FILE).write_bytes(authority.cert.public_bytes(serialization.Encoding.PEM))
-        if need_host:
-            issue_host_credential(authority, self.dir, host=self.config.name, pool=self.config.pool, now=now)
+        issue_host_credential(authority, self.dir, host=self.config.name, pool=self.config.pool, now=now)
 
     def _platform_socket(self) -> Path:
         return self.dir / "platform.sock"
@@ -200,8 +181,13 @@ class HostDaemon:
         cmd = [sys.executable, "-m", "cvmotion.agent.platform", "--data-dir", str(self.dir), "--socket", str(path)]
         if self.config.kds_url:
             cmd += ["--kds", self.config.kds_url]
-        elif self.config.vendor_dir is not None:
+        if self.config.vendor_dir is not None:
             cmd += ["--vendor-dir", str(self.config.vendor_dir)]
+        # First-start provisioning is the platform's own (its chip, its pool credential): the daemon only says
+        # what the operator asked for; on later starts the platform keeps what it has.
+        cmd += ["--product", self.config.product, "--pool", self.config.pool]
+        if self.config.pool_ca_dir is not None:
+            cmd += ["--pool-ca-dir", str(self.config.pool_ca_dir)]
         log = (self.dir / "platform.log").open("ab")
         proc = subprocess.Popen(cmd, stdout=log, stderr=log, start_new_session=True)
         deadline = time.monotonic() + _SPAWN_TIMEOUT

@@ -5,7 +5,14 @@ from __future__ import annotations
 from agent_harness import Host
 
 from cvmotion.abi.snp import AttestationReport
-from cvmotion.agent.identity import MA_POLICY, MA_VERSION, MigrationAgentIdentity, expected_ma_measurement, ma_image
+from cvmotion.agent.identity import (
+    MA_POLICY,
+    MA_VERSION,
+    MigrationAgentIdentity,
+    expected_ma_measurement,
+    ma_image,
+    measured_files,
+)
 from cvmotion.firmware.launch import PAGE_SIZE
 
 
@@ -14,8 +21,12 @@ def test_image_is_deterministic_page_aligned_and_names_the_sources() -> None:
     assert image == ma_image()
     assert len(image) % PAGE_SIZE == 0
     assert image.startswith(MA_VERSION.encode() + b"\0")
-    for name in (b"identity.py\0", b"ratls.py\0", b"session.py\0", b"policy.py\0"):
+    for name in (b"agent/identity.py\0", b"agent/ratls.py\0", b"agent/session.py\0", b"agent/policy.py\0"):
         assert name in image
+    # Not only the agent: every module of code the MA runs (the SP it drives, the formats, the verifier).
+    for name in (b"firmware/migration.py\0", b"abi/wire.py\0", b"attestation/verify.py\0", b"errors.py\0"):
+        assert name in image
+    assert not any(str(path).startswith(("host/", "migration/", "cli/")) for path in measured_files())
 
 
 def test_offline_measurement_is_what_the_sp_reports(src: Host) -> None:
