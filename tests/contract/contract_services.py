@@ -29,6 +29,7 @@ from cvmotion.firmware.chip import Chip
 from cvmotion.firmware.vendor import Vendor
 
 CLI = [sys.executable, "-m", "cvmotion"]
+SECRET_HEX = "c0ffee" * 8
 START_TIMEOUT_S = 60.0
 
 
@@ -165,7 +166,7 @@ def _start_key_release(fabric: Fabric) -> Running:
     policy.write_text(RELEASE_POLICY % fabric.url("attestation"))
     made = subprocess.run(
         [*CLI, "attestation", "key-release", "create-key", "--data-dir", str(data), "--name", "data-key",
-         "--policy", str(policy), "--secret-hex", "c0ffee" * 8],
+         "--policy", str(policy), "--secret-hex", SECRET_HEX],
         capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     if made.returncode != 0:
