@@ -36,6 +36,7 @@ __all__ = [
 ]
 
 _REGISTRY = "controllers.json"
+_SAID_OWNER: list[Path] = []  # say once per process which token file a call uses
 
 
 def add_controller_args(parser: argparse.ArgumentParser, *, resource_group: bool = True) -> None:
@@ -87,7 +88,9 @@ def _token(args: argparse.Namespace, url: str) -> str:
         except OSError:
             token = None
         if token:
-            print(f"cvmotion: using the controller's local Owner token ({path})", file=sys.stderr)
+            if not _SAID_OWNER:
+                print(f"cvmotion: using the controller's local Owner token ({path})", file=sys.stderr)
+                _SAID_OWNER.append(path)
             return str(token)
     raise UsageError("no token: give --token, set CVMOTION_TOKEN, or run 'cvmotion controller token create'")
 

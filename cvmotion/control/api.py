@@ -26,7 +26,7 @@ from cvmotion.control.errors import Forbidden, InvalidRequest, RequestDisallowed
 from cvmotion.control.inventory import Heartbeat, HostRegistration
 from cvmotion.control.operations import status_of
 from cvmotion.control.policy_store import parse_scope
-from cvmotion.control.resources import VmPatch, VmPut, check_name, rg_id
+from cvmotion.control.resources import VmPatch, VmPut, check_name, rg_id, vm_id
 from cvmotion.control.service import FleetController
 from cvmotion.control.templates import expand_template
 from cvmotion.errors import Conflict, CvmError, NotFound, UsageError
@@ -239,6 +239,23 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
         ctl.wake_workers()
         return _async(base(request), {"operation": op.id, "targetHost": op.target_host}, op)
 
+    def _operation_view(op: Operation) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "id": op.id,
+            "name": op.kind.value,
+            "status": status_of(op.step).value,
+            "step": op.step.value,
+            "resourceId": op.resource_id,
+            "host": op.host,
+            "targetHost": op.target_host,
+            "migrationId": op.migration_id,
+            "attempts": op.attempts,
+            "createdAt": op.created_at,
+        }
+        if op.error_code:
+            out["error"] = {"code": op.error_code, "message": op.error_message}
+        return out
+
     @app.get("/subscriptions/{sub}/providers/Cvmotion.Fabric/operations/{op_id}")
     def operation(sub: str, op_id: str, principal: Caller) -> Any:
         def run(s: Session) -> dict[str, Any]:
@@ -246,20 +263,20 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
             op = s.get(Operation, op_id)
             if op is None or op.subscription != sub:
                 raise NotFound(f"operation {op_id} does not exist")
-            out: dict[str, Any] = {
-                "id": op.id,
-                "name": op.kind.value,
-                "status": status_of(op.step).value,
-                "step": op.step.value,
-                "resourceId": op.resource_id,
-                "host": op.host,
-                "targetHost": op.target_host,
-                "migrationId": op.migration_id,
-                "attempts": op.attempts,
-            }
-            if op.error_code:
-                out["error"] = {"code": op.error_code, "message": op.error_message}
-            return out
+            return _operation_view(op)
+
+        return ctl.transaction(run)
+
+    @app.get(_VMS + "/{name}/operations")
+    def vm_operations(sub: str, rg: str, name: str, principal: Caller) -> Any:
+        def run(s: Session) -> dict[str, Any]:
+            authorize(principal, Action.READ, sub)
+            rows = s.scalars(
+                select(Operation)
+                .where(Operation.resource_id == vm_id(sub, rg, name).lower())
+                .order_by(Operation.created_at.desc())
+            )
+            return {"value": [_operation_view(op) for op in rows]}
 
         return ctl.transaction(run)
 

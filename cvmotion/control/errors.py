@@ -8,6 +8,7 @@ UsageError (cvmotion.errors)
 └── Forbidden                   403 AuthorizationFailed: the token's role or scope does not allow the request
 CvmError
 └── HostUnreachable             a host API call failed at the transport (the worker retries with backoff)
+    └── HostBusy                the host refused for now (the VM is still settling a previous move)
 ```
 """
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 
 from cvmotion.errors import CvmError, UsageError
 
-__all__ = ["Forbidden", "HostUnreachable", "InvalidRequest", "RequestDisallowedByPolicy", "Unauthorized"]
+__all__ = ["Forbidden", "HostBusy", "HostUnreachable", "InvalidRequest", "RequestDisallowedByPolicy", "Unauthorized"]
 
 
 class InvalidRequest(UsageError):
@@ -41,3 +42,7 @@ class Forbidden(UsageError):
 
 class HostUnreachable(CvmError):
     """A host's API did not answer (connection refused, timeout): transient, retried."""
+
+
+class HostBusy(HostUnreachable):
+    """The host answered 409 to a request that will succeed once the VM settles: retried like a transient."""

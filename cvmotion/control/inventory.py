@@ -95,10 +95,13 @@ class Inventory:
                 row.state = HostState.UNAVAILABLE
                 changed.append(row.name)
                 session.add(Event(type="HostUnavailable", subject=f"/providers/{HOST_TYPE}/{row.name}", data={}))
-        reported = {h.name: set(h.reported_vms) for h in session.scalars(select(Host))}
+        reports = {h.name: (set(h.reported_vms), h.last_heartbeat) for h in session.scalars(select(Host))}
         settled = select(Vm).where(Vm.provisioning_state == ProvisioningState.SUCCEEDED, Vm.host.is_not(None))
         for vm in session.scalars(settled):
-            present = vm.host_vm_name in reported.get(vm.host or "", set())
+            names, reported_at = reports.get(vm.host or "", (set(), 0.0))
+            present = vm.host_vm_name in names
+            if reported_at <= vm.updated_at:
+                continue  # the host has not reported since the VM arrived there: nothing to compare yet
             if not present and vm.power_state is PowerState.RUNNING:
                 vm.power_state = PowerState.UNKNOWN
                 vm.status_message = f"host {vm.host} does not report this VM; under investigation"

@@ -230,10 +230,10 @@ class VmService:
 
     def migrate(self, session: Session, sub: str, rg: str, name: str, target: str | None) -> Operation:
         vm = self.get(session, sub, rg, name, lock=True)
+        self.policy.judge(session, policy_doc(vm))  # a deny is a 403 naming the assignment, not a 409
         reasons = self.ineligible(session, vm, check_destination=False)
         if reasons:
             raise Conflict(f"VM {name!r} cannot be live-migrated: {'; '.join(reasons)}")
-        self.policy.judge(session, policy_doc(vm))
         if target is not None:
             host = self.inventory.get(session, target)
             # The named destination is judged like any placement; a deny names the assignment.

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import base64
 import logging
+import os
+import signal
 import threading
 import time
 from collections.abc import Callable
@@ -22,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from cvmotion.agent.policy import MigrationPolicy
 from cvmotion.control.db import Event, Host, Operation, Vm
-from cvmotion.control.errors import HostUnreachable
+from cvmotion.control.errors import HostBusy, HostUnreachable
 from cvmotion.control.hostclient import HostApi
 from cvmotion.control.operations import NEXT_STEPS, OperationKind, Step
 from cvmotion.control.resources import PowerState, ProvisioningState
@@ -35,6 +37,23 @@ _DONE = (Step.SUCCEEDED, Step.FAILED)
 _MAX_ATTEMPTS = 8
 _RUNNING = "running"
 _VM_DEAD = ("stopped", "lost", "failed", "decommissioned")
+_BOOT_TIMEOUT = 120.0
+# Fault injection for the crash tests: the file this names holds a point such as "Create:HostRequested"
+# (the step is durable, the host not asked yet) or "Migrate:HostAnswered" (the host acted, the controller
+# has not recorded it); at that point the process removes the file and SIGKILLs itself.  Unset in production.
+_KILL_FILE = os.environ.get("CVMOTION_FAULT_KILL_FILE")
+
+
+def _fault(point: str) -> None:
+    if not _KILL_FILE:
+        return
+    try:
+        armed = open(_KILL_FILE).read().strip()  # noqa: SIM115 - a one-shot read on a test-only path
+    except OSError:
+        return
+    if armed == point:
+        os.unlink(_KILL_FILE)
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 class LostClaim(Exception):
@@ -81,7 +100,10 @@ class Worker:
                 raise LostClaim(op_id)
             op.lease_until = time.time() + self.lease
             op.updated_at = time.time()
-            return body(session, op)
+            result = body(session, op)
+            point = f"{op.kind.value}:{op.step.value}"
+        _fault(point)
+        return result
 
     def _advance(self, session: Session, op: Operation, step: Step, **fields: Any) -> None:
         allowed = NEXT_STEPS[op.kind].get(op.step, frozenset())
@@ -188,20 +210,33 @@ class Worker:
                 raise
             except CvmError as exc:
                 raise _Failed("HostRefused", str(exc)) from None
-        state = str((found or {}).get("state", ""))
-        if state in _VM_DEAD or not found:
+        _fault("Create:HostAnswered")
+        state = self._await_running(op_id, api, vm.host_vm_name, found)
+        if state != _RUNNING:
             raise _Failed("VmFailed", f"the VM is {state or 'missing'} on host {host.name}")
 
         def done(session: Session, op: Operation) -> None:
             row = session.get(Vm, op.resource_id)
             if row is not None:
                 row.provisioning_state = ProvisioningState.SUCCEEDED
-                row.power_state = PowerState.RUNNING if state == _RUNNING else PowerState.STARTING
+                row.power_state = PowerState.RUNNING
                 row.status_message = ""
+                row.updated_at = time.time()
                 session.add(Event(type="VmCreated", subject=row.id, data={"host": host.name}))
             self._advance(session, op, Step.SUCCEEDED)
 
         self._txn(op_id, done)
+
+    def _await_running(self, op_id: str, api: HostApi, name: str, found: dict[str, Any] | None) -> str:
+        """Poll the host (bounded, renewing the lease) until the VM runs or is dead; its last state."""
+        deadline = time.monotonic() + _BOOT_TIMEOUT
+        state = str((found or {}).get("state", ""))
+        while found is not None and state not in (_RUNNING, *_VM_DEAD) and time.monotonic() < deadline:
+            self._txn(op_id, lambda _s, _op: None)
+            time.sleep(0.05)
+            found = api.get_vm(name)
+            state = str((found or {}).get("state", ""))
+        return state
 
     def _delete(self, op_id: str) -> None:
         def requested(session: Session, op: Operation) -> None:
@@ -218,6 +253,7 @@ class Worker:
             raise
         except CvmError as exc:
             raise _Failed("HostRefused", str(exc)) from None
+        _fault("Delete:HostAnswered")
 
         def done(session: Session, op: Operation) -> None:
             row = session.get(Vm, op.resource_id)
@@ -248,9 +284,12 @@ class Worker:
                     )
                 except (HostUnreachable, _Failed):
                     raise
+                except Conflict as exc:
+                    raise HostBusy(str(exc)) from None  # e.g. a failed move still releasing the VM
                 except CvmError as exc:
                     raise _Failed("MigrationRefused", str(exc)) from None
                 mig_id = str(started["migration"])
+                _fault("Migrate:HostAnswered")
             recorded = mig_id
             self._txn(op_id, lambda s, op: self._advance(s, op, Step.MIGRATING, migration_id=recorded))
         self._await_migration(op_id, src_api, dst_api, vm, dest, mig_id)
@@ -290,6 +329,7 @@ class Worker:
                 row.provisioning_state = ProvisioningState.SUCCEEDED
                 row.power_state = PowerState.RUNNING
                 row.attestation = {"chipId": dest.chip_id, "product": dest.product}
+                row.updated_at = time.time()
                 data = {"from": op.host, "to": dest.name, "migration": op.migration_id}
                 if stats is not None:
                     data |= {"total-time": stats.get("total-time"), "downtime": stats.get("downtime")}

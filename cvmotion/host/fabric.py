@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import httpx
 
@@ -63,11 +63,12 @@ class LocalFabric:
 
     # -- processes ---------------------------------------------------------------------------------
 
-    def _spawn(self, name: str, args: list[str]) -> tuple[subprocess.Popen[bytes], IO[bytes]]:
-        log = (self.root / f"{name}.log").open("wb")
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        # The child keeps its own descriptor of the log; the parent's copy is closed at once.
+        with (self.root / f"{name}.log").open("wb") as log:
+            proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
         self._procs.append(proc)
-        return proc, log
+        return proc
 
     def _wait_url(self, name: str, proc: subprocess.Popen[bytes]) -> str:
         path = self.root / f"{name}.log"
@@ -90,10 +91,10 @@ class LocalFabric:
         # The emulated vendor's roots for this product exist before anyone is asked to trust them.
         Vendor.open(self.vendor_dir).roots(Product.from_name(self.product))
         kds = _cvmotion("kds", "serve", "--vendor-dir", str(self.vendor_dir), "--listen", "127.0.0.1:0")
-        proc, _ = self._spawn("kds", kds)
+        proc = self._spawn("kds", kds)
         self.kds_url = self._wait_url("kds", proc)
         att_dir = self.root / "attestation"
-        proc, _ = self._spawn(
+        proc = self._spawn(
             "attestation",
             _cvmotion(
                 "attestation", "serve", "--data-dir", str(att_dir), "--listen", "127.0.0.1:0",
@@ -130,7 +131,7 @@ class LocalFabric:
         )  # fmt: skip
         if created.returncode != 0:
             raise UsageError(f"key-release create-key failed: {created.stderr.decode(errors='replace')}")
-        proc, _ = self._spawn(
+        proc = self._spawn(
             "key-release",
             _cvmotion("attestation", "key-release", "serve", "--data-dir", str(kr_dir), "--listen", "127.0.0.1:0"),
         )
@@ -150,7 +151,7 @@ class LocalFabric:
         if self.key_release_url:
             args += ["--key-release", self.key_release_url]
         args += extra or []
-        proc, _ = self._spawn(name, args)
+        proc = self._spawn(name, args)
         url = self._wait_url(name, proc)
         host = FabricHost(
             name, url, data_dir, proc, httpx.get(f"{url}/v1/host", timeout=10, verify=default_ssl_context()).json()
