@@ -44,7 +44,8 @@ GuestHandle = NewType("GuestHandle", int)
 MAX_GUESTS = 509  # SNP ASIDs on Milan/Genoa (CPUID Fn8000_001F ECX minus the SEV-ES range): RESOURCE_LIMIT beyond
 _MAX_GPA = 1 << 52
 # Op-states in which the host may destroy a guest: a runnable guest (the owner deletes the VM) or a failed import.
-_DECOMMISSIONABLE = frozenset({OpState.RUNNABLE, OpState.FAILED, OpState.MEMORY_IMPORT, OpState.STATE_IMPORT})
+# An import in progress is given up with import_discard, which fails it too (no commit receipt can follow).
+_DECOMMISSIONABLE = frozenset({OpState.RUNNABLE, OpState.FAILED})
 _VLEK_FILE, _VLEK_CERT_FILE = "vlek.bin", "vlek.der"
 
 
@@ -368,8 +369,8 @@ class SecureProcessor:
         """SNP_DECOMMISSION: destroy the context and its keys.
 
         Refused while the context may be the only copy of a migrating guest: during an export (LIVE, PAUSED or
-        POST_EXPORT: abort first, or finish with the destination's commit receipt) and once an import has
-        committed but is not running yet (POST_IMPORT: the frozen source waits for that guest's receipt).
+        POST_EXPORT: abort first, or finish with the destination's commit receipt) and during an import
+        (MEMORY/STATE_IMPORT: ``import_discard`` fails it; POST_IMPORT: the frozen source waits for its receipt).
         """
         with self._lock:
             ctx = self._guest(handle)
