@@ -1,6 +1,7 @@
 # cvmotion: two entry points for a fresh Linux machine with python3, gcc and make.
 #   make demo   set up .venv, build the guests, run the main job
 #   make test   set up .venv, build the guests, run the whole suite (lint, types, layers, tests)
+#   make mutants  disable each listed security check in turn; every one must fail a default-suite test
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -18,7 +19,7 @@ GUEST_IMAGES := $(addprefix $(GUEST_OUT)/,$(addsuffix .elf,$(GUEST_NAMES)))
 NATIVE_CC  ?= gcc
 NATIVE_LIB := build/native/libcvmgcm.so
 
-.PHONY: all venv guests native demo test lint bench clean
+.PHONY: all venv guests native demo test lint bench mutants clean
 all: guests native venv
 
 $(STAMP): pyproject.toml
@@ -49,8 +50,8 @@ demo: venv guests native
 	$(VENV)/bin/cvmotion demo
 
 lint: venv
-	$(VENV)/bin/ruff check cvmotion tests bench
-	$(VENV)/bin/ruff format --check cvmotion tests bench
+	$(VENV)/bin/ruff check cvmotion tests bench tools
+	$(VENV)/bin/ruff format --check cvmotion tests bench tools
 	$(VENV)/bin/mypy
 	$(VENV)/bin/lint-imports
 
@@ -59,6 +60,10 @@ test: venv guests native lint
 
 bench: venv guests native
 	$(PY) bench/run_all.py
+
+# Not part of `make test` (about 10 minutes): the mutation check of tools/mutant_checks.py.
+mutants: venv guests native
+	$(PY) tools/mutants.py
 
 clean:
 	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -185,3 +185,10 @@ def fill_guest(guest: LaunchedGuest, rng: random.Random) -> bytes:
     guest.hw.guest_write(0x250 << 12, canary)
     guest.hw.guest_write(0x310 << 12, bytes(PAGE_SIZE))  # populated but zero: travels as a flag
     return canary
+
+
+def filled_session(vendor: Vendor, data_dir: Path, seed: int) -> Session:
+    """A launched guest with a working set (``fill_guest``) and a fresh destination SP: one migration to drive."""
+    src = launch_guest(new_sp(vendor, data_dir / "a"))
+    fill_guest(src, random.Random(seed))
+    return Session(src=src, dst_sp=new_sp(vendor, data_dir / "b"))

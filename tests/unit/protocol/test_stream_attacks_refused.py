@@ -14,7 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from mig_harness import Bundle, Session, fill_guest, launch_guest, new_sp
+from mig_harness import Bundle, Session, filled_session
 from test_migration_firmware import ATTACKS, _first, _memory_with_data
 
 from cvmotion.abi.wire import BundleHeader, BundleType
@@ -72,9 +72,7 @@ def test_every_attack_has_an_expected_outcome() -> None:
 
 @pytest.fixture
 def session(emulated_vendor: Vendor, tmp_path: Path) -> Session:
-    src = launch_guest(new_sp(emulated_vendor, tmp_path / "a"))
-    fill_guest(src, random.Random(7))
-    return Session(src=src, dst_sp=new_sp(emulated_vendor, tmp_path / "b"))
+    return filled_session(emulated_vendor, tmp_path, 7)
 
 
 @pytest.mark.parametrize(("name", "attack"), ATTACKS, ids=[n for n, _ in ATTACKS])

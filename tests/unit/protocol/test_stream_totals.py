@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 import pytest
-from mig_harness import Bundle, Session, fill_guest, launch_guest, new_sp
+from mig_harness import Bundle, Session, filled_session
 
 from cvmotion.abi.wire import BundleHeader, BundleType
 from cvmotion.errors import IntegrityError
@@ -23,9 +23,7 @@ pytestmark = pytest.mark.timeout(60)
 
 @pytest.fixture
 def session(emulated_vendor: Vendor, tmp_path: Path) -> Session:
-    src = launch_guest(new_sp(emulated_vendor, tmp_path / "a"))
-    fill_guest(src, random.Random(11))
-    return Session(src=src, dst_sp=new_sp(emulated_vendor, tmp_path / "b"))
+    return filled_session(emulated_vendor, tmp_path, 11)
 
 
 def _populated(s: Session) -> list[int]:
