@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -43,6 +43,7 @@ from cvmotion.host.events import EventBus
 from cvmotion.host.peers import HOST_CERT_FILE, PeerAuth, issue_host_credential
 from cvmotion.host.recovery import Recovery
 from cvmotion.host.standby import StandbyPool
+from cvmotion.host.store import GONE, VmRecord, VmState, VmStore
 from cvmotion.ipc.http_client import default_ssl_context
 from cvmotion.ipc.names import check_name
 from cvmotion.ipc.rpc import RpcError
@@ -51,7 +52,7 @@ from cvmotion.migration.clients import PlatformClient, VmClient
 from cvmotion.migration.options import MigrationOptions
 from cvmotion.migration.receiver import Receiver
 from cvmotion.migration.sender import Destination, Sender, new_migration_id
-from cvmotion.migration.stats import MigrationStats, MigrationStatus
+from cvmotion.migration.stats import MigrationOutcome, MigrationStats, MigrationStatus, Verdict
 from cvmotion.vmm.images import image_path
 from cvmotion.vmm.workloads import KvOp, KvStats, KvStatus, decode_response, encode_request
 
@@ -81,37 +82,6 @@ class HostConfig:
     standby: bool = True  # keep one warm VM process for the next VM (launch or incoming migration)
 
 
-@dataclass
-class VmRecord:
-    """What the daemon knows of one VM (persisted as meta.json)."""
-
-    name: str
-    spec: VmSpec
-    client: VmClient | None = None
-    handle: int | None = None
-    measurement: str = ""
-    policy: int = DEFAULT_GUEST_POLICY
-    migration_policy: str = ""  # base64 of the canonical MigrationPolicy document (bound by HOST_DATA)
-    state: str = "creating"
-    created_at: float = field(default_factory=time.time)
-    migrations: list[str] = field(default_factory=list)
-    pending_recovery: dict[str, Any] | None = None
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def meta(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "handle": self.handle,
-            "measurement": self.measurement,
-            "policy": self.policy,
-            "migration_policy": self.migration_policy,
-            "state": self.state,
-            "created_at": self.created_at,
-            "migrations": self.migrations,
-            "pending_recovery": self.pending_recovery,
-        }
-
-
 class HostDaemon:
     """One host. Thread-safe; the API layer calls it from worker threads."""
 
@@ -119,7 +89,7 @@ class HostDaemon:
         self.config = config
         self.dir = config.data_dir
         self.dir.mkdir(parents=True, exist_ok=True)
-        (self.dir / "vms").mkdir(exist_ok=True)
+        self.store = VmStore(self.dir / "vms")
         self.events = EventBus(f"/hosts/{config.name}", self.dir / "events.jsonl")
         self.vms: dict[str, VmRecord] = {}
         self.migrations: dict[str, MigrationStats] = {}
@@ -209,31 +179,19 @@ class HostDaemon:
 
     def _reattach(self) -> None:
         """Find VM processes that outlived a previous daemon, take them over and settle half-done migrations."""
-        for vm_dir in sorted((self.dir / "vms").iterdir()):
-            meta_path = vm_dir / "meta.json"
-            sock = vm_dir / "control.sock"
-            if not meta_path.exists() or not (vm_dir / "vm.json").exists():
-                continue
-            spec = VmSpec.from_json((vm_dir / "vm.json").read_text())
-            meta = json.loads(meta_path.read_text())
-            if meta.get("state") in ("migrated", "deleted"):
-                continue  # gone from this host (its directory stays for the record)
-            record = VmRecord(name=spec.name, spec=spec)
-            for key in ("handle", "measurement", "policy", "migration_policy", "state", "created_at", "migrations"):
-                if key in meta:
-                    setattr(record, key, meta[key])
-            record.pending_recovery = meta.get("pending_recovery")
+        for record in self.store.load_all():
+            spec, persisted = record.spec, record.state
+            sock = self.store.vm_dir(spec.name) / "control.sock"
             try:
                 record.client = VmClient.connect(spec.name, str(sock), self._vm_calls)
-                info = record.client.info()
-                record.state = info["state"]
+                record.state = VmState.parse(record.client.info()["state"])
             except (CvmError, OSError):
                 record.client = None
-                record.state = "lost" if record.state not in ("migrated", "stopped") else record.state
+                record.state = VmState.STOPPED if persisted is VmState.STOPPED else VmState.LOST
             self.vms[spec.name] = record
             self.events.publish("VmReattached", {"vm": spec.name, "state": record.state}, subject=spec.name)
             try:
-                if meta.get("state") == "incoming":
+                if persisted is VmState.INCOMING:
                     self.recovery.resolve_import(record)
                 else:
                     # A daemon that died mid-migration left the firmware in an export state: finish it safely.
@@ -346,10 +304,7 @@ class HostDaemon:
         raise UsageError(f"VM {spec.name!r} did not come up within {_SPAWN_TIMEOUT:.0f} s")
 
     def _save(self, record: VmRecord) -> None:
-        path = self.dir / "vms" / record.name / "meta.json"
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record.meta(), indent=2))
-        tmp.replace(path)
+        self.store.save(record)
 
     def create_vm(
         self,
@@ -400,7 +355,7 @@ class HostDaemon:
             record.measurement = str(launched["measurement"])
             record.client.call("bind", {"handle": record.handle})
             record.client.call("start")
-            record.state = "running"
+            record.state = VmState.RUNNING
             self._save(record)
         except BaseException:
             with self._lock:
@@ -430,7 +385,7 @@ class HostDaemon:
             with contextlib.suppress(CvmError):
                 live = record.client.info()
         state = record.state
-        if live and record.state in ("running", "creating", "paused"):
+        if live and record.state in (VmState.RUNNING, VmState.CREATING, VmState.PAUSED):
             state = live.get("state", state)
         return {
             "name": record.name,
@@ -450,7 +405,7 @@ class HostDaemon:
         }
 
     def list_vms(self) -> list[dict[str, Any]]:
-        return [self.vm_info(r) for r in list(self.vms.values()) if r.state not in ("migrated", "deleted")]
+        return [self.vm_info(r) for r in list(self.vms.values()) if r.state not in GONE]
 
     def delete_vm(self, name: str) -> None:
         record = self.get_vm(name)
@@ -460,7 +415,7 @@ class HostDaemon:
         if record.handle is not None:
             with contextlib.suppress(CvmError):
                 self.platform_client().call("decommission", {"handle": record.handle})
-        record.state = "deleted"
+        record.state = VmState.DELETED
         self._save(record)
         with self._lock:
             self.vms.pop(name, None)
@@ -473,7 +428,7 @@ class HostDaemon:
             self._raise_if_moved(name)
             raise
         # A VM being migrated keeps serving I/O until the switchover pauses it (that is the point of live migration).
-        if record.client is None or record.state not in ("running", "migrating"):
+        if record.client is None or record.state not in (VmState.RUNNING, VmState.MIGRATING):
             raise Conflict(f"VM {name!r} is not running here (state: {record.state})")
         try:
             kv_op = KvOp[op.upper()]
@@ -506,7 +461,7 @@ class HostDaemon:
     @staticmethod
     def _wait_for_migration(record: VmRecord, timeout: float) -> None:
         """Until the record's migration (if any) has settled; the lock is held for its whole run."""
-        if record.state == "migrating" and record.lock.acquire(timeout=timeout):
+        if record.state is VmState.MIGRATING and record.lock.acquire(timeout=timeout):
             record.lock.release()
 
     def attestation(self, name: str) -> dict[str, Any]:
@@ -527,7 +482,7 @@ class HostDaemon:
     def migrate(self, name: str, destination_url: str, options: MigrationOptions) -> MigrationStats:
         """Start a live migration of ``name`` to the host daemon at ``destination_url``; returns at once."""
         record = self.get_vm(name)
-        if record.client is None or record.handle is None or record.state != "running":
+        if record.client is None or record.handle is None or record.state is not VmState.RUNNING:
             raise Conflict(f"VM {name!r} is not running here (state: {record.state})")
         if not record.lock.acquire(blocking=False):
             raise Conflict(f"VM {name!r} is already migrating")
@@ -551,7 +506,7 @@ class HostDaemon:
                 session_id=session_id,
             )
             record.migrations.append(mig_id)
-            record.state = "migrating"
+            record.state = VmState.MIGRATING
             # Written before anything can freeze the VM, so a restarted daemon knows whom to ask.
             record.pending_recovery = {
                 "migration": mig_id,
@@ -608,17 +563,17 @@ class HostDaemon:
                 destination = (record.pending_recovery or {}).get("destination")
                 if isinstance(destination, str):
                     self.moved[record.name] = destination.rstrip("/")
-                record.state = "migrated"
+                record.state = VmState.MIGRATED
                 record.pending_recovery = None
                 record.client = None
-            elif stats.outcome == "resumed on source":
-                record.state = "running"
+            elif stats.outcome is MigrationOutcome.RESUMED_ON_SOURCE:
+                record.state = VmState.RUNNING
                 record.pending_recovery = None
             else:
-                record.state = "paused (awaiting destination)"
+                record.state = VmState.AWAITING_DESTINATION
                 self.recovery.start_polling(record)
             self._save(record)
-            if record.state == "migrated":
+            if record.state is VmState.MIGRATED:
                 with self._lock:
                     self.vms.pop(record.name, None)
         finally:
@@ -634,7 +589,7 @@ class HostDaemon:
             raise UsageError(f"spec.name {body['spec']['name']!r} is not the VM {name!r} being migrated")
         with self._lock:
             existing = self.vms.get(name)
-            if existing is not None and existing.state not in ("migrated", "deleted"):
+            if existing is not None and existing.state not in GONE:
                 raise Conflict(f"a VM named {name!r} already exists on host {self.config.name}")
         spec_data = dict(body["spec"])
         spec_data["mode"] = "incoming"
@@ -654,13 +609,13 @@ class HostDaemon:
             policy=int(body.get("policy", DEFAULT_GUEST_POLICY)),
             migration_policy=str(body.get("migration_policy", "")),
             measurement=str(body.get("measurement", "")),
-            state="incoming",
+            state=VmState.INCOMING,
         )
         record.migrations.append(mig_id)
         with self._lock:
             self.vms[name] = record
         self._save(record)
-        self.recovery.store.put(mig_id, name, "in-progress")
+        self.recovery.store.put(mig_id, name, Verdict.IN_PROGRESS)
 
         def events(kind: str, data: dict[str, Any]) -> None:
             # A verdict is persisted before it is published, so /outcome survives a daemon restart.
@@ -701,7 +656,7 @@ class HostDaemon:
         self.standby.refill()  # the host is quiet again: the next VM's process can start now
         if receiver.committed.is_set():
             record.handle = receiver.handle
-            record.state = "running"
+            record.state = VmState.RUNNING
             self._save(record)
             self.events.publish(
                 "VmArrived",
@@ -709,7 +664,7 @@ class HostDaemon:
                 subject=record.name,
             )
         else:
-            record.state = "deleted"
+            record.state = VmState.DELETED
             self._save(record)
             with self._lock:
                 if self.vms.get(record.name) is record:

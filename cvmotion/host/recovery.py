@@ -41,11 +41,12 @@ from typing import TYPE_CHECKING, Any
 import httpx
 
 from cvmotion.errors import CvmError, NotFound
+from cvmotion.host.store import VmRecord, VmState
 from cvmotion.ipc.http_client import default_ssl_context
-from cvmotion.migration.stats import MigrationStatus
+from cvmotion.migration.stats import MigrationOutcome, MigrationStatus, Verdict
 
 if TYPE_CHECKING:
-    from cvmotion.host.daemon import HostDaemon, VmRecord
+    from cvmotion.host.daemon import HostDaemon
 
 __all__ = ["OutcomeStore", "Recovery"]
 
@@ -69,14 +70,14 @@ class OutcomeStore:
             raise NotFound(f"no incoming migration {mig_id!r} on this host")
         return self.dir / f"{mig_id}.json"
 
-    def put(self, mig_id: str, vm: str, state: str, token: bytes | None = None) -> None:
+    def put(self, mig_id: str, vm: str, state: Verdict, token: bytes | None = None) -> None:
         doc: dict[str, Any] = {"migration": mig_id, "vm": vm, "state": state, "at": time.time()}
         if token is not None:
             doc["token"] = base64.b64encode(token).decode()
         path = self._path(mig_id)
         with self._lock:
             old = self.get(mig_id)
-            if old is not None and old["state"] in ("committed", "aborted") and state != old["state"]:
+            if old is not None and old["state"] in (Verdict.COMMITTED, Verdict.ABORTED) and state != old["state"]:
                 # A verdict never changes once given (the firmware could not produce the other one).
                 log.error("incoming migration %s: refusing to replace verdict %s by %s", mig_id, old["state"], state)
                 return
@@ -130,9 +131,9 @@ class Recovery:
         self._vm(record, "throttle", {"pct": 0})
         if record.client is not None and record.client.info().get("state") != "running":
             record.client.call("resume")
-        record.state = "running"
+        record.state = VmState.RUNNING
 
-    def _stats(self, record: VmRecord, status: MigrationStatus, outcome: str) -> None:
+    def _stats(self, record: VmRecord, status: MigrationStatus, outcome: MigrationOutcome) -> None:
         mig_id = (record.pending_recovery or {}).get("migration")
         stats = self.daemon.migrations.get(str(mig_id))
         if stats is not None:
@@ -142,14 +143,14 @@ class Recovery:
         """The export was aborted (before the start token, or with the destination's abort token): the VM runs
         here again and no migration is pending."""
         self._resume(record)
-        self._stats(record, MigrationStatus.FAILED, "resumed on source")
+        self._stats(record, MigrationStatus.FAILED, MigrationOutcome.RESUMED_ON_SOURCE)
         record.pending_recovery = None
         self.daemon._save(record)
         self._event(kind, record, **data)
 
     def _migrated(self, record: VmRecord) -> None:
         self._vm(record, "stop")
-        record.state = "migrated"
+        record.state = VmState.MIGRATED
         record.client = None
         record.pending_recovery = None
         self.daemon._save(record)
@@ -170,7 +171,7 @@ class Recovery:
         except CvmError:
             if record.pending_recovery:
                 # The guest context is gone: export_finish ran, the destination had committed.
-                self._event("MigrationRecovered", record, outcome="committed", how="guest already decommissioned")
+                self._event("MigrationRecovered", record, outcome=Verdict.COMMITTED, how="guest already decommissioned")
                 self._migrated(record)
             return
         state = str(platform.call("export_status", handle)[0]["state"])
@@ -178,7 +179,7 @@ class Recovery:
             platform.call("export_abort", handle)
             self._resumed(record, "MigrationAbortedAfterRestart", op_state=state)
         elif state == "POST_EXPORT":
-            record.state = "paused (awaiting destination)"
+            record.state = VmState.AWAITING_DESTINATION
             self.daemon._save(record)
             if record.pending_recovery:
                 self.start_polling(record)
@@ -229,15 +230,15 @@ class Recovery:
         platform = self.daemon.platform_client()
         handle = {"handle": record.handle}
         state = outcome.get("state")
-        if state == "committed" and isinstance(outcome.get("token"), str):
+        if state == Verdict.COMMITTED and isinstance(outcome.get("token"), str):
             # The commit receipt: the firmware decommissions only if it verifies under K_b (else it raises).
             receipt = base64.b64decode(str(outcome["token"]), validate=True)
             platform.call("export_finish", handle, receipt)
-            self._stats(record, MigrationStatus.COMPLETED, "running on destination")
-            self._event("MigrationRecovered", record, outcome="committed")
+            self._stats(record, MigrationStatus.COMPLETED, MigrationOutcome.RUNNING_ON_DESTINATION)
+            self._event("MigrationRecovered", record, outcome=Verdict.COMMITTED)
             self._migrated(record)
             return True
-        if state == "aborted" and isinstance(outcome.get("token"), str):
+        if state == Verdict.ABORTED and isinstance(outcome.get("token"), str):
             token = base64.b64decode(str(outcome["token"]), validate=True)
             platform.call("export_abort_with_token", handle, token)
             self._resumed(record, "MigrationRecovered", outcome="resumed")
@@ -269,11 +270,11 @@ class Recovery:
                 with contextlib.suppress(CvmError):
                     token = platform.call("import_abort", {"vm": record.name})[1]
             if mig_id:
-                self.store.put(mig_id, record.name, "aborted" if token else "failed", token)
+                self.store.put(mig_id, record.name, Verdict.ABORTED if token else Verdict.FAILED, token)
             self._vm(record, "stop")
             with contextlib.suppress(CvmError):
                 platform.call("import_discard", {"vm": record.name})
-            record.state = "deleted"
+            record.state = VmState.DELETED
             record.client = None
             self.daemon._save(record)
             with self.daemon._lock:
@@ -282,20 +283,20 @@ class Recovery:
 
     def _committed(self, record: VmRecord, mig_id: str, how: str, receipt: bytes) -> None:
         if mig_id:
-            self.store.put(mig_id, record.name, "committed", receipt)
+            self.store.put(mig_id, record.name, Verdict.COMMITTED, receipt)
         if record.client is not None:
             self._resume(record)
-        record.state = "running" if record.client is not None else "lost"
+        record.state = VmState.RUNNING if record.client is not None else VmState.LOST
         self.daemon._save(record)
-        self._event("MigrationRecovered", record, migration=mig_id, outcome="committed", how=how)
+        self._event("MigrationRecovered", record, migration=mig_id, outcome=Verdict.COMMITTED, how=how)
 
     def incoming_event(self, record: VmRecord, mig_id: str, kind: str, data: dict[str, Any], token: Any) -> None:
         """Persist a verdict the moment the receiver reaches it (before anyone is told)."""
         if kind == "MigrationCommitted":
-            self.store.put(mig_id, record.name, "committed", token if isinstance(token, bytes) else None)
+            self.store.put(mig_id, record.name, Verdict.COMMITTED, token if isinstance(token, bytes) else None)
             record.handle = int(data["handle"]) if data.get("handle") is not None else record.handle
-            record.state = "running"
+            record.state = VmState.RUNNING
             self.daemon._save(record)
         elif kind == "MigrationImportFailed":
             blob = token if isinstance(token, bytes) else None
-            self.store.put(mig_id, record.name, "aborted" if blob else "failed", blob)
+            self.store.put(mig_id, record.name, Verdict.ABORTED if blob else Verdict.FAILED, blob)

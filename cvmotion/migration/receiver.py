@@ -29,7 +29,7 @@ from cvmotion.migration.channel import FrameKind, FrameSocket
 from cvmotion.migration.clients import PlatformClient, Ring, VmClient
 from cvmotion.migration.options import MigrationOptions
 from cvmotion.migration.pipeline import Arrival, IncomingStream
-from cvmotion.migration.stats import MigrationStats, MigrationStatus
+from cvmotion.migration.stats import MigrationOutcome, MigrationStats, MigrationStatus, Verdict
 
 __all__ = ["Receiver"]
 
@@ -237,7 +237,7 @@ class Receiver:
                 # never forked); say so loudly, the operator (or a daemon restart) activates it.
                 log.exception("migration %s: committed but activation failed", self.stats.id)
                 self.stats.error = f"committed, activation failed: {exc}"
-                self.stats.outcome = "committed; destination VM not running"
+                self.stats.outcome = MigrationOutcome.COMMITTED_NOT_RUNNING
                 self.emit("MigrationActivationFailed", {"id": self.stats.id, "error": str(exc)})
             finally:
                 self._commit_done.set()
@@ -253,7 +253,7 @@ class Receiver:
         self.resumed_at = time.monotonic()
         self._phases["resumed"] = (self.resumed_at - t0) * 1000
         self.stats.status = MigrationStatus.COMPLETED
-        self.stats.outcome = "running on destination"
+        self.stats.outcome = MigrationOutcome.RUNNING_ON_DESTINATION
         receipt = base64.b64encode(self.commit_receipt).decode()
         self._send_control({"type": "committed", "handle": self.handle, "phases": self._phases, "receipt": receipt})
         self.emit("MigrationCommitted", {"id": self.stats.id, "vm": self.stats.vm, "handle": self.handle})
@@ -281,7 +281,7 @@ class Receiver:
         if self.abort_token is not None:
             token = base64.b64encode(self.abort_token).decode()
             self._send_control({"type": "aborted", "reason": reason, "token": token})
-        s.outcome = "import failed; source may resume with the abort token"
+        s.outcome = MigrationOutcome.IMPORT_FAILED
         self.emit("MigrationImportFailed", {"id": s.id, "error": reason, "kind": s.error_kind})
         for stream in self._streams:
             stream.stop()
@@ -320,8 +320,8 @@ class Receiver:
                 with contextlib.suppress(CvmError):
                     receipt = self.platform.call("import_commit_receipt", {"vm": self.stats.vm})[1]
             if receipt is None:
-                return {"state": "in-progress"}
-            return {"state": "committed", "token": base64.b64encode(receipt).decode()}
+                return {"state": Verdict.IN_PROGRESS}
+            return {"state": Verdict.COMMITTED, "token": base64.b64encode(receipt).decode()}
         if self.failed.is_set() and self.abort_token is not None:
-            return {"state": "aborted", "token": base64.b64encode(self.abort_token).decode()}
-        return {"state": "in-progress"}
+            return {"state": Verdict.ABORTED, "token": base64.b64encode(self.abort_token).decode()}
+        return {"state": Verdict.IN_PROGRESS}

@@ -38,7 +38,7 @@ from cvmotion.migration.channel import FrameKind, FrameSocket, connect
 from cvmotion.migration.clients import PlatformClient, Ring, VmClient
 from cvmotion.migration.options import MigrationOptions
 from cvmotion.migration.pipeline import OutgoingStream
-from cvmotion.migration.stats import BandwidthMeter, MigrationStats, MigrationStatus, RoundStats
+from cvmotion.migration.stats import BandwidthMeter, MigrationOutcome, MigrationStats, MigrationStatus, RoundStats
 
 __all__ = ["Destination", "Sender"]
 
@@ -342,7 +342,7 @@ class Sender:
             self.platform.call("export_finish", {"handle": self.handle}, _token(message.get("receipt")))
             s.total_ms = s.elapsed_ms()  # before the status: a reader of "completed" sees its total-time
             s.status = MigrationStatus.COMPLETED
-            s.outcome = "running on destination"
+            s.outcome = MigrationOutcome.RUNNING_ON_DESTINATION
             s.remaining = 0
             with _suppress():
                 self.vm.call("stop")
@@ -363,7 +363,7 @@ class Sender:
                 self.control.send_json(FrameKind.CONTROL, {"type": "cancel", "reason": s.error, "kind": s.error_kind})
         if isinstance(exc, Aborted) and "destination aborted" in str(exc):
             # The destination's abort token already resumed the source (_await_verdict).
-            outcome = "resumed on source"
+            outcome = MigrationOutcome.RESUMED_ON_SOURCE
         elif not self.start_token_sent:
             # Before the point of no return the source may abort on its own and run again.
             with _suppress():
@@ -372,11 +372,11 @@ class Sender:
                 self.vm.call("throttle", {"pct": 0})
             with _suppress():
                 self.vm.call("resume")
-            outcome = "resumed on source"
+            outcome = MigrationOutcome.RESUMED_ON_SOURCE
         else:
             # The destination may have committed: running here could fork the VM. Stay stopped until the
             # destination answers (the host daemon keeps asking).
-            outcome = "stopped, awaiting destination"
+            outcome = MigrationOutcome.AWAITING_DESTINATION
         # The outcome before the status: an API reader that sees a terminal status also sees where the VM is.
         s.outcome = outcome
         s.status = (

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-__all__ = ["BandwidthMeter", "MigrationStats", "MigrationStatus", "RoundStats"]
+__all__ = ["BandwidthMeter", "MigrationOutcome", "MigrationStats", "MigrationStatus", "RoundStats", "Verdict"]
 
 
 class MigrationStatus(enum.Enum):
@@ -32,6 +32,28 @@ class MigrationStatus(enum.Enum):
     COMPLETED = "completed"
     FAILED = "failed"
     CANCELLED = "cancelled"
+
+
+class MigrationOutcome(enum.StrEnum):
+    """Where the VM is once a migration ended (``x-cvmotion.outcome``); the values are what the API prints."""
+
+    NONE = ""
+    RUNNING_ON_DESTINATION = "running on destination"
+    RESUMED_ON_SOURCE = "resumed on source"
+    AWAITING_DESTINATION = "stopped, awaiting destination"  # frozen source: only a token moves it
+    COMMITTED_NOT_RUNNING = "committed; destination VM not running"
+    IMPORT_FAILED = "import failed; source may resume with the abort token"
+
+
+class Verdict(enum.StrEnum):
+    """A destination's answer about an incoming migration (``GET /v1/migrations/{id}/outcome``). Only the two
+    final ones carry a token (commit receipt or abort token) and only the token, checked by the source's
+    firmware, means anything."""
+
+    IN_PROGRESS = "in-progress"
+    COMMITTED = "committed"
+    ABORTED = "aborted"
+    FAILED = "failed"  # gave up with no abort token to show (the source stays stopped)
 
 
 class BandwidthMeter:
@@ -104,7 +126,7 @@ class MigrationStats:
     downtime_phases: dict[str, float] = field(default_factory=dict)  # ms from the pause, per switchover step
     error: str | None = None
     error_kind: str | None = None
-    outcome: str = ""  # "running on destination", "resumed on source", "stopped, awaiting destination"
+    outcome: MigrationOutcome = MigrationOutcome.NONE
     attestation: dict[str, Any] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
 

@@ -18,9 +18,9 @@ import pytest
 from cvmotion.agent.vm_process import VmSpec
 from cvmotion.errors import FirmwareError, FirmwareStatus, IntegrityError, NotFound, UsageError
 from cvmotion.host import recovery as recovery_module
-from cvmotion.host.daemon import VmRecord
 from cvmotion.host.events import EventBus
 from cvmotion.host.recovery import OutcomeStore, Recovery
+from cvmotion.host.store import VmRecord, VmState
 from cvmotion.migration.stats import MigrationStats, MigrationStatus
 
 TOKEN = b"\x18" * 64
@@ -118,7 +118,7 @@ class FakeDaemon:
 
 def _setup(tmp_path: Path, platform: FakePlatform, *, state: str, vm: FakeVm | None = None) -> tuple[Any, Any]:
     daemon = FakeDaemon(tmp_path, platform)
-    record = VmRecord(name="vm1", spec=VmSpec(name="vm1", memory=16 << 20), client=vm or FakeVm(), state=state)  # type: ignore[arg-type]
+    record = VmRecord(name="vm1", spec=VmSpec(name="vm1", memory=16 << 20), client=vm or FakeVm(), state=VmState(state))
     record.handle = 3
     record.migrations.append("abc123")
     daemon.vms["vm1"] = record
