@@ -32,19 +32,17 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import httpx
-
 from cvmotion.abi.snp import PolicyFlag
 from cvmotion.agent.policy import MigrationPolicy
 from cvmotion.agent.vm_process import VmSpec
 from cvmotion.errors import Conflict, CvmError, DeviceError, MigrationError, Moved, NotFound, UsageError
 from cvmotion.files import dir_lock
 from cvmotion.host.events import EventBus
+from cvmotion.host.peer_client import PeerClient
 from cvmotion.host.peers import HOST_CERT_FILE, PeerAuth, issue_host_credential
 from cvmotion.host.recovery import Recovery
 from cvmotion.host.standby import StandbyPool
 from cvmotion.host.store import GONE, VmRecord, VmState, VmStore
-from cvmotion.ipc.http_client import default_ssl_context
 from cvmotion.ipc.names import check_name
 from cvmotion.ipc.rpc import RpcError
 from cvmotion.migration.channel import FrameKind, FrameSocket
@@ -106,6 +104,7 @@ class HostDaemon:
         self._stop = threading.Event()
         self.recovery = Recovery(self)
         self.peers = PeerAuth(cas=())  # loaded at start: host-to-host calls need the pool-issued credential
+        self.peer_client = PeerClient(self.peers)
         self.standby = StandbyPool(
             self.dir / "standby", self._platform_socket, self._vm_calls, enabled=config.standby, timeout=_SPAWN_TIMEOUT
         )
@@ -116,6 +115,7 @@ class HostDaemon:
         self.dir.mkdir(parents=True, exist_ok=True)
         self._ensure_host_credential()
         self.peers = PeerAuth.load(self.dir)
+        self.peer_client = PeerClient(self.peers, incoming_timeout=_SPAWN_TIMEOUT + 10)
         self._ensure_platform()
         self.identity = self.platform_client().identity()
         self._start_listener()
@@ -537,25 +537,7 @@ class HostDaemon:
             "migration_policy": record.migration_policy,
             "measurement": record.measurement,
         }
-        target = f"{url.rstrip('/')}/v1/migrations/incoming"
-        content = json.dumps(body).encode()
-        headers = {"content-type": "application/json", **self.peers.sign("POST", httpx.URL(target).path, content)}
-        try:
-            response = httpx.post(
-                target, content=content, headers=headers, timeout=_SPAWN_TIMEOUT + 10, verify=default_ssl_context()
-            )
-        except httpx.HTTPError as exc:
-            raise UsageError(f"destination {url} is unreachable: {exc}") from exc
-        if response.status_code != 200:
-            raise UsageError(f"destination {url} refused the migration: {_error_text(response)}")
-        data = response.json()
-        return Destination(
-            host=str(data["host"]),
-            port=int(data["port"]),
-            ticket=str(data["ticket"]),
-            migration_id=str(data["migration"]),
-            name=str(data.get("name", "")),
-        )
+        return self.peer_client.incoming(url, body)
 
     def _sender_finished(self, record: VmRecord, stats: MigrationStats) -> None:
         try:
@@ -688,10 +670,3 @@ class HostDaemon:
         if sender is None:
             raise NotFound(f"no outgoing migration {mig_id!r} on this host")
         sender.cancel.set()
-
-
-def _error_text(response: httpx.Response) -> str:
-    try:
-        return str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {response.status_code}"

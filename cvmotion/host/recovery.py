@@ -38,11 +38,8 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import httpx
-
 from cvmotion.errors import CvmError, NotFound
 from cvmotion.host.store import VmRecord, VmState
-from cvmotion.ipc.http_client import default_ssl_context
 from cvmotion.migration.stats import MigrationOutcome, MigrationStatus, Verdict
 
 if TYPE_CHECKING:
@@ -208,14 +205,10 @@ class Recovery:
             delay = _POLL_FIRST
             while not self.daemon._stop.is_set():
                 try:
-                    target = f"{str(url).rstrip('/')}/v1/migrations/{dest_mig}/outcome"
-                    headers = self.daemon.peers.sign("GET", httpx.URL(target).path, b"")
-                    response = httpx.get(target, headers=headers, timeout=5, verify=default_ssl_context())
-                    if response.status_code == 200 and self.apply_outcome(record, response.json()):
+                    answer = self.daemon.peer_client.outcome(str(url), str(dest_mig))
+                    if answer is not None and self.apply_outcome(record, answer):
                         return
-                except (httpx.HTTPError, ValueError):
-                    pass
-                except CvmError as exc:
+                except (CvmError, ValueError) as exc:
                     # A verdict the firmware rejects (forged or replayed token): no answer; keep asking.
                     log.warning("migration recovery for %s: verdict rejected: %s", record.name, exc)
                     self._event("MigrationRecoveryRejected", record, error=str(exc) or type(exc).__name__)

@@ -12,7 +12,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
 from cvmotion.agent.vm_process import VmSpec
@@ -90,11 +89,16 @@ class FakeVm:
         return {"state": self.state}
 
 
-class FakePeers:
-    """Signing of host-to-host requests (``host.peers``): the answers below are scripted, so any headers do."""
+class FakePeerClient:
+    """The destination as the recovery poller reaches it (``host.peer_client``): scripted verdicts, in order."""
 
-    def sign(self, method: str, path: str, body: bytes) -> dict[str, str]:
-        return {"x-cvmotion-signature": f"{method} {path}"}
+    def __init__(self) -> None:
+        self.answers: list[dict[str, Any] | None] = []
+        self.asked: list[tuple[str, str]] = []
+
+    def outcome(self, url: str, migration: str) -> dict[str, Any] | None:
+        self.asked.append((url, migration))
+        return self.answers.pop(0) if self.answers else None
 
 
 class FakeDaemon:
@@ -107,7 +111,7 @@ class FakeDaemon:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self.saved: list[str] = []
-        self.peers = FakePeers()
+        self.peer_client = FakePeerClient()
 
     def platform_client(self) -> FakePlatform:
         return self.platform
@@ -212,7 +216,8 @@ def test_frozen_source_waits_and_rejects_a_forged_verdict(tmp_path: Path, monkey
     stats = MigrationStats(id="m", vm="vm1", status=MigrationStatus.FAILED)
     recovery.daemon.migrations["m"] = stats
     record.pending_recovery = {"migration": "m", "destination": "http://dest", "dest_migration": "d"}
-    answers = [
+    recovery.daemon.peer_client.answers = [
+        None,  # unreachable
         {"state": "in-progress"},
         {"state": "aborted", "token": base64.b64encode(b"forged").decode()},
         {"state": "committed"},  # a plaintext verdict with no proof: no answer
@@ -220,11 +225,6 @@ def test_frozen_source_waits_and_rejects_a_forged_verdict(tmp_path: Path, monkey
         {"state": "committed", "token": B64_RECEIPT},
     ]
     monkeypatch.setattr(recovery_module, "_POLL_FIRST", 0.001)
-    monkeypatch.setattr(
-        recovery_module.httpx,
-        "get",
-        lambda url, **_: httpx.Response(200, json=answers.pop(0), request=httpx.Request("GET", url)),
-    )
     recovery.resolve_export(record)
     deadline = threading.Event()
     for _ in range(200):
@@ -237,6 +237,7 @@ def test_frozen_source_waits_and_rejects_a_forged_verdict(tmp_path: Path, monkey
     assert platform.calls.count("export_finish") == 2  # the forged receipt refused, then the real one
     assert (stats.status, stats.outcome) == (MigrationStatus.COMPLETED, "running on destination")
     assert "MigrationRecoveryRejected" in _kinds(recovery)
+    assert recovery.daemon.peer_client.asked == [("http://dest", "d")] * 6
 
 
 def test_aborted_verdict_resumes_with_the_token(tmp_path: Path) -> None:
