@@ -21,7 +21,7 @@ import logging
 from typing import Annotated, Literal
 
 from fastapi import FastAPI, Query, Request, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from cvmotion.attestation.http_common import (
     BODY_REFUSALS,
@@ -58,10 +58,33 @@ class Jwk(BaseModel):
 
 
 class Jwks(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {"keys": [{"kty": "RSA", "kid": "k1", "use": "sig", "alg": "RS256", "n": "0vx7...", "e": "AQAB"}]}
+            ]
+        }
+    )
+
     keys: list[Jwk] = Field(description="the active key and every retired key whose tokens may still be valid")
 
 
 class OpenIdConfiguration(BaseModel):
+    model_config = ConfigDict(
+        json_schema_extra={
+            "examples": [
+                {
+                    "issuer": "http://127.0.0.1:8790",
+                    "jwks_uri": "http://127.0.0.1:8790/certs",
+                    "response_types_supported": ["token", "none"],
+                    "id_token_signing_alg_values_supported": ["RS256"],
+                    "token_endpoint_auth_methods_supported": ["none"],
+                    "claims_supported": ["x-ms-attestation-type", "x-cvmotion-platform"],
+                }
+            ]
+        }
+    )
+
     issuer: str
     jwks_uri: str
     response_types_supported: list[str]
