@@ -252,27 +252,6 @@ ATTACKS: list[tuple[str, Attack]] = [
 ]
 
 
-@pytest.mark.parametrize("attack", [a for _, a in ATTACKS], ids=[n for n, _ in ATTACKS])
-def test_attack_on_stream_fails_closed(session: Session, attack: Attack) -> None:
-    s = session
-    s.run_precopy(random.Random(3))
-    s.switchover()
-    errors: list[Exception] = []
-    s.deliver(attack(s.bundles), on_error=errors.append)
-    assert not _dst_committed(s)
-    _no_fork(s)
-    if errors:
-        assert all(type(e) is IntegrityError and str(e) == "integrity check failed" for e in errors)
-        assert s.dst_sp.migration.import_state(s.ref) == "FAILED"
-    # The frozen source resumes only with the destination's abort token (and the destination cannot
-    # commit afterwards).
-    assert not _src_can_run(s)
-    token = s.dst_sp.migration.import_abort(s.ref)
-    s.src.sp.migration.export_abort_with_token(s.src.handle, token)
-    assert _src_can_run(s)
-    _no_fork(s)
-
-
 def test_replay_from_an_earlier_session_fails(emulated_vendor: Vendor, tmp_path: Path) -> None:
     src = launch_guest(new_sp(emulated_vendor, tmp_path / "a"))
     fill_guest(src, random.Random(5))

@@ -76,7 +76,7 @@ def session(emulated_vendor: Vendor, tmp_path: Path) -> Session:
 
 
 @pytest.mark.parametrize(("name", "attack"), ATTACKS, ids=[n for n, _ in ATTACKS])
-def test_attack_is_refused_at_its_bundle(session: Session, name: str, attack: Callable[..., list[Bundle]]) -> None:
+def test_attack_on_stream_fails_closed(session: Session, name: str, attack: Callable[..., list[Bundle]]) -> None:
     s = session
     s.run_precopy(random.Random(3))
     s.switchover()
