@@ -1,4 +1,4 @@
-"""Fixtures of the contract suite: the session's service processes, and one Schemathesis-on-pytest shim."""
+"""Fixtures of the contract suite: the service processes, and one Schemathesis-on-pytest shim."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from contract_services import Fabric
 from cvmotion.firmware.vendor import Vendor
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")  # the processes stop once the contract module is done
 def fabric(tmp_path_factory: pytest.TempPathFactory, emulated_vendor: Vendor) -> Iterator[Fabric]:
     started = Fabric(tmp_path_factory.mktemp("contract"), emulated_vendor)
     try:

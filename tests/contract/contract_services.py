@@ -77,7 +77,7 @@ class ServeProcess:
 
 
 class Fabric:
-    """The services of one test session, each started on first use and stopped at the end."""
+    """The services of one test module, each started on first use and stopped at the end."""
 
     def __init__(self, base: Path, vendor: Vendor) -> None:
         self.base = base
