@@ -1,0 +1,67 @@
+"""A hostile daemon against the dirty log: it cannot erase a bit the secure processor relies on.
+
+The compromised engine (``EvilSource``) has the cvm-io device write into guest memory after round 0 (a kvstore
+PUT: the VMM copies the request into the guest's buffer, the guest stores it), then calls the VM process's
+``start_dirty_tracking`` again before its next harvest.  That call used to clear the VMM's dirty bitmap, so the
+device's write reached neither the engine nor the firmware and the destination committed a stale page.  Now it
+only moves the engine's baseline: the harvest it makes reaches the SP first, the SP refuses the start token
+while the pages are unsent, and the VM resumes on the source with the write intact.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from mig_world import World
+
+from cvmotion.ipc.rpc import Endpoint
+from cvmotion.migration.options import MigrationOptions
+from cvmotion.migration.stats import MigrationStatus
+from cvmotion.testing.evil import EvilSource
+from cvmotion.testing.hostcmd import HostCommands
+from cvmotion.vmm.workloads import KvClient
+
+pytestmark = pytest.mark.timeout(180)
+
+KEY, VALUE = b"written-by-the-device", b"after round 0" * 8
+
+
+class _CvmIoOverControl:
+    """The VM's cvm-io device as the daemon reaches it (the ``cvmio`` command of the VM's control socket)."""
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self._endpoint = endpoint
+
+    def submit(self, request: bytes, timeout: float) -> bytes:
+        _, reply, _ = self._endpoint.call("cvmio", {"timeout": timeout}, request, timeout=timeout + 5)
+        return reply
+
+
+def test_restarting_dirty_tracking_cannot_erase_a_device_write(attack_world: World) -> None:
+    world = attack_world
+    victim = world.new_kv_vm("dirty-erase")
+    fired = threading.Event()
+    try:
+        with HostCommands(world.a.data_dir) as evil:
+            control = evil.vm(victim.name)
+
+            def erase_after_a_device_write(method: str, args: dict[str, Any], blob: bytes) -> Any:
+                if method == "harvest_dirty" and not fired.is_set():
+                    KvClient(_CvmIoOverControl(control)).put(KEY, VALUE)  # type: ignore[arg-type]
+                    control.call("start_dirty_tracking")
+                    fired.set()
+                return method, args, blob
+
+            world.proxy.reset()
+            options = MigrationOptions(io_timeout=8.0, setup_timeout=8.0, commit_timeout=15.0)
+            stats = EvilSource(world.a, victim.name, world.b, options=options, vm_call=erase_after_a_device_write).run()
+            assert fired.is_set(), "the engine never harvested after round 0"
+            assert stats.status is MigrationStatus.FAILED, stats.query_migrate()
+            assert stats.outcome == "resumed on source"
+            assert "start token refused" in (stats.error or ""), stats.error
+            world.finish(victim, expect_host="host-a")
+            assert KvClient(_CvmIoOverControl(evil.vm(victim.name))).get(KEY) == VALUE  # type: ignore[arg-type]
+    finally:
+        world.drop_vm(victim)
