@@ -60,6 +60,7 @@ __all__ = [
     "BundleType",
     "EntryFlag",
     "aad_for_page",
+    "bundle_capacity",
     "gcm_iv",
     "pack_memory_metadata",
     "pack_payload_metadata",
@@ -279,3 +280,9 @@ def parse_commit_receipt_metadata(metadata: bytes) -> tuple[bytes, bytes]:
         raise MalformedStructure(f"commit receipt: metadata must be {_RECEIPT.size} bytes")
     session_id, digest = _RECEIPT.unpack(metadata)
     return bytes(session_id), bytes(digest)
+
+
+def bundle_capacity(pages: int) -> int:
+    """Bytes a memory bundle of ``pages`` pages needs at most (all pages non-zero): header, metadata, one GPA
+    entry and one sealed page (ciphertext and tag) per page, the MAC."""
+    return HEADER_SIZE + 8 + 8 * pages + MAC_SIZE + pages * (PAGE_SIZE + TAG_SIZE)

@@ -30,12 +30,12 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from cvmotion.abi.gfns import sorted_union
 from cvmotion.abi.wire import BundleType
 from cvmotion.agent.peer import check_vm_peer
 from cvmotion.errors import CvmError, FirmwareError, FirmwareStatus, UsageError
 from cvmotion.firmware.device import GuestHandle, SecureProcessor
 from cvmotion.firmware.launch import PageType
-from cvmotion.firmware.mig_pages import sorted_union
 from cvmotion.firmware.migration import MigrationFirmware
 from cvmotion.ipc.rpc import Call, Endpoint, Reply
 from cvmotion.vmm.layout import Gpa

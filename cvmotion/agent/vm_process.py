@@ -34,11 +34,11 @@ import numpy as np
 import numpy.typing as npt
 
 from cvmotion.abi.cvmio import BlobKind
+from cvmotion.abi.gfns import sorted_union
 from cvmotion.attestation.client import AttestationClient, KeyReleaseClient
 from cvmotion.attestation.keyrelease import TransferKey
 from cvmotion.attestation.paravisor import Paravisor
 from cvmotion.errors import CvmError, UsageError
-from cvmotion.firmware.mig_pages import sorted_union
 from cvmotion.ipc.rpc import Call, Endpoint, Reply, connect_unix
 from cvmotion.vmm.backend import BackendKind
 from cvmotion.vmm.images import load_image

@@ -24,7 +24,6 @@ __all__ = [
     "memory_entries",
     "page_aads",
     "page_views",
-    "sorted_union",
 ]
 
 PAGE = wire.PAGE_SIZE
@@ -105,19 +104,3 @@ def page_aads(head: bytes, entries: npt.NDArray[np.uint64]) -> memoryview:
     aads[:, : wire.HEADER_SIZE] = np.frombuffer(head, dtype=np.uint8)
     aads[:, wire.HEADER_SIZE :] = entries.astype("<u8").view(np.uint8).reshape(count, 8)
     return memoryview(aads.tobytes())
-
-
-def sorted_union(*parts: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
-    """The sorted, duplicate-free union of GFN arrays.
-
-    Not ``np.unique``/``np.union1d``: their first call imports ``numpy.ma`` (≈12 ms here), which would land in
-    the downtime of the first switchover a process runs.
-    """
-    merged = np.concatenate([np.asarray(p, dtype=np.uint64) for p in parts]) if parts else np.zeros(0, np.uint64)
-    if len(merged) < 2:
-        return merged
-    merged.sort()
-    keep = np.empty(len(merged), dtype=np.bool_)
-    keep[0] = True
-    np.not_equal(merged[1:], merged[:-1], out=keep[1:])
-    return merged[keep]

@@ -66,7 +66,6 @@ __all__ = [
     "GuestHardware",
     "GuestMemoryAccess",
     "MigrationFirmware",
-    "bundle_capacity",
 ]
 
 KEY_SIZE = 32
@@ -75,11 +74,6 @@ _ZERO_PAGE = bytes(PAGE)
 _UNIT = PAGE + wire.TAG_SIZE  # one sealed page: ciphertext || tag
 _MUTABLE = struct.Struct("<4Q")
 _ABORT_REASON_IMPORT_FAILED = 1
-
-
-def bundle_capacity(pages: int) -> int:
-    """Bytes a memory bundle of ``pages`` pages needs at most (all pages non-zero)."""
-    return wire.HEADER_SIZE + 8 + 8 * pages + wire.MAC_SIZE + pages * (PAGE + wire.TAG_SIZE)
 
 
 class GuestMemoryAccess(Protocol):

@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from cvmotion.abi.wire import bundle_capacity
 from cvmotion.errors import ProtocolError
-from cvmotion.firmware.migration import bundle_capacity
 from cvmotion.ipc.rpc import Endpoint, connect_unix
 
 __all__ = ["PlatformClient", "Ring", "VmClient"]

@@ -32,8 +32,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from cvmotion.abi.gfns import sorted_union
 from cvmotion.errors import Aborted, CvmError, MigrationError, PolicyViolation, ProtocolError
-from cvmotion.firmware.mig_pages import sorted_union
 from cvmotion.migration.channel import FrameKind, FrameSocket, connect
 from cvmotion.migration.clients import PlatformClient, Ring, VmClient
 from cvmotion.migration.options import MigrationOptions

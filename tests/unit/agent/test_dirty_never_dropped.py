@@ -15,11 +15,10 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from cvmotion.abi.wire import BundleType
+from cvmotion.abi.wire import BundleType, bundle_capacity
 from cvmotion.agent.vm_process import DirtyViews
 from cvmotion.errors import FirmwareError, UsageError
 from cvmotion.firmware.launch import PAGE_SIZE, PageType
-from cvmotion.firmware.migration import bundle_capacity
 from cvmotion.firmware.vendor import Vendor
 from cvmotion.vmm.backend import BackendKind
 from cvmotion.vmm.images import guest_dir, load_image

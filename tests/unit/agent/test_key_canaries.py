@@ -15,9 +15,8 @@ from pathlib import Path
 import pytest
 from agent_harness import FakeClock, Pair, default_policy, make_host
 
-from cvmotion.abi.wire import BundleType
+from cvmotion.abi.wire import BundleType, bundle_capacity
 from cvmotion.agent.pool import PoolAuthority
-from cvmotion.firmware.migration import bundle_capacity
 from cvmotion.firmware.vendor import Vendor
 from cvmotion.testing.canary import find_canaries, guest_key_canaries, session_key_canaries
 from cvmotion.vmm.memory import GuestMemory

@@ -13,13 +13,12 @@ import numpy.typing as npt
 
 from cvmotion.abi.guest_msg import GuestChannel
 from cvmotion.abi.snp import PolicyFlag, Product
-from cvmotion.abi.wire import BundleType
+from cvmotion.abi.wire import BundleType, bundle_capacity
 from cvmotion.firmware.chip import Chip
 from cvmotion.firmware.device import GuestHandle, SecureProcessor
 from cvmotion.firmware.kds import Kds
 from cvmotion.firmware.keys import SeededRandom
 from cvmotion.firmware.launch import PAGE_SIZE, PageType
-from cvmotion.firmware.migration import bundle_capacity
 from cvmotion.firmware.vendor import Vendor
 from cvmotion.vmm.memory import GuestMemory
 

@@ -13,11 +13,11 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from mig_harness import MEMORY, FakeHardware, Session, launch_guest, new_sp
 
 from cvmotion.abi import wire
-from cvmotion.abi.wire import BundleType
+from cvmotion.abi.gfns import sorted_union
+from cvmotion.abi.wire import BundleType, bundle_capacity
 from cvmotion.errors import FirmwareError, FirmwareStatus, IntegrityError, MalformedStructure
 from cvmotion.firmware import mig_pages, native_gcm
 from cvmotion.firmware.device import SecureProcessor
-from cvmotion.firmware.migration import bundle_capacity
 from cvmotion.firmware.vendor import Vendor
 from cvmotion.vmm.memory import GuestMemory
 
@@ -178,7 +178,7 @@ def test_sorted_union_is_numpys_union() -> None:
     for sizes in ([], [0], [1], [7, 0, 3], [100, 100, 1], [5000]):
         parts = [rng.integers(0, 300, size=n).astype(np.uint64) for n in sizes]
         expected = np.unique(np.concatenate(parts)) if parts else np.zeros(0, np.uint64)
-        got = mig_pages.sorted_union(*parts)
+        got = sorted_union(*parts)
         assert got.dtype == np.uint64
         assert got.tolist() == expected.tolist()
 
