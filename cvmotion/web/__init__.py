@@ -1,1 +1,0 @@
-"""web layer: the portal, a client of the REST API."""
