@@ -41,6 +41,7 @@ from cvmotion.attestation.paravisor import Paravisor
 from cvmotion.errors import CvmError, UsageError
 from cvmotion.ipc.rpc import Call, Endpoint, Reply, connect_unix
 from cvmotion.vmm.backend import BackendKind
+from cvmotion.vmm.devices.dma import DmaConfig, DmaDevice
 from cvmotion.vmm.images import load_image
 from cvmotion.vmm.kvm_backend import install_kick_handler
 from cvmotion.vmm.loader import BOOT_INFO_END, BOOT_INFO_GPA, SECRETS_PAGE_GPA
@@ -189,6 +190,7 @@ class VmProcess:
         self._lock = threading.RLock()
         self._user_paused = False
         self._throttle_pct = 0
+        self.dma: DmaDevice | None = None  # the DMA load device, when the (measured) command line asks for one
         self._throttle_thread: threading.Thread | None = None
         self._controls: list[Endpoint] = []
         self.state_note = "created"
@@ -272,6 +274,7 @@ class VmProcess:
             self.vm = Vm.create(MachineConfig(spec.memory, spec.vcpus, backend), load_image(spec.image), spec.cmdline)
             self.memory = self.vm.memory
             self.dirty = DirtyViews(self.vm, feeds={"sp": self._feed_sp})
+            self.dma = self._make_dma(self.memory)
         elif spec.mode == "incoming":
             self.memory = GuestMemory(spec.memory, name=f"cvmotion-{spec.name}")
             # Built now, filled at activation: ~10 ms less inside the downtime (Vm.prepare). If it cannot be
@@ -288,6 +291,10 @@ class VmProcess:
         # Ready before the guest runs here (its transfer key is an RSA key pair: ~0.1-0.3 s to make), so the
         # re-attestation right after a migration's resume does not pay for it.
         self.paravisor = self._make_paravisor()
+
+    def _make_dma(self, memory: GuestMemory) -> DmaDevice | None:
+        config = DmaConfig.from_cmdline(self.spec.cmdline, memory)
+        return None if config is None else DmaDevice(memory, config, lambda: self._throttle_pct)
 
     def launch_ranges(self) -> list[tuple[int, int]]:
         """Page-aligned GPA ranges the launch measures: the kernel's segments and the boot information."""
@@ -318,13 +325,18 @@ class VmProcess:
             if not self._may_run():
                 raise UsageError("the secure processor does not let this guest run")
             vm.start()
+            if self.dma is not None:
+                self.dma.start()
             self.state_note = "running"
         threading.Thread(target=self._run_paravisor, args=(False, time.time()), name="paravisor", daemon=True).start()
 
     def pause(self) -> float:
         with self._lock:
             self._user_paused = True
-            return self._require_vm().pause()
+            vm = self._require_vm()
+            if self.dma is not None:
+                self.dma.quiesce()  # its DMA stops with the vCPUs: nothing written while paused
+            return vm.pause()
 
     def resume(self) -> None:
         with self._lock:
@@ -333,6 +345,8 @@ class VmProcess:
                 raise UsageError("the secure processor does not let this guest run (migration in progress)")
             self._user_paused = False
             vm.resume()
+            if self.dma is not None:
+                self.dma.start()
             self.state_note = "running"
             first_run_here = self._restored
             self._restored = False
@@ -503,6 +517,7 @@ class VmProcess:
             prepared, self._prepared = self._prepared, None
             self.vm = Vm.restore(state, self.memory, backend, prepared=prepared)
             self.dirty = DirtyViews(self.vm, feeds={"sp": self._feed_sp})
+            self.dma = self._make_dma(self.memory)
             self.handle = int(call.args["handle"])
             self._user_paused = True
             self._restored = True
@@ -578,6 +593,8 @@ class VmProcess:
             with contextlib.suppress(CvmError):
                 self.platform.call("vm_detach", {"name": self.spec.name}, timeout=2)
             self.platform.close()
+        if self.dma is not None:
+            self.dma.close()
         if self._prepared is not None:
             self._prepared.discard()
         if self.vm is not None:
