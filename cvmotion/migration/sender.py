@@ -257,7 +257,7 @@ class Sender:
             # the same kind (a dirty set), so this predicts their cost better than bytes on the wire.
             page_rate = max(len(gfns) / seconds if seconds > 0 else 0.0, 1.0)
             s.expected_downtime_ms = len(dirty) / page_rate * 1000 + o.switchover_cost_ms
-            s.rounds.append(RoundStats(rnd, len(gfns), 0, sent, seconds, len(dirty)))
+            s.rounds.append(RoundStats(rnd, len(gfns), 0, sent, seconds, len(dirty), throttle))
             self.emit(
                 "MigrationRound",
                 {
@@ -288,6 +288,7 @@ class Sender:
                 not_shrinking = 0
             gfns = dirty
         # Rounds stopped converging within the cap: forced switchover (a brief pause of the last dirty set).
+        s.forced_switchover = True
         self.emit("MigrationForcedSwitchover", {"id": s.id, "remaining": s.remaining})
         self._final_dirty = gfns
 

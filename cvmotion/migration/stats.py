@@ -93,6 +93,7 @@ class RoundStats:
     bytes: int
     seconds: float
     dirty_after: int
+    throttle: int = 0  # auto-converge's vCPU throttle (%) while the round ran
 
 
 @dataclass(slots=True)
@@ -127,6 +128,7 @@ class MigrationStats:
     error: str | None = None
     error_kind: str | None = None
     outcome: MigrationOutcome = MigrationOutcome.NONE
+    forced_switchover: bool = False  # pre-copy hit max_rounds without converging
     attestation: dict[str, Any] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
 
@@ -173,10 +175,12 @@ class MigrationStats:
                         "bytes": r.bytes,
                         "ms": round(r.seconds * 1000, 2),
                         "dirty-after": r.dirty_after,
+                        "throttle": r.throttle,
                     }
                     for r in self.rounds
                 ],
                 "outcome": self.outcome,
+                "forced-switchover": self.forced_switchover,
                 "attestation": self.attestation,
             },
         }
