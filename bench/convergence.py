@@ -1,11 +1,12 @@
 """Benchmark: where pre-copy stops converging, and what auto-converge and the forced switchover do there.
 
-A 1 GiB memdirty VM (2 MiB working set, nearly idle) carries the DMA load device (``vmm.devices.dma``): 64 MiB of
-guest memory (256 MiB: more than a round can carry within the downtime limit) rewritten at a configured rate through the VMM's write path, which dirty tracking sees exactly as
-it sees guest writes. For each rate the VM is migrated between two cvmotion hosts on loopback twice: with
-auto-converge (throttling the vCPUs, which throttles the guest-driven DMA) and without (only the forced
-switchover after ``max_rounds`` ends pre-copy). The table gives rounds, total time, downtime against the limit,
-bytes sent and how it ended (converged / throttled to N % / forced).
+A 1 GiB memdirty VM (2 MiB working set, nearly idle) carries the DMA load device (``vmm.devices.dma``): a
+256 MiB window of guest memory (more than a round can carry within the downtime limit) rewritten at a
+configured rate through the VMM's write path, which dirty tracking sees exactly as it sees guest writes. For
+each rate the VM is migrated between two cvmotion hosts on loopback twice: with auto-converge (throttling the
+vCPUs, which throttles the guest-driven DMA) and without (only the forced switchover after ``max_rounds`` ends
+pre-copy). The table gives rounds, total time, downtime against the limit, bytes sent and how it ended
+(converged / throttled to N % / forced).
 
 QEMU cannot be given the same load: it has no device that dirties guest memory at a set rate, and guest code
 under this nested KVM writes only ~20,000 pages/s (≈80 MiB/s), far below where pre-copy stops converging, so
