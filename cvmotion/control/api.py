@@ -10,6 +10,7 @@ AuthenticationFailed, 403 AuthorizationFailed or RequestDisallowedByPolicy (nami
 from __future__ import annotations
 
 import json
+import logging
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
@@ -32,6 +33,8 @@ from cvmotion.control.templates import expand_template
 from cvmotion.errors import Conflict, CvmError, NotFound, UsageError
 
 __all__ = ["create_app"]
+
+log = logging.getLogger("cvmotion.control.api")
 
 MAX_BODY = 1 << 20
 _VMS = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines"
@@ -58,7 +61,7 @@ def _caller(request: Request, authorization: Annotated[str | None, Header()] = N
     if authorization is not None and authorization in tokens:
         return tokens[authorization]
     ctl: FleetController = request.app.state.controller
-    principal = ctl.transaction(lambda s: authenticate(s, authorization))
+    principal = ctl.transaction(lambda s: authenticate(s, authorization), write=False)
     tokens[str(authorization)] = principal
     return principal
 
@@ -154,6 +157,14 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
     async def _db(_: Request, exc: OperationalError) -> JSONResponse:
         return _envelope(503, "DatabaseUnavailable", "DatabaseUnavailable", "the database is unavailable; retry")
 
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        # Never a traceback to the client; the log has it.
+        log.exception("request failed", exc_info=exc)
+        return _envelope(
+            500, "InternalServerError", type(exc).__name__, "internal error; the controller log has details"
+        )
+
     @app.middleware("http")
     async def _limit_body(request: Request, call_next: Any) -> Any:
         length = request.headers.get("content-length")
@@ -199,7 +210,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
             authorize(principal, Action.READ, sub)
             return ctl.vms.resource(s, ctl.vms.get(s, sub, rg, name))
 
-        return ctl.transaction(run)
+        return ctl.transaction(run, write=False)
 
     @app.get(_VMS)
     def list_vms(sub: str, rg: str, principal: Caller) -> Any:
@@ -207,7 +218,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
             authorize(principal, Action.READ, sub)
             return {"value": [ctl.vms.resource(s, vm) for vm in ctl.vms.list_vms(s, sub, rg)]}
 
-        return ctl.transaction(run)
+        return ctl.transaction(run, write=False)
 
     @app.get("/subscriptions/{sub}/providers/Microsoft.Compute/virtualMachines")
     def list_sub_vms(sub: str, principal: Caller) -> Any:
@@ -215,7 +226,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
             authorize(principal, Action.READ, sub)
             return {"value": [ctl.vms.resource(s, vm) for vm in ctl.vms.list_vms(s, sub, None)]}
 
-        return ctl.transaction(run)
+        return ctl.transaction(run, write=False)
 
     @app.delete(_VMS + "/{name}", status_code=202)
     def delete_vm(request: Request, sub: str, rg: str, name: str, principal: Caller) -> Any:
@@ -265,7 +276,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
                 raise NotFound(f"operation {op_id} does not exist")
             return _operation_view(op)
 
-        return ctl.transaction(run)
+        return ctl.transaction(run, write=False)
 
     @app.get(_VMS + "/{name}/operations")
     def vm_operations(sub: str, rg: str, name: str, principal: Caller) -> Any:
@@ -278,7 +289,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
             )
             return {"value": [_operation_view(op) for op in rows]}
 
-        return ctl.transaction(run)
+        return ctl.transaction(run, write=False)
 
     # -- deployments -------------------------------------------------------------------------------
 
@@ -328,7 +339,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
             authorize(principal, Action.READ)
             return {"value": ctl.policy.list_definitions(s)}
 
-        return ctl.transaction(run)
+        return ctl.transaction(run, write=False)
 
     def _put_assignment(scope: str, name: str, body: Any, principal: Principal) -> dict[str, Any]:
         parsed = _parse(AssignmentBody, body, "policy assignment")
@@ -354,7 +365,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
             authorize(principal, Action.READ, scope.split("/")[2])
             return {"value": ctl.policy.list_assignments(s, scope)}
 
-        return ctl.transaction(run)
+        return ctl.transaction(run, write=False)
 
     @app.put(f"/subscriptions/{{sub}}/{_POLICY}/policyAssignments/{{name}}")
     def put_sub_assignment(sub: str, name: str, principal: Caller, body: JsonBody) -> Any:
@@ -408,7 +419,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
             authorize(principal, Action.READ)
             return {"value": ctl.inventory.list_hosts(s)}
 
-        return ctl.transaction(run)
+        return ctl.transaction(run, write=False)
 
     @app.get("/providers/Cvmotion.Fabric/events")
     def events(principal: Caller, limit: int = 100) -> Any:
@@ -422,7 +433,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
                     out.append(_cloud_event(e))
             return {"value": out}
 
-        return ctl.transaction(run)
+        return ctl.transaction(run, write=False)
 
     _ = Vm  # the VM table is reached through the services
     return app

@@ -34,6 +34,7 @@ from cvmotion.errors import UsageError
 
 __all__ = [
     "Assignment",
+    "reader_for",
     "Base",
     "ComplianceResult",
     "Definition",
@@ -177,7 +178,7 @@ class Event(Base):
     time: Mapped[float] = mapped_column(Float, default=time.time)
 
 
-def _sqlite_pragmas(engine: Engine) -> None:
+def _sqlite_pragmas(engine: Engine, *, immediate: bool) -> None:
     @event.listens_for(engine, "connect")
     def _connect(dbapi_conn: Any, _record: Any) -> None:
         dbapi_conn.isolation_level = None  # SQLAlchemy's BEGIN below, not the driver's implicit one
@@ -190,7 +191,8 @@ def _sqlite_pragmas(engine: Engine) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(conn: Any) -> None:
-        conn.exec_driver_sql("BEGIN IMMEDIATE")
+        # Writers take the lock up front; readers get a WAL snapshot and never wait for a writer.
+        conn.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
 
 
 def database_url(db: str | None, data_dir: Path) -> str:
@@ -210,13 +212,23 @@ def open_database(url: str) -> Engine:
     from alembic.config import Config
 
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10}, pool_size=20)
-        _sqlite_pragmas(engine)
+        engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 10}, pool_size=50)
+        _sqlite_pragmas(engine, immediate=True)
     else:
-        engine = create_engine(url, pool_size=20, max_overflow=10, pool_pre_ping=True)
+        # The API's thread pool (40) plus workers, sweep and the leader's connection.
+        engine = create_engine(url, pool_size=50, max_overflow=10, pool_pre_ping=True)
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
     with engine.begin() as conn:
         config.attributes["connection"] = conn
         command.upgrade(config, "head")
     return engine
+
+
+def reader_for(engine: Engine) -> Engine:
+    """An engine for read-only transactions: on SQLite a second pool whose transactions are deferred."""
+    if engine.dialect.name != "sqlite":
+        return engine
+    reader = create_engine(engine.url, connect_args={"check_same_thread": False, "timeout": 10}, pool_size=50)
+    _sqlite_pragmas(reader, immediate=False)
+    return reader

@@ -113,7 +113,8 @@ class Inventory:
                 changed.append(vm.id)
         return changed
 
-    def candidates(self, session: Session) -> list[Candidate]:
+    def candidates(self, session: Session, *, lock: bool = False) -> list[Candidate]:
+        """Every host with the capacity its VMs use (``lock``: host rows ``FOR UPDATE``)."""
         usage = {
             host: (vcpus or 0, mem or 0, count)
             for host, vcpus, mem, count in session.execute(
@@ -122,8 +123,9 @@ class Inventory:
                 .group_by(Vm.host)
             )
         }
+        query = select(Host).order_by(Host.name)
         out = []
-        for h in session.scalars(select(Host).order_by(Host.name)):
+        for h in session.scalars(query.with_for_update() if lock else query):
             used = usage.get(h.name, (0, 0, 0))
             out.append(
                 Candidate(h.name, h.pool, h.product, h.tcb, h.state, h.vcpus, h.memory_gib, used[0], used[1], used[2])

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from cvmotion.control.builtins import BUILTINS
@@ -35,6 +36,10 @@ ASSIGNMENT_TYPE = "Microsoft.Authorization/policyAssignments"
 DEFINITION_TYPE = "Microsoft.Authorization/policyDefinitions"
 
 
+Judged = tuple[str, CompiledDefinition, Mapping[str, Any]]  # (assignment id, definition, parameters)
+_Scoped = tuple[tuple[Any, ...], list[tuple[str, Judged]]]  # (version, [(scope, judged)])
+
+
 def scope_covers(scope: str, resource_id: str) -> bool:
     scope, resource_id = scope.lower().rstrip("/"), resource_id.lower()
     return resource_id == scope or resource_id.startswith(scope + "/")
@@ -43,6 +48,7 @@ def scope_covers(scope: str, resource_id: str) -> bool:
 class PolicyStore:
     def __init__(self) -> None:
         self._compiled: dict[tuple[str, str], CompiledDefinition] = {}
+        self._scopes: dict[str, _Scoped] = {}
         self._lock = threading.Lock()
 
     def compiled(self, row: Definition) -> CompiledDefinition:
@@ -111,6 +117,7 @@ class PolicyStore:
             session.add(row)
         row.definition = definition
         row.parameters = dict(parameters)
+        row.created_at = time.time()  # the last write: replicas' cached compiled sets compare it
         session.flush()
         return self.assignment_resource(row)
 
@@ -139,15 +146,33 @@ class PolicyStore:
     # -- judging -----------------------------------------------------------------------------------
 
     def in_scope(self, session: Session, resource_id: str) -> list[tuple[str, CompiledDefinition, Mapping[str, Any]]]:
+        """The assignments whose scope covers ``resource_id``, compiled, with their parameters resolved.
+
+        The compiled set of a subscription is cached and re-read only when the subscription's assignments
+        change (their count or latest write time: one aggregate query), so another replica's new
+        assignment still applies at once.
+        """
         sub_scope = "/".join(resource_id.split("/")[:3])  # /subscriptions/{sub}
-        rows = session.scalars(select(Assignment).where(Assignment.scope.like(f"{sub_scope}%")).order_by(Assignment.id))
-        out: list[tuple[str, CompiledDefinition, Mapping[str, Any]]] = []
-        for row in rows:
-            if not scope_covers(row.scope, resource_id):
-                continue
-            compiled = self.compiled(self._definition(session, row.definition))
-            out.append((row.id, compiled, resolve_parameters(compiled, row.parameters)))
-        return out
+        in_sub = Assignment.scope.like(f"{sub_scope}%")
+        version = tuple(session.execute(select(func.count(), func.max(Assignment.created_at)).where(in_sub)).one())
+        with self._lock:
+            cached = self._scopes.get(sub_scope)
+        if cached is None or cached[0] != version:
+            rows = session.execute(
+                select(Assignment, Definition)
+                .join(Definition, Definition.name == Assignment.definition)
+                .where(in_sub)
+                .order_by(Assignment.id)
+            )
+            entries: list[tuple[str, Judged]] = []
+            for row, definition in rows:
+                compiled = self.compiled(definition)
+                entries.append((row.scope, (row.id, compiled, resolve_parameters(compiled, row.parameters))))
+            fresh: _Scoped = (version, entries)
+            with self._lock:
+                self._scopes[sub_scope] = fresh
+            cached = fresh
+        return [entry for scope, entry in cached[1] if scope_covers(scope, resource_id)]
 
     def judge(
         self,

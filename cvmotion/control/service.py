@@ -21,7 +21,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from cvmotion.control.auth import ALL_SUBSCRIPTIONS, Role, issue_token
-from cvmotion.control.db import database_url, open_database
+from cvmotion.control.db import database_url, open_database, reader_for
 from cvmotion.control.inventory import Inventory
 from cvmotion.control.leader import Leadership
 from cvmotion.control.policy_store import PolicyStore
@@ -70,11 +70,18 @@ class FleetController:
         self.url = database_url(db, data_dir)
         self.replica = f"replica-{uuid.uuid4().hex[:8]}"
         self.engine = connect_with_retry(self.url)
+        self.reader = reader_for(self.engine)
         self.leadership = Leadership(self.engine, data_dir)
+        # One controller owns a SQLite file (the leader's file lock): its writers queue on this lock instead
+        # of in SQLite's busy handler, which sleeps in steps of up to 100 ms.
+        self.write_lock = threading.Lock() if self.leadership.sqlite else None
         self.policy = PolicyStore()
         self.inventory = Inventory(heartbeat_timeout)
         self.vms = VmService(self.policy, self.inventory)
-        self.workers = [Worker(self.engine, f"{self.replica}-{i}", lease=lease) for i in range(workers)]
+        self.workers = [
+            Worker(self.engine, f"{self.replica}-{i}", lease=lease, write_lock=self.write_lock, reader=self.reader)
+            for i in range(workers)
+        ]
         self.sweep_period = sweep_period
         self.leader = False
         self._stop = threading.Event()
@@ -85,12 +92,13 @@ class FleetController:
         return self.engine.dialect.name
 
     @contextlib.contextmanager
-    def session(self) -> Iterator[Session]:
-        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+    def session(self, *, write: bool = True) -> Iterator[Session]:
+        lock = self.write_lock if write and self.write_lock is not None else contextlib.nullcontext()
+        with lock, Session(self.engine if write else self.reader, expire_on_commit=False) as session, session.begin():
             yield session
 
-    def transaction(self, body: Callable[[Session], T]) -> T:
-        with self.session() as session:
+    def transaction(self, body: Callable[[Session], T], *, write: bool = True) -> T:
+        with self.session(write=write) as session:
             return body(session)
 
     def wake_workers(self) -> None:
@@ -134,4 +142,5 @@ class FleetController:
         for thread in self._threads:
             thread.join(10)
         self.leadership.release()
+        self.reader.dispose()
         self.engine.dispose()

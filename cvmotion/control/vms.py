@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from cvmotion.control.db import Event, Host, Operation, ResourceGroup, Vm
 from cvmotion.control.errors import InvalidRequest, RequestDisallowedByPolicy
 from cvmotion.control.inventory import Inventory
 from cvmotion.control.operations import OperationKind, Step
-from cvmotion.control.placement import Demand, NoHost, choose_host
+from cvmotion.control.placement import Candidate, Demand, NoHost, choose_host
 from cvmotion.control.policy_store import PolicyStore
 from cvmotion.control.resources import (
     VM_TYPE,
@@ -67,6 +70,7 @@ class VmService:
     def __init__(self, policy: PolicyStore, inventory: Inventory) -> None:
         self.policy = policy
         self.inventory = inventory
+        self._known_groups: set[str] = set()
 
     # -- lookups -----------------------------------------------------------------------------------
 
@@ -86,25 +90,47 @@ class VmService:
         check_name("subscriptions", sub)
         check_name("resourceGroups", rg)
         key = rg_id(sub, rg).lower()
-        if session.get(ResourceGroup, key) is None:
-            session.add(ResourceGroup(id=key, subscription=sub, name=rg, location=location))
-            session.flush()
+        if key in self._known_groups:  # groups are never deleted: one lookup per process is enough
+            return key
+        if session.get(ResourceGroup, key) is not None:
+            self._known_groups.add(key)  # committed by another transaction: safe to remember
+            return key
+        # Two first PUTs into a new group may race (PostgreSQL replicas, concurrent requests): the second
+        # insert is a no-op, not an integrity error.
+        insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+        row = {"id": key, "subscription": sub, "name": rg, "location": location, "created_at": time.time()}
+        session.execute(insert(ResourceGroup).values(**row).on_conflict_do_nothing())
         return key
 
     # -- placement ---------------------------------------------------------------------------------
 
-    def _place(self, session: Session, vm: Vm, *, exclude: str | None = None, pinned: str | None = None) -> Host:
-        assignments = self.policy.in_scope(session, vm.id)
+    def _pool_filter(self, session: Session, vm: Vm, assignments: list[Any]) -> Callable[[str], bool]:
+        """Whether the policy in scope lets ``vm`` onto a host of a pool (memoised per pool for one request)."""
+        verdicts: dict[str, bool] = {}
 
-        def pool_allowed(pool: str) -> bool:
-            try:
-                self.policy.judge(session, policy_doc(vm, host_pool=pool), record=False, assignments=assignments)
-            except RequestDisallowedByPolicy:
-                return False
-            return True
+        def allowed(pool: str) -> bool:
+            if pool not in verdicts:
+                try:
+                    self.policy.judge(session, policy_doc(vm, host_pool=pool), record=False, assignments=assignments)
+                    verdicts[pool] = True
+                except RequestDisallowedByPolicy:
+                    verdicts[pool] = False
+            return verdicts[pool]
 
-        # Rows locked so two replicas placing at once cannot both take the last capacity of a host.
-        session.scalars(select(Host).with_for_update()).all()
+        return allowed
+
+    def _place(
+        self,
+        session: Session,
+        vm: Vm,
+        *,
+        exclude: str | None = None,
+        pinned: str | None = None,
+        lock: bool = True,
+        pools: Callable[[str], bool] | None = None,
+        candidates: list[Candidate] | None = None,
+    ) -> Host:
+        pool_allowed = pools or self._pool_filter(session, vm, self.policy.in_scope(session, vm.id))
         demand = Demand(
             vcpus=vm.vcpus,
             memory_gib=vm.memory_gib,
@@ -113,24 +139,14 @@ class VmService:
             pinned_host=pinned,
             exclude=exclude,
         )
+        if candidates is None:
+            # Host rows locked so two replicas placing at once cannot both take a host's last capacity.
+            candidates = self.inventory.candidates(session, lock=lock)
         try:
-            chosen = choose_host(self.inventory.candidates(session), demand, pool_allowed)
+            chosen = choose_host(candidates, demand, pool_allowed)
         except NoHost as exc:
             raise Conflict(str(exc)) from None
         return self.inventory.get(session, chosen.name)
-
-    def _bound_pools(self, session: Session, vm: Vm) -> list[str]:
-        """Pools the policy allows today, bound into the VM's migration policy (the agents enforce them)."""
-        pools = sorted(set(session.scalars(select(Host.pool))))
-        assignments = self.policy.in_scope(session, vm.id)
-        allowed = []
-        for pool in pools:
-            try:
-                self.policy.judge(session, policy_doc(vm, host_pool=pool), record=False, assignments=assignments)
-            except RequestDisallowedByPolicy:
-                continue
-            allowed.append(pool)
-        return allowed
 
     # -- requests ----------------------------------------------------------------------------------
 
@@ -173,14 +189,18 @@ class VmService:
             power_state=PowerState.STARTING,
             host_vm_name=host_vm_name(rid, name),
         )
-        self.policy.judge(session, policy_doc(vm))
+        assignments = self.policy.in_scope(session, vm.id)
+        self.policy.judge(session, policy_doc(vm), assignments=assignments)
         if props.placement.host is not None:
             # A pinned host is judged like a move's named destination: a deny names the assignment.
             pinned = self.inventory.get(session, props.placement.host)
-            self.policy.judge(session, policy_doc(vm, host_pool=pinned.pool, host=pinned.name))
-        host = self._place(session, vm, pinned=props.placement.host)
+            self.policy.judge(session, policy_doc(vm, host_pool=pinned.pool, host=pinned.name), assignments=assignments)
+        pools = self._pool_filter(session, vm, assignments)
+        candidates = self.inventory.candidates(session, lock=True)
+        host = self._place(session, vm, pinned=props.placement.host, pools=pools, candidates=candidates)
         vm.host = host.name
-        vm.allowed_pools = self._bound_pools(session, vm) or [host.pool]
+        # The pools the policy allows today are bound into the VM's migration policy: the agents enforce them.
+        vm.allowed_pools = sorted({c.pool for c in candidates if pools(c.pool)}) or [host.pool]
         vm.attestation = {"chipId": host.chip_id, "product": host.product}
         session.add(vm)
         op = self._operation(session, vm, OperationKind.CREATE, Step.PLACED, host=host.name)
@@ -267,7 +287,7 @@ class VmService:
             reasons.append(f"DisallowedByPolicy: assignment {exc.assignment.rsplit('/', 1)[-1]}")
         if check_destination and not reasons:
             try:
-                self._place(session, vm, exclude=vm.host)
+                self._place(session, vm, exclude=vm.host, lock=False)
             except Conflict as exc:
                 reasons.append(f"NoDestination: {exc}")
         return reasons

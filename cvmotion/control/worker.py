@@ -10,6 +10,7 @@ idempotent by the VM's host-side name: a successor first asks the host what it a
 from __future__ import annotations
 
 import base64
+import contextlib
 import logging
 import os
 import signal
@@ -67,8 +68,19 @@ class _Failed(Exception):
 
 
 class Worker:
-    def __init__(self, engine: Engine, worker_id: str, *, lease: float = 5.0, poll: float = 0.5) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        worker_id: str,
+        *,
+        lease: float = 5.0,
+        poll: float = 0.5,
+        write_lock: threading.Lock | None = None,
+        reader: Engine | None = None,
+    ) -> None:
         self.engine = engine
+        self.reader = reader or engine
+        self.write_lock = write_lock
         self.id = worker_id
         self.lease = lease
         self.poll = poll
@@ -78,10 +90,16 @@ class Worker:
 
     def claim(self) -> str | None:
         now = time.time()
-        with Session(self.engine) as session, session.begin():
+        claimable = (Operation.step.not_in(_DONE), or_(Operation.claimed_by.is_(None), Operation.lease_until < now))
+        with Session(self.reader) as session:
+            # A plain read first: idle workers do not queue for the write lock.
+            if session.scalars(select(Operation.id).where(*claimable).limit(1)).first() is None:
+                session.rollback()
+                return None
+        with self._locked(), Session(self.engine) as session, session.begin():
             query = (
                 select(Operation)
-                .where(Operation.step.not_in(_DONE), or_(Operation.claimed_by.is_(None), Operation.lease_until < now))
+                .where(*claimable)
                 .order_by(Operation.lease_until, Operation.created_at)
                 .limit(1)
                 .with_for_update(skip_locked=True)
@@ -92,9 +110,12 @@ class Worker:
             op.claimed_by, op.lease_until, op.attempts = self.id, now + self.lease, op.attempts + 1
             return op.id
 
+    def _locked(self) -> contextlib.AbstractContextManager[Any]:
+        return self.write_lock if self.write_lock is not None else contextlib.nullcontext()
+
     def _txn(self, op_id: str, body: Callable[[Session, Operation], Any]) -> Any:
         """Run ``body`` in a transaction after checking the claim is still ours; renews the lease."""
-        with Session(self.engine, expire_on_commit=False) as session, session.begin():
+        with self._locked(), Session(self.engine, expire_on_commit=False) as session, session.begin():
             op = session.get(Operation, op_id, with_for_update=True)
             if op is None or op.claimed_by != self.id:
                 raise LostClaim(op_id)

@@ -92,7 +92,8 @@ class ControllerProcess:
         return httpx.request(method, self.url + path, json=body, headers=headers, timeout=60)
 
     def wait_operation(self, location: str, timeout: float = 60.0) -> dict[str, Any]:
-        path = location.removeprefix(self.url)
+        # A path, or a URL (possibly another replica's: every replica answers for every operation).
+        path = "/" + location.split("://", 1)[1].split("/", 1)[1] if "://" in location else location
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             op: dict[str, Any] = self.api("GET", path).json()
