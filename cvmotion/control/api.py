@@ -22,7 +22,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from cvmotion.control.auth import Action, Principal, authenticate, authorize
-from cvmotion.control.db import Event, Operation, Vm
+from cvmotion.control.db import ComplianceResult, Event, Operation, Vm
 from cvmotion.control.errors import Forbidden, InvalidRequest, RequestDisallowedByPolicy, Unauthorized
 from cvmotion.control.inventory import Heartbeat, HostRegistration
 from cvmotion.control.operations import status_of
@@ -390,6 +390,33 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
     @app.get(f"/subscriptions/{{sub}}/resourceGroups/{{rg}}/{_POLICY}/policyAssignments")
     def list_rg_assignments(sub: str, rg: str, principal: Caller) -> Any:
         return _list_assignments(rg_id(sub, rg), principal)
+
+    @app.get("/subscriptions/{sub}/providers/Microsoft.PolicyInsights/policyStates/latest/queryResults")
+    def policy_states(sub: str, principal: Caller, limit: int = 100) -> Any:
+        """Audit results (``audit`` effects): which resource was judged compliant by which assignment."""
+
+        def run(s: Session) -> dict[str, Any]:
+            authorize(principal, Action.READ, sub)
+            rows = s.scalars(
+                select(ComplianceResult)
+                .where(ComplianceResult.resource_id.like(f"/subscriptions/{sub.lower()}/%"))
+                .order_by(ComplianceResult.id.desc())
+                .limit(max(1, min(limit, 1000)))
+            )
+            return {
+                "value": [
+                    {
+                        "resourceId": r.resource_id,
+                        "policyAssignmentId": r.assignment,
+                        "complianceState": "Compliant" if r.compliant else "NonCompliant",
+                        "effect": r.effect,
+                        "timestamp": r.at,
+                    }
+                    for r in rows
+                ]
+            }
+
+        return ctl.transaction(run, write=False)
 
     # -- hosts and events --------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import json
 import time
+from pathlib import Path
 
 import pytest
 from control_harness import RG, VMS, Api
@@ -244,3 +245,23 @@ def test_openapi_and_events(api: Api) -> None:
     api.wait(api.create("rg1", "e"))
     types = [e["type"] for e in api.req("GET", "/providers/Cvmotion.Fabric/events").json()["value"]]
     assert "Cvmotion.Fabric.VmCreated" in types
+
+
+def test_database_down_at_start_is_a_clear_error(tmp_path: Path) -> None:
+    from cvmotion.control.service import connect_with_retry
+    from cvmotion.errors import UsageError
+    from cvmotion.testing.hosts import free_port
+
+    with pytest.raises(UsageError, match="unreachable after 2 tries"):
+        connect_with_retry(f"postgresql+psycopg://nobody@127.0.0.1:{free_port()}/none", attempts=2)
+
+
+def test_audit_records_compliance(api: Api) -> None:
+    assign(api, "/subscriptions/default", "audit-clm", "deny-confidential-live-migration", {"effect": "audit"})
+    assert api.create("rg1", "opted", clm="Enabled").status_code == 202  # audit never refuses
+    assert api.create("rg1", "plain").status_code == 202
+    states = api.req(
+        "GET", "/subscriptions/default/providers/Microsoft.PolicyInsights/policyStates/latest/queryResults"
+    ).json()["value"]
+    by_vm = {s["resourceId"].rsplit("/", 1)[-1]: s["complianceState"] for s in states}
+    assert by_vm == {"opted": "NonCompliant", "plain": "Compliant"}
