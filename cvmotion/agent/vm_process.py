@@ -39,7 +39,7 @@ from cvmotion.attestation.client import AttestationClient, KeyReleaseClient
 from cvmotion.attestation.keyrelease import TransferKey
 from cvmotion.attestation.paravisor import Paravisor
 from cvmotion.errors import CvmError, UsageError
-from cvmotion.ipc.rpc import Call, Endpoint, Reply, connect_unix
+from cvmotion.ipc.rpc import MAX_BLOB, Call, Endpoint, Reply, connect_unix
 from cvmotion.vmm.backend import BackendKind
 from cvmotion.vmm.devices.dma import DmaConfig, DmaDevice
 from cvmotion.vmm.images import load_image
@@ -54,6 +54,7 @@ __all__ = ["SECRETS_PAGE_GPA", "DirtyViews", "VmProcess", "VmSpec", "main"]
 PAGE = 4096
 _THROTTLE_PERIOD = 0.05  # auto-converge: each 50 ms window, the vCPUs sleep pct% of it
 _TOKEN_REFRESH = 300.0  # the paravisor renews its token well before the service's lifetime runs out
+_FEED_GFNS = MAX_BLOB // 16  # GFNs per vm_dirty call: half the RPC's blob limit
 
 
 @dataclass(frozen=True, slots=True)
@@ -472,10 +473,15 @@ class VmProcess:
         raise UsageError(f"unknown VM control method {m!r}")
 
     def _feed_sp(self, gfns: npt.NDArray[np.uint64]) -> None:
-        """Hand a harvest to the secure processor's dirty view (in the platform process)."""
+        """Hand a harvest to the secure processor's dirty view (in the platform process).
+
+        In pieces below the RPC's blob limit: the first harvest of a large VM holds every populated page (8 bytes
+        each).  A piece that fails leaves the whole harvest to be offered again (the SP takes repeats as no-ops).
+        """
         if self.platform is None:
             raise UsageError("no platform connection: the secure processor cannot be told about dirty pages")
-        self.platform.call("vm_dirty", {"name": self.spec.name}, gfns.astype("<u8").tobytes())
+        for i in range(0, len(gfns), _FEED_GFNS):
+            self.platform.call("vm_dirty", {"name": self.spec.name}, gfns[i : i + _FEED_GFNS].astype("<u8").tobytes())
 
     def _require_dirty(self) -> DirtyViews:
         if self.dirty is None:

@@ -16,6 +16,7 @@ import numpy.typing as npt
 import pytest
 
 from cvmotion.abi.wire import BundleType, bundle_capacity
+from cvmotion.agent import vm_process
 from cvmotion.agent.vm_process import DirtyViews
 from cvmotion.errors import FirmwareError, UsageError
 from cvmotion.firmware.launch import PAGE_SIZE, PageType
@@ -194,3 +195,29 @@ def test_the_firmware_refuses_the_start_token_over_an_erased_vmm_write(
     # Sending the page makes the start token possible: the refusal was for that page alone.
     mig.export_memory(handle, 0, [VMM_PAGE], out)
     assert mig.export_start_token(handle, 0)
+
+
+class _RecordingPlatform:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict[str, object], bytes]] = []
+
+    def call(
+        self, method: str, args: dict[str, object], blob: bytes = b""
+    ) -> tuple[dict[str, object], bytes, list[int]]:
+        self.calls.append((method, args, blob))
+        return {}, b"", []
+
+
+def test_a_large_harvest_reaches_the_sp_in_pieces_below_the_rpc_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert 8 * vm_process._FEED_GFNS <= vm_process.MAX_BLOB  # a real piece fits one RPC blob
+    monkeypatch.setattr(vm_process, "_FEED_GFNS", 4)
+    proc = vm_process.VmProcess(vm_process.VmSpec(name="big", memory=16 * MIB), tmp_path, str(tmp_path / "p.sock"))
+    platform = _RecordingPlatform()
+    proc.platform = platform  # type: ignore[assignment]
+    gfns = np.arange(10, dtype=np.uint64)
+    proc._feed_sp(gfns)
+    assert [m for m, _, _ in platform.calls] == ["vm_dirty"] * 3
+    fed = np.concatenate([np.frombuffer(b, dtype="<u8") for _, _, b in platform.calls])
+    assert fed.tolist() == gfns.tolist()
