@@ -38,6 +38,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="do not keep a warm VM process for the next VM (each VM then waits ~0.5-1 s for its process)",
     )
     serve.add_argument(
+        "--max-guest-memory",
+        metavar="SIZE",
+        help="memory all VMs of this host may have together, e.g. 8G (more: 409); default no limit",
+    )
+    serve.add_argument(
         "--migration-advertise",
         metavar="HOST:PORT",
         help="address sources should dial for migrations (default: the listener)",
@@ -66,6 +71,7 @@ def _serve(args: argparse.Namespace) -> int:
     from cvmotion.host.api import create_app
     from cvmotion.host.daemon import HostConfig, HostDaemon
     from cvmotion.ipc.http import listen_socket, parse_listen
+    from cvmotion.vmm.sku import parse_memory
 
     host, port = parse_listen(args.listen)
     vendor_dir = args.vendor_dir or (default_home() / "vendor")
@@ -84,6 +90,7 @@ def _serve(args: argparse.Namespace) -> int:
         migration_advertise=args.migration_advertise,
         key_release_url=args.key_release,
         standby=args.standby,
+        max_guest_memory=parse_memory(args.max_guest_memory) if args.max_guest_memory else None,
     )
     try:
         sock, url = listen_socket(host, port)

@@ -1,32 +1,38 @@
 """host layer: the host API (HTTP, OpenAPI at ``/openapi.json``) — a thin shell over ``HostDaemon``.
 
 Handlers only parse requests into daemon calls; errors become ``{"error": {"kind", "message"}}`` with a
-status per class (400 bad input, 404 not found, 409 conflict, 422 policy violation, 500 otherwise).
+status per class (400 bad input, 401 unauthenticated, 404 not found, 409 conflict, 307 moved, 500
+otherwise), and every operation's document lists the ones it can answer (``host.api_schema``).
 Bound to loopback (or a test network namespace) only. The host-to-host calls (``/v1/migrations/incoming``,
-``/v1/migrations/{id}/outcome``) need a request signed with a pool-issued host credential (``host.peers``); the
-operator's calls carry no authentication on this interface yet.
+``/v1/migrations/{id}/outcome``) need a request signed with a pool-issued host credential (``host.peers``),
+checked before anything else, so an unsigned request gets 401 whatever it carries; the operator's calls
+carry no authentication on this interface yet.
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import binascii
 import json
 import queue
 from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.concurrency import run_in_threadpool
+from starlette.convertors import Convertor, register_url_convertor
 
-from cvmotion.abi.wire import MAX_PAGES_PER_BUNDLE
 from cvmotion.errors import (
     AbiError,
     Conflict,
     CvmError,
+    DeviceError,
+    FirmwareError,
+    ImageError,
     Moved,
     NotFound,
     PolicyViolation,
@@ -34,52 +40,34 @@ from cvmotion.errors import (
     UsageError,
     VerificationError,
 )
+from cvmotion.host import api_schema as schema
+from cvmotion.host.api_schema import MAX_BODY, CreateVm, KvRequest, MigrateRequest, refusals
 from cvmotion.host.daemon import DEFAULT_GUEST_POLICY, HostDaemon
 from cvmotion.ipc.names import NAME_PATTERN
+from cvmotion.ipc.openapi import inline_schema, install_error_handlers
 from cvmotion.migration.options import MigrationOptions
 from cvmotion.vmm.layout import MIN_MEMORY
 from cvmotion.vmm.sku import MAX_SKU_MEMORY, MAX_SKU_VCPUS, find_sku, parse_memory
 
 __all__ = ["create_app"]
 
-MAX_BODY = 1 << 20
+VmName = Annotated[str, Path(pattern=NAME_PATTERN, examples=["web-1"], description="the VM's name")]
+MigrationId = Annotated[str, Path(pattern=schema.MIGRATION_ID_PATTERN, examples=["3f2a9c1d0b7e"])]
 
 
-class CreateVm(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class _MigrationIdConvertor(Convertor[str]):
+    """A migration id in a path: ``GET /v1/migrations/incoming`` is then no migration's, and answers 405."""
 
-    name: str = Field(pattern=NAME_PATTERN)
-    image: str = Field(min_length=1, max_length=4096)
-    memory: str | int | None = None
-    size: str | None = None
-    vcpus: int | None = Field(default=None, ge=1, le=128)
-    cmdline: str = Field(default="", max_length=3000)
-    backend: str | None = Field(default=None, pattern="^(kvm|emulated)$")
-    policy: int = DEFAULT_GUEST_POLICY
-    migration_policy: str | None = None  # base64 of a canonical MigrationPolicy document
-    key_name: str | None = Field(default=None, pattern="^[A-Za-z0-9._-]{1,64}$")  # data key at the key-release service
+    regex = schema.MIGRATION_ID_PATTERN.strip("^$")
+
+    def convert(self, value: str) -> str:
+        return value
+
+    def to_string(self, value: str) -> str:
+        return value
 
 
-class KvRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    op: str = Field(pattern="^(get|put|delete|stats|GET|PUT|DELETE|STATS)$")
-    key: str = Field(default="", max_length=64)  # required by get, put and delete; stats takes none
-    value: str = Field(default="", max_length=1024)
-
-
-class MigrateRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    destination: str = Field(min_length=1, max_length=2048)
-    downtime_limit_ms: float = Field(default=300.0, gt=0, le=60_000)
-    streams: int = Field(default=2, ge=1, le=16)
-    max_rounds: int = Field(default=30, ge=1, le=1000)
-    auto_converge: bool = True
-    pages_per_bundle: int = Field(default=MAX_PAGES_PER_BUNDLE, ge=1, le=MAX_PAGES_PER_BUNDLE)
-    # How long either side waits on a silent peer before it gives up (bounded verdicts on a partition).
-    io_timeout_s: float = Field(default=30.0, gt=0, le=600)
-    commit_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+register_url_convertor("migration_id", _MigrationIdConvertor())
 
 
 class IncomingSpec(BaseModel):
@@ -120,12 +108,10 @@ def _status_for(exc: CvmError) -> int:
         return 404
     if isinstance(exc, Unauthorized):
         return 401
-    if isinstance(exc, Conflict):
+    if isinstance(exc, (Conflict, DeviceError)):  # DeviceError: the guest did not answer (busy, or no kvstore)
         return 409
-    if isinstance(exc, PolicyViolation):
-        return 422
-    if isinstance(exc, (UsageError, AbiError, VerificationError)):
-        return 400
+    if isinstance(exc, (UsageError, AbiError, VerificationError, PolicyViolation, ImageError, FirmwareError)):
+        return 400  # ImageError: no such image; FirmwareError: the SP refused the request as given (policy)
     return 500
 
 
@@ -137,8 +123,26 @@ def _error(status: int, kind: str, message: str, **extra: Any) -> JSONResponse:
     return JSONResponse({"error": {"kind": kind, "message": message, **extra}}, status_code=status)
 
 
+_VM_LINKS = {
+    f"{verb}_vm": {"operationId": op, "parameters": {"name": "$response.body#/name"}, "description": text}
+    for verb, op, text in (
+        ("show", "get_vm", "the VM just created"),
+        ("delete", "delete_vm", "delete the VM just created"),
+        ("console", "vm_console", "its console"),
+    )
+}
+_CREATE_EXAMPLE = {"name": "web-1", "image": "memdirty", "memory": "64M"}
+
+
 def create_app(daemon: HostDaemon) -> FastAPI:
-    app = FastAPI(title=f"cvmotion host API ({daemon.config.name})", version="1")
+    app = FastAPI(
+        title="cvmotion host API",
+        description=f"Host {daemon.config.name}: its confidential VMs and their live migrations.",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+    )
+    install_error_handlers(app)  # 404 for unknown paths, 405 with every method of the path in Allow
 
     @app.exception_handler(CvmError)
     async def _cvm_error(request: Request, exc: CvmError) -> JSONResponse:
@@ -146,7 +150,7 @@ def create_app(daemon: HostDaemon) -> FastAPI:
             # 307 keeps the method and body: a client that follows redirects reaches the VM on its new host.
             suffix = request.url.path.removeprefix(f"/v1/vms/{request.path_params.get('name', '')}")
             location = exc.location + suffix
-            response = _error(307, "Moved", str(exc), location=location)
+            response = _error(307, "Moved", str(exc))
             response.headers["Location"] = location
             return response
         extra = {"violations": exc.violations} if isinstance(exc, PolicyViolation) else {}
@@ -154,7 +158,7 @@ def create_app(daemon: HostDaemon) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return _error(400, "UsageError", _problems(exc.errors()))
+        return _error(400, "UsageError", _problems(exc.errors())[:1000])
 
     @app.middleware("http")
     async def _limit_body(request: Request, call_next: Any) -> Any:
@@ -163,26 +167,48 @@ def create_app(daemon: HostDaemon) -> FastAPI:
             return _error(413, "UsageError", f"request body over {MAX_BODY} bytes")
         return await call_next(request)
 
-    @app.get("/v1/host")
+    def ok(model: type[BaseModel], description: str, status: int = 200, **extra: Any) -> dict[int | str, Any]:
+        return {status: {"model": model, "description": description, **extra}}
+
+    @app.get(
+        "/v1/host",
+        operation_id="host_info",
+        response_model=None,
+        responses=ok(schema.HostInfo, "this host and its chip"),
+    )
     async def host() -> dict[str, Any]:
         return daemon.host_info()
 
-    @app.get("/v1/vms")
+    @app.get(
+        "/v1/vms", operation_id="list_vms", response_model=None, responses=ok(schema.VmList, "the VMs on this host")
+    )
     async def list_vms() -> dict[str, Any]:
         return {"vms": await run_in_threadpool(daemon.list_vms)}
 
-    @app.post("/v1/vms", status_code=201)
+    @app.post(
+        "/v1/vms",
+        status_code=201,
+        operation_id="create_vm",
+        response_model=None,
+        summary="launch a confidential VM",
+        responses={
+            **ok(schema.VmInfo, "the VM, running", 201, links=_VM_LINKS),
+            **refusals(409, 413, s400=("ImageError", "FirmwareError")),
+        },
+        openapi_extra={"requestBody": {"content": {"application/json": {"example": _CREATE_EXAMPLE}}}},
+    )
     async def create_vm(body: CreateVm) -> dict[str, Any]:
-        if (body.memory is None) == (body.size is None):
-            raise UsageError("give exactly one of memory (e.g. 64M, 1G) or size (an SKU such as Standard_DC2as_v5)")
         vcpus = body.vcpus or 1
         if body.size is not None:
             sku = find_sku(body.size)
             memory = sku.memory
             vcpus = body.vcpus or sku.vcpus
         else:
-            memory = parse_memory(str(body.memory))
-        doc = base64.b64decode(body.migration_policy) if body.migration_policy else None
+            memory = body.memory if isinstance(body.memory, int) else parse_memory(str(body.memory))
+        try:
+            doc = base64.b64decode(body.migration_policy, validate=True) if body.migration_policy else None
+        except binascii.Error:
+            raise UsageError("migration_policy: not base64") from None
         record = await run_in_threadpool(
             lambda: daemon.create_vm(
                 name=body.name,
@@ -198,33 +224,73 @@ def create_app(daemon: HostDaemon) -> FastAPI:
         )
         return daemon.vm_info(record)
 
-    @app.get("/v1/vms/{name}")
-    async def get_vm(name: str) -> dict[str, Any]:
+    @app.get(
+        "/v1/vms/{name}",
+        operation_id="get_vm",
+        response_model=None,
+        responses={**ok(schema.VmInfo, "the VM"), **refusals(404)},
+    )
+    async def get_vm(name: VmName) -> dict[str, Any]:
         return await run_in_threadpool(lambda: daemon.vm_info(daemon.get_vm(name)))
 
-    @app.delete("/v1/vms/{name}")
-    async def delete_vm(name: str) -> dict[str, Any]:
+    @app.delete(
+        "/v1/vms/{name}",
+        operation_id="delete_vm",
+        response_model=None,
+        summary="stop the VM and decommission its guest context",
+        responses={**ok(schema.Deleted, "deleted"), **refusals(404)},
+    )
+    async def delete_vm(name: VmName) -> dict[str, Any]:
         await run_in_threadpool(daemon.delete_vm, name)
         return {"deleted": name}
 
-    @app.get("/v1/vms/{name}/attestation")
-    async def attestation(name: str) -> dict[str, Any]:
+    @app.get(
+        "/v1/vms/{name}/attestation",
+        operation_id="vm_attestation",
+        response_model=None,
+        summary="the paravisor's current attestation token and its claims (empty before it attested)",
+        responses={200: {"description": "token and claims"}, **refusals(404, 409)},
+    )
+    async def attestation(name: VmName) -> dict[str, Any]:
         return await run_in_threadpool(daemon.attestation, name)
 
-    @app.get("/v1/vms/{name}/console")
-    async def console(name: str, since: int = 0) -> dict[str, Any]:
+    @app.get(
+        "/v1/vms/{name}/console",
+        operation_id="vm_console",
+        response_model=None,
+        responses={**ok(schema.Console, "console lines from since on"), **refusals(404, 409)},
+    )
+    async def console(name: VmName, since: Annotated[int, Query(ge=0, le=1 << 40)] = 0) -> dict[str, Any]:
         return await run_in_threadpool(daemon.console, name, since)
 
-    @app.post("/v1/vms/{name}/kv")
-    async def kv(name: str, body: KvRequest) -> dict[str, Any]:
-        result = await run_in_threadpool(daemon.kv, name, body.op, body.key.encode(), body.value.encode())
+    @app.post(
+        "/v1/vms/{name}/kv",
+        operation_id="vm_kv",
+        response_model=None,
+        summary="one request to a kvstore guest (its cvm-io device)",
+        responses={**ok(schema.KvAnswer, "the guest's answer"), **refusals(307, 404, 409, 413)},
+        openapi_extra={"requestBody": {"content": {"application/json": {"example": {"op": "get", "key": "k"}}}}},
+    )
+    async def kv(name: VmName, body: KvRequest) -> dict[str, Any]:
+        key, value = body.key.encode(), body.value.encode()
+        result = await run_in_threadpool(daemon.kv, name, body.op, key, value)
         if "slots" in result:
             return result
         value = result["value"]
         return {"status": result["status"], "value": value.decode("utf-8", "replace") if value else None}
 
-    @app.post("/v1/vms/{name}/migrate", status_code=202)
-    async def migrate(name: str, body: MigrateRequest) -> dict[str, Any]:
+    @app.post(
+        "/v1/vms/{name}/migrate",
+        status_code=202,
+        operation_id="migrate_vm",
+        response_model=None,
+        summary="start a live migration to another host (unreachable or refusing destination: 400)",
+        responses={**ok(schema.MigrationStarted, "started: poll /v1/migrations/{id}", 202), **refusals(404, 409, 413)},
+        openapi_extra={
+            "requestBody": {"content": {"application/json": {"example": {"destination": "http://127.0.0.1:1"}}}}
+        },
+    )
+    async def migrate(name: VmName, body: MigrateRequest) -> dict[str, Any]:
         options = MigrationOptions(
             downtime_limit_ms=body.downtime_limit_ms,
             streams=body.streams,
@@ -238,20 +304,45 @@ def create_app(daemon: HostDaemon) -> FastAPI:
         stats = await run_in_threadpool(daemon.migrate, name, body.destination, options)
         return {"migration": stats.id, **stats.query_migrate()}
 
-    @app.get("/v1/migrations")
+    @app.get(
+        "/v1/migrations",
+        operation_id="list_migrations",
+        response_model=None,
+        responses=ok(schema.MigrationList, "every migration this daemon ran or runs"),
+    )
     async def migrations() -> dict[str, Any]:
         return {"migrations": [m.query_migrate() for m in list(daemon.migrations.values())]}
 
-    @app.get("/v1/migrations/{mig_id}")
-    async def migration(mig_id: str) -> dict[str, Any]:
+    @app.get(
+        "/v1/migrations/{mig_id:migration_id}",
+        operation_id="get_migration",
+        response_model=None,
+        responses={**ok(schema.Migration, "its progress (QEMU query-migrate)"), **refusals(404)},
+    )
+    async def migration(mig_id: MigrationId) -> dict[str, Any]:
         return daemon.migration(mig_id).query_migrate()
 
-    @app.post("/v1/migrations/{mig_id}/cancel")
-    async def cancel(mig_id: str) -> dict[str, Any]:
+    @app.post(
+        "/v1/migrations/{mig_id}/cancel",
+        operation_id="cancel_migration",
+        response_model=None,
+        summary="cancel an outgoing migration (the VM stays on this host)",
+        responses={**ok(schema.Cancelled, "cancel requested"), **refusals(404)},
+    )
+    async def cancel(mig_id: MigrationId) -> dict[str, Any]:
         daemon.cancel(mig_id)
         return {"cancelled": mig_id}
 
-    @app.post("/v1/migrations/incoming")
+    incoming_body = {"required": True, "content": {"application/json": {"schema": inline_schema(IncomingMigration)}}}
+
+    @app.post(
+        "/v1/migrations/incoming",
+        operation_id="incoming_migration",
+        response_model=None,
+        summary="host to host: receive a VM (signed by a pool host credential)",
+        responses={**ok(schema.IncomingAccepted, "where the source connects"), **refusals(401, 409, 413)},
+        openapi_extra={"parameters": schema.PEER_HEADERS, "requestBody": incoming_body},
+    )
     async def incoming(request: Request) -> dict[str, Any]:
         body = await request.body()
         daemon.peers.verify(request.method, request.url.path, body, request.headers)
@@ -263,13 +354,44 @@ def create_app(daemon: HostDaemon) -> FastAPI:
             raise UsageError(f"spec.name {parsed.spec.name!r} is not the VM {parsed.vm!r} being migrated")
         return await run_in_threadpool(daemon.incoming, parsed.model_dump())
 
-    @app.get("/v1/migrations/{mig_id}/outcome")
-    async def outcome(request: Request, mig_id: str) -> dict[str, Any]:
-        daemon.peers.verify(request.method, request.url.path, b"", request.headers)
-        return daemon.outcome(mig_id)
+    mig_id_parameter = {
+        "name": "mig_id",
+        "in": "path",
+        "required": True,
+        "schema": {"type": "string", "pattern": schema.MIGRATION_ID_PATTERN},
+        "description": "the destination's id of the incoming migration",
+    }
 
-    @app.get("/v1/events")
-    async def events(request: Request, limit: int = 100, follow: bool = False) -> Any:
+    @app.get(
+        "/v1/migrations/{mig_id}/outcome",
+        operation_id="migration_outcome",
+        response_model=None,
+        summary="host to host: the verdict of an incoming migration (signed by a pool host credential)",
+        responses={**ok(schema.Outcome, "the verdict"), **refusals(401, 404)},
+        openapi_extra={"parameters": [mig_id_parameter, *schema.PEER_HEADERS]},
+    )
+    async def outcome(request: Request) -> dict[str, Any]:
+        # Authentication first: the id is read (and checked) only for a signed request.
+        daemon.peers.verify(request.method, request.url.path, b"", request.headers)
+        return daemon.outcome(str(request.path_params["mig_id"]))
+
+    @app.get(
+        "/v1/events",
+        operation_id="events",
+        response_model=None,
+        summary="recent events (CloudEvents); follow=true streams them as server-sent events",
+        responses={
+            200: {
+                "model": schema.EventList,
+                "description": "the last limit events, or with follow=true an endless text/event-stream",
+                "content": {"text/event-stream": {"schema": inline_schema(schema.ServerSentEvent)}},
+            },
+            **refusals(),
+        },
+    )
+    async def events(
+        request: Request, limit: Annotated[int, Query(ge=1, le=10_000)] = 100, follow: bool = False
+    ) -> Any:
         if not follow:
             return {"events": daemon.events.recent(limit)}
         sub = daemon.events.subscribe()

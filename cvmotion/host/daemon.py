@@ -78,6 +78,7 @@ class HostConfig:
     migration_advertise: str | None = None
     key_release_url: str | None = None  # HOST:PORT sources should dial (a proxy, NAT) instead of the listener
     standby: bool = True  # keep one warm VM process for the next VM (launch or incoming migration)
+    max_guest_memory: int | None = None  # bytes all VMs here may have together (None: no limit)
 
 
 class HostDaemon:
@@ -324,6 +325,7 @@ class HostDaemon:
         with self._lock:
             if name in self.vms:
                 raise Conflict(f"a VM named {name!r} already exists on host {self.config.name}")
+            self._check_memory_budget(memory)
             doc = migration_policy or MigrationPolicy(allowed_pools=(self.config.pool,)).canonical()
             host_data = MigrationPolicy.from_canonical(doc).host_data()
             spec = VmSpec(
@@ -372,6 +374,18 @@ class HostDaemon:
             subject=name,
         )
         return record
+
+    def _check_memory_budget(self, memory: int) -> None:
+        """``Conflict`` when ``memory`` more would exceed ``max_guest_memory`` (the caller holds the lock)."""
+        budget = self.config.max_guest_memory
+        if budget is None:
+            return
+        used = sum(r.spec.memory for r in self.vms.values() if r.state not in GONE)
+        if used + memory > budget:
+            raise Conflict(
+                f"host {self.config.name}: {memory} bytes more would exceed its guest memory budget"
+                f" ({used} of {budget} bytes in use)"
+            )
 
     def get_vm(self, name: str) -> VmRecord:
         record = self.vms.get(name)
@@ -474,7 +488,7 @@ class HostDaemon:
     def console(self, name: str, since: int = 0) -> dict[str, Any]:
         record = self.get_vm(name)
         if record.client is None:
-            raise UsageError(f"VM {name!r} has no process on this host")
+            raise Conflict(f"VM {name!r} has no process on this host")
         return dict(record.client.call("console", {"since": since})[0])
 
     # -- migration out ------------------------------------------------------------------------------
@@ -573,6 +587,7 @@ class HostDaemon:
             existing = self.vms.get(name)
             if existing is not None and existing.state not in GONE:
                 raise Conflict(f"a VM named {name!r} already exists on host {self.config.name}")
+            self._check_memory_budget(int(body["spec"]["memory"]))
         spec_data = dict(body["spec"])
         spec_data["mode"] = "incoming"
         # This host's services, not the source's: the paravisor re-attests where the VM now runs.

@@ -71,6 +71,7 @@ class HostProcess:
     pool_ca_dir: Path
     pool: str = "pool-a"
     advertise: str | None = None
+    extra_args: tuple[str, ...] = ()  # more ``cvmotion host serve`` flags (e.g. --max-guest-memory)
     api_port: int = field(default_factory=free_port)
     migration_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
@@ -96,6 +97,7 @@ class HostProcess:
         cmd += ["--pool-ca-dir", str(self.pool_ca_dir), "--pool", self.pool]
         if self.advertise:
             cmd += ["--migration-advertise", self.advertise]
+        cmd += self.extra_args
         log = (self.data_dir / f"daemon-{self.starts}.err").open("ab")
         env = dict(os.environ, CVMOTION_HOME=str(self.data_dir / "home"))
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env)
