@@ -45,6 +45,7 @@ from cvmotion.vmm.memory import GuestMemory
 __all__ = ["HOST_METHODS", "PlatformService", "RemoteHardware", "SpMemory", "main"]
 
 PAGE = 4096
+_FOLD_PARTS = 32  # pending dirty harvests kept apart before they are folded into one
 
 
 class SpMemory:
@@ -112,10 +113,16 @@ class RemoteHardware:
         return endpoint is self._endpoint
 
     def add_dirty(self, gfns: npt.NDArray[np.uint64]) -> None:
-        """A harvest the VM process made for the engine (called from the VM process, before the engine has it)."""
+        """A harvest the VM process made for the engine (called from the VM process, before the engine has it).
+
+        Harvests pile up between exports (a daemon may harvest as often as it likes): past ``_FOLD_PARTS`` they are
+        folded into one duplicate-free array, so what the SP keeps is bounded by the guest's distinct pages.
+        """
         if len(gfns):
             with self._dirty_lock:
                 self._dirty.append(gfns)
+                if len(self._dirty) > _FOLD_PARTS:
+                    self._dirty = [sorted_union(*self._dirty)]
 
     def take_dirty(self, *, fresh: bool) -> npt.NDArray[np.uint64]:
         parts: list[npt.NDArray[np.uint64]] = []

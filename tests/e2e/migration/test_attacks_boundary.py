@@ -21,7 +21,7 @@ from cvmotion.testing.evil import EvilSource
 from cvmotion.testing.hostcmd import HostCommands
 from cvmotion.testing.tampering import Chain, Frame, On, bundle, control, drop, rewrite
 
-pytestmark = [pytest.mark.kvm, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 
 A, B = "host-a", "host-b"
 USED = "served a guest already"

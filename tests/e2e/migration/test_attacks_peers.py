@@ -21,7 +21,7 @@ from cvmotion.agent.vm_process import VmSpec
 from cvmotion.host.peers import PeerAuth
 from cvmotion.testing.hosts import ApiError
 
-pytestmark = [pytest.mark.kvm, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 
 A, B = "host-a", "host-b"
 INCOMING = "/v1/migrations/incoming"

@@ -9,7 +9,7 @@ from collections.abc import Iterator
 import pytest
 from mig_world import DIRTY_MIB, Victim, World
 
-pytestmark = [pytest.mark.kvm, pytest.mark.timeout(180)]
+pytestmark = pytest.mark.timeout(180)
 
 A, B = "host-a", "host-b"
 # memdirty's working set is 0x400000 + 2 MiB; the device gets 4 MiB above it, at 200 MiB/s.

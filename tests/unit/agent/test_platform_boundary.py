@@ -94,3 +94,15 @@ def test_dirty_pages_only_for_the_vm_a_connection_attached(platform: _Platform) 
         other.call("vm_dirty", {"name": "a"}, gfns)
     assert platform.service.hardware["a"].take_dirty(fresh=False).tolist() == []
     assert platform.service.hardware["b"].take_dirty(fresh=False).tolist() == [0x200]
+
+
+def test_pending_dirty_harvests_stay_bounded(platform: _Platform) -> None:
+    """A daemon harvesting in a loop with no export running cannot grow the platform's memory without bound:
+    pending harvests fold into the guest's distinct pages, and none is lost."""
+    vm = platform.vm("a")
+    for i in range(200):
+        vm.call("vm_dirty", {"name": "a"}, np.asarray([0x200 + i % 7, 0x300], dtype="<u8").tobytes())
+    hw = platform.service.hardware["a"]
+    assert len(hw._dirty) <= 33
+    assert sum(len(part) for part in hw._dirty) < 200
+    assert hw.take_dirty(fresh=False).tolist() == [*range(0x200, 0x207), 0x300]
