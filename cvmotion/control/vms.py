@@ -239,7 +239,8 @@ class VmService:
 
     def delete(self, session: Session, sub: str, rg: str, name: str) -> Operation | None:
         vm = self.get(session, sub, rg, name, lock=True)
-        if vm.provisioning_state in (ProvisioningState.DELETING, ProvisioningState.MIGRATING):
+        # Not while it is created or moved: its host-side instance may appear after the delete looked.
+        if vm.provisioning_state in _BUSY:
             raise Conflict(f"VM {name!r} is {vm.provisioning_state.value}; try again when it settles")
         if vm.host is None:
             session.delete(vm)

@@ -265,3 +265,16 @@ def test_audit_records_compliance(api: Api) -> None:
     ).json()["value"]
     by_vm = {s["resourceId"].rsplit("/", 1)[-1]: s["complianceState"] for s in states}
     assert by_vm == {"opted": "NonCompliant", "plain": "Compliant"}
+
+
+def test_delete_waits_for_a_create_to_settle(api: Api, fakehosts: dict[str, FakeHost]) -> None:
+    from cvmotion.testing.hosts import free_port
+
+    # A host that never answers: the create stays in progress (retried with backoff) for seconds.
+    dead = fakehosts["h1"].registration() | {"name": "dead", "chip_id": "cd" * 32}
+    dead["api_url"] = f"http://127.0.0.1:{free_port()}"
+    assert api.req("POST", "/providers/Cvmotion.Fabric/hosts/register", dead).status_code == 200
+    assert api.create("rg1", "busy", host="dead").status_code == 202
+    refused = api.req("DELETE", f"{RG}/rg1/{VMS}/busy")
+    assert refused.status_code == 409
+    assert "Creating" in refused.json()["error"]["message"]
