@@ -46,6 +46,12 @@ T_VERIFY = "tests/unit/attestation/test_attest_verify_synthetic.py"
 T_DIRTY = "tests/unit/agent/test_dirty_never_dropped.py"
 T_PLATFORM = "tests/unit/agent/test_platform_boundary.py"
 T_SECURITY = "tests/unit/protocol/test_import_rules_refusals.py"
+T_TABLE = "tests/unit/protocol/test_command_state_table.py"
+T_PEERS = "tests/unit/host/test_peers.py"
+T_OPTIONS = "tests/unit/migration/test_options_schema.py"
+T_DMA = "tests/e2e/migration/test_dma_load.py"
+PLATFORM = "cvmotion/agent/platform.py"
+PEERS = "cvmotion/host/peers.py"
 
 
 def _never(file: str, function: str, check: str, condition: str, tests: Sequence[str], *, id: str) -> Mutant:
@@ -451,5 +457,94 @@ MUTANTS: tuple[Mutant, ...] = (
         '        self.take("engine")\n',
         "        with self._lock:\n            self._vm.memory.vmm_dirty.take()\n",
         (T_DIRTY,),
+    ),
+    # -- the secure processor's boundary: hardware, handles, decommission, commit receipt ---------------
+    _never(
+        PLATFORM,
+        "PlatformService._claim",
+        "hardware serves one guest (no second LAUNCH or import over it: no fork, no page oracle)",
+        "hw.claimed",
+        [T_PLATFORM],
+        id="hardware-claimed",
+    ),
+    _never(
+        PLATFORM,
+        "_launch_ranges",
+        "launch ranges never cover the secrets page",
+        "gpa < SECRETS_PAGE_GPA + PAGE and gpa + length > SECRETS_PAGE_GPA",
+        [T_PLATFORM],
+        id="launch-secrets-page",
+    ),
+    _never(
+        PLATFORM,
+        "PlatformService._vm_guest",
+        "host commands name only VM guests (never the MA's context)",
+        "handle not in self.handles.values()",
+        [T_PLATFORM],
+        id="vm-guests-only",
+    ),
+    _never(
+        "cvmotion/firmware/device.py",
+        "SecureProcessor.decommission",
+        "DECOMMISSION only where the guest is not the only copy",
+        "ctx.op_state not in _DECOMMISSIONABLE",
+        [T_TABLE],
+        id="decommission-op-state",
+    ),
+    Mutant(
+        "commit-receipt",
+        "the source decommissions only on the destination firmware's commit receipt (MAC under K_b)",
+        MIGRATION,
+        "MigrationFirmware.export_finish",
+        "                or not _check_commit_receipt(exp.k_b, exp.session_id, exp.start_token_digest, receipt)\n",
+        "",
+        (T_MIGFW, T_TABLE),
+    ),
+    # -- host-to-host calls (host/peers.py), options, provisioning, the DMA device --------------------
+    Mutant(
+        "peer-signature",
+        "host-to-host requests signed by the calling host's key",
+        PEERS,
+        "PeerAuth.verify",
+        "            public.verify(signature, _message(method, path, date, nonce, body), ec.ECDSA(hashes.SHA384()))\n",
+        "",
+        (T_PEERS,),
+    ),
+    _never(
+        PEERS, "PeerAuth._fresh", "a signed request is accepted once", "nonce in self._seen", [T_PEERS], id="peer-nonce"
+    ),
+    _never(
+        PEERS,
+        "PeerAuth.verify",
+        "a signed request is fresh (date within the skew)",
+        "abs(now - int(date)) > SKEW",
+        [T_PEERS],
+        id="peer-date",
+    ),
+    Mutant(
+        "peer-ca",
+        "the caller's credential was issued by a trusted pool CA",
+        PEERS,
+        "PeerAuth._check_certificate",
+        "                cert.verify_directly_issued_by(ca)\n",
+        "                pass\n",
+        (T_PEERS,),
+    ),
+    _never(
+        "cvmotion/migration/options.py",
+        "MigrationOptions.from_json",
+        "unknown migration options refused, not dropped",
+        "unknown",
+        [T_OPTIONS],
+        id="options-unknown",
+    ),
+    Mutant(
+        "dma-quiesce",
+        "a paused VM's DMA device writes nothing (the start token's clean check would otherwise fail)",
+        "cvmotion/agent/vm_process.py",
+        "VmProcess.pause",
+        "                self.dma.quiesce()",
+        "                pass",
+        (T_DMA,),
     ),
 )

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from cvmotion.agent.platform import PlatformService
-from cvmotion.errors import UsageError
+from cvmotion.errors import FirmwareError, UsageError
 from cvmotion.firmware.vendor import Vendor
 from cvmotion.ipc.rpc import Endpoint
 from cvmotion.vmm.memory import GuestMemory
@@ -106,3 +106,50 @@ def test_pending_dirty_harvests_stay_bounded(platform: _Platform) -> None:
     assert len(hw._dirty) <= 33
     assert sum(len(part) for part in hw._dirty) < 200
     assert hw.take_dirty(fresh=False).tolist() == [*range(0x200, 0x207), 0x300]
+
+
+def _host(platform: _Platform) -> Endpoint:
+    host = platform.connect()
+    host.call("host_hello")
+    return host
+
+
+def _launch(host: Endpoint, vm: str, ranges: list[list[int]]) -> int:
+    args = {"vm": vm, "policy": 0x70000, "ranges": ranges, "host_data": "00" * 32}
+    return int(host.call("launch", args)[0]["handle"])
+
+
+def test_hardware_serves_one_guest(platform: _Platform) -> None:
+    """A second LAUNCH over hardware that ran a guest would be a new context over its memory (a fork, and a
+    measurement oracle over its pages): refused, whatever the ranges."""
+    platform.vm("a")
+    host = _host(platform)
+    _launch(host, "a", [[0x100000, 0x1000]])
+    for ranges in ([[0x100000, 0x1000]], [[0x200000, 0x2000]]):
+        with pytest.raises(FirmwareError, match="served a guest already"):
+            _launch(host, "a", ranges)
+
+
+@pytest.mark.parametrize(
+    "ranges",
+    [[[0x7000, 0x1000]], [[0x6000, 0x3000]], [[0x1001, 0x1000]], [[0x100000, 0]], [[0, MEMORY * 2]], [], "x"],
+    ids=["secrets", "over-secrets", "unaligned", "empty-range", "beyond-ram", "none", "not-a-list"],
+)
+def test_launch_ranges_are_checked_before_anything_is_claimed(platform: _Platform, ranges: object) -> None:
+    platform.vm("a")
+    host = _host(platform)
+    with pytest.raises(FirmwareError):
+        host.call("launch", {"vm": "a", "policy": 0x70000, "ranges": ranges, "host_data": "00" * 32})
+    _launch(host, "a", [[0x100000, 0x1000]])  # nothing was claimed by the refused calls
+
+
+def test_host_commands_name_only_vm_guests(platform: _Platform) -> None:
+    """The MA's own context, or any handle not bound to attached VM hardware, is not the host's to touch."""
+    platform.vm("a")
+    host = _host(platform)
+    mine = _launch(host, "a", [[0x100000, 0x1000]])
+    stranger = platform.service.sp.launch_start(0x30000)  # a context no VM hardware runs (as the MA's)
+    for method in ("decommission", "guest_info", "guest_request", "can_run", "export_start", "export_status"):
+        with pytest.raises(FirmwareError, match="no VM guest"):
+            host.call(method, {"handle": int(stranger), "vm": "a"})
+    assert host.call("guest_info", {"handle": mine})[0]["op_state"] == "RUNNABLE"
