@@ -114,7 +114,13 @@ class Inventory:
         return changed
 
     def candidates(self, session: Session, *, lock: bool = False) -> list[Candidate]:
-        """Every host with the capacity its VMs use (``lock``: host rows ``FOR UPDATE``)."""
+        """Every host with the capacity its VMs use (``lock``: host rows ``FOR UPDATE``).
+
+        The host rows are locked *before* usage is summed: a placement that waited for another replica's
+        lock then sees (READ COMMITTED) the VM rows that placement committed, so a host is never overfilled.
+        """
+        query = select(Host).order_by(Host.name)
+        hosts = list(session.scalars(query.with_for_update() if lock else query))
         usage = {
             host: (vcpus or 0, mem or 0, count)
             for host, vcpus, mem, count in session.execute(
@@ -123,9 +129,8 @@ class Inventory:
                 .group_by(Vm.host)
             )
         }
-        query = select(Host).order_by(Host.name)
         out = []
-        for h in session.scalars(query.with_for_update() if lock else query):
+        for h in hosts:
             used = usage.get(h.name, (0, 0, 0))
             out.append(
                 Candidate(h.name, h.pool, h.product, h.tcb, h.state, h.vcpus, h.memory_gib, used[0], used[1], used[2])

@@ -84,3 +84,28 @@ def test_replicas_share_work_and_survive_sigkill(
     finally:
         a.kill()
         b.kill()
+
+
+def test_two_replicas_never_overfill_a_host(
+    postgres: PostgresServer, tmp_path: Path, fakehosts: dict[str, FakeHost]
+) -> None:
+    """Concurrent placements through both replicas: a host with room for four VMs gets exactly four."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    db = postgres.database()
+    a = ControllerProcess(tmp_path / "a", db).start()
+    b = ControllerProcess(tmp_path / "b", db).start()
+    try:
+        small = fakehosts["h1"].registration(vcpus=8, memory_gib=64)  # four Standard_DC2as_v5
+        assert a.api("POST", "/providers/Cvmotion.Fabric/hosts/register", small).status_code == 200
+
+        def put(i: int) -> int:
+            ctl = a if i % 2 else b
+            return ctl.api("PUT", f"{RG}/c{i}", _body("h1"), token=a.owner_token).status_code
+
+        with ThreadPoolExecutor(12) as pool:
+            codes = sorted(pool.map(put, range(12)))
+        assert codes == [202] * 4 + [409] * 8
+    finally:
+        a.kill()
+        b.kill()
