@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import json
 import logging
+import time
+from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
@@ -35,6 +37,8 @@ from cvmotion.errors import Conflict, CvmError, NotFound, UsageError
 __all__ = ["create_app"]
 
 log = logging.getLogger("cvmotion.control.api")
+_STREAM_POLL_S = 0.25  # how often a follower's stream looks for new events (every replica sees every event)
+_STREAM_LIMIT_S = 3600.0  # a follower reconnects after an hour (bounded streams; SSE clients resume)
 
 MAX_BODY = 1 << 20
 _VMS = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines"
@@ -449,18 +453,48 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
         return ctl.transaction(run, write=False)
 
     @app.get("/providers/Cvmotion.Fabric/events")
-    def events(principal: Caller, limit: int = 100) -> Any:
-        def run(s: Session) -> dict[str, Any]:
-            authorize(principal, Action.READ)
-            rows = s.scalars(select(Event).order_by(Event.id.desc()).limit(max(1, min(limit, 1000))))
-            out = []
-            for e in reversed(list(rows)):
-                sub = e.subject.split("/")[2] if e.subject.startswith("/subscriptions/") else None
-                if sub is None or principal.subscription in ("*", sub):
-                    out.append(_cloud_event(e))
-            return {"value": out}
+    def events(principal: Caller, limit: int = 100, follow: bool = False) -> Any:
+        """The latest events (CloudEvents JSON); ``follow``: then every new one, as Server-Sent Events."""
+        authorize(principal, Action.READ)
 
-        return ctl.transaction(run, write=False)
+        def visible(e: Event) -> bool:
+            sub = e.subject.split("/")[2] if e.subject.startswith("/subscriptions/") else None
+            return sub is None or principal.subscription in ("*", sub)
+
+        def since(after: int | None, count: int) -> list[tuple[int, dict[str, Any]]]:
+            def run(s: Session) -> list[tuple[int, dict[str, Any]]]:
+                if after is None:  # the latest ``count``, oldest first
+                    rows = list(s.scalars(select(Event).order_by(Event.id.desc()).limit(count)))[::-1]
+                else:
+                    rows = list(s.scalars(select(Event).where(Event.id > after).order_by(Event.id).limit(count)))
+                if not rows:
+                    return []
+                return [(e.id, _cloud_event(e)) for e in rows if visible(e)] + [(rows[-1].id, {})]
+
+            return ctl.transaction(run, write=False)
+
+        first = since(None, max(1, min(limit, 1000)))
+        if not follow:
+            return {"value": [event for _, event in first if event]}
+
+        def stream() -> Iterator[str]:
+            last = first[-1][0] if first else 0
+            for _, event in first:
+                if event:
+                    yield f"data: {json.dumps(event)}\n\n"
+            deadline = time.monotonic() + _STREAM_LIMIT_S
+            while time.monotonic() < deadline:
+                batch = since(last, 500)
+                for _, event in batch:
+                    if event:
+                        yield f"data: {json.dumps(event)}\n\n"
+                if batch:
+                    last = batch[-1][0]  # the marker entry carries the newest id seen, visible or not
+                else:
+                    yield ": keep-alive\n\n"
+                    time.sleep(_STREAM_POLL_S)
+
+        return StreamingResponse(stream(), media_type="text/event-stream")
 
     _ = Vm  # the VM table is reached through the services
     return app

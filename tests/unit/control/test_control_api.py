@@ -278,3 +278,20 @@ def test_delete_waits_for_a_create_to_settle(api: Api, fakehosts: dict[str, Fake
     refused = api.req("DELETE", f"{RG}/rg1/{VMS}/busy")
     assert refused.status_code == 409
     assert "Creating" in refused.json()["error"]["message"]
+
+
+def test_events_follow_is_server_sent_events(api: Api) -> None:
+    headers = {"Authorization": f"Bearer {api.owner}"}
+    with api.client.stream("GET", "/providers/Cvmotion.Fabric/events?follow=true&limit=1", headers=headers) as sse:
+        assert sse.headers["content-type"].startswith("text/event-stream")
+        lines = sse.iter_lines()
+        first = json.loads(next(line for line in lines if line.startswith("data: "))[6:])
+        assert first["specversion"] == "1.0"
+        api.wait(api.create("rg1", "streamed"))  # a new event arrives on the open stream (bounded: it must)
+        types = []
+        for line in lines:
+            if line.startswith("data: "):
+                types.append(json.loads(line[6:])["type"])
+                if "Cvmotion.Fabric.VmCreated" in types:
+                    break
+    assert "Cvmotion.Fabric.CreateAccepted" in types
