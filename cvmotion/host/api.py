@@ -15,14 +15,16 @@ import asyncio
 import base64
 import binascii
 import json
+import logging
 import queue
 from collections.abc import AsyncIterator, Sequence
 from typing import Annotated, Any
 
+import httpx
 from fastapi import FastAPI, Path, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
 
@@ -41,15 +43,16 @@ from cvmotion.errors import (
     VerificationError,
 )
 from cvmotion.host import api_schema as schema
-from cvmotion.host.api_schema import MAX_BODY, CreateVm, KvRequest, MigrateRequest, refusals
-from cvmotion.host.daemon import DEFAULT_GUEST_POLICY, HostDaemon
+from cvmotion.host.api_schema import MAX_BODY, CreateVm, IncomingMigration, KvRequest, MigrateRequest, refusals
+from cvmotion.host.daemon import HostDaemon
 from cvmotion.ipc.names import NAME_PATTERN
 from cvmotion.ipc.openapi import inline_schema, install_error_handlers
 from cvmotion.migration.options import MigrationOptions
-from cvmotion.vmm.layout import MIN_MEMORY
-from cvmotion.vmm.sku import MAX_SKU_MEMORY, MAX_SKU_VCPUS, find_sku, parse_memory
+from cvmotion.vmm.sku import find_sku, parse_memory
 
 __all__ = ["create_app"]
+
+log = logging.getLogger("cvmotion.host.api")
 
 VmName = Annotated[str, Path(pattern=NAME_PATTERN, examples=["web-1"], description="the VM's name")]
 MigrationId = Annotated[str, Path(pattern=schema.MIGRATION_ID_PATTERN, examples=["3f2a9c1d0b7e"])]
@@ -70,39 +73,6 @@ class _MigrationIdConvertor(Convertor[str]):
 register_url_convertor("migration_id", _MigrationIdConvertor())
 
 
-class IncomingSpec(BaseModel):
-    """The VM's spec as the source sends it: bounded, and named as the VM it describes."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(pattern=NAME_PATTERN)
-    memory: int = Field(ge=MIN_MEMORY, le=MAX_SKU_MEMORY)
-    vcpus: int = Field(default=1, ge=1, le=MAX_SKU_VCPUS)
-    image: str = Field(default="", max_length=4096)
-    cmdline: str = Field(default="", max_length=3000)
-    backend: str | None = Field(default=None, pattern="^(kvm|emulated)$")
-    mode: str = Field(default="incoming", pattern="^(launch|incoming)$")  # always "incoming" here
-    attestation_url: str | None = Field(default=None, max_length=2048)  # replaced by this host's services
-    key_release_url: str | None = Field(default=None, max_length=2048)
-    key_name: str | None = Field(default=None, pattern="^[A-Za-z0-9._-]{1,64}$")
-
-
-class IncomingMigration(BaseModel):
-    """``POST /v1/migrations/incoming``: a source host asks this host to receive a VM."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    vm: str = Field(pattern=NAME_PATTERN)
-    spec: IncomingSpec
-    session_id: str = Field(pattern="^[0-9a-f]{32}$")
-    options: dict[str, Any] = Field(default_factory=dict)
-    source: str = Field(default="", max_length=63)
-    source_migration: str = Field(default="", pattern="^[0-9a-f]{0,32}$")
-    policy: int = Field(default=DEFAULT_GUEST_POLICY, ge=0, lt=1 << 64)
-    migration_policy: str = Field(default="", max_length=65536)
-    measurement: str = Field(default="", pattern="^([0-9a-f]{96})?$")
-
-
 def _status_for(exc: CvmError) -> int:
     if isinstance(exc, NotFound):
         return 404
@@ -113,6 +83,15 @@ def _status_for(exc: CvmError) -> int:
     if isinstance(exc, (UsageError, AbiError, VerificationError, PolicyViolation, ImageError, FirmwareError)):
         return 400  # ImageError: no such image; FirmwareError: the SP refused the request as given (policy)
     return 500
+
+
+def _dialable(url: str) -> str:
+    """``url`` if this host can dial it (httpx parses it, its host name encodes as IDNA), else ``UsageError``."""
+    try:
+        httpx.URL(url).host.encode("idna")
+    except (httpx.InvalidURL, ValueError) as exc:  # UnicodeError: a label over 63 characters
+        raise UsageError(f"destination {url[:200]!r} is not a URL this host can dial: {exc}") from None
+    return url
 
 
 def _problems(errors: Sequence[Any]) -> str:
@@ -155,6 +134,12 @@ def create_app(daemon: HostDaemon) -> FastAPI:
             return response
         extra = {"violations": exc.violations} if isinstance(exc, PolicyViolation) else {}
         return _error(_status_for(exc), type(exc).__name__, str(exc), **extra)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        # A bug, never bad input: the envelope for the client; Starlette re-raises, so the server logs it.
+        log.error("%s %s failed: %r", request.method, request.url.path, exc)
+        return _error(500, "InternalError", "internal error (see the host log)")
 
     @app.exception_handler(RequestValidationError)
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -301,7 +286,7 @@ def create_app(daemon: HostDaemon) -> FastAPI:
             io_timeout=body.io_timeout_s,
             commit_timeout=body.commit_timeout_s,
         )
-        stats = await run_in_threadpool(daemon.migrate, name, body.destination, options)
+        stats = await run_in_threadpool(daemon.migrate, name, _dialable(body.destination), options)
         return {"migration": stats.id, **stats.query_migrate()}
 
     @app.get(

@@ -23,7 +23,7 @@ from cvmotion.ipc.openapi import error_responses
 from cvmotion.migration.stats import MigrationStatus, Verdict
 from cvmotion.vmm.images import BUILTIN_IMAGES
 from cvmotion.vmm.layout import MAX_MEMORY, MIB, MIN_MEMORY
-from cvmotion.vmm.sku import CATALOG
+from cvmotion.vmm.sku import CATALOG, MAX_SKU_MEMORY, MAX_SKU_VCPUS
 from cvmotion.vmm.workloads import KEY_MAX, VALUE_MAX
 
 __all__ = [
@@ -31,6 +31,7 @@ __all__ = [
     "MIGRATION_ID_PATTERN",
     "PEER_HEADERS",
     "CreateVm",
+    "IncomingMigration",
     "KvRequest",
     "MigrateRequest",
     "refusals",
@@ -59,7 +60,12 @@ class CreateVm(BaseModel):
     model_config = ConfigDict(
         extra="forbid",
         strict=True,
-        json_schema_extra={"oneOf": [{"required": ["memory"]}, {"required": ["size"]}]},
+        # Exactly one of memory and size, as if/then/else: client generators still see one object model.
+        json_schema_extra={
+            "if": {"required": ["memory"]},
+            "then": {"not": {"required": ["size"]}},
+            "else": {"required": ["size"]},
+        },
     )
 
     name: str = Field(pattern=NAME_PATTERN, description="the VM's name (an RFC 1123 DNS label)")
@@ -116,8 +122,8 @@ class CreateVm(BaseModel):
         return self
 
 
-_KEYED_OPS = ("get", "put", "delete", "GET", "PUT", "DELETE")
-_STATS_OPS = ("stats", "STATS")
+_KEYED_OPS = ("get", "put", "delete")
+_STATS_OPS = ("stats",)
 
 
 class KvRequest(BaseModel):
@@ -127,10 +133,9 @@ class KvRequest(BaseModel):
         extra="forbid",
         strict=True,
         json_schema_extra={
-            "oneOf": [
-                {"properties": {"op": {"enum": list(_KEYED_OPS)}, "key": {"minLength": 1}}, "required": ["key"]},
-                {"properties": {"op": {"enum": list(_STATS_OPS)}, "key": {"maxLength": 0}}},
-            ]
+            "if": {"properties": {"op": {"enum": list(_STATS_OPS)}}},
+            "then": {"properties": {"key": {"maxLength": 0}}},
+            "else": {"required": ["key"], "properties": {"key": {"minLength": 1}}},
         },
     )
 
@@ -160,6 +165,39 @@ class MigrateRequest(BaseModel):
     pages_per_bundle: int = Field(default=MAX_PAGES_PER_BUNDLE, ge=1, le=MAX_PAGES_PER_BUNDLE)
     io_timeout_s: float = Field(default=30.0, gt=0, le=600, description="how long either side waits on a silent peer")
     commit_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+
+
+class IncomingSpec(BaseModel):
+    """The VM's spec as the source sends it: bounded, and named as the VM it describes."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=NAME_PATTERN)
+    memory: int = Field(ge=MIN_MEMORY, le=MAX_SKU_MEMORY)
+    vcpus: int = Field(default=1, ge=1, le=MAX_SKU_VCPUS)
+    image: str = Field(default="", max_length=4096)
+    cmdline: str = Field(default="", max_length=3000)
+    backend: str | None = Field(default=None, pattern="^(kvm|emulated)$")
+    mode: str = Field(default="incoming", pattern="^(launch|incoming)$")  # always "incoming" here
+    attestation_url: str | None = Field(default=None, max_length=2048)  # replaced by this host's services
+    key_release_url: str | None = Field(default=None, max_length=2048)
+    key_name: str | None = Field(default=None, pattern="^[A-Za-z0-9._-]{1,64}$")
+
+
+class IncomingMigration(BaseModel):
+    """``POST /v1/migrations/incoming``: a source host asks this host to receive a VM."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    vm: str = Field(pattern=NAME_PATTERN)
+    spec: IncomingSpec
+    session_id: str = Field(pattern="^[0-9a-f]{32}$")
+    options: dict[str, Any] = Field(default_factory=dict)
+    source: str = Field(default="", max_length=63)
+    source_migration: str = Field(default="", pattern="^[0-9a-f]{0,32}$")
+    policy: int = Field(default=DEFAULT_GUEST_POLICY, ge=0, lt=1 << 64)
+    migration_policy: str = Field(default="", max_length=65536)
+    measurement: str = Field(default="", pattern="^([0-9a-f]{96})?$")
 
 
 # -- answers ---------------------------------------------------------------------------------------------

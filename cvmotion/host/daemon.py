@@ -443,6 +443,7 @@ class HostDaemon:
             raise
         # A VM being migrated keeps serving I/O until the switchover pauses it (that is the point of live migration).
         if record.client is None or record.state not in (VmState.RUNNING, VmState.MIGRATING):
+            self._raise_if_moved(name)  # moved, its record not yet dropped: the client goes where it went
             raise Conflict(f"VM {name!r} is not running here (state: {record.state})")
         try:
             kv_op = KvOp[op.upper()]
@@ -469,7 +470,8 @@ class HostDaemon:
 
     def _raise_if_moved(self, name: str) -> None:
         location = self.moved.get(name)
-        if location is not None and name not in self.vms:
+        record = self.vms.get(name)
+        if location is not None and (record is None or record.state is VmState.MIGRATED):
             raise Moved(f"VM {name!r} was live-migrated to {location}", f"{location}/v1/vms/{name}")
 
     @staticmethod
@@ -579,7 +581,7 @@ class HostDaemon:
     # -- migration in -------------------------------------------------------------------------------
 
     def incoming(self, body: dict[str, Any]) -> dict[str, Any]:
-        """A source host's request to receive a VM (``host.api.IncomingMigration``, validated and authenticated)."""
+        """A source host's request to receive a VM (``api_schema.IncomingMigration``, validated and authenticated)."""
         name = check_name("VM name", body.get("vm"))
         if body["spec"]["name"] != name:
             raise UsageError(f"spec.name {body['spec']['name']!r} is not the VM {name!r} being migrated")

@@ -34,7 +34,11 @@ def image_path(name_or_path: str) -> Path:
             raise ImageError(f"guest image {name_or_path!r} is not built ({path} missing): run `make guests`")
         return path
     path = Path(name_or_path)
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as exc:  # a name the file system cannot hold (ENAMETOOLONG), ...
+        raise ImageError(f"{name_or_path[:200]!r}: not an image file ({exc.strerror})") from None
+    if not found:
         raise ImageError(f"{name_or_path}: no such image file (built-in images: {', '.join(BUILTIN_IMAGES)})")
     return path
 
