@@ -37,12 +37,12 @@ class PeerClient:
         """
         target = f"{url.rstrip('/')}/v1/migrations/incoming"
         content = json.dumps(body).encode()
-        headers = {"content-type": "application/json", **self.auth.sign("POST", httpx.URL(target).path, content)}
         try:
+            headers = {"content-type": "application/json", **self.auth.sign("POST", httpx.URL(target).path, content)}
             response = httpx.post(
                 target, content=content, headers=headers, timeout=self.incoming_timeout, verify=default_ssl_context()
             )
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
             raise UsageError(f"destination {url} is unreachable: {exc}") from exc
         if response.status_code != 200:
             raise UsageError(f"destination {url} refused the migration: {error_text(response)}")
@@ -61,11 +61,11 @@ class PeerClient:
     def outcome(self, url: str, migration: str) -> dict[str, Any] | None:
         """The destination's verdict document, or None when it gave none (unreachable, an error, not JSON)."""
         target = f"{url.rstrip('/')}/v1/migrations/{migration}/outcome"
-        headers = self.auth.sign("GET", httpx.URL(target).path, b"")
         try:
+            headers = self.auth.sign("GET", httpx.URL(target).path, b"")
             response = httpx.get(target, headers=headers, timeout=self.outcome_timeout, verify=default_ssl_context())
             answer = response.json() if response.status_code == 200 else None
-        except (httpx.HTTPError, ValueError):
+        except (httpx.HTTPError, httpx.InvalidURL, ValueError):
             return None
         return answer if isinstance(answer, dict) else None
 
