@@ -15,24 +15,42 @@ import time
 from collections.abc import Iterator
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
+from cvmotion.control import api_schema as doc
+from cvmotion.control.api_schema import (
+    ARM_NAME_PATTERN,
+    ArmErrorEnvelope,
+    DeploymentName,
+    HostName,
+    Limit,
+    OperationId,
+    PolicyName,
+    Rg,
+    Sub,
+    VmName,
+    refusals,
+    render_arm_error,
+)
 from cvmotion.control.auth import Action, Principal, authenticate, authorize
 from cvmotion.control.db import ComplianceResult, Event, Operation, Vm
 from cvmotion.control.errors import Forbidden, InvalidRequest, RequestDisallowedByPolicy, Unauthorized
 from cvmotion.control.inventory import Heartbeat, HostRegistration
 from cvmotion.control.operations import status_of
+from cvmotion.control.policy_schema import definition_body, policy_components
 from cvmotion.control.policy_store import parse_scope
 from cvmotion.control.resources import VmPatch, VmPut, check_name, rg_id, vm_id
 from cvmotion.control.service import FleetController
 from cvmotion.control.templates import expand_template
 from cvmotion.errors import Conflict, CvmError, NotFound, UsageError
+from cvmotion.ipc.names import NAME_PATTERN
+from cvmotion.ipc.openapi import inline_schema, install_error_handlers
 
 __all__ = ["create_app"]
 
@@ -46,21 +64,42 @@ _POLICY = "providers/Microsoft.Authorization"
 _HOSTS = "/providers/Cvmotion.Fabric/hosts"
 
 
+class BodyRefused(InvalidRequest):
+    """A body this API does not read: too large (413) or not ``application/json`` (415)."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
 async def _json_body(request: Request) -> Any:
-    raw = await request.body()
+    """The JSON body (``None`` when there is none), at most ``MAX_BODY`` bytes, counted as it arrives."""
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise BodyRefused(413, f"request body over {MAX_BODY} bytes")
+        chunks.append(chunk)
+    raw = b"".join(chunks)
     if not raw.strip():
         return None
+    ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+    if ctype != "application/json":
+        raise BodyRefused(415, f"Content-Type must be application/json, not {ctype!r}")
     try:
         return json.loads(raw)
-    except ValueError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from None
+    except (ValueError, RecursionError) as exc:
+        raise InvalidRequest(f"the request body is not valid JSON: {str(exc)[:200]}") from None
 
 
 JsonBody = Annotated[Any, Depends(_json_body)]
+_bearer = HTTPBearer(auto_error=False, scheme_name="BearerToken", description="cvmotion controller token create")
 
 
-def _caller(request: Request, authorization: Annotated[str | None, Header()] = None) -> Principal:
+def _caller(request: Request, _: Annotated[Any, Depends(_bearer)] = None) -> Principal:
     """The request's principal; tokens are never revoked in place, so a per-app cache is safe."""
+    authorization = request.headers.get("authorization")
     tokens: dict[str, Principal] = request.app.state.tokens
     if authorization is not None and authorization in tokens:
         return tokens[authorization]
@@ -75,7 +114,9 @@ Caller = Annotated[Principal, Depends(_caller)]
 
 class MigrateBody(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    target_host: str | None = Field(default=None, alias="targetHost", max_length=63)
+    target_host: str | None = Field(
+        default=None, alias="targetHost", pattern=NAME_PATTERN, description="a registered host (else: chosen)"
+    )
 
 
 class AssignmentBody(BaseModel):
@@ -83,7 +124,11 @@ class AssignmentBody(BaseModel):
 
     class Properties(BaseModel):
         model_config = ConfigDict(extra="forbid", populate_by_name=True)
-        policy_definition_id: str = Field(alias="policyDefinitionId", min_length=1, max_length=300)
+        policy_definition_id: str = Field(
+            alias="policyDefinitionId",
+            pattern=rf"^(/providers/Microsoft\.Authorization/policyDefinitions/)?{ARM_NAME_PATTERN[1:]}",
+            examples=["/providers/Microsoft.Authorization/policyDefinitions/allowed-host-pools"],
+        )
         parameters: dict[str, Any] = Field(default_factory=dict)
         display_name: str = Field(default="", alias="displayName", max_length=256)
 
@@ -102,18 +147,23 @@ class DeploymentBody(BaseModel):
     properties: Properties
 
 
-def _envelope(status: int, code: str, kind: str, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "kind": kind, "message": message, **extra}}, status_code=status)
+def _envelope(
+    status: int, code: str, kind: str, message: str, headers: dict[str, str] | None = None, **extra: Any
+) -> JSONResponse:
+    body = {"error": {"code": code, "kind": kind, "message": message, **extra}}
+    return JSONResponse(body, status_code=status, headers=headers)
 
 
 def _error_response(exc: CvmError) -> JSONResponse:
     kind = type(exc).__name__
+    if isinstance(exc, BodyRefused):
+        return _envelope(exc.status, doc.CODES[exc.status], "InvalidRequest", str(exc))
     if isinstance(exc, RequestDisallowedByPolicy):
         return _envelope(
             403, "RequestDisallowedByPolicy", kind, str(exc), policyAssignment=exc.assignment, policy=exc.definition
         )
     if isinstance(exc, Unauthorized):
-        return _envelope(401, "AuthenticationFailed", kind, str(exc))
+        return _envelope(401, "AuthenticationFailed", kind, str(exc), {"WWW-Authenticate": "Bearer"})
     if isinstance(exc, Forbidden):
         return _envelope(403, "AuthorizationFailed", kind, str(exc))
     if isinstance(exc, NotFound):
@@ -143,19 +193,92 @@ def _parse(model: type[BaseModel], body: Any, what: str) -> Any:
         raise InvalidRequest(f"{what}: {problems}") from None
 
 
+def _body(model: type[BaseModel], example: Any, *, required: bool = True) -> dict[str, Any]:
+    """``openapi_extra``: the JSON body the handler reads itself (``_parse``), by its model's schema."""
+    content = {"application/json": {"schema": inline_schema(model), "example": example}}
+    return {"requestBody": {"required": required, "content": content}}
+
+
+_VM_EXAMPLE = {
+    "location": "local",
+    "properties": {
+        "hardwareProfile": {"vmSize": "Standard_DC2as_v5"},
+        "securityProfile": {"securityType": "ConfidentialVM", "confidentialLiveMigration": "Enabled"},
+        "storageProfile": {"imageReference": {"id": "kvstore"}},
+    },
+}
+_TEMPLATE_EXAMPLE = {
+    "parameters": {"vmName": {"type": "string", "defaultValue": "db"}},
+    "resources": [{"type": "Microsoft.Compute/virtualMachines", "name": "[parameters('vmName')]", **_VM_EXAMPLE}],
+}
+_HOST_EXAMPLE = {
+    "name": "host-a", "chip_id": "ab" * 32, "product": "Genoa", "tcb": 0, "pool": "pool-a", "vcpus": 96,
+    "memory_gib": 768, "api_url": "http://127.0.0.1:8081", "migration_address": "127.0.0.1:8082", "vms": [],
+}  # fmt: skip
+_ASSIGN: dict[str, Any] = {
+    "responses": {200: {"model": doc.ArmResource, "description": "assigned"}, **refusals(404, body=True)},
+    "openapi_extra": _body(
+        AssignmentBody,
+        {
+            "properties": {
+                "policyDefinitionId": "/providers/Microsoft.Authorization/policyDefinitions/allowed-host-pools",
+                "parameters": {"allowedHostPools": {"value": ["pool-a"]}},
+            }
+        },
+    ),
+}
+_UNASSIGN: dict[str, Any] = {
+    "responses": {200: {"model": doc.Deleted, "description": "removed"}, **refusals(404)},
+}
+
+
+_U64_MAX = (1 << 64) - 1
+
+
+def _exact_bounds(node: Any) -> Any:
+    """FastAPI's OpenAPI models keep numeric bounds as floats; a TCB's 2**64 - 1 is none: write it exactly."""
+    if isinstance(node, dict):
+        return {
+            key: (_U64_MAX if value == float(_U64_MAX) else int(value))
+            if key in ("minimum", "maximum") and isinstance(value, float) and value.is_integer()
+            else _exact_bounds(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_exact_bounds(value) for value in node]
+    return node
+
+
+def _add_policy_schemas(app: FastAPI) -> None:
+    """The recursive policy grammar (``policy_schema``) joins the document's components; bounds made exact."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = _exact_bounds(generate())
+            document["components"].setdefault("schemas", {}).update(policy_components())
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per route is the point
-    app = FastAPI(title="cvmotion fleet controller", version="1")
+    app = FastAPI(
+        title="cvmotion fleet controller",
+        description="VMs, live migrations, policy and hosts of a fleet, in Azure Resource Manager's shapes.",
+        version="1",
+        docs_url=None,
+        redoc_url=None,
+    )
     app.state.controller = ctl
     app.state.tokens = {}
+    install_error_handlers(app, model=ArmErrorEnvelope, render=render_arm_error)
+    _add_policy_schemas(app)
 
     @app.exception_handler(CvmError)
     async def _cvm(_: Request, exc: CvmError) -> JSONResponse:
         return _error_response(exc)
-
-    @app.exception_handler(RequestValidationError)
-    async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        return _envelope(400, "InvalidRequestContent", "InvalidRequest", problems or "invalid request")
 
     @app.exception_handler(OperationalError)
     async def _db(_: Request, exc: OperationalError) -> JSONResponse:
@@ -172,21 +295,44 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
     @app.middleware("http")
     async def _limit_body(request: Request, call_next: Any) -> Any:
         length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
-            return _envelope(413, "InvalidRequestContent", "InvalidRequest", f"request body over {MAX_BODY} bytes")
+        if length is not None and not length.isdigit():
+            return _envelope(400, "InvalidRequestContent", "InvalidRequest", f"Content-Length {length[:40]!r}")
+        if length is not None and int(length) > MAX_BODY:
+            return _envelope(413, doc.CODES[413], "InvalidRequest", f"request body over {MAX_BODY} bytes")
         return await call_next(request)
 
     def base(request: Request) -> str:
         return str(request.base_url).rstrip("/")
 
-    @app.get("/healthz")
+    @app.get(
+        "/healthz",
+        operation_id="healthz",
+        summary="liveness: this replica, whether it leads, its database",
+        responses={200: {"model": doc.ControllerHealth, "description": "serving"}, **refusals(auth=False)},
+    )
     def healthz() -> dict[str, Any]:
         return {"replica": ctl.replica, "leader": ctl.leader, "database": ctl.dialect}
 
     # -- virtual machines --------------------------------------------------------------------------
 
-    @app.put(_VMS + "/{name}", status_code=202)
-    def put_vm(request: Request, sub: str, rg: str, name: str, principal: Caller, body: JsonBody) -> JSONResponse:
+    @app.put(
+        _VMS + "/{name}",
+        operation_id="put_vm",
+        summary="create a confidential VM (202, long-running) or update an existing one (200)",
+        response_model=None,
+        responses={
+            200: {"model": doc.VmResource, "description": "updated", "links": doc.vm_links()},
+            202: {
+                "model": doc.VmResource,
+                "description": "accepted: placed on a host; poll Azure-AsyncOperation",
+                "headers": doc.ASYNC_HEADERS,
+                "links": doc.vm_links(),
+            },
+            **refusals(404, 409, body=True),
+        },
+        openapi_extra=_body(VmPut, _VM_EXAMPLE),
+    )
+    def put_vm(request: Request, sub: Sub, rg: Rg, name: VmName, principal: Caller, body: JsonBody) -> JSONResponse:
         parsed = _parse(VmPut, body, "virtual machine")
 
         def run(s: Session) -> tuple[dict[str, Any], Operation | None]:
@@ -198,8 +344,14 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
         ctl.wake_workers()
         return _async(base(request), resource, op)
 
-    @app.patch(_VMS + "/{name}")
-    def patch_vm(sub: str, rg: str, name: str, principal: Caller, body: JsonBody) -> Any:
+    @app.patch(
+        _VMS + "/{name}",
+        operation_id="patch_vm",
+        summary="change a VM's tags or confidentialLiveMigration",
+        responses={200: {"model": doc.VmResource, "description": "updated"}, **refusals(404, 409, body=True)},
+        openapi_extra=_body(VmPatch, {"properties": {"securityProfile": {"confidentialLiveMigration": "Enabled"}}}),
+    )
+    def patch_vm(sub: Sub, rg: Rg, name: VmName, principal: Caller, body: JsonBody) -> Any:
         parsed = _parse(VmPatch, body, "virtual machine patch")
 
         def run(s: Session) -> dict[str, Any]:
@@ -208,32 +360,57 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
 
         return ctl.transaction(run)
 
-    @app.get(_VMS + "/{name}")
-    def get_vm(sub: str, rg: str, name: str, principal: Caller) -> Any:
+    @app.get(
+        _VMS + "/{name}",
+        operation_id="get_vm",
+        summary="a VM, with its instance view and live-migration eligibility",
+        responses={200: {"model": doc.VmResource, "description": "the VM"}, **refusals(404)},
+    )
+    def get_vm(sub: Sub, rg: Rg, name: VmName, principal: Caller) -> Any:
         def run(s: Session) -> dict[str, Any]:
             authorize(principal, Action.READ, sub)
             return ctl.vms.resource(s, ctl.vms.get(s, sub, rg, name))
 
         return ctl.transaction(run, write=False)
 
-    @app.get(_VMS)
-    def list_vms(sub: str, rg: str, principal: Caller) -> Any:
+    @app.get(
+        _VMS,
+        operation_id="list_vms",
+        summary="the VMs of a resource group",
+        responses={200: {"model": doc.VmList, "description": "the VMs"}, **refusals()},
+    )
+    def list_vms(sub: Sub, rg: Rg, principal: Caller) -> Any:
         def run(s: Session) -> dict[str, Any]:
             authorize(principal, Action.READ, sub)
             return {"value": [ctl.vms.resource(s, vm) for vm in ctl.vms.list_vms(s, sub, rg)]}
 
         return ctl.transaction(run, write=False)
 
-    @app.get("/subscriptions/{sub}/providers/Microsoft.Compute/virtualMachines")
-    def list_sub_vms(sub: str, principal: Caller) -> Any:
+    @app.get(
+        "/subscriptions/{sub}/providers/Microsoft.Compute/virtualMachines",
+        operation_id="list_subscription_vms",
+        summary="the VMs of a subscription",
+        responses={200: {"model": doc.VmList, "description": "the VMs"}, **refusals()},
+    )
+    def list_sub_vms(sub: Sub, principal: Caller) -> Any:
         def run(s: Session) -> dict[str, Any]:
             authorize(principal, Action.READ, sub)
             return {"value": [ctl.vms.resource(s, vm) for vm in ctl.vms.list_vms(s, sub, None)]}
 
         return ctl.transaction(run, write=False)
 
-    @app.delete(_VMS + "/{name}", status_code=202)
-    def delete_vm(request: Request, sub: str, rg: str, name: str, principal: Caller) -> Any:
+    @app.delete(
+        _VMS + "/{name}",
+        operation_id="delete_vm",
+        summary="delete a VM (202, long-running; 200 when no host holds it)",
+        response_model=None,
+        responses={
+            200: {"model": doc.Deleting, "description": "deleted at once"},
+            202: {"model": doc.Deleting, "description": "accepted", "headers": doc.ASYNC_HEADERS},
+            **refusals(404, 409),
+        },
+    )
+    def delete_vm(request: Request, sub: Sub, rg: Rg, name: VmName, principal: Caller) -> Any:
         def run(s: Session) -> Operation | None:
             authorize(principal, Action.WRITE_VM, sub)
             return ctl.vms.delete(s, sub, rg, name)
@@ -242,8 +419,18 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
         ctl.wake_workers()
         return _async(base(request), {"deleting": name}, op)
 
-    @app.post(_VMS + "/{name}/migrate", status_code=202)
-    def migrate_vm(request: Request, sub: str, rg: str, name: str, principal: Caller, body: JsonBody) -> Any:
+    @app.post(
+        _VMS + "/{name}/migrate",
+        operation_id="migrate_vm",
+        summary="live-migrate a VM (an operator action, role Owner); the body is optional",
+        response_model=None,
+        responses={
+            202: {"model": doc.MigrationAccepted, "description": "accepted", "headers": doc.ASYNC_HEADERS},
+            **refusals(404, 409, body=True),
+        },
+        openapi_extra=_body(MigrateBody, {"targetHost": "host-b"}, required=False),
+    )
+    def migrate_vm(request: Request, sub: Sub, rg: Rg, name: VmName, principal: Caller, body: JsonBody) -> Any:
         parsed = _parse(MigrateBody, body or {}, "migrate request")
 
         def run(s: Session) -> Operation:
@@ -271,8 +458,13 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
             out["error"] = {"code": op.error_code, "message": op.error_message}
         return out
 
-    @app.get("/subscriptions/{sub}/providers/Cvmotion.Fabric/operations/{op_id}")
-    def operation(sub: str, op_id: str, principal: Caller) -> Any:
+    @app.get(
+        "/subscriptions/{sub}/providers/Cvmotion.Fabric/operations/{op_id}",
+        operation_id="get_operation",
+        summary="a long-running operation (the Azure-AsyncOperation of a 202)",
+        responses={200: {"model": doc.OperationStatus, "description": "its status"}, **refusals(404)},
+    )
+    def operation(sub: Sub, op_id: OperationId, principal: Caller) -> Any:
         def run(s: Session) -> dict[str, Any]:
             authorize(principal, Action.READ, sub)
             op = s.get(Operation, op_id)
@@ -282,8 +474,13 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
 
         return ctl.transaction(run, write=False)
 
-    @app.get(_VMS + "/{name}/operations")
-    def vm_operations(sub: str, rg: str, name: str, principal: Caller) -> Any:
+    @app.get(
+        _VMS + "/{name}/operations",
+        operation_id="list_vm_operations",
+        summary="a VM's operations, newest first",
+        responses={200: {"model": doc.OperationList, "description": "its operations"}, **refusals()},
+    )
+    def vm_operations(sub: Sub, rg: Rg, name: VmName, principal: Caller) -> Any:
         def run(s: Session) -> dict[str, Any]:
             authorize(principal, Action.READ, sub)
             rows = s.scalars(
@@ -297,8 +494,18 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
 
     # -- deployments -------------------------------------------------------------------------------
 
-    @app.put("/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Resources/deployments/{name}")
-    def deploy(request: Request, sub: str, rg: str, name: str, principal: Caller, body: JsonBody) -> Any:
+    @app.put(
+        "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Resources/deployments/{name}",
+        operation_id="put_deployment",
+        summary="deploy an ARM template's VMs: all judged and placed in one transaction",
+        response_model=None,
+        responses={
+            202: {"model": doc.DeploymentAccepted, "description": "accepted: each VM's operation URL"},
+            **refusals(404, 409, body=True),
+        },
+        openapi_extra=_body(DeploymentBody, {"properties": {"template": _TEMPLATE_EXAMPLE, "parameters": {}}}),
+    )
+    def deploy(request: Request, sub: Sub, rg: Rg, name: DeploymentName, principal: Caller, body: JsonBody) -> Any:
         parsed = _parse(DeploymentBody, body, "deployment")
         check_name("resourceGroups", rg)
         resources = expand_template(parsed.properties.template, parsed.properties.parameters, rg, "local")
@@ -326,8 +533,14 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
 
     # -- policy ------------------------------------------------------------------------------------
 
-    @app.put(f"/{_POLICY}/policyDefinitions/{{name}}")
-    def put_definition(name: str, principal: Caller, body: JsonBody) -> Any:
+    @app.put(
+        f"/{_POLICY}/policyDefinitions/{{name}}",
+        operation_id="put_policy_definition",
+        summary="create or replace a custom policy definition (Azure Policy's grammar)",
+        responses={200: {"model": doc.ArmResource, "description": "stored"}, **refusals(409, body=True)},
+        openapi_extra=definition_body(),
+    )
+    def put_definition(name: PolicyName, principal: Caller, body: JsonBody) -> Any:
         if not isinstance(body, dict):
             raise InvalidRequest("policy definition: expected a JSON object")
 
@@ -337,7 +550,12 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
 
         return ctl.transaction(run)
 
-    @app.get(f"/{_POLICY}/policyDefinitions")
+    @app.get(
+        f"/{_POLICY}/policyDefinitions",
+        operation_id="list_policy_definitions",
+        summary="the policy definitions, built in and custom",
+        responses={200: {"model": doc.ArmList, "description": "the definitions"}, **refusals()},
+    )
     def list_definitions(principal: Caller) -> Any:
         def run(s: Session) -> dict[str, Any]:
             authorize(principal, Action.READ)
@@ -371,32 +589,67 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
 
         return ctl.transaction(run, write=False)
 
-    @app.put(f"/subscriptions/{{sub}}/{_POLICY}/policyAssignments/{{name}}")
-    def put_sub_assignment(sub: str, name: str, principal: Caller, body: JsonBody) -> Any:
+    @app.put(
+        f"/subscriptions/{{sub}}/{_POLICY}/policyAssignments/{{name}}",
+        operation_id="put_subscription_policy_assignment",
+        summary="assign a policy at a subscription",
+        **_ASSIGN,
+    )
+    def put_sub_assignment(sub: Sub, name: PolicyName, principal: Caller, body: JsonBody) -> Any:
         return _put_assignment(f"/subscriptions/{sub}", name, body, principal)
 
-    @app.put(f"/subscriptions/{{sub}}/resourceGroups/{{rg}}/{_POLICY}/policyAssignments/{{name}}")
-    def put_rg_assignment(sub: str, rg: str, name: str, principal: Caller, body: JsonBody) -> Any:
+    @app.put(
+        f"/subscriptions/{{sub}}/resourceGroups/{{rg}}/{_POLICY}/policyAssignments/{{name}}",
+        operation_id="put_group_policy_assignment",
+        summary="assign a policy at a resource group",
+        **_ASSIGN,
+    )
+    def put_rg_assignment(sub: Sub, rg: Rg, name: PolicyName, principal: Caller, body: JsonBody) -> Any:
         return _put_assignment(rg_id(sub, rg), name, body, principal)
 
-    @app.delete(f"/subscriptions/{{sub}}/{_POLICY}/policyAssignments/{{name}}")
-    def delete_sub_assignment(sub: str, name: str, principal: Caller) -> Any:
+    @app.delete(
+        f"/subscriptions/{{sub}}/{_POLICY}/policyAssignments/{{name}}",
+        operation_id="delete_subscription_policy_assignment",
+        summary="remove a subscription's policy assignment",
+        **_UNASSIGN,
+    )
+    def delete_sub_assignment(sub: Sub, name: PolicyName, principal: Caller) -> Any:
         return _delete_assignment(f"/subscriptions/{sub}", name, principal)
 
-    @app.delete(f"/subscriptions/{{sub}}/resourceGroups/{{rg}}/{_POLICY}/policyAssignments/{{name}}")
-    def delete_rg_assignment(sub: str, rg: str, name: str, principal: Caller) -> Any:
+    @app.delete(
+        f"/subscriptions/{{sub}}/resourceGroups/{{rg}}/{_POLICY}/policyAssignments/{{name}}",
+        operation_id="delete_group_policy_assignment",
+        summary="remove a resource group's policy assignment",
+        **_UNASSIGN,
+    )
+    def delete_rg_assignment(sub: Sub, rg: Rg, name: PolicyName, principal: Caller) -> Any:
         return _delete_assignment(rg_id(sub, rg), name, principal)
 
-    @app.get(f"/subscriptions/{{sub}}/{_POLICY}/policyAssignments")
-    def list_sub_assignments(sub: str, principal: Caller) -> Any:
+    @app.get(
+        f"/subscriptions/{{sub}}/{_POLICY}/policyAssignments",
+        operation_id="list_subscription_policy_assignments",
+        summary="the policy assignments within a subscription",
+        responses={200: {"model": doc.ArmList, "description": "the assignments"}, **refusals()},
+    )
+    def list_sub_assignments(sub: Sub, principal: Caller) -> Any:
         return _list_assignments(f"/subscriptions/{sub}", principal)
 
-    @app.get(f"/subscriptions/{{sub}}/resourceGroups/{{rg}}/{_POLICY}/policyAssignments")
-    def list_rg_assignments(sub: str, rg: str, principal: Caller) -> Any:
+    @app.get(
+        f"/subscriptions/{{sub}}/resourceGroups/{{rg}}/{_POLICY}/policyAssignments",
+        operation_id="list_group_policy_assignments",
+        summary="the policy assignments within a resource group",
+        responses={200: {"model": doc.ArmList, "description": "the assignments"}, **refusals()},
+    )
+    def list_rg_assignments(sub: Sub, rg: Rg, principal: Caller) -> Any:
         return _list_assignments(rg_id(sub, rg), principal)
 
-    @app.get("/subscriptions/{sub}/providers/Microsoft.PolicyInsights/policyStates/latest/queryResults")
-    def policy_states(sub: str, principal: Caller, limit: int = 100) -> Any:
+    @app.get(
+        "/subscriptions/{sub}/providers/Microsoft.PolicyInsights/policyStates/latest/queryResults",
+        operation_id="policy_states",
+        summary="audit results: each resource's compliance per audit assignment, newest first",
+        responses={200: {"model": doc.ComplianceList, "description": "the results"}, **refusals()},
+    )
+    def policy_states(sub: Sub, principal: Caller, limit: Limit = 100) -> Any:
         """Audit results (``audit`` effects): which resource was judged compliant by which assignment."""
 
         def run(s: Session) -> dict[str, Any]:
@@ -405,7 +658,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
                 select(ComplianceResult)
                 .where(ComplianceResult.resource_id.like(f"/subscriptions/{sub.lower()}/%"))
                 .order_by(ComplianceResult.id.desc())
-                .limit(max(1, min(limit, 1000)))
+                .limit(limit)
             )
             return {
                 "value": [
@@ -424,7 +677,13 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
 
     # -- hosts and events --------------------------------------------------------------------------
 
-    @app.post(_HOSTS + "/register")
+    @app.post(
+        _HOSTS + "/register",
+        operation_id="register_host",
+        summary="a host daemon registers (role Host): its identity, capacity and the VMs it runs",
+        responses={200: {"model": doc.ArmResource, "description": "registered"}, **refusals(409, body=True)},
+        openapi_extra=_body(HostRegistration, _HOST_EXAMPLE),
+    )
     def register(principal: Caller, body: JsonBody) -> Any:
         parsed = _parse(HostRegistration, body, "host registration")
 
@@ -434,8 +693,14 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
 
         return ctl.transaction(run)
 
-    @app.post(_HOSTS + "/{name}/heartbeat")
-    def heartbeat(name: str, principal: Caller, body: JsonBody) -> Any:
+    @app.post(
+        _HOSTS + "/{name}/heartbeat",
+        operation_id="host_heartbeat",
+        summary="a registered host is alive and runs these VMs (role Host)",
+        responses={200: {"model": doc.HeartbeatAnswer, "description": "noted"}, **refusals(404, body=True)},
+        openapi_extra=_body(Heartbeat, {"vms": ["web-0123456789"]}),
+    )
+    def heartbeat(name: HostName, principal: Caller, body: JsonBody) -> Any:
         parsed = _parse(Heartbeat, body, "heartbeat")
 
         def run(s: Session) -> dict[str, Any]:
@@ -444,7 +709,12 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
 
         return ctl.transaction(run)
 
-    @app.get(_HOSTS)
+    @app.get(
+        _HOSTS,
+        operation_id="list_hosts",
+        summary="the registered hosts",
+        responses={200: {"model": doc.ArmList, "description": "the hosts"}, **refusals()},
+    )
     def hosts(principal: Caller) -> Any:
         def run(s: Session) -> dict[str, Any]:
             authorize(principal, Action.READ)
@@ -452,8 +722,21 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
 
         return ctl.transaction(run, write=False)
 
-    @app.get("/providers/Cvmotion.Fabric/events")
-    def events(principal: Caller, limit: int = 100, follow: bool = False) -> Any:
+    @app.get(
+        "/providers/Cvmotion.Fabric/events",
+        operation_id="events",
+        summary="the latest events (CloudEvents); follow=true: then every new one, as Server-Sent Events",
+        response_model=None,
+        responses={
+            200: {
+                "model": doc.EventList,
+                "description": "the last limit events, or with follow=true a text/event-stream (an hour at most)",
+                "content": {"text/event-stream": {"schema": inline_schema(doc.ServerSentEvent)}},
+            },
+            **refusals(),
+        },
+    )
+    def events(principal: Caller, limit: Limit = 100, follow: bool = False) -> Any:
         """The latest events (CloudEvents JSON); ``follow``: then every new one, as Server-Sent Events."""
         authorize(principal, Action.READ)
 
@@ -473,7 +756,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
 
             return ctl.transaction(run, write=False)
 
-        first = since(None, max(1, min(limit, 1000)))
+        first = since(None, limit)
         if not follow:
             return {"value": [event for _, event in first if event]}
 

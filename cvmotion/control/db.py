@@ -25,8 +25,9 @@ from sqlalchemy import (
     create_engine,
     event,
 )
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+from sqlalchemy.types import TypeDecorator
 
 from cvmotion.control.operations import OperationKind, Step
 from cvmotion.control.resources import ClmSetting, HostState, PowerState, ProvisioningState
@@ -53,6 +54,19 @@ def _enum(cls: type[enum.Enum]) -> Enum:
     return Enum(cls, native_enum=False, length=32, values_callable=lambda e: [m.value for m in e])
 
 
+class Uint64(TypeDecorator[int]):
+    """An unsigned 64-bit value (a raw TCB) in a signed BIGINT column: stored as its two's complement."""
+
+    impl = BigInteger
+    cache_ok = True
+
+    def process_bind_param(self, value: int | None, dialect: Dialect) -> int | None:
+        return value - (1 << 64) if value is not None and value >= 1 << 63 else value
+
+    def process_result_value(self, value: int | None, dialect: Dialect) -> int | None:
+        return value + (1 << 64) if value is not None and value < 0 else value
+
+
 class Base(DeclarativeBase):
     type_annotation_map = {dict[str, Any]: JSON, list[Any]: JSON}
 
@@ -71,7 +85,7 @@ class Host(Base):
     name: Mapped[str] = mapped_column(String(63), primary_key=True)
     chip_id: Mapped[str] = mapped_column(String(128))
     product: Mapped[str] = mapped_column(String(16))
-    tcb: Mapped[int] = mapped_column(BigInteger)  # reported TCB, the raw 64-bit value (ordered per product)
+    tcb: Mapped[int] = mapped_column(Uint64)  # reported TCB, the raw 64-bit value (ordered per product)
     tcb_text: Mapped[str] = mapped_column(String(128))
     pool: Mapped[str] = mapped_column(String(64), index=True)
     region: Mapped[str] = mapped_column(String(64))

@@ -22,7 +22,7 @@ class HostApi:
     def call(self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
         try:
             response = httpx.request(method, self.base + path, json=body, timeout=timeout or self.timeout)
-        except httpx.HTTPError as exc:
+        except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL: a registered URL httpx cannot use
             raise HostUnreachable(f"host {self.base} did not answer {method} {path}: {exc}") from None
         try:
             data = response.json()

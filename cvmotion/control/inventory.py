@@ -10,16 +10,18 @@ report it gets power state ``unknown`` and an event — it is investigated, neve
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from cvmotion.agent.pool import POOL_NAME_PATTERN
 from cvmotion.control.db import Event, Host, Vm
 from cvmotion.control.placement import Candidate
-from cvmotion.control.resources import HostState, PowerState, ProvisioningState
+from cvmotion.control.resources import HostState, PowerState, ProvisioningState, Tcb, no_bool
 from cvmotion.errors import Conflict, NotFound
+from cvmotion.ipc.names import NAME_PATTERN
 
 __all__ = ["Heartbeat", "HostRegistration", "Inventory"]
 
@@ -29,17 +31,19 @@ HOST_TYPE = "Cvmotion.Fabric/hosts"
 class HostRegistration(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
+    name: str = Field(pattern=NAME_PATTERN)
     chip_id: str = Field(min_length=2, max_length=128, pattern=r"^[0-9a-f]+$")
     product: str = Field(pattern="^(Milan|Genoa|Turin)$")
-    tcb: int = Field(ge=0, lt=1 << 64)
+    tcb: Tcb
     tcb_text: str = Field(default="", max_length=128)
-    pool: str = Field(min_length=1, max_length=64)
+    # Bound into VMs' migration policies at launch: the agents' pool name rule.
+    pool: str = Field(pattern=f"^{POOL_NAME_PATTERN.pattern}$")
     region: str = Field(default="local", max_length=64)
     zone: str = Field(default="", max_length=16)
-    vcpus: int = Field(ge=1, le=4096)
-    memory_gib: int = Field(ge=1, le=65536)
-    api_url: str = Field(pattern=r"^https?://", max_length=256)
+    vcpus: Annotated[int, Field(ge=1, le=4096), BeforeValidator(no_bool)]
+    memory_gib: Annotated[int, Field(ge=1, le=65536), BeforeValidator(no_bool)]
+    # A host name or IPv4 address (an IPv6 host by its name), an optional port and path.
+    api_url: str = Field(pattern=r"^https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?(/[!-~]*)?$", max_length=256)
     migration_address: str = Field(max_length=256)
     vms: list[str] = Field(default_factory=list, max_length=4096)
 

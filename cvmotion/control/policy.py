@@ -27,6 +27,8 @@ from cvmotion.control.errors import InvalidRequest
 
 __all__ = [
     "ALIASES",
+    "PARAMETER_PATTERN",
+    "PARAMETER_TYPES",
     "CompiledDefinition",
     "Effect",
     "Verdict",
@@ -53,7 +55,18 @@ ALIASES: dict[str, tuple[str, ...]] = {
 _ALIASES_CI = {k.lower(): v for k, v in ALIASES.items()}
 _FIELDS = {"type": ("type",), "name": ("name",), "location": ("location",), "id": ("id",)}
 _OPERATORS = ("equals", "notEquals", "in", "notIn", "exists", "like", "notLike")
-_PARAM = re.compile(r"^\[parameters\('([A-Za-z0-9_]+)'\)\]$")
+PARAMETER_PATTERN = r"^\[parameters\('([A-Za-z0-9_]+)'\)\]$"
+_PARAM = re.compile(PARAMETER_PATTERN)
+# A declared parameter's type -> the JSON values it takes (bool is no Integer).
+PARAMETER_TYPES: dict[str, Callable[[Any], bool]] = {
+    "String": lambda v: isinstance(v, str),
+    "Array": lambda v: isinstance(v, list),
+    "Boolean": lambda v: isinstance(v, bool),
+    "Integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "Object": lambda v: isinstance(v, dict),
+}
+# Operators whose parameter must be of a type: `in` takes a list, `exists` true or false.
+_OPERAND_TYPES = {"in": "Array", "notIn": "Array", "exists": "Boolean"}
 _MISSING = object()
 
 Condition = Callable[[Mapping[str, Any], Mapping[str, Any]], bool]
@@ -110,17 +123,28 @@ def _fold(value: Any) -> Any:
     return value.lower() if isinstance(value, str) else value
 
 
-def _value(raw: Any, declared: Mapping[str, Any]) -> Callable[[Mapping[str, Any]], Any]:
-    """A literal, or a ``[parameters('x')]`` reference checked against the declared parameters."""
+def _value(raw: Any, declared: Mapping[str, Any], op: str, where: str) -> Callable[[Mapping[str, Any]], Any]:
+    """A literal, or a ``[parameters('x')]`` reference checked against the declared parameters.
+
+    ``in``/``notIn`` take a list and ``exists`` a boolean, literally or as a parameter of that type, so an
+    assignment can never make a rule fail when a request is judged.
+    """
+    wanted = _OPERAND_TYPES.get(op)
     if isinstance(raw, str):
         match = _PARAM.match(raw)
         if match:
             name = match.group(1)
             if name not in declared:
                 raise InvalidRequest(f"policy rule uses parameter {name!r}, which the definition does not declare")
+            if wanted is not None and declared[name].get("type", "String") != wanted:
+                raise InvalidRequest(f"{where}: '{op}' takes a parameter of type {wanted}, and {name!r} is not one")
             return lambda params: params[name]
-        if raw.startswith("[") and raw.endswith("]"):
-            raise InvalidRequest(f"policy expression {raw!r} is not supported (only [parameters('NAME')])")
+        if raw.startswith("["):
+            raise InvalidRequest(f"policy expression {raw[:100]!r} is not supported (only [parameters('NAME')])")
+    if wanted == "Array" and not isinstance(raw, list):
+        raise InvalidRequest(f"{where}: '{op}' needs a list, got {type(raw).__name__}")
+    if wanted == "Boolean":
+        _truthy(raw, where)
     return lambda _params: raw
 
 
@@ -146,7 +170,7 @@ def _compile(cond: Any, declared: Mapping[str, Any], where: str) -> Condition:
     ops = [k for k in cond if k != "field"]
     if len(ops) != 1 or ops[0] not in _OPERATORS:
         raise InvalidRequest(f"{where}: expected one operator of {', '.join(_OPERATORS)}; got {ops}")
-    return _operator(ops[0], _path(str(cond["field"])), _value(cond[ops[0]], declared), where)
+    return _operator(ops[0], _path(str(cond["field"])), _value(cond[ops[0]], declared, ops[0], where), where)
 
 
 def _operator(op: str, path: tuple[str, ...], value: Callable[[Mapping[str, Any]], Any], where: str) -> Condition:
@@ -201,12 +225,17 @@ def compile_definition(name: str, document: Mapping[str, Any]) -> CompiledDefini
     if not isinstance(declared, Mapping) or not all(isinstance(v, Mapping) for v in declared.values()):
         raise InvalidRequest(f"policy definition {name!r}: parameters must map names to objects")
     for pname, spec in declared.items():
-        if spec.get("type", "String") not in ("String", "Array", "Boolean", "Integer", "Object"):
-            raise InvalidRequest(f"policy definition {name!r}: parameter {pname!r} has unknown type {spec.get('type')}")
+        kind = spec.get("type", "String")
+        if not isinstance(kind, str) or kind not in PARAMETER_TYPES:
+            raise InvalidRequest(f"policy definition {name!r}: parameter {pname!r} has unknown type {kind!r}")
+        if not isinstance(spec.get("allowedValues", []), list):
+            raise InvalidRequest(f"policy definition {name!r}: parameter {pname!r}: allowedValues must be a list")
     rule = props["policyRule"]
     unknown = set(rule) - {"if", "then"}
     if unknown or "if" not in rule or not isinstance(rule.get("then"), Mapping):
         raise InvalidRequest(f"policy definition {name!r}: policyRule needs exactly 'if' and 'then'")
+    if set(rule["then"]) != {"effect"}:
+        raise InvalidRequest(f"policy definition {name!r}: then takes exactly 'effect'")
     condition = _compile(rule["if"], declared, "policyRule.if")
     effect = rule["then"].get("effect")
     if not isinstance(effect, str):
@@ -241,8 +270,9 @@ def resolve_parameters(definition: CompiledDefinition, given: Mapping[str, Any])
         allowed = spec.get("allowedValues")
         if allowed is not None and values[pname] not in allowed:
             raise InvalidRequest(f"parameter {pname!r} = {values[pname]!r} is not one of {allowed}")
-        if spec.get("type") == "Array" and not isinstance(values[pname], list):
-            raise InvalidRequest(f"parameter {pname!r} must be an array")
+        kind = spec.get("type", "String")
+        if not PARAMETER_TYPES[kind](values[pname]):
+            raise InvalidRequest(f"parameter {pname!r} must be of type {kind}, not {type(values[pname]).__name__}")
     effect = definition.effect
     match = _PARAM.match(effect)
     if match and str(values[match.group(1)]).lower() not in {e.value for e in Effect}:

@@ -10,21 +10,28 @@ from __future__ import annotations
 import enum
 import hashlib
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from cvmotion.control.errors import InvalidRequest
+from cvmotion.ipc.names import NAME_PATTERN
+from cvmotion.vmm.sku import CATALOG
 
 __all__ = [
     "VM_TYPE",
     "ClmSetting",
     "HostState",
+    "Tcb",
     "PowerState",
     "ProvisioningState",
+    "RG_NAME_PATTERN",
+    "SUB_NAME_PATTERN",
+    "VM_NAME_PATTERN",
     "VmPatch",
     "VmPut",
     "check_name",
+    "no_bool",
     "host_vm_name",
     "rg_id",
     "vm_id",
@@ -32,9 +39,23 @@ __all__ = [
 
 VM_TYPE = "Microsoft.Compute/virtualMachines"
 # ARM names: VMs 1-64 chars (we keep 40 so the host-side name stays within the host's 63), groups 1-90.
-_VM_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,39}$")
-_RG_NAME = re.compile(r"^[A-Za-z0-9_.()-]{0,89}[A-Za-z0-9_()-]$")
-_SUB_NAME = re.compile(r"^[A-Za-z0-9-]{1,64}$")
+VM_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9-]{0,39}$"
+RG_NAME_PATTERN = r"^[A-Za-z0-9_.()-]{0,89}[A-Za-z0-9_()-]$"
+SUB_NAME_PATTERN = r"^[A-Za-z0-9-]{1,64}$"
+_VM_NAME = re.compile(VM_NAME_PATTERN)
+_RG_NAME = re.compile(RG_NAME_PATTERN)
+_SUB_NAME = re.compile(SUB_NAME_PATTERN)
+
+
+def no_bool(value: object) -> object:
+    """A JSON integer: 5 or 5.0 (JSON Schema's "integer"), never true/false (which Python calls ints)."""
+    if isinstance(value, bool):
+        raise ValueError("expected a number, not a boolean")
+    return value
+
+
+# A raw TCB: an unsigned 64-bit value (bounds before the validator, so the JSON Schema says minimum/maximum).
+Tcb = Annotated[int, Field(ge=0, le=(1 << 64) - 1), BeforeValidator(no_bool)]
 
 
 class ClmSetting(enum.Enum):
@@ -69,7 +90,7 @@ class HostState(enum.Enum):
 
 def check_name(kind: str, value: str) -> str:
     pattern = {"virtualMachines": _VM_NAME, "resourceGroups": _RG_NAME, "subscriptions": _SUB_NAME}[kind]
-    if not pattern.match(value):
+    if not pattern.fullmatch(value):
         raise InvalidRequest(f"{kind} name {value!r} is invalid: it must match {pattern.pattern}")
     return value
 
@@ -93,7 +114,8 @@ class _Strict(BaseModel):
 
 
 class HardwareProfile(_Strict):
-    vm_size: str = Field(alias="vmSize", min_length=1, max_length=64)
+    # The catalogue's names; the handler also takes them in any case and without "Standard_".
+    vm_size: str = Field(alias="vmSize", min_length=1, max_length=64, json_schema_extra={"enum": list(CATALOG)})
 
 
 class SecurityProfile(_Strict):
@@ -121,9 +143,9 @@ class OsProfile(_Strict):
 class Placement(_Strict):
     """cvmotion extension: constraints on the host (``host`` pins the VM, like a dedicated host)."""
 
-    host: str | None = Field(default=None, max_length=63)
+    host: str | None = Field(default=None, pattern=NAME_PATTERN, description="a registered host's name")
     product: Literal["Milan", "Genoa", "Turin"] | None = None
-    minimum_tcb: int | None = Field(default=None, alias="minimumTcb", ge=0)
+    minimum_tcb: Tcb | None = Field(default=None, alias="minimumTcb")
 
 
 class VmProperties(_Strict):

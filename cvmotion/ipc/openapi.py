@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request, Response
@@ -32,6 +32,7 @@ __all__ = [
     "inline_schema",
     "install_error_handlers",
     "json_body",
+    "render_error",
 ]
 
 log = logging.getLogger("cvmotion.http")
@@ -61,13 +62,27 @@ class Health(BaseModel):
     status: Literal["ok"]
 
 
-def error_responses(table: Mapping[int, tuple[str, ...]]) -> dict[int | str, dict[str, Any]]:
-    """``{status: (description, kind, ...)}`` -> FastAPI ``responses=``: the envelope, the kinds, an example."""
+# (status, kind, message) -> the JSON body of a refusal; a service with a richer envelope passes its own.
+Render = Callable[[int, str, str], dict[str, Any]]
+
+
+def render_error(status: int, kind: str, message: str) -> dict[str, Any]:
+    """The body of a refusal in ``ErrorEnvelope``."""
+    return {"error": {"kind": kind, "message": message}}
+
+
+def error_responses(
+    table: Mapping[int, tuple[str, ...]], *, model: type[BaseModel] = ErrorEnvelope, render: Render = render_error
+) -> dict[int | str, dict[str, Any]]:
+    """``{status: (description, kind, ...)}`` -> FastAPI ``responses=``: the envelope, the kinds, an example.
+
+    ``model`` and ``render``: a service whose envelope carries more (the controller's ARM ``code``).
+    """
     out: dict[int | str, dict[str, Any]] = {}
     for status, (description, *kinds) in sorted(table.items()):
-        example = {"error": {"kind": kinds[0], "message": description}}
+        example = render(status, kinds[0], description)
         out[status] = {
-            "model": ErrorEnvelope,
+            "model": model,
             "description": f"{description} (kind: {', '.join(kinds)})",
             "content": {"application/json": {"example": example}},
         }
@@ -109,13 +124,20 @@ def allowed_methods(app: FastAPI, request: Request) -> list[str]:
     return sorted(methods)
 
 
-def _envelope(status: int, kind: str, message: str, headers: Mapping[str, str] | None = None) -> Response:
-    body = json.dumps({"error": {"kind": kind, "message": message}}, separators=(",", ":")).encode()
+def _envelope(
+    status: int, kind: str, message: str, headers: Mapping[str, str] | None = None, render: Render = render_error
+) -> Response:
+    body = json.dumps(render(status, kind, message), separators=(",", ":")).encode()
     return Response(body, status_code=status, media_type="application/json", headers=dict(headers or {}))
 
 
-def install_error_handlers(app: FastAPI) -> None:
-    """Render the router's refusals (unknown path, undeclared method, refused parameter) in the envelope."""
+def install_error_handlers(
+    app: FastAPI, *, model: type[BaseModel] = ErrorEnvelope, render: Render = render_error
+) -> None:
+    """Render the router's refusals (unknown path, undeclared method, refused parameter) in the envelope.
+
+    ``model`` and ``render``: the envelope's schema and its body, when the service's carries more.
+    """
 
     async def http_error(request: Request, exc: Exception) -> Response:
         status = exc.status_code if isinstance(exc, StarletteHTTPException) else 500
@@ -124,13 +146,13 @@ def install_error_handlers(app: FastAPI) -> None:
         log.warning("request refused %s %s: %d", request.method, request.url.path, status)
         if status == 405:
             allow = ", ".join(allowed_methods(app, request))
-            return _envelope(405, "method_not_allowed", f"{message} (allowed: {allow})", {"Allow": allow})
-        return _envelope(status, {404: "not_found"}.get(status, "http_error"), message)
+            return _envelope(405, "method_not_allowed", f"{message} (allowed: {allow})", {"Allow": allow}, render)
+        return _envelope(status, {404: "not_found"}.get(status, "http_error"), message, render=render)
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         problems = exc.errors() if isinstance(exc, RequestValidationError) else []
         text = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in problems) or "invalid request"
-        return _envelope(400, "invalid_request", text[:500])
+        return _envelope(400, "invalid_request", text[:500], render=render)
 
     app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(RequestValidationError, validation_error)
@@ -138,34 +160,34 @@ def install_error_handlers(app: FastAPI) -> None:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            app.openapi_schema = _validation_is_400(generate())
+            app.openapi_schema = _validation_is_400(generate(), model, render)
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
 
 
 _FASTAPI_422 = ("HTTPValidationError", "ValidationError")
-_INVALID = error_responses({400: ("a parameter breaks its schema", "invalid_request")})[400]
 
 
-def _validation_is_400(doc: dict[str, Any]) -> dict[str, Any]:
+def _validation_is_400(doc: dict[str, Any], model: type[BaseModel], render: Render) -> dict[str, Any]:
     """FastAPI documents 422 ``HTTPValidationError`` on every operation it validates; this app answers 400."""
+    invalid = error_responses({400: ("a parameter breaks its schema", "invalid_request")}, model=model, render=render)
     added = False
     for item in doc.get("paths", {}).values():
         for operation in item.values():
             responses = operation.get("responses", {}) if isinstance(operation, dict) else {}
             if responses.pop("422", None) is not None and "400" not in responses:
-                example = _INVALID["content"]["application/json"]["example"]
-                schema = {"$ref": "#/components/schemas/ErrorEnvelope"}
+                example = invalid[400]["content"]["application/json"]["example"]
+                schema = {"$ref": f"#/components/schemas/{model.__name__}"}
                 content = {"application/json": {"schema": schema, "example": example}}
-                responses["400"] = {"description": _INVALID["description"], "content": content}
+                responses["400"] = {"description": invalid[400]["description"], "content": content}
                 added = True
     schemas = doc.setdefault("components", {}).setdefault("schemas", {})
     for name in _FASTAPI_422:
         schemas.pop(name, None)
     if added:
-        envelope = ErrorEnvelope.model_json_schema(ref_template="#/components/schemas/{model}")
-        schemas.update(envelope.pop("$defs", {}), ErrorEnvelope=envelope)
+        envelope = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        schemas.update(envelope.pop("$defs", {}), **{model.__name__: envelope})
     if not schemas:
         del doc["components"]
     return doc

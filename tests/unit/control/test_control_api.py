@@ -94,9 +94,12 @@ def test_bad_input_is_a_clear_4xx(api: Api) -> None:
     assert "unknown VM size" in unknown_size.json()["error"]["message"]
     assert api.create("rg1", "bad_name!").status_code in (400, 404)
     assert api.create("rg1", "-lead").status_code == 400
-    malformed = api.client.put(f"{RG}/rg1/{VMS}/m", content=b"{", headers={"Authorization": f"Bearer {api.owner}"})
+    owner = {"Authorization": f"Bearer {api.owner}"}
+    malformed = api.client.put(f"{RG}/rg1/{VMS}/m", content=b"{", headers=owner | {"Content-Type": "application/json"})
     assert malformed.status_code == 400
     assert "not valid JSON" in malformed.json()["error"]["message"]
+    not_json = api.client.put(f"{RG}/rg1/{VMS}/m", content=b"{}", headers=owner | {"Content-Type": "text/plain"})
+    assert (not_json.status_code, not_json.json()["error"]["code"]) == (415, "UnsupportedMediaType")
     bad_policy = api.req(
         "PUT",
         f"/{POLICY}/policyDefinitions/p",
@@ -104,7 +107,9 @@ def test_bad_input_is_a_clear_4xx(api: Api) -> None:
     )
     assert bad_policy.status_code == 400
     assert api.req("DELETE", f"{RG}/rg1/{VMS}/never").status_code == 404
-    assert api.req("GET", "/subscriptions/default/providers/Cvmotion.Fabric/operations/nope").status_code == 404
+    operations = "/subscriptions/default/providers/Cvmotion.Fabric/operations"
+    assert api.req("GET", f"{operations}/0b8e7a5c-3f1d-4a59-9a4e-6f1b2c3d4e5f").status_code == 404
+    assert api.req("GET", f"{operations}/nope").status_code == 400  # not an operation id
 
 
 def test_deny_clm_policy(api: Api) -> None:

@@ -146,7 +146,7 @@ def test_builtins_compile_and_behave() -> None:
     ("given", "message"),
     [
         pytest.param({}, "needs parameter 'allowedHostPools'", id="missing"),
-        pytest.param({"allowedHostPools": "a"}, "must be an array", id="not-array"),
+        pytest.param({"allowedHostPools": "a"}, "must be of type Array", id="not-array"),
         pytest.param({"allowedHostPools": ["a"], "x": 1}, "no parameter", id="unknown"),
         pytest.param({"allowedHostPools": ["a"], "effect": "modify"}, "not one of", id="effect-value"),
     ],
