@@ -13,11 +13,13 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
+from cvmotion.agent.policy import MigrationPolicy
 from cvmotion.control.db import Event, Host, Operation, ResourceGroup, Vm
 from cvmotion.control.errors import InvalidRequest, RequestDisallowedByPolicy
 from cvmotion.control.inventory import Inventory
@@ -201,6 +203,13 @@ class VmService:
         vm.host = host.name
         # The pools the policy allows today are bound into the VM's migration policy: the agents enforce them.
         vm.allowed_pools = sorted({c.pool for c in candidates if pools(c.pool)}) or [host.pool]
+        try:  # what the worker binds at launch: refused now, not failed on every try of the operation
+            MigrationPolicy(allowed_pools=tuple(vm.allowed_pools))
+        except ValidationError:
+            raise Conflict(
+                f"the policy allows {len(vm.allowed_pools)} host pools, more than a VM's migration policy binds:"
+                " assign allowed-host-pools to name the pools it may use"
+            ) from None
         vm.attestation = {"chipId": host.chip_id, "product": host.product}
         session.add(vm)
         op = self._operation(session, vm, OperationKind.CREATE, Step.PLACED, host=host.name)

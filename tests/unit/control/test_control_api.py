@@ -300,3 +300,17 @@ def test_events_follow_is_server_sent_events(api: Api) -> None:
                 if "Cvmotion.Fabric.VmCreated" in types:
                     break
     assert "Cvmotion.Fabric.CreateAccepted" in types
+
+
+def test_more_pools_than_a_migration_policy_binds_is_a_conflict_not_a_stuck_create(
+    api: Api, fakehosts: dict[str, FakeHost]
+) -> None:
+    template = fakehosts["h1"].registration()
+    for i in range(63):  # with pool-a and pool-b: 65 pools, one more than a VM's migration policy binds
+        body = template | {"name": f"p{i}", "chip_id": f"{i:04x}" * 16, "pool": f"pool-{i}"}
+        assert api.req("POST", "/providers/Cvmotion.Fabric/hosts/register", body).status_code == 200
+    refused = api.create("rg1", "wide")
+    assert refused.status_code == 409, refused.text
+    assert "allowed-host-pools" in refused.json()["error"]["message"]
+    assign(api, "/subscriptions/default", "pools", "allowed-host-pools", {"allowedHostPools": ["pool-a"]})
+    assert api.wait(api.create("rg1", "narrow"))["status"] == "Succeeded"
