@@ -18,18 +18,20 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.security import HTTPBearer
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from cvmotion.control import api_schema as doc
 from cvmotion.control.api_schema import (
-    ARM_NAME_PATTERN,
     ArmErrorEnvelope,
+    AssignmentBody,
+    DeploymentBody,
     DeploymentName,
     HostName,
     Limit,
+    MigrateBody,
     OperationId,
     PolicyName,
     Rg,
@@ -43,13 +45,12 @@ from cvmotion.control.db import ComplianceResult, Event, Operation, Vm
 from cvmotion.control.errors import Forbidden, InvalidRequest, RequestDisallowedByPolicy, Unauthorized
 from cvmotion.control.inventory import Heartbeat, HostRegistration
 from cvmotion.control.operations import status_of
-from cvmotion.control.policy_schema import definition_body, policy_components
+from cvmotion.control.policy_schema import definition_body
 from cvmotion.control.policy_store import parse_scope
 from cvmotion.control.resources import VmPatch, VmPut, check_name, rg_id, vm_id
 from cvmotion.control.service import FleetController
 from cvmotion.control.templates import expand_template
 from cvmotion.errors import Conflict, CvmError, NotFound, UsageError
-from cvmotion.ipc.names import NAME_PATTERN
 from cvmotion.ipc.openapi import inline_schema, install_error_handlers
 
 __all__ = ["create_app"]
@@ -112,41 +113,6 @@ def _caller(request: Request, _: Annotated[Any, Depends(_bearer)] = None) -> Pri
 Caller = Annotated[Principal, Depends(_caller)]
 
 
-class MigrateBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-    target_host: str | None = Field(
-        default=None, alias="targetHost", pattern=NAME_PATTERN, description="a registered host (else: chosen)"
-    )
-
-
-class AssignmentBody(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    class Properties(BaseModel):
-        model_config = ConfigDict(extra="forbid", populate_by_name=True)
-        policy_definition_id: str = Field(
-            alias="policyDefinitionId",
-            pattern=rf"^(/providers/Microsoft\.Authorization/policyDefinitions/)?{ARM_NAME_PATTERN[1:]}",
-            examples=["/providers/Microsoft.Authorization/policyDefinitions/allowed-host-pools"],
-        )
-        parameters: dict[str, Any] = Field(default_factory=dict)
-        display_name: str = Field(default="", alias="displayName", max_length=256)
-
-    properties: Properties
-
-
-class DeploymentBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    class Properties(BaseModel):
-        model_config = ConfigDict(extra="forbid")
-        template: dict[str, Any]
-        parameters: dict[str, Any] = Field(default_factory=dict)
-        mode: str = Field(default="Incremental", pattern="^Incremental$")
-
-    properties: Properties
-
-
 def _envelope(
     status: int, code: str, kind: str, message: str, headers: dict[str, str] | None = None, **extra: Any
 ) -> JSONResponse:
@@ -193,76 +159,6 @@ def _parse(model: type[BaseModel], body: Any, what: str) -> Any:
         raise InvalidRequest(f"{what}: {problems}") from None
 
 
-def _body(model: type[BaseModel], example: Any, *, required: bool = True) -> dict[str, Any]:
-    """``openapi_extra``: the JSON body the handler reads itself (``_parse``), by its model's schema."""
-    content = {"application/json": {"schema": inline_schema(model), "example": example}}
-    return {"requestBody": {"required": required, "content": content}}
-
-
-_VM_EXAMPLE = {
-    "location": "local",
-    "properties": {
-        "hardwareProfile": {"vmSize": "Standard_DC2as_v5"},
-        "securityProfile": {"securityType": "ConfidentialVM", "confidentialLiveMigration": "Enabled"},
-        "storageProfile": {"imageReference": {"id": "kvstore"}},
-    },
-}
-_TEMPLATE_EXAMPLE = {
-    "parameters": {"vmName": {"type": "string", "defaultValue": "db"}},
-    "resources": [{"type": "Microsoft.Compute/virtualMachines", "name": "[parameters('vmName')]", **_VM_EXAMPLE}],
-}
-_HOST_EXAMPLE = {
-    "name": "host-a", "chip_id": "ab" * 32, "product": "Genoa", "tcb": 0, "pool": "pool-a", "vcpus": 96,
-    "memory_gib": 768, "api_url": "http://127.0.0.1:8081", "migration_address": "127.0.0.1:8082", "vms": [],
-}  # fmt: skip
-_ASSIGN: dict[str, Any] = {
-    "responses": {200: {"model": doc.ArmResource, "description": "assigned"}, **refusals(404, body=True)},
-    "openapi_extra": _body(
-        AssignmentBody,
-        {
-            "properties": {
-                "policyDefinitionId": "/providers/Microsoft.Authorization/policyDefinitions/allowed-host-pools",
-                "parameters": {"allowedHostPools": {"value": ["pool-a"]}},
-            }
-        },
-    ),
-}
-_UNASSIGN: dict[str, Any] = {
-    "responses": {200: {"model": doc.Deleted, "description": "removed"}, **refusals(404)},
-}
-
-
-_U64_MAX = (1 << 64) - 1
-
-
-def _exact_bounds(node: Any) -> Any:
-    """FastAPI's OpenAPI models keep numeric bounds as floats; a TCB's 2**64 - 1 is none: write it exactly."""
-    if isinstance(node, dict):
-        return {
-            key: (_U64_MAX if value == float(_U64_MAX) else int(value))
-            if key in ("minimum", "maximum") and isinstance(value, float) and value.is_integer()
-            else _exact_bounds(value)
-            for key, value in node.items()
-        }
-    if isinstance(node, list):
-        return [_exact_bounds(value) for value in node]
-    return node
-
-
-def _add_policy_schemas(app: FastAPI) -> None:
-    """The recursive policy grammar (``policy_schema``) joins the document's components; bounds made exact."""
-    generate = app.openapi
-
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            document = _exact_bounds(generate())
-            document["components"].setdefault("schemas", {}).update(policy_components())
-            app.openapi_schema = document
-        return app.openapi_schema
-
-    app.openapi = openapi  # type: ignore[method-assign]
-
-
 def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per route is the point
     app = FastAPI(
         title="cvmotion fleet controller",
@@ -274,7 +170,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
     app.state.controller = ctl
     app.state.tokens = {}
     install_error_handlers(app, model=ArmErrorEnvelope, render=render_arm_error)
-    _add_policy_schemas(app)
+    doc.add_policy_schemas(app)
 
     @app.exception_handler(CvmError)
     async def _cvm(_: Request, exc: CvmError) -> JSONResponse:
@@ -330,7 +226,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
             },
             **refusals(404, 409, body=True),
         },
-        openapi_extra=_body(VmPut, _VM_EXAMPLE),
+        openapi_extra=doc.json_request(VmPut, doc.VM_EXAMPLE),
     )
     def put_vm(request: Request, sub: Sub, rg: Rg, name: VmName, principal: Caller, body: JsonBody) -> JSONResponse:
         parsed = _parse(VmPut, body, "virtual machine")
@@ -349,7 +245,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
         operation_id="patch_vm",
         summary="change a VM's tags or confidentialLiveMigration",
         responses={200: {"model": doc.VmResource, "description": "updated"}, **refusals(404, 409, body=True)},
-        openapi_extra=_body(VmPatch, {"properties": {"securityProfile": {"confidentialLiveMigration": "Enabled"}}}),
+        openapi_extra=doc.json_request(VmPatch, doc.PATCH_EXAMPLE),
     )
     def patch_vm(sub: Sub, rg: Rg, name: VmName, principal: Caller, body: JsonBody) -> Any:
         parsed = _parse(VmPatch, body, "virtual machine patch")
@@ -428,7 +324,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
             202: {"model": doc.MigrationAccepted, "description": "accepted", "headers": doc.ASYNC_HEADERS},
             **refusals(404, 409, body=True),
         },
-        openapi_extra=_body(MigrateBody, {"targetHost": "host-b"}, required=False),
+        openapi_extra=doc.json_request(MigrateBody, {"targetHost": "host-b"}, required=False),
     )
     def migrate_vm(request: Request, sub: Sub, rg: Rg, name: VmName, principal: Caller, body: JsonBody) -> Any:
         parsed = _parse(MigrateBody, body or {}, "migrate request")
@@ -503,7 +399,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
             202: {"model": doc.DeploymentAccepted, "description": "accepted: each VM's operation URL"},
             **refusals(404, 409, body=True),
         },
-        openapi_extra=_body(DeploymentBody, {"properties": {"template": _TEMPLATE_EXAMPLE, "parameters": {}}}),
+        openapi_extra=doc.json_request(DeploymentBody, doc.DEPLOYMENT_EXAMPLE),
     )
     def deploy(request: Request, sub: Sub, rg: Rg, name: DeploymentName, principal: Caller, body: JsonBody) -> Any:
         parsed = _parse(DeploymentBody, body, "deployment")
@@ -593,7 +489,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
         f"/subscriptions/{{sub}}/{_POLICY}/policyAssignments/{{name}}",
         operation_id="put_subscription_policy_assignment",
         summary="assign a policy at a subscription",
-        **_ASSIGN,
+        **doc.ASSIGN,
     )
     def put_sub_assignment(sub: Sub, name: PolicyName, principal: Caller, body: JsonBody) -> Any:
         return _put_assignment(f"/subscriptions/{sub}", name, body, principal)
@@ -602,7 +498,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
         f"/subscriptions/{{sub}}/resourceGroups/{{rg}}/{_POLICY}/policyAssignments/{{name}}",
         operation_id="put_group_policy_assignment",
         summary="assign a policy at a resource group",
-        **_ASSIGN,
+        **doc.ASSIGN,
     )
     def put_rg_assignment(sub: Sub, rg: Rg, name: PolicyName, principal: Caller, body: JsonBody) -> Any:
         return _put_assignment(rg_id(sub, rg), name, body, principal)
@@ -611,7 +507,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
         f"/subscriptions/{{sub}}/{_POLICY}/policyAssignments/{{name}}",
         operation_id="delete_subscription_policy_assignment",
         summary="remove a subscription's policy assignment",
-        **_UNASSIGN,
+        **doc.UNASSIGN,
     )
     def delete_sub_assignment(sub: Sub, name: PolicyName, principal: Caller) -> Any:
         return _delete_assignment(f"/subscriptions/{sub}", name, principal)
@@ -620,7 +516,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
         f"/subscriptions/{{sub}}/resourceGroups/{{rg}}/{_POLICY}/policyAssignments/{{name}}",
         operation_id="delete_group_policy_assignment",
         summary="remove a resource group's policy assignment",
-        **_UNASSIGN,
+        **doc.UNASSIGN,
     )
     def delete_rg_assignment(sub: Sub, rg: Rg, name: PolicyName, principal: Caller) -> Any:
         return _delete_assignment(rg_id(sub, rg), name, principal)
@@ -682,7 +578,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
         operation_id="register_host",
         summary="a host daemon registers (role Host): its identity, capacity and the VMs it runs",
         responses={200: {"model": doc.ArmResource, "description": "registered"}, **refusals(409, body=True)},
-        openapi_extra=_body(HostRegistration, _HOST_EXAMPLE),
+        openapi_extra=doc.json_request(HostRegistration, doc.HOST_EXAMPLE),
     )
     def register(principal: Caller, body: JsonBody) -> Any:
         parsed = _parse(HostRegistration, body, "host registration")
@@ -698,7 +594,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
         operation_id="host_heartbeat",
         summary="a registered host is alive and runs these VMs (role Host)",
         responses={200: {"model": doc.HeartbeatAnswer, "description": "noted"}, **refusals(404, body=True)},
-        openapi_extra=_body(Heartbeat, {"vms": ["web-0123456789"]}),
+        openapi_extra=doc.json_request(Heartbeat, {"vms": ["web-0123456789"]}),
     )
     def heartbeat(name: HostName, principal: Caller, body: JsonBody) -> Any:
         parsed = _parse(Heartbeat, body, "heartbeat")

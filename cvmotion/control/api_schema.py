@@ -11,21 +11,29 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from fastapi import Path, Query
+from fastapi import FastAPI, Path, Query
 from pydantic import BaseModel, ConfigDict, Field
 
+from cvmotion.control.policy_schema import policy_components
 from cvmotion.control.resources import RG_NAME_PATTERN, SUB_NAME_PATTERN, VM_NAME_PATTERN
 from cvmotion.ipc.names import NAME_PATTERN
-from cvmotion.ipc.openapi import error_responses
+from cvmotion.ipc.openapi import error_responses, inline_schema
 
 __all__ = [
-    "CODES",
     "ARM_NAME_PATTERN",
+    "CODES",
     "ArmErrorEnvelope",
-    "render_arm_error",
+    "AssignmentBody",
+    "DeploymentBody",
+    "MigrateBody",
+    "add_policy_schemas",
+    "json_request",
     "refusals",
+    "render_arm_error",
+    "vm_links",
 ]
 
+ARM_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"  # deployments, policy definitions and assignments
 # ARM's error code per status; 403 is AuthorizationFailed unless a policy denied (RequestDisallowedByPolicy).
 CODES = {
     400: "InvalidRequestContent",
@@ -95,13 +103,50 @@ def refusals(*statuses: int, auth: bool = True, body: bool = False) -> dict[int 
     return error_responses({s: _TABLE[s] for s in chosen}, model=ArmErrorEnvelope, render=render_arm_error)
 
 
+# -- request bodies the handlers read themselves (``api._parse``) ------------------------------------------
+
+
+class MigrateBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+    target_host: str | None = Field(
+        default=None, alias="targetHost", pattern=NAME_PATTERN, description="a registered host (else: chosen)"
+    )
+
+
+class AssignmentBody(BaseModel):
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    class Properties(BaseModel):
+        model_config = ConfigDict(extra="forbid", populate_by_name=True)
+        policy_definition_id: str = Field(
+            alias="policyDefinitionId",
+            pattern=rf"^(/providers/Microsoft\.Authorization/policyDefinitions/)?{ARM_NAME_PATTERN[1:]}",
+            examples=["/providers/Microsoft.Authorization/policyDefinitions/allowed-host-pools"],
+        )
+        parameters: dict[str, Any] = Field(default_factory=dict)
+        display_name: str = Field(default="", alias="displayName", max_length=256)
+
+    properties: Properties
+
+
+class DeploymentBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    class Properties(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        template: dict[str, Any]
+        parameters: dict[str, Any] = Field(default_factory=dict)
+        mode: str = Field(default="Incremental", pattern="^Incremental$")
+
+    properties: Properties
+
+
 # -- path and query parameters --------------------------------------------------------------------------
 
 Sub = Annotated[str, Path(pattern=SUB_NAME_PATTERN, description="subscription", examples=["default"])]
 Rg = Annotated[str, Path(pattern=RG_NAME_PATTERN, description="resource group", examples=["rg1"])]
 VmName = Annotated[str, Path(pattern=VM_NAME_PATTERN, description="the VM's name", examples=["web-1"])]
 HostName = Annotated[str, Path(pattern=NAME_PATTERN, description="a host's name", examples=["host-a"])]
-ARM_NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$"
 PolicyName = Annotated[str, Path(pattern=ARM_NAME_PATTERN, examples=["deny-confidential-live-migration"])]
 DeploymentName = Annotated[str, Path(pattern=ARM_NAME_PATTERN, examples=["deploy-1"])]
 OperationId = Annotated[str, Path(pattern=r"^[0-9a-f-]{1,64}$", examples=["0b8e7a5c-3f1d-4a59-9a4e-6f1b2c3d4e5f"])]
@@ -248,3 +293,78 @@ def vm_links(*skip: str) -> dict[str, Any]:
         for key, (op, text) in links.items()
         if key not in skip
     }
+
+
+# -- the document: bodies, examples, the policy grammar, exact bounds -------------------------------------
+
+
+def json_request(model: type[BaseModel], example: Any, *, required: bool = True) -> dict[str, Any]:
+    """``openapi_extra``: the JSON body the handler reads itself (``_parse``), by its model's schema."""
+    content = {"application/json": {"schema": inline_schema(model), "example": example}}
+    return {"requestBody": {"required": required, "content": content}}
+
+
+VM_EXAMPLE = {
+    "location": "local",
+    "properties": {
+        "hardwareProfile": {"vmSize": "Standard_DC2as_v5"},
+        "securityProfile": {"securityType": "ConfidentialVM", "confidentialLiveMigration": "Enabled"},
+        "storageProfile": {"imageReference": {"id": "kvstore"}},
+    },
+}
+TEMPLATE_EXAMPLE = {
+    "parameters": {"vmName": {"type": "string", "defaultValue": "db"}},
+    "resources": [{"type": "Microsoft.Compute/virtualMachines", "name": "[parameters('vmName')]", **VM_EXAMPLE}],
+}
+PATCH_EXAMPLE = {"properties": {"securityProfile": {"confidentialLiveMigration": "Enabled"}}}
+DEPLOYMENT_EXAMPLE = {"properties": {"template": TEMPLATE_EXAMPLE, "parameters": {}}}
+HOST_EXAMPLE = {
+    "name": "host-a", "chip_id": "ab" * 32, "product": "Genoa", "tcb": 0, "pool": "pool-a", "vcpus": 96,
+    "memory_gib": 768, "api_url": "http://127.0.0.1:8081", "migration_address": "127.0.0.1:8082", "vms": [],
+}  # fmt: skip
+ASSIGN: dict[str, Any] = {
+    "responses": {200: {"model": ArmResource, "description": "assigned"}, **refusals(404, body=True)},
+    "openapi_extra": json_request(
+        AssignmentBody,
+        {
+            "properties": {
+                "policyDefinitionId": "/providers/Microsoft.Authorization/policyDefinitions/allowed-host-pools",
+                "parameters": {"allowedHostPools": {"value": ["pool-a"]}},
+            }
+        },
+    ),
+}
+UNASSIGN: dict[str, Any] = {
+    "responses": {200: {"model": Deleted, "description": "removed"}, **refusals(404)},
+}
+
+
+_U64_MAX = (1 << 64) - 1
+
+
+def _exact_bounds(node: Any) -> Any:
+    """FastAPI's OpenAPI models keep numeric bounds as floats; a TCB's 2**64 - 1 is none: write it exactly."""
+    if isinstance(node, dict):
+        return {
+            key: (_U64_MAX if value == float(_U64_MAX) else int(value))
+            if key in ("minimum", "maximum") and isinstance(value, float) and value.is_integer()
+            else _exact_bounds(value)
+            for key, value in node.items()
+        }
+    if isinstance(node, list):
+        return [_exact_bounds(value) for value in node]
+    return node
+
+
+def add_policy_schemas(app: FastAPI) -> None:
+    """The recursive policy grammar (``policy_schema``) joins the document's components; bounds made exact."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = _exact_bounds(generate())
+            document["components"].setdefault("schemas", {}).update(policy_components())
+            app.openapi_schema = document
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
