@@ -618,10 +618,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", required=True, type=Path, help="the VM's directory (vm.json, control.sock)")
     parser.add_argument("--platform", required=True, help="the platform process's socket")
     parser.add_argument("--standby", action="store_true", help="start without a VM; wait for `configure`")
+    parser.add_argument("--parent", type=int, help="a standby's daemon PID: it exits once that is not its parent")
     args = parser.parse_args(argv)
     if args.standby:
         proc = VmProcess(VmSpec(name="standby", memory=0), args.dir, args.platform)
         proc.configured = False
+        if args.parent is not None:
+            proc._parent = args.parent
     else:
         proc = VmProcess(VmSpec.from_json((args.dir / "vm.json").read_text()), args.dir, args.platform)
     signal.signal(signal.SIGTERM, lambda *_: proc._stop.set())

@@ -152,7 +152,9 @@ class StandbyPool:
     def _spawn(self, standby_dir: Path) -> Standby:
         standby_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "cvmotion.agent.vm_process", "--standby", "--dir", str(standby_dir)]
-        cmd += ["--platform", str(self._platform_socket())]
+        # The daemon's PID, not the one the child reads at start-up: a daemon gone before the child's interpreter
+        # is up would otherwise leave it re-parented with nothing to notice, waiting for ever.
+        cmd += ["--platform", str(self._platform_socket()), "--parent", str(os.getpid())]
         with (standby_dir / "vm.log").open("ab") as log_file:
             proc = subprocess.Popen(cmd, stdout=log_file, stderr=log_file, start_new_session=True)
         sock = standby_dir / "control.sock"
