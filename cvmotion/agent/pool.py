@@ -37,6 +37,7 @@ from cryptography.x509.oid import NameOID
 from cvmotion.agent.oids import OID_POOL_CHIP_ID, OID_POOL_MEMBERSHIP, OID_POOL_NAME, decode_octets, encode_octets
 from cvmotion.attestation.evidence import check_validity, common_name
 from cvmotion.errors import UsageError, VerificationError
+from cvmotion.files import dir_lock
 
 __all__ = [
     "CA_CERT_FILE",
@@ -48,6 +49,7 @@ __all__ = [
     "create_pool_ca",
     "issue_pool_credential",
     "load_pool_ca",
+    "open_pool_ca",
     "verify_pool_credential",
 ]
 
@@ -116,6 +118,15 @@ def _write_new(path: Path, data: bytes, mode: int) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
     with os.fdopen(fd, "wb") as f:
         f.write(data)
+
+
+def open_pool_ca(directory: Path, *, now: dt.datetime) -> PoolAuthority:
+    """The pool CA in ``directory``, made there first if it has none (under a lock: hosts starting together
+    share one CA)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    with dir_lock(directory):
+        return load_pool_ca(directory) if (directory / CA_CERT_FILE).exists() else create_pool_ca(directory, now=now)
 
 
 def load_pool_ca(directory: Path) -> PoolAuthority:

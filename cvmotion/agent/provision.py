@@ -22,10 +22,10 @@ from cryptography.hazmat.primitives import serialization
 
 from cvmotion.abi.snp import Product
 from cvmotion.agent.platform_ma import POOL_CA_FILE, POOL_CREDENTIAL_FILE
-from cvmotion.agent.pool import CA_CERT_FILE, check_pool_name, create_pool_ca, issue_pool_credential, load_pool_ca
+from cvmotion.agent.pool import check_pool_name, issue_pool_credential, open_pool_ca
 from cvmotion.attestation.trust import TrustStore
 from cvmotion.errors import MalformedStructure, UsageError
-from cvmotion.files import dir_lock, write_atomic
+from cvmotion.files import write_atomic
 from cvmotion.firmware.chip import CHIP_FILE, TRUST_ANCHOR_FILE, Chip
 from cvmotion.firmware.vendor import Vendor
 
@@ -53,10 +53,7 @@ def provision(
         return
     check_pool_name(pool)
     now = datetime.now(UTC)
-    pool_ca_dir.mkdir(parents=True, exist_ok=True)
-    with dir_lock(pool_ca_dir):  # hosts starting together share one pool CA
-        has_ca = (pool_ca_dir / CA_CERT_FILE).exists()
-        authority = load_pool_ca(pool_ca_dir) if has_ca else create_pool_ca(pool_ca_dir, now=now)
+    authority = open_pool_ca(pool_ca_dir, now=now)
     credential = issue_pool_credential(authority, Chip.load(data_dir).chip_id, pool, now=now)
     der, pem = serialization.Encoding.DER, serialization.Encoding.PEM
     write_atomic(data_dir / POOL_CA_FILE, authority.cert.public_bytes(pem))

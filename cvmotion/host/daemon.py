@@ -36,7 +36,6 @@ from cvmotion.abi.snp import PolicyFlag
 from cvmotion.agent.policy import MigrationPolicy
 from cvmotion.agent.vm_process import VmSpec
 from cvmotion.errors import Conflict, CvmError, DeviceError, MigrationError, Moved, NotFound, UsageError
-from cvmotion.files import dir_lock
 from cvmotion.host.events import EventBus
 from cvmotion.host.peer_client import PeerClient
 from cvmotion.host.peers import HOST_CERT_FILE, PeerAuth, issue_host_credential
@@ -129,16 +128,13 @@ class HostDaemon:
         """Operator step, done here for convenience: the pool CA issues this daemon its host credential, which
         signs its calls to other hosts (``host.peers``). The platform provisions its own chip and pool
         credential (``agent.provision``): nothing the secure processor or the MA trusts is written here."""
-        from cvmotion.agent.pool import CA_CERT_FILE, create_pool_ca, load_pool_ca
+        from cvmotion.agent.pool import open_pool_ca
 
         ca_dir = self.config.pool_ca_dir
         if ca_dir is None or (self.dir / HOST_CERT_FILE).exists():
             return
         now = datetime.now(UTC)
-        ca_dir.mkdir(parents=True, exist_ok=True)
-        with dir_lock(ca_dir):  # two hosts starting together share one pool CA
-            has_ca = (ca_dir / CA_CERT_FILE).exists()
-            authority = load_pool_ca(ca_dir) if has_ca else create_pool_ca(ca_dir, now=now)
+        authority = open_pool_ca(ca_dir, now=now)
         issue_host_credential(authority, self.dir, host=self.config.name, pool=self.config.pool, now=now)
 
     def _platform_socket(self) -> Path:
