@@ -49,6 +49,7 @@ from cvmotion.attestation.policy import TcbMinimum
 from cvmotion.attestation.trust import PlatformKind, TrustStore
 from cvmotion.attestation.verify import VerifyOptions
 from cvmotion.errors import AbiError, UsageError
+from cvmotion.ipc.validation import describe_problems
 
 __all__ = [
     "MAX_POLICY_DOC",
@@ -123,7 +124,7 @@ class MigrationPolicy(BaseModel):
         try:
             policy = cls.model_validate_json(doc)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'document'}: {e['msg']}" for e in exc.errors())
+            problems = describe_problems(exc.errors(), root="document")
             raise UsageError(f"migration policy document: {problems}") from None
         if policy.canonical() != doc:
             raise UsageError("migration policy document is not in canonical form (use MigrationPolicy.canonical())")

@@ -32,6 +32,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PlainSeriali
 from cvmotion.abi.snp import Product, TcbVersion
 from cvmotion.attestation.trust import PlatformKind
 from cvmotion.errors import AbiError, UsageError
+from cvmotion.ipc.validation import describe_problems
 
 __all__ = ["AttestationPolicy", "MigrateMa", "TcbMinimum", "load_policy", "policy_json_schema"]
 
@@ -168,7 +169,7 @@ class AttestationPolicy(_Model):
         try:
             return cls.model_validate(obj)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors())
+            problems = describe_problems(exc.errors(), root="(root)")
             raise UsageError(f"{source}: invalid attestation policy: {problems}") from None
 
     def to_json(self) -> str:

@@ -37,6 +37,7 @@ from cvmotion.attestation.evidence import common_name, load_certificates
 from cvmotion.attestation.jwks import b64url_decode, b64url_encode
 from cvmotion.attestation.service_error import ServiceError
 from cvmotion.errors import AbiError
+from cvmotion.ipc.validation import describe_problems
 
 __all__ = [
     "EVIDENCE_EXAMPLE",
@@ -214,7 +215,7 @@ def parse_evidence(body: bytes, certs: CertificateCache) -> DecodedEvidence:
             raise _bad("malformed_json", f"request body is not JSON: {errors[0]['msg']}") from None
         if errors and errors[0]["type"] == "model_type":
             raise _bad("invalid_request", "request body must be a JSON object") from None
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in errors)
+        problems = describe_problems(errors, root="(root)")
         raise _bad("invalid_request", problems) from None
     rtd = req.runtime_data
     try:

@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from cvmotion.attestation.jwks import b64url_encode
 from cvmotion.attestation.policy import AttestationPolicy
 from cvmotion.errors import UsageError
+from cvmotion.ipc.validation import describe_problems
 
 __all__ = ["DEFAULT_TENANT", "TENANT_NAME", "Tenant", "TenantConfig", "load_tenants"]
 
@@ -64,7 +65,7 @@ class Tenant:
 
 
 def _problems(exc: ValidationError) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc'])) or '(root)'}: {e['msg']}" for e in exc.errors())
+    return describe_problems(exc.errors(), root="(root)")
 
 
 def _read(path: Path) -> bytes:

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cvmotion.errors import UsageError
+from cvmotion.ipc.validation import describe_problems
 
 if TYPE_CHECKING:
     from cryptography import x509
@@ -202,7 +203,7 @@ def _policy(args: argparse.Namespace) -> int:
     try:
         policy = MigrationPolicy.model_validate(fields)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        problems = describe_problems(exc.errors())
         raise UsageError(f"migration policy: {problems}") from None
     doc = policy.canonical()
     if args.out is not None:

@@ -52,6 +52,7 @@ from cvmotion.control.service import FleetController
 from cvmotion.control.templates import expand_template
 from cvmotion.errors import Conflict, CvmError, NotFound, UsageError
 from cvmotion.ipc.openapi import inline_schema, install_error_handlers
+from cvmotion.ipc.validation import describe_problems
 
 __all__ = ["create_app"]
 
@@ -155,7 +156,7 @@ def _parse(model: type[BaseModel], body: Any, what: str) -> Any:
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        problems = describe_problems(exc.errors(), root="body")
         raise InvalidRequest(f"{what}: {problems}") from None
 
 

@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from cvmotion.control.errors import InvalidRequest
 from cvmotion.control.resources import VM_TYPE, VmPut
+from cvmotion.ipc.validation import describe_problems
 
 __all__ = ["TemplateResource", "expand_template"]
 
@@ -187,7 +188,7 @@ def expand_template(
         try:
             body = VmPut.model_validate(resolved)
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+            problems = describe_problems(exc.errors())
             raise InvalidRequest(f"resources[{index}] ({name}): {problems}") from None
         out.append(TemplateResource(name, body))
     return out

@@ -47,6 +47,7 @@ from cvmotion.host.api_schema import MAX_BODY, CreateVm, IncomingMigration, KvRe
 from cvmotion.host.daemon import HostDaemon
 from cvmotion.ipc.names import NAME_PATTERN
 from cvmotion.ipc.openapi import inline_schema, install_error_handlers
+from cvmotion.ipc.validation import describe_problems
 from cvmotion.migration.options import MigrationOptions
 from cvmotion.vmm.sku import find_sku, parse_memory
 
@@ -95,7 +96,7 @@ def _dialable(url: str) -> str:
 
 
 def _problems(errors: Sequence[Any]) -> str:
-    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in errors) or "invalid request"
+    return describe_problems(errors) or "invalid request"
 
 
 def _error(status: int, kind: str, message: str, **extra: Any) -> JSONResponse:

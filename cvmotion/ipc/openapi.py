@@ -23,6 +23,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
+from cvmotion.ipc.validation import describe_problems
+
 __all__ = [
     "ErrorDetail",
     "ErrorEnvelope",
@@ -151,7 +153,7 @@ def install_error_handlers(
 
     async def validation_error(request: Request, exc: Exception) -> Response:
         problems = exc.errors() if isinstance(exc, RequestValidationError) else []
-        text = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in problems) or "invalid request"
+        text = describe_problems(problems) or "invalid request"
         return _envelope(400, "invalid_request", text[:500], render=render)
 
     app.add_exception_handler(StarletteHTTPException, http_error)
