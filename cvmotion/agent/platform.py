@@ -421,10 +421,7 @@ class PlatformService:
         if m == "decommission":
             handle = self._vm_guest(a)
             sp.decommission(handle)
-            with self._lock:
-                for vm, h in list(self.handles.items()):
-                    if h == handle:
-                        del self.handles[vm]
+            self._unbind(handle)
             return Reply()
         if m == "vm_handle":
             return Reply({"handle": self.handles.get(str(a["vm"]))})
@@ -495,6 +492,12 @@ class PlatformService:
                 )
             hw.claimed = True
 
+    def _unbind(self, handle: GuestHandle) -> None:
+        """A guest that no longer exists here is no VM's any more (its hardware stays claimed)."""
+        with self._lock:
+            for vm in [vm for vm, h in self.handles.items() if h == handle]:
+                del self.handles[vm]
+
     def _vm_guest(self, a: dict[str, Any]) -> GuestHandle:
         """The guest a host command names: only a VM's guest bound here (never the MA's own context)."""
         try:
@@ -560,10 +563,7 @@ class PlatformService:
             return Reply()
         if m == "export_finish":
             mig.export_finish(handle, blob)  # the destination's commit receipt, verified by the firmware
-            with self._lock:
-                for name, h in list(self.handles.items()):
-                    if h == handle:
-                        del self.handles[name]
+            self._unbind(handle)
             return Reply()
         if m == "export_status":
             return Reply({"state": mig.export_status(handle)})
