@@ -428,7 +428,7 @@ class VmProcess:
                 }
             )
         if m == "launch_ranges":
-            return Reply({"ranges": self.launch_ranges(), "secrets_gpa": SECRETS_PAGE_GPA})
+            return Reply({"ranges": self.launch_ranges()})
         if m == "bind":
             self.handle = int(a["handle"])
             return Reply()
