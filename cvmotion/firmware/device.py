@@ -17,6 +17,7 @@ Guest lifecycle (SNP ABI command names; any other order is ``FirmwareError(INVAL
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +37,8 @@ from cvmotion.firmware.keys import RandomSource, derive_vcek, system_random
 from cvmotion.firmware.launch import PAGE_SIZE, LaunchDigest, PageType, check_cpuid_page, check_launch_policy
 from cvmotion.firmware.launch import write_secrets_page as _write_secrets_page
 from cvmotion.firmware.migration import MigrationFirmware
+from cvmotion.firmware.sp_seal import open_sealed, seal
+from cvmotion.firmware.sp_snapshot import SpSnapshot, check_sealable, decode, encode
 from cvmotion.firmware.vlek import UnwrappedVlek, unwrap_vlek
 
 __all__ = ["EndorsementSource", "ExtCerts", "GuestHandle", "GuestInfo", "PlatformStatus", "SecureProcessor"]
@@ -118,6 +121,7 @@ class SecureProcessor:
         self._vlek_cert: bytes | None = None
         self._cert_cache: dict[tuple[SigningKey, TcbVersion], ExtCerts] = {}
         self._migration: MigrationFirmware | None = None
+        self._stopped = False  # sealed its state (seal_state): it serves nothing more, its keys are gone
         self._reload_vlek()
 
     @classmethod
@@ -127,7 +131,67 @@ class SecureProcessor:
         """The SP of the chip persisted in ``data_dir`` (a restarted host keeps its identity)."""
         return cls(Chip.load(data_dir), endorsements=endorsements, rng=rng)
 
+    @classmethod
+    def restore_sealed(
+        cls,
+        chip: Chip,
+        blob: bytes,
+        *,
+        endorsements: EndorsementSource | None = None,
+        rng: RandomSource = system_random,
+    ) -> tuple[SecureProcessor, bytes]:
+        """The SP of ``chip`` with the state a previous SP of this chip sealed (``seal_state``), and the
+        caller's extra bytes sealed with it.  The blob opens once, and only the newest one: a replayed, forged
+        or tampered blob is one opaque ``IntegrityError`` (``sp_seal``)."""
+        snap = decode(open_sealed(chip, blob))
+        sp = cls(chip, endorsements=endorsements, rng=rng)
+        sp._guests = {GuestHandle(h): ctx for h, ctx in snap.guests.items()}
+        sp._next_handle = snap.next_handle
+        if snap.exports or snap.imports:
+            mig = sp.migration
+            mig._exports = {GuestHandle(h): exp for h, exp in snap.exports.items()}
+            mig._imports = dict(snap.imports)
+            mig._next_import = snap.next_import
+        return sp, snap.extra
+
     # -- platform ----------------------------------------------------------------------------------
+
+    @property
+    def stopped(self) -> bool:
+        return self._stopped
+
+    def _check_live(self) -> None:
+        if self._stopped:
+            raise FirmwareError(FirmwareStatus.INVALID_PLATFORM_STATE, "this secure processor sealed its state")
+
+    def seal_state(self, extra: bytes = b"") -> bytes:
+        """Seal every guest context (and the migrations' keys and counters) for the next SP of this chip, then stop.
+
+        The state is sealed under a key derived from the chip secret and bound to a fresh generation of the
+        chip's replay-protected counter (``sp_seal``); ``extra`` (the platform process's own bindings) is
+        sealed with it.  From here on this SP refuses every command and forgets its keys, so no guest can
+        advance here after the copy was taken (its sequence numbers would roll back on the next SP).
+        """
+        mig = self._migration
+        with mig._lock if mig is not None else contextlib.nullcontext(), self._lock:
+            self._check_live()
+            check_sealable({int(h): c for h, c in self._guests.items()}, mig)
+            snap = SpSnapshot(
+                next_handle=self._next_handle,
+                guests={int(h): c for h, c in self._guests.items()},
+                exports={int(h): e for h, e in mig._exports.items()} if mig is not None else {},
+                imports=dict(mig._imports) if mig is not None else {},
+                next_import=mig._next_import if mig is not None else 1,
+                extra=bytes(extra),
+            )
+            blob = seal(self._chip, encode(snap))
+            self._stopped = True
+            self._guests.clear()
+            self._digests.clear()
+            if mig is not None:
+                mig._exports.clear()
+                mig._imports.clear()
+            return blob
 
     @property
     def product(self) -> Product:
@@ -159,6 +223,7 @@ class SecureProcessor:
         A loaded VLEK certified for another TCB is unloaded; the host must load one for the new TCB.
         """
         with self._lock:
+            self._check_live()
             self._chip = self._chip.set_tcb(current, reported=reported, commit=commit)
             self._vcek = derive_vcek(self._chip.chip_secret, self._chip.product, self._chip.reported_tcb)
             if self._vlek is not None and self._vlek.tcb != self._chip.reported_tcb:
@@ -226,6 +291,7 @@ class SecureProcessor:
     # -- guest lifecycle ---------------------------------------------------------------------------
 
     def _guest(self, handle: GuestHandle, *states: GuestState) -> GuestContext:
+        self._check_live()
         ctx = self._guests.get(handle)
         if ctx is None:
             raise FirmwareError(FirmwareStatus.INVALID_GUEST, f"no guest with handle {handle}")
@@ -235,6 +301,7 @@ class SecureProcessor:
         return ctx
 
     def _add(self, ctx: GuestContext) -> GuestHandle:
+        self._check_live()
         if len(self._guests) >= MAX_GUESTS:
             raise FirmwareError(FirmwareStatus.RESOURCE_LIMIT, f"all {MAX_GUESTS} guest slots are in use")
         handle = GuestHandle(self._next_handle)

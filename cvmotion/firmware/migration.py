@@ -125,12 +125,15 @@ class _Export:
     clean: npt.NDArray[np.bool_] | None = None
     captured: tuple[bytes, bytes] | None = None  # (vCPU, device) state, taken once: the VM stays held paused
     start_token_digest: bytes | None = None  # what a commit receipt must name: the start token this SP emitted
+    # Restored from a sealed SP state (sp_snapshot): the hardware binding and the clean-page map did not survive,
+    # so nothing more may be sealed and the guest may not run until the export is aborted or finished.
+    detached: bool = False
 
 
 @dataclass(slots=True)
 class _Import:
     session_id: bytes
-    hw: GuestHardware
+    hw: GuestHardware | None  # None once restored from a sealed SP state (only receipts are asked then)
     k_f: bytes | None = None
     aead: AESGCM | None = None
     k_b: bytes | None = None
@@ -159,8 +162,12 @@ class MigrationFirmware:
     def can_run(self, handle: GuestHandle) -> bool:
         """Whether the hardware may run this guest's vCPUs (asked by the VM before every resume)."""
         with self._lock:
+            if self._sp.stopped:
+                return False
             exp = self._exports.get(handle)
             if exp is not None:
+                if exp.detached:
+                    return False
                 return exp.session.can_run or exp.session.state is ExportOpState.LIVE_EXPORT
             return self._sp._guest_op_state(handle) is OpState.RUNNABLE
 
@@ -188,10 +195,15 @@ class MigrationFirmware:
             exp = self._export(handle, ExportOpState.RUNNABLE)
             exp.k_b = k_b
 
-    def _export(self, handle: GuestHandle, *states: ExportOpState) -> _Export:
+    def _export(self, handle: GuestHandle, *states: ExportOpState, detached_ok: bool = False) -> _Export:
+        self._sp._check_live()
         exp = self._exports.get(handle)
         if exp is None:
             raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, f"guest {handle} has no export session")
+        if exp.detached and not detached_ok:
+            raise FirmwareError(
+                FirmwareStatus.INVALID_GUEST_STATE, f"export of guest {handle} lost its hardware: abort or finish it"
+            )
         if states and exp.session.state not in states:
             raise FirmwareError(
                 FirmwareStatus.INVALID_GUEST_STATE, f"export of guest {handle} is {exp.session.state.value}"
@@ -360,7 +372,13 @@ class MigrationFirmware:
     def export_abort(self, handle: GuestHandle) -> None:
         """Abort before the start token: the guest may run again here. The session keys are destroyed."""
         with self._lock:
-            exp = self._export(handle, ExportOpState.LIVE_EXPORT, ExportOpState.PAUSED_EXPORT, ExportOpState.RUNNABLE)
+            exp = self._export(
+                handle,
+                ExportOpState.LIVE_EXPORT,
+                ExportOpState.PAUSED_EXPORT,
+                ExportOpState.RUNNABLE,
+                detached_ok=True,
+            )
             if exp.session.state is not ExportOpState.RUNNABLE:
                 exp.session.abort_local()
             del self._exports[handle]
@@ -369,7 +387,7 @@ class MigrationFirmware:
     def export_abort_with_token(self, handle: GuestHandle, token: bytes) -> None:
         """Resume a frozen source: only with an abort token MAC'd under K_b for this session."""
         with self._lock:
-            exp = self._export(handle)
+            exp = self._export(handle, detached_ok=True)
             if exp.k_b is None or not _check_abort_token(exp.k_b, exp.session_id, token):
                 raise IntegrityError()
             exp.session.abort_with_token()
@@ -384,7 +402,7 @@ class MigrationFirmware:
         Without a valid receipt the source stays frozen (recoverable): one opaque ``IntegrityError``.
         """
         with self._lock:
-            exp = self._export(handle, ExportOpState.POST_EXPORT)
+            exp = self._export(handle, ExportOpState.POST_EXPORT, detached_ok=True)
             if (
                 exp.k_b is None
                 or exp.start_token_digest is None
@@ -406,12 +424,14 @@ class MigrationFirmware:
         if len(session_id) != wire.SESSION_ID_SIZE:
             raise FirmwareError(FirmwareStatus.INVALID_PARAM, "session id must be 16 bytes")
         with self._lock:
+            self._sp._check_live()
             ref = self._next_import
             self._next_import += 1
             self._imports[ref] = _Import(session_id=session_id, hw=hw)
             return ref
 
     def _import(self, ref: int) -> _Import:
+        self._sp._check_live()
         imp = self._imports.get(ref)
         if imp is None:
             raise FirmwareError(FirmwareStatus.INVALID_GUEST, f"no import context {ref}")
@@ -537,11 +557,14 @@ class MigrationFirmware:
     def _import_memory(
         self, imp: _Import, header: BundleHeader, head: bytes, metadata: bytes, rest: memoryview
     ) -> None:
+        hw = imp.hw
+        if hw is None:
+            raise IntegrityError()
         entries = memory_entries(metadata)
         gfns = entries >> np.uint64(12)
         is_data = (entries & np.uint64(EntryFlag.ZERO)) == 0
         data = np.flatnonzero(is_data).tolist()
-        if len(rest) != len(data) * _UNIT or int(gfns.max()) >= imp.hw.gfn_limit:
+        if len(rest) != len(data) * _UNIT or int(gfns.max()) >= hw.gfn_limit:
             raise IntegrityError()
         # A GPA at most once per epoch (ImportRules.claim_gpa, for a whole bundle at once): a replayed page
         # could roll memory back.
@@ -580,7 +603,7 @@ class MigrationFirmware:
                         scratch[i * PAGE : (i + 1) * PAGE],
                     )
                     off += _UNIT
-        memory = imp.hw.memory
+        memory = hw.memory
         try:
             for first, lo, hi in gfn_runs(gfns):
                 memory.write(first << 12, scratch[lo * PAGE : hi * PAGE])
@@ -604,6 +627,7 @@ class MigrationFirmware:
                 raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, f"import is {imp.rules.state.value}")
             assert imp.ctx is not None
             assert imp.handle is not None
+            assert imp.hw is not None  # only restored imports lack it, and none is restored in POST_IMPORT
             imp.hw.restore_state(imp.states[BundleType.VCPU_STATE], imp.states[BundleType.DEVICE_STATE])
             imp.rules.activate()
             imp.ctx.op_state = OpState.RUNNABLE
