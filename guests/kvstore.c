@@ -2,6 +2,8 @@
  *
  * Command line: slots=N (table size; default: a quarter of the RAM above the table's base, at most
  *               1,000,000)  base=GPA (table address, default 0x400000)  hb_ms=N (heartbeat period, default 1000)
+ *               se_ms=N (how often it reads its Scheduled Events document, default 100; 0: never)
+ *               se_approve=0|1 (approve every Scheduled event early, default 1)
  *
  * Requests and responses (little-endian; cvmotion.vmm.workloads.KvClient builds them):
  *   request  = u8 op | u8 key_len | u16 value_len | key[key_len] | value[value_len]
@@ -16,6 +18,15 @@
  * The table is not cleared at boot: the RAM above the image is zero when the guest starts (cvmotion's
  * loader hands over an empty memfd, QEMU fresh anonymous memory), and clearing it would populate every
  * page of a table sized from a full SKU's memory, which a live migration would then have to carry.
+ *
+ * Scheduled Events (Azure IMDS's document, which the host puts in the cvm-io mailbox, kind
+ * CVMIO_BLOB_SCHEDULED_EVENTS): every se_ms the guest reads it; on a new DocumentIncarnation it prints
+ *   SE incarnation=N events=K
+ *   SE event id=ID type=Freeze|Reboot|Redeploy status=Scheduled|Started
+ * and, with se_approve=1, approves each Scheduled event at once by posting IMDS's StartRequests body
+ * ({"StartRequests":[{"EventId":"ID"}]}) to the same mailbox kind (POST_BLOB), printing "SE approve ID".
+ * The document is parsed as JSON (strings with escapes, any key order, unknown keys skipped); anything it
+ * cannot parse is reported ("SE unreadable") and ignored.
  *
  * Without cvm-io (under QEMU: the ID register reads 0xFFFFFFFF) it says so and only heartbeats. */
 #include "cvmio.h"
@@ -44,7 +55,199 @@ static u32 nslots, nkeys;
 static u64 nops;
 static u8 buf[8192] __attribute__((aligned(4096)));
 static u8 key[KEY_MAX];
-static struct cvmio_desc desc, blob_desc;
+static struct cvmio_desc desc, blob_desc, se_desc;
+
+/* --- Scheduled Events -------------------------------------------------------------------------------- */
+
+#define SE_DOC_MAX 8192u
+#define SE_EVENTS_MAX 16u
+#define SE_ID_MAX 129u
+
+struct se_event {
+    char id[SE_ID_MAX];
+    char type[16];
+    char status[16];
+};
+
+static char se_doc[SE_DOC_MAX + 1] __attribute__((aligned(4096)));
+static char se_post[SE_EVENTS_MAX * (SE_ID_MAX + 16) + 32] __attribute__((aligned(64)));
+static struct se_event se_events[SE_EVENTS_MAX];
+static u64 se_incarnation;
+static int se_seen;
+
+static const char *json_ws(const char *p) {
+    while (*p == ' ' || *p == '\n' || *p == '\r' || *p == '\t') p++;
+    return p;
+}
+
+/* A JSON string at p: copies at most cap-1 bytes (escapes kept as the escaped character) into out, if any;
+ * returns the byte after the closing quote, or NULL. */
+static const char *json_str(const char *p, char *out, u32 cap) {
+    u32 n = 0;
+    if (*p++ != '"') return NULL;
+    for (; *p && *p != '"'; p++) {
+        if (*p == '\\' && !*++p) return NULL;
+        if (out && n + 1 < cap) out[n++] = *p;
+    }
+    if (out && cap) out[n] = 0;
+    return *p == '"' ? p + 1 : NULL;
+}
+
+/* Skips one JSON value (string, number, literal, array or object); NULL if malformed. */
+static const char *json_skip(const char *p) {
+    p = json_ws(p);
+    if (*p == '"') return json_str(p, NULL, 0);
+    if (*p == '[' || *p == '{') {
+        char close = *p == '[' ? ']' : '}';
+        p = json_ws(p + 1);
+        if (*p == close) return p + 1;
+        for (;;) {
+            if (close == '}') {
+                if (!(p = json_str(json_ws(p), NULL, 0))) return NULL;
+                p = json_ws(p);
+                if (*p++ != ':') return NULL;
+            }
+            if (!(p = json_skip(p))) return NULL;
+            p = json_ws(p);
+            if (*p == close) return p + 1;
+            if (*p++ != ',') return NULL;
+            p = json_ws(p);
+        }
+    }
+    const char *start = p;
+    while (*p && *p != ',' && *p != '}' && *p != ']' && *p != ' ' && *p != '\n') p++;
+    return p > start ? p : NULL;
+}
+
+static int key_is(const char *key, const char *want) {
+    usize n = strlen(want);
+    return strlen(key) == n && memcmp(key, want, n) == 0;
+}
+
+/* One event object: EventId, EventType, EventStatus kept, every other key skipped. */
+static const char *se_parse_event(const char *p, struct se_event *ev) {
+    char key[32];
+    p = json_ws(p);
+    if (*p++ != '{') return NULL;
+    ev->id[0] = ev->type[0] = ev->status[0] = 0;
+    p = json_ws(p);
+    if (*p == '}') return p + 1;
+    for (;;) {
+        if (!(p = json_str(json_ws(p), key, sizeof(key)))) return NULL;
+        p = json_ws(p);
+        if (*p++ != ':') return NULL;
+        p = json_ws(p);
+        if (key_is(key, "EventId")) p = json_str(p, ev->id, sizeof(ev->id));
+        else if (key_is(key, "EventType")) p = json_str(p, ev->type, sizeof(ev->type));
+        else if (key_is(key, "EventStatus")) p = json_str(p, ev->status, sizeof(ev->status));
+        else p = json_skip(p);
+        if (!p) return NULL;
+        p = json_ws(p);
+        if (*p == '}') return p + 1;
+        if (*p++ != ',') return NULL;
+    }
+}
+
+/* The document: {"DocumentIncarnation": N, "Events": [...]}; returns the number of events, or -1. */
+static i32 se_parse(const char *p, u64 *incarnation) {
+    char key[32];
+    i32 count = 0;
+    int have_inc = 0;
+    p = json_ws(p);
+    if (*p++ != '{') return -1;
+    for (;;) {
+        if (!(p = json_str(json_ws(p), key, sizeof(key)))) return -1;
+        p = json_ws(p);
+        if (*p++ != ':') return -1;
+        p = json_ws(p);
+        if (key_is(key, "DocumentIncarnation")) {
+            u64 v = 0;
+            if (*p < '0' || *p > '9') return -1;
+            while (*p >= '0' && *p <= '9') v = v * 10 + (u64)(*p++ - '0');
+            *incarnation = v;
+            have_inc = 1;
+        } else if (key_is(key, "Events")) {
+            if (*p++ != '[') return -1;
+            p = json_ws(p);
+            if (*p == ']') {
+                p++;
+            } else {
+                for (;;) {
+                    struct se_event scratch;
+                    struct se_event *ev = (u32)count < SE_EVENTS_MAX ? &se_events[count] : &scratch;
+                    if (!(p = se_parse_event(p, ev))) return -1;
+                    if ((u32)count < SE_EVENTS_MAX) count++;
+                    p = json_ws(p);
+                    if (*p == ']') { p++; break; }
+                    if (*p++ != ',') return -1;
+                }
+            }
+        } else if (!(p = json_skip(p))) {
+            return -1;
+        }
+        p = json_ws(p);
+        if (*p == '}') return have_inc ? count : -1;
+        if (*p++ != ',') return -1;
+    }
+}
+
+static void se_approve(i32 count) {
+    u32 n = 0, approved = 0;
+    const char *head = "{\"StartRequests\":[";
+    memcpy(se_post, head, strlen(head));
+    n = strlen(head);
+    for (i32 i = 0; i < count; i++) {
+        struct se_event *ev = &se_events[i];
+        if (!key_is(ev->status, "Scheduled") || !ev->id[0]) continue;
+        const char *pre = approved ? ",{\"EventId\":\"" : "{\"EventId\":\"";
+        memcpy(se_post + n, pre, strlen(pre));
+        n += strlen(pre);
+        memcpy(se_post + n, ev->id, strlen(ev->id));
+        n += strlen(ev->id);
+        memcpy(se_post + n, "\"}", 2);
+        n += 2;
+        approved++;
+        kprintf("SE approve %s\n", ev->id);
+    }
+    if (!approved) return;
+    memcpy(se_post + n, "]}", 2);
+    n += 2;
+    se_desc.op = CVMIO_OP_POST_BLOB;
+    se_desc.buf_gpa = (u32)se_post;
+    se_desc.buf_len = sizeof(se_post);
+    se_desc.len = n;
+    se_desc.tag = CVMIO_BLOB_SCHEDULED_EVENTS;
+    se_desc.timeout_ms = 0;
+    u32 st = cvmio_call(&se_desc);
+    if (st != CVMIO_ST_OK) kprintf("SE post status %u\n", st);
+}
+
+/* Reads the document; on a new incarnation, reports its events and approves what is scheduled. */
+static void se_check(int approve) {
+    se_desc.op = CVMIO_OP_GET_BLOB;
+    se_desc.buf_gpa = (u32)se_doc;
+    se_desc.buf_len = SE_DOC_MAX;
+    se_desc.len = 0;
+    se_desc.tag = CVMIO_BLOB_SCHEDULED_EVENTS;
+    se_desc.timeout_ms = 0;
+    if (cvmio_call(&se_desc) != CVMIO_ST_OK || se_desc.len > SE_DOC_MAX) return;
+    se_doc[se_desc.len] = 0;
+    u64 incarnation = 0;
+    i32 count = se_parse(se_doc, &incarnation);
+    if (count < 0) {
+        if (!se_seen || se_incarnation != ~0ull) kprintf("SE unreadable (%u bytes)\n", se_desc.len);
+        se_seen = 1;
+        se_incarnation = ~0ull;
+        return;
+    }
+    if (se_seen && incarnation == se_incarnation) return;
+    se_seen = 1;
+    se_incarnation = incarnation;
+    kprintf("SE incarnation=%llu events=%d\n", incarnation, count);
+    for (i32 i = 0; i < count; i++)
+        kprintf("SE event id=%s type=%s status=%s\n", se_events[i].id, se_events[i].type, se_events[i].status);
+    if (approve) se_approve(count);
+}
 
 static u32 fnv1a(const u8 *p, u32 n) {
     u32 h = 0x811C9DC5u;
@@ -167,6 +370,10 @@ void guest_main(const struct boot_env *env) {
     u64 hb_ticks = clock_ms_to_ticks(hb_ms ? hb_ms : 1);
     u64 next_hb = rdtsc() + hb_ticks;
     u32 seq = 0;
+    u32 se_ms = (u32)cmdline_u64(cl, "se_ms", 100);
+    int se_on_approve = cmdline_u64(cl, "se_approve", 1) != 0;
+    u64 se_ticks = clock_ms_to_ticks(se_ms ? se_ms : 1);
+    u64 next_se = rdtsc();
 
     if (!cvmio_present()) {
         kprintf("kvstore: cvm-io device absent (ID reads 0x%x): serving nothing, heartbeat only\n",
@@ -186,12 +393,17 @@ void guest_main(const struct boot_env *env) {
             kprintf("HB seq=%u ops=%llu keys=%u\n", seq++, nops, nkeys);
             next_hb = now + hb_ticks;
         }
+        if (se_ms && now >= next_se) {
+            se_check(se_on_approve);
+            next_se = rdtsc() + se_ticks;
+        }
         desc.op = CVMIO_OP_WAIT_REQUEST;
         desc.buf_gpa = (u32)buf;
         desc.buf_len = sizeof(buf);
         desc.len = 0;
         desc.tag = 0;
         desc.timeout_ms = hb_ms < 200 ? hb_ms : 200;
+        if (se_ms && desc.timeout_ms > se_ms) desc.timeout_ms = se_ms;
         u32 st = cvmio_call(&desc);
         if (st == CVMIO_ST_RETRY) continue;
         if (st != CVMIO_ST_OK) {

@@ -10,8 +10,8 @@ OUT instruction completes::
     0x04 u32 flags       must be zero
     0x08 u64 buf_gpa     payload buffer
     0x10 u32 buf_len     buffer capacity
-    0x14 u32 len         valid bytes (device: WAIT_REQUEST, GET_BLOB; guest: COMPLETE)
-    0x18 u32 tag         request id, or the blob kind for GET_BLOB
+    0x14 u32 len         valid bytes (device: WAIT_REQUEST, GET_BLOB; guest: COMPLETE, POST_BLOB)
+    0x18 u32 tag         request id, or the blob kind for GET_BLOB / POST_BLOB
     0x1C u32 timeout_ms  WAIT_REQUEST: the longest the device may block before answering RETRY
 """
 
@@ -54,6 +54,7 @@ class Op(enum.IntEnum):
     WAIT_REQUEST = 1
     COMPLETE = 2
     GET_BLOB = 3
+    POST_BLOB = 4  # guest -> host: ``len`` bytes for the mailbox of kind ``tag`` (e.g. scheduled-event approvals)
 
 
 class Status(enum.IntEnum):
@@ -70,6 +71,8 @@ class BlobKind(enum.IntEnum):
     """Mailbox blobs the host can hand to the guest (GET_BLOB ``tag``)."""
 
     ATTESTATION_TOKEN = 1
+    # The VM's Scheduled Events document (IMDS JSON); the guest posts its StartRequests to the same kind.
+    SCHEDULED_EVENTS = 2
 
 
 class CvmioDescriptor(ctypes.LittleEndianStructure):

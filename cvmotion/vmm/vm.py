@@ -105,6 +105,8 @@ class Vm:
         self._lock = threading.Lock()
         self._tracking = False
         self.state = RunState.CREATED
+        self.paused_since: float | None = None  # time.monotonic() when the running vCPUs were asked to stop
+        self.last_pause: float | None = None  # seconds the last completed pause lasted (pause asked -> resumed)
         self.backend: Backend
         if self.backend_kind is BackendKind.KVM:
             self.backend = KvmBackend(self.memory, bus, config.vcpus, initially_set=config.dirty_log_initially_set)
@@ -194,18 +196,32 @@ class Vm:
             if self.state is not RunState.RUNNING:
                 return 0.0
             t0 = time.perf_counter()
+            # The blackout a guest sees starts when its vCPUs are asked to stop (the earliest any may stop).
+            self.paused_since = time.monotonic()
             self.cvmio.interrupt_waits()
-            self.backend.pause(timeout)
+            try:
+                self.backend.pause(timeout)
+            except BaseException:
+                self.paused_since = None
+                raise
             self.state = RunState.PAUSED
             return time.perf_counter() - t0
 
-    def resume(self) -> None:
+    def resume(self) -> float | None:
+        """Let the vCPUs run again; returns how long they were stopped (seconds, monotonic clock), when known.
+
+        The pause is timed from ``pause`` being asked to the vCPUs being released here, so it bounds what the
+        guest can have missed (``last_pause``); a restored VM's first resume has no start to measure from.
+        """
         with self._lock:
             if self.state is not RunState.PAUSED:
-                return
+                return None
             self.cvmio.allow_waits()
             self.backend.resume()
             self.state = RunState.RUNNING
+            since, self.paused_since = self.paused_since, None
+            self.last_pause = None if since is None else time.monotonic() - since
+            return self.last_pause
 
     def wait(self, timeout: float | None) -> GuestStop | None:
         """Wait until the guest stops (or ``timeout``); the stop reason, or None while it runs."""

@@ -13,8 +13,10 @@
  *   0x04 u32 flags       must be zero
  *   0x08 u64 buf_gpa     payload buffer (request/response bytes, blob bytes)
  *   0x10 u32 buf_len     capacity of the buffer
- *   0x14 u32 len         bytes valid: written by the device (WAIT_REQUEST, GET_BLOB), by the guest (COMPLETE)
- *   0x18 u32 tag         request id (device writes on WAIT_REQUEST, guest echoes on COMPLETE); blob kind for GET_BLOB
+ *   0x14 u32 len         bytes valid: written by the device (WAIT_REQUEST, GET_BLOB), by the guest (COMPLETE,
+ *                        POST_BLOB)
+ *   0x18 u32 tag         request id (device writes on WAIT_REQUEST, guest echoes on COMPLETE); blob kind for
+ *                        GET_BLOB and POST_BLOB
  *   0x1C u32 timeout_ms  WAIT_REQUEST: longest the device may block; it returns RETRY earlier whenever the
  *                        VMM wants to pause the vCPU, so a pause never waits for a request to arrive
  */
@@ -32,6 +34,9 @@
 #define CVMIO_OP_WAIT_REQUEST 1u /* block until the host queues a request; copy it into the buffer */
 #define CVMIO_OP_COMPLETE 2u     /* post the response for `tag` (len bytes from the buffer) */
 #define CVMIO_OP_GET_BLOB 3u     /* copy the host's mailbox blob of kind `tag` into the buffer */
+#define CVMIO_OP_POST_BLOB 4u    /* hand the host `len` bytes for its mailbox of kind `tag` (at most 4096);
+                                  * RETRY while the host has not taken earlier posts, NOT_FOUND for a kind
+                                  * the host takes none of */
 
 #define CVMIO_ST_OK 0u
 #define CVMIO_ST_RETRY 1u      /* nothing within timeout_ms, or the VMM is pausing: call again */
@@ -42,6 +47,7 @@
 #define CVMIO_ST_PENDING 0xFFFFu
 
 #define CVMIO_BLOB_ATTESTATION_TOKEN 1u
+#define CVMIO_BLOB_SCHEDULED_EVENTS 2u /* GET: the Scheduled Events document; POST: its StartRequests */
 
 struct cvmio_desc {
     u16 op;

@@ -13,8 +13,13 @@ i.e. into the VMM dirty bitmap, because KVM's log does not see it.
          ▲                                                           │
          └──── response ◄──────── COMPLETE(tag): copy resp ◄─────────┘
 
-Snapshot: the blob mailbox and the tag counter.  Requests in flight belong to callers in this process
-and are not part of it: ``close()`` fails their ``submit`` with ``DeviceError``.
+The mailbox goes both ways: the host puts blobs the guest reads (GET_BLOB: the attestation token, the
+Scheduled Events document) and the guest posts short messages to the host (POST_BLOB: its approvals of
+scheduled events), which wait in a bounded outbox until the host takes them (``wait_posted``).  Only kinds
+the host accepts (``POSTABLE``) can be posted; a full outbox answers RETRY.
+
+Snapshot: the blob mailbox and the tag counter.  Requests in flight and posts not yet taken belong to this
+process and are not part of it: ``close()`` fails their ``submit`` with ``DeviceError``.
 """
 
 from __future__ import annotations
@@ -32,6 +37,9 @@ from cvmotion.vmm.memory import GuestMemory
 __all__ = ["CvmIo", "CvmIoState"]
 
 _MAX_WAIT_MS = 1000  # cap on a guest-requested block, whatever timeout_ms says
+MAX_POST = 4096  # bytes in one guest post (an IMDS StartRequests body for every event fits)
+MAX_POSTS = 16  # posts waiting for the host; more answer RETRY (a guest cannot grow the VMM's memory)
+POSTABLE = frozenset({abi.BlobKind.SCHEDULED_EVENTS})
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,6 +69,7 @@ class CvmIo:
         self._next_tag = 1
         self._interrupted = False
         self._closed = False
+        self._posted: collections.deque[tuple[abi.BlobKind, bytes]] = collections.deque()
 
     # --- host API -------------------------------------------------------------------------------
     def submit(self, request: bytes, timeout: float) -> bytes:
@@ -104,6 +113,17 @@ class CvmIo:
     def clear_blob(self, kind: abi.BlobKind | int) -> None:
         with self._cond:
             self._blobs.pop(int(kind), None)
+
+    def wait_posted(self, timeout: float) -> tuple[abi.BlobKind, bytes] | None:
+        """The oldest message the guest posted (POST_BLOB), waiting at most ``timeout``; None if none came."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._posted and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self._cond.wait(remaining)
+            return self._posted.popleft() if self._posted else None
 
     def interrupt_waits(self) -> None:
         """Make every WAIT_REQUEST answer RETRY now and until ``allow_waits`` (the VMM is pausing)."""
@@ -172,6 +192,8 @@ class CvmIo:
             return self._complete(d)
         if d.op == abi.Op.GET_BLOB:
             return self._get_blob(d)
+        if d.op == abi.Op.POST_BLOB:
+            return self._post_blob(d)
         return abi.Status.BAD_DESC, d.len, d.tag
 
     def _buffer_ok(self, d: abi.CvmioDescriptor, length: int) -> bool:
@@ -223,3 +245,18 @@ class CvmIo:
             return abi.Status.BAD_DESC, 0, d.tag
         self._memory.write(d.buf_gpa, blob)
         return abi.Status.OK, len(blob), d.tag
+
+    def _post_blob(self, d: abi.CvmioDescriptor) -> tuple[int, int, int]:
+        if d.tag not in POSTABLE:
+            return abi.Status.NOT_FOUND, 0, d.tag
+        if d.len > MAX_POST:
+            return abi.Status.TOO_SMALL, MAX_POST, d.tag  # "len holds the size": here, the most it takes
+        if d.len > d.buf_len or not self._buffer_ok(d, d.len):
+            return abi.Status.BAD_DESC, 0, d.tag
+        data = self._memory.read(d.buf_gpa, d.len)
+        with self._cond:
+            if self._closed or len(self._posted) >= MAX_POSTS:
+                return abi.Status.RETRY, 0, d.tag
+            self._posted.append((abi.BlobKind(d.tag), data))
+            self._cond.notify_all()
+        return abi.Status.OK, d.len, d.tag

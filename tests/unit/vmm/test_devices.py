@@ -137,3 +137,46 @@ def test_bad_descriptors_and_timeouts(rig: tuple[GuestMemory, CvmIo, FakeGuest])
     assert waiting
     assert "stopped" in str(waiting[0])
     assert struct.calcsize("<HHIQIIII") == abi.DESCRIPTOR_SIZE
+
+
+def test_guest_posts_reach_the_host_in_order_and_bounded(rig: tuple[GuestMemory, CvmIo, FakeGuest]) -> None:
+    mem, dev, guest = rig
+    kind = abi.BlobKind.SCHEDULED_EVENTS
+    assert dev.wait_posted(0) is None
+    mem.write(BUF, b'{"StartRequests":[{"EventId":"e1"}]}')
+    ok = guest.call(abi.Op.POST_BLOB, tag=kind, length=36)
+    assert (ok.status, ok.len) == (abi.Status.OK, 36)
+    mem.write(BUF, b"second")
+    assert guest.call(abi.Op.POST_BLOB, tag=kind, length=6).status == abi.Status.OK
+    assert dev.wait_posted(1) == (kind, b'{"StartRequests":[{"EventId":"e1"}]}')
+    assert dev.wait_posted(1) == (kind, b"second")
+    # A kind the host takes nothing for, a post over the limit, a length past the buffer: refused.
+    token = abi.BlobKind.ATTESTATION_TOKEN
+    assert guest.call(abi.Op.POST_BLOB, tag=token, length=4).status == abi.Status.NOT_FOUND
+    big = guest.call(abi.Op.POST_BLOB, tag=kind, length=4097, buf_len=8192)
+    assert (big.status, big.len) == (abi.Status.TOO_SMALL, 4096)
+    assert guest.call(abi.Op.POST_BLOB, tag=kind, length=100, buf_len=10).status == abi.Status.BAD_DESC
+    # The outbox is bounded: a guest that posts faster than the host takes is told to retry.
+    for _ in range(16):
+        assert guest.call(abi.Op.POST_BLOB, tag=kind, length=1).status == abi.Status.OK
+    assert guest.call(abi.Op.POST_BLOB, tag=kind, length=1).status == abi.Status.RETRY
+    assert dev.wait_posted(0) is not None
+    assert guest.call(abi.Op.POST_BLOB, tag=kind, length=1).status == abi.Status.OK
+    assert dev.save() == CvmIoState(1, ())  # posts are not device state
+
+
+def test_wait_posted_wakes_on_a_post_and_on_close(rig: tuple[GuestMemory, CvmIo, FakeGuest]) -> None:
+    mem, dev, guest = rig
+    got: list[object] = []
+    waiter = threading.Thread(target=lambda: got.append(dev.wait_posted(30)))
+    waiter.start()
+    mem.write(BUF, b"x")
+    assert guest.call(abi.Op.POST_BLOB, tag=abi.BlobKind.SCHEDULED_EVENTS, length=1).status == abi.Status.OK
+    waiter.join(30)
+    assert got == [(abi.BlobKind.SCHEDULED_EVENTS, b"x")]
+    waiter = threading.Thread(target=lambda: got.append(dev.wait_posted(30)))
+    waiter.start()
+    dev.close()
+    waiter.join(30)
+    assert not waiter.is_alive()
+    assert got[-1] is None
