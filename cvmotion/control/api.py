@@ -47,6 +47,7 @@ from cvmotion.control.inventory import Heartbeat, HostRegistration
 from cvmotion.control.operations import status_of
 from cvmotion.control.policy_schema import definition_body
 from cvmotion.control.policy_store import parse_scope
+from cvmotion.control.portal import install_portal
 from cvmotion.control.resources import VmPatch, VmPut, check_name, rg_id, vm_id
 from cvmotion.control.service import FleetController
 from cvmotion.control.templates import expand_template
@@ -677,6 +678,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
         return StreamingResponse(stream(), media_type="text/event-stream")
 
     _ = Vm  # the VM table is reached through the services
+    install_portal(app, ctl)  # the web portal at / (HTML, outside the OpenAPI document), over this same API
     return app
 
 

@@ -1,0 +1,56 @@
+"""control layer (portal): reading the fleet's events through the API, filtered by type and subject.
+
+The event stream API (``/v1/events``: type patterns, subject prefix, a cursor) is used where the
+controller serves it; otherwise the older ``/providers/Cvmotion.Fabric/events`` list, filtered here.
+Either way the API decides which events the user's token may see.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from cvmotion.control.portal.apiclient import ApiClient, ApiError
+
+__all__ = ["EVENT_TYPES", "matches", "read_events", "short_type"]
+
+# The filters the timeline offers: label -> type patterns (both namings of the controller's own types).
+EVENT_TYPES: dict[str, tuple[str, ...]] = {
+    "all": (),
+    "migrations": ("cvmotion.migration.", "Cvmotion.Fabric.VmMigrated", "Cvmotion.Fabric.OperationMigrating"),
+    "attestation": ("cvmotion.vm.postMigrationAttestation",),
+    "maintenance": ("cvmotion.maintenance.", "Cvmotion.Fabric.Drain", "Cvmotion.Fabric.HostCordon"),
+    "vms": ("Cvmotion.Fabric.Vm", "Cvmotion.Fabric.Operation"),
+    "hosts": ("Cvmotion.Fabric.Host",),
+}
+_LIMIT = 1000
+
+
+def short_type(event_type: str) -> str:
+    """``Cvmotion.Fabric.VmMigrated`` -> ``VmMigrated``; ``cvmotion.migration.completed`` unchanged."""
+    return event_type.removeprefix("Cvmotion.Fabric.")
+
+
+def matches(event: dict[str, Any], kind: str, subject: str) -> bool:
+    patterns = EVENT_TYPES.get(kind, ())
+    etype = str(event.get("type", ""))
+    if patterns and not any(etype.startswith(p) for p in patterns):
+        return False
+    return not subject or str(event.get("subject", "")).lower().startswith(subject.lower())
+
+
+async def read_events(
+    api: ApiClient, *, kind: str = "all", subject: str = "", limit: int = 200
+) -> list[dict[str, Any]]:
+    """The newest ``limit`` events the user may see that match the filter, oldest first."""
+    params: dict[str, Any] = {"limit": limit}
+    if subject:
+        params["subject"] = subject
+    try:
+        answer = await api.get("/v1/events", **params)
+    except ApiError as exc:
+        if exc.status not in (404, 405):
+            raise
+        answer = await api.get("/providers/Cvmotion.Fabric/events", limit=_LIMIT)
+    events = answer.get("value", []) if isinstance(answer, dict) else []
+    picked = [e for e in events if isinstance(e, dict) and matches(e, kind, subject)]
+    return picked[-limit:]

@@ -1,0 +1,127 @@
+"""control layer (portal): the Events timeline (live, Server-Sent Events) and the Charts page.
+
+The stream the browser follows is the portal's own (``/portal/events/stream``): the browser's
+EventSource cannot send a bearer header, so the portal reads the API with the user's token from the
+cookie and sends each new event as a rendered list item (``id:`` is the event id, so a reconnecting
+browser resumes after the last one it got).  A stream ends after ten minutes; the browser reconnects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import Response, StreamingResponse
+
+from cvmotion.control.portal.apiclient import ApiError
+from cvmotion.control.portal.charts import histogram_svg, summarise
+from cvmotion.control.portal.common import SignedIn
+from cvmotion.control.portal.eventsource import EVENT_TYPES, read_events, short_type
+from cvmotion.control.portal.render import render_fragment
+
+__all__ = ["register"]
+
+_POLL_S = 0.5
+_STREAM_S = 600.0
+
+
+def _filters(request: Request) -> tuple[str, str]:
+    kind = request.query_params.get("kind", "all")
+    subject = request.query_params.get("subject", "")[:400]
+    return (kind if kind in EVENT_TYPES else "all"), subject
+
+
+def _number(data: dict[str, Any], *keys: str) -> float | None:
+    for key in keys:
+        value = data.get(key)
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+    return None
+
+
+def series(events: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """Downtime and total time of completed migrations, and fallback pauses, in milliseconds."""
+    out: dict[str, list[float]] = {"downtime": [], "total": [], "pause": []}
+    for event in events:
+        etype, data = str(event.get("type", "")), event.get("data") or {}
+        if etype.endswith("VmMigrated") or etype == "cvmotion.migration.completed":
+            downtime = _number(data, "downtimeMs", "downtime")
+            total = _number(data, "totalTimeMs", "total-time", "totalMs")
+            if downtime is not None:
+                out["downtime"].append(downtime)
+            if total is not None:
+                out["total"].append(total)
+        elif etype == "cvmotion.maintenance.fallback":
+            pause = _number(data, "pauseMs", "pause")
+            if pause is not None:
+                out["pause"].append(pause)
+    return out
+
+
+def register(router: APIRouter) -> None:
+    @router.get("/portal/events", include_in_schema=False)
+    async def events(ctx: SignedIn) -> Response:
+        request = ctx.request
+        kind, subject = _filters(request)
+        async with ctx.api() as api:
+            try:
+                rows, error = await read_events(api, kind=kind, subject=subject, limit=100), None
+            except ApiError as exc:
+                rows, error = [], str(exc)
+        return ctx.page(
+            "events.html", "Events", "events", rows=rows[::-1], error=error, kind=kind, subject=subject,
+            kinds=list(EVENT_TYPES), short_type=short_type,
+        )  # fmt: skip
+
+    @router.get("/portal/events/stream", include_in_schema=False)
+    async def stream(ctx: SignedIn) -> Response:
+        request = ctx.request
+        kind, subject = _filters(request)
+        resume = request.headers.get("last-event-id", "")
+        since = int(resume) if resume.isdigit() else None
+
+        async def lines() -> AsyncIterator[str]:
+            last = since
+            deadline = time.monotonic() + _STREAM_S
+            async with ctx.api() as api:
+                while time.monotonic() < deadline and not await request.is_disconnected():
+                    try:
+                        batch = await read_events(api, kind=kind, subject=subject, limit=200)
+                    except ApiError:
+                        return  # the token no longer reads events: end; the page shows the state it has
+                    if last is None:  # the page already shows the latest: start after them
+                        last = max((int(e["id"]) for e in batch if str(e.get("id", "")).isdigit()), default=0)
+                    fresh = [e for e in batch if str(e.get("id", "")).isdigit() and int(e["id"]) > last]
+                    for event in fresh:
+                        last = int(event["id"])
+                        item = render_fragment("_event.html", e=event, short_type=short_type)
+                        data = "".join(f"data: {line}\n" for line in item.splitlines() if line.strip())
+                        yield f"id: {last}\nevent: message\n{data}\n"
+                    if not fresh:
+                        yield ": keep-alive\n\n"
+                    await asyncio.sleep(_POLL_S)
+
+        headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
+        return StreamingResponse(lines(), media_type="text/event-stream", headers=headers)
+
+    @router.get("/portal/charts", include_in_schema=False)
+    async def charts(ctx: SignedIn) -> Response:
+        async with ctx.api() as api:
+            try:
+                rows, error = await read_events(api, limit=1000), None
+            except ApiError as exc:
+                rows, error = [], str(exc)
+        data = series(rows)
+        charts = [
+            ("Downtime of recent live migrations", "downtime", "ms"),
+            ("Total time of recent live migrations", "total", "ms"),
+            ("Pauses of in-place fallbacks (memory-preserving updates)", "pause", "ms"),
+        ]
+        drawn = [
+            {"title": t, "svg": histogram_svg(data[key], title=t, unit=unit), "summary": summarise(data[key])}
+            for t, key, unit in charts
+        ]
+        return ctx.page("charts.html", "Charts", "charts", charts=drawn, error=error)

@@ -1,0 +1,150 @@
+"""control layer (portal): the Hosts pages — the fleet's hosts, a drain with its reason, its live progress.
+
+Capacity used is the placement's own count (the VMs recorded on each host, every subscription's), read
+after the API has let the user list the hosts: a host's load is a property of the host, not of anyone's
+VMs.  Everything a user changes (drain, cancel) goes through the API with the user's token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+from fastapi import APIRouter
+from fastapi.responses import RedirectResponse, Response
+from sqlalchemy.orm import Session
+
+from cvmotion.control.placement import Candidate
+from cvmotion.control.portal import drains
+from cvmotion.control.portal.apiclient import ApiClient, ApiError
+from cvmotion.control.portal.common import Ctx, Form, SignedIn, host_json, vm_path
+
+__all__ = ["register"]
+
+_HOSTS = "/providers/Cvmotion.Fabric/hosts"
+
+
+def _usage(ctx: Ctx) -> dict[str, Candidate]:
+    def run(session: Session) -> list[Candidate]:
+        return ctx.portal.ctl.inventory.candidates(session)
+
+    return {c.name: c for c in ctx.portal.ctl.transaction(run, write=False)}
+
+
+def _host_row(host: dict[str, Any], usage: dict[str, Candidate], draining: set[str]) -> dict[str, Any]:
+    props = host.get("properties", {})
+    used = usage.get(host["name"])
+    state = str(props.get("state", ""))
+    if host["name"] in draining and state != "Unavailable":
+        state = "Draining"
+    return {
+        "name": host["name"],
+        "pool": props.get("pool"),
+        "product": props.get("product"),
+        "tcb": props.get("reportedTcbText") or props.get("reportedTcb"),
+        "chip": props.get("chipId"),
+        "vcpus": props.get("capacity", {}).get("vcpus"),
+        "memory": props.get("capacity", {}).get("memoryGiB"),
+        "used_vcpus": used.used_vcpus if used else 0,
+        "used_memory": used.used_memory_gib if used else 0,
+        "vms": used.vm_count if used else 0,
+        "state": state,
+        "api_url": props.get("apiUrl"),
+    }
+
+
+async def _hosts(ctx: Ctx, api: ApiClient) -> list[dict[str, Any]]:
+    answer, active = await asyncio.gather(api.get(_HOSTS), drains.active_hosts(api))
+    usage = await asyncio.to_thread(_usage, ctx)
+    return [_host_row(h, usage, active) for h in answer.get("value", [])]
+
+
+async def _progress(ctx: Ctx, api: ApiClient, host: dict[str, Any]) -> dict[str, Any]:
+    """The host's drain (when the API has one) and, per VM on the host, its move in flight."""
+    drain = await drains.current(api, host["name"])
+    vms = await api.get(f"/subscriptions/{quote(ctx.sub, safe='')}/providers/Microsoft.Compute/virtualMachines")
+    mine = []
+    async with httpx.AsyncClient() as client:
+        for vm in vms.get("value", []):
+            view = vm["properties"]["instanceView"]
+            parts = str(vm["id"]).split("/")
+            ops = await api.get(vm_path(parts[2], parts[4], vm["name"]) + "/operations")
+            moves = [op for op in ops.get("value", []) if op.get("name") == "Migrate"]
+            latest = moves[0] if moves else None
+            touched = view.get("host") == host["name"] or (latest is not None and latest.get("host") == host["name"])
+            if not touched:
+                continue
+            live = None
+            if latest is not None and latest.get("migrationId") and latest.get("status") == "InProgress":
+                live = await host_json(client, host["api_url"], f"/v1/migrations/{latest['migrationId']}")
+            mine.append({"vm": vm, "rg": parts[4], "sub": parts[2], "move": latest, "live": live})
+    return {"drain": drain, "vms": mine}
+
+
+def register(router: APIRouter) -> None:  # noqa: C901 - one closure per route
+    async def listing(ctx: Ctx) -> dict[str, Any]:
+        async with ctx.api() as api:
+            try:
+                return {"rows": await _hosts(ctx, api), "error": None}
+            except ApiError as exc:
+                return {"rows": [], "error": str(exc)}
+
+    @router.get("/portal/hosts", include_in_schema=False)
+    async def hosts(ctx: SignedIn) -> Response:
+        return ctx.page("hosts.html", "Hosts", "hosts", **(await listing(ctx)))
+
+    @router.get("/portal/hosts/table", include_in_schema=False)
+    async def hosts_table(ctx: SignedIn) -> Response:
+        return ctx.fragment("_hosts_table.html", **(await listing(ctx)))
+
+    async def host_data(ctx: Ctx, name: str) -> dict[str, Any]:
+        async with ctx.api() as api:
+            rows = await _hosts(ctx, api)
+            host = next((r for r in rows if r["name"] == name), None)
+            if host is None:
+                raise ApiError(404, "ResourceNotFound", f"host {name!r} is not registered")
+            return {"host": host, **(await _progress(ctx, api, host))}
+
+    @router.get("/portal/hosts/{name}", include_in_schema=False)
+    async def host_page(ctx: SignedIn, name: str) -> Response:
+        return await page(ctx, name)
+
+    @router.get("/portal/hosts/{name}/live", include_in_schema=False)
+    async def host_live(ctx: SignedIn, name: str) -> Response:
+        try:
+            data = await host_data(ctx, name)
+        except ApiError as exc:
+            return ctx.fragment("_error.html", message=str(exc))
+        return ctx.fragment("_drain.html", **data)
+
+    async def page(ctx: Ctx, name: str, *, status: int = 200, **notes: str) -> Response:
+        try:
+            data = await host_data(ctx, name)
+        except ApiError as exc:
+            return ctx.page("error.html", "Host", "hosts", status=exc.status, message=str(exc))
+        notes = {"error": "", "reason_error": ""} | notes
+        return ctx.page("host.html", f"{name} — host", "hosts", status=status, **data, reasons=drains.REASONS, **notes)
+
+    @router.post("/portal/hosts/{name}/drain", include_in_schema=False)
+    async def drain(posted: Form, name: str) -> Response:
+        ctx, reason = posted.ctx, posted.form.get("reason", "")
+        if reason not in drains.REASONS:
+            return await page(ctx, name, status=422, reason_error="Choose the reason for the drain.")
+        async with ctx.api() as api:
+            try:
+                await drains.start(api, name, reason)
+            except ApiError as exc:
+                return await page(ctx, name, status=exc.status, error=str(exc))
+        return RedirectResponse(f"/portal/hosts/{quote(name, safe='')}?sub={ctx.sub}", status_code=303)
+
+    @router.post("/portal/hosts/{name}/cancel", include_in_schema=False)
+    async def cancel(posted: Form, name: str) -> Response:
+        ctx = posted.ctx
+        async with ctx.api() as api:
+            try:
+                await drains.cancel(api, name)
+            except ApiError as exc:
+                return await page(ctx, name, status=exc.status, error=str(exc))
+        return RedirectResponse(f"/portal/hosts/{quote(name, safe='')}?sub={ctx.sub}", status_code=303)

@@ -1,0 +1,182 @@
+"""The portal over HTTP (no browser): sign-in, the session cookie, CSRF, roles, bad input beside the field."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+from conftest import Site, csrf_of
+
+from cvmotion.control.auth import Role
+
+VM = "/subscriptions/default/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines/{name}"
+
+
+def _wait_running(site: Site, rg: str, name: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        vm = site.api("GET", VM.format(rg=rg, name=name)).json()
+        if vm["properties"]["provisioningState"] == "Succeeded":
+            return
+        site.ctl.wake_workers()
+        time.sleep(0.05)
+    raise AssertionError(f"{name} did not settle")
+
+
+def test_signin_cookie_and_redirects(site: Site) -> None:
+    anonymous = httpx.get(site.url + "/portal/vms", follow_redirects=False)
+    assert anonymous.status_code == 303
+    assert anonymous.headers["location"].startswith("/portal/signin?next=/portal/vms")
+    bad = httpx.post(site.url + "/portal/signin", data={"token": "cvm_not-a-token", "next": "/portal/vms"})
+    assert bad.status_code == 401
+    assert "not known to this controller" in bad.text
+    assert 'aria-invalid="true"' in bad.text
+    good = httpx.post(site.url + "/portal/signin", data={"token": site.owner, "next": "//evil.example/x"})
+    assert good.status_code == 303
+    assert good.headers["location"] == "/portal/vms"  # never an open redirect
+    cookie = good.headers["set-cookie"].lower()
+    assert "httponly" in cookie
+    assert "samesite=strict" in cookie
+    assert "path=/" in cookie
+    # A host's registration token is no user.
+    host = site.token(Role.HOST)
+    assert httpx.post(site.url + "/portal/signin", data={"token": host}).status_code == 401
+
+
+def test_portal_is_not_in_the_api_document(site: Site) -> None:
+    paths = httpx.get(site.url + "/openapi.json").json()["paths"]
+    assert not [p for p in paths if p.startswith("/portal") or p == "/"]
+
+
+def test_create_with_field_errors_then_policy_refusal(site: Site) -> None:
+    with site.signed_in(site.owner) as web:
+        blade = web.get("/portal/vms/new")
+        assert "Enable confidential live migration" in blade.text
+        csrf = csrf_of(blade.text)
+        bad = web.post(
+            "/portal/vms/review",
+            data={"csrf": csrf, "name": "-bad name", "resource_group": "", "size": "Standard_XL", "image": "kvstore"},
+        )
+        assert bad.status_code == 422
+        assert 'id="name-error"' in bad.text
+        assert "Use 1–40 letters" in bad.text
+        assert 'id="resource_group-error"' in bad.text
+        assert 'id="size-error"' in bad.text
+        # Without the CSRF token the form is refused and nothing is created.
+        forged = web.post(
+            "/portal/vms", data={"name": "x1", "resource_group": "rg", "size": "Standard_DC2as_v5", "image": "kvstore"}
+        )
+        assert forged.status_code == 403
+        assert site.api("GET", VM.format(rg="rg", name="x1")).status_code == 404
+
+        site.api(
+            "PUT",
+            "/subscriptions/default/resourceGroups/locked/providers/Microsoft.Authorization/policyAssignments/no-clm",
+            {"properties": {"policyDefinitionId": "deny-confidential-live-migration"}},
+        )
+        form = {
+            "csrf": csrf,
+            "name": "vm1",
+            "resource_group": "locked",
+            "size": "Standard_DC2as_v5",
+            "image": "kvstore",
+            "clm": "on",
+            "step": "create",
+        }
+        refused = web.post("/portal/vms", data=form)
+        assert refused.status_code == 403
+        assert "RequestDisallowedByPolicy" in refused.text
+        assert "no-clm" in refused.text
+        form |= {"resource_group": "open"}
+        made = web.post("/portal/vms", data=form)
+        assert made.status_code == 303, made.text
+        assert made.headers["location"] == "/portal/vms/default/open/vm1"
+        _wait_running(site, "open", "vm1")
+        page = web.get("/portal/vms/default/open/vm1")
+        assert page.status_code == 200
+        assert 'data-testid="vm-clm">Enabled<' in page.text
+
+
+def test_reader_sees_no_buttons_and_cannot_post(site: Site) -> None:
+    site.api(
+        "PUT",
+        VM.format(rg="rg1", name="web"),
+        {
+            "properties": {
+                "hardwareProfile": {"vmSize": "Standard_DC2as_v5"},
+                "storageProfile": {"imageReference": {"id": "kvstore"}},
+            }
+        },
+    )
+    _wait_running(site, "rg1", "web")
+    with site.signed_in(site.token(Role.READER)) as web:
+        listing = web.get("/portal/vms")
+        assert "web" in listing.text
+        assert "+ Create" not in listing.text
+        vm = web.get("/portal/vms/default/rg1/web")
+        assert "Live-migrate now" not in vm.text
+        assert "Delete" not in vm.text
+        assert "clm-toggle" not in vm.text
+        assert "/portal/hosts/h1/drain" not in web.get("/portal/hosts/h1").text
+        assert "Assign a policy" not in web.get("/portal/policy").text
+        # The forged request (with a valid CSRF token) is refused by the API itself.
+        csrf = csrf_of(web.get("/portal/vms/new").text)
+        forged = web.post(
+            "/portal/vms",
+            data={
+                "csrf": csrf,
+                "name": "r1",
+                "resource_group": "rg1",
+                "size": "Standard_DC2as_v5",
+                "image": "kvstore",
+                "step": "create",
+            },
+        )
+        assert forged.status_code == 403
+        assert "AuthorizationFailed" in forged.text
+        drained = web.post("/portal/hosts/h1/drain", data={"csrf": csrf, "reason": "SecurityUpdate"})
+        assert drained.status_code in (403, 501)
+        assert site.api("GET", VM.format(rg="rg1", name="r1")).status_code == 404
+
+
+def test_pages_render(site: Site) -> None:
+    with site.signed_in(site.owner) as web:
+        for path in (
+            "/portal/hosts",
+            "/portal/policy",
+            "/portal/events",
+            "/portal/charts",
+            "/portal/vms/table",
+            "/portal/hosts/table",
+            "/portal/hosts/h1",
+            "/portal/hosts/h1/live",
+        ):
+            page = web.get(path)
+            assert page.status_code == 200, (path, page.text[-500:])
+        assert web.get("/portal/static/htmx-2.0.11.min.js").status_code == 200
+        assert web.get("/portal/static/..%2Fsession.py").status_code == 404
+        policy = web.get("/portal/policy")
+        bad = web.post(
+            "/portal/policy/assignments",
+            data={
+                "csrf": csrf_of(policy.text),
+                "name": "p1",
+                "definition": "allowed-host-pools",
+                "pools": "",
+                "effect": "deny",
+            },
+        )
+        assert bad.status_code == 422
+        assert 'id="pools-error"' in bad.text
+        good = web.post(
+            "/portal/policy/assignments",
+            data={
+                "csrf": csrf_of(policy.text),
+                "name": "p1",
+                "definition": "allowed-host-pools",
+                "pools": "pool-a",
+                "effect": "deny",
+            },
+        )
+        assert good.status_code == 303
+        assert "pool-a" in web.get("/portal/policy").text
