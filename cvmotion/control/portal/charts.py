@@ -15,7 +15,7 @@ from markupsafe import Markup, escape
 __all__ = ["Summary", "histogram_svg", "summarise"]
 
 _W, _H = 480, 200
-_LEFT, _BOTTOM, _TOP = 40, 36, 12
+_LEFT, _RIGHT, _BOTTOM, _TOP = 40, 22, 36, 12
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,7 +64,7 @@ def histogram_svg(values: Sequence[float], *, title: str, unit: str, bins: int =
     for v in values:
         counts[min(len(counts) - 1, max(0, int(v // width)))] += 1
     peak = max(counts)
-    plot_w, plot_h = _W - _LEFT - 8, _H - _BOTTOM - _TOP
+    plot_w, plot_h = _W - _LEFT - _RIGHT, _H - _BOTTOM - _TOP
     bar_w = plot_w / len(counts)
     desc = (
         f"{summary.count} values; median {summary.p50:g} {unit}, p99 {summary.p99:g} {unit}, max {summary.max:g} {unit}"
@@ -73,7 +73,7 @@ def histogram_svg(values: Sequence[float], *, title: str, unit: str, bins: int =
         f'<svg class="chart" role="img" viewBox="0 0 {_W} {_H}" width="{_W}" height="{_H}"'
         f' aria-labelledby="t-{id(values)} d-{id(values)}" xmlns="http://www.w3.org/2000/svg">',
         f'<title id="t-{id(values)}">{escape(title)}</title><desc id="d-{id(values)}">{escape(desc)}</desc>',
-        f'<line x1="{_LEFT}" y1="{_TOP + plot_h}" x2="{_W - 8}" y2="{_TOP + plot_h}" class="axis"/>',
+        f'<line x1="{_LEFT}" y1="{_TOP + plot_h}" x2="{_W - _RIGHT}" y2="{_TOP + plot_h}" class="axis"/>',
         f'<line x1="{_LEFT}" y1="{_TOP}" x2="{_LEFT}" y2="{_TOP + plot_h}" class="axis"/>',
         f'<text x="{_LEFT - 4}" y="{_TOP + 8}" class="tick" text-anchor="end">{peak}</text>',
         f'<text x="{_LEFT - 4}" y="{_TOP + plot_h}" class="tick" text-anchor="end">0</text>',

@@ -8,6 +8,7 @@ import httpx
 from conftest import Site, csrf_of
 
 from cvmotion.control.auth import Role
+from cvmotion.control.portal.charts import histogram_svg
 
 VM = "/subscriptions/default/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines/{name}"
 
@@ -180,3 +181,12 @@ def test_pages_render(site: Site) -> None:
         )
         assert good.status_code == 303
         assert "pool-a" in web.get("/portal/policy").text
+
+
+def test_histogram_svg_says_its_numbers() -> None:
+    svg = str(histogram_svg([21.0, 25.0, 300.0], title="Downtime <live>", unit="ms"))
+    assert svg.startswith("<svg")
+    assert 'role="img"' in svg
+    assert "Downtime &lt;live&gt;" in svg  # escaped, never markup
+    assert "3 values; median 25 ms, p99 300 ms, max 300 ms" in svg
+    assert "No data yet" in str(histogram_svg([], title="Pauses", unit="ms"))
