@@ -1,0 +1,1 @@
+"""sim layer: a fleet simulation — the real controller against simulated hosts (``cvmotion simulate``)."""

@@ -1,0 +1,222 @@
+"""sim layer: the maintenance wave — every host, fault domain by fault domain.
+
+Driven through the controller's per-VM migrate API (``POST …/virtualMachines/{name}/migrate``): the
+controller has no drain API yet, so this driver plays the operator's part of a drain.  Per host, with at
+most ``per_host`` moves in flight (KubeVirt's ``parallelOutboundMigrationsPerNode``, 2) and every host of a
+fault domain at once, it asks the controller to live-migrate each VM the host runs — the controller
+decides: a VM that has not opted in or whose policy denies it is refused (409/403), one it accepts is moved
+to a host its placement and policy choose — for a few rounds (VMs placed onto the host meanwhile are moved
+too), then updates the host in place (``POST /v1/host/maintenance`` on the host, the operator's call), which
+pauses every VM still there.  There is no redeploy on this path (the controller has none to drive).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+
+from cvmotion.ipc.http_client import default_ssl_context
+from cvmotion.sim.hosts import SimFleet, SimHost
+from cvmotion.sim.populate import ControllerApi
+from cvmotion.sim.scenario import SUBSCRIPTION, Scenario, VmPlan
+from cvmotion.sim.watch import OperationWatch
+
+__all__ = ["HostResult", "VmStep", "WaveOptions", "WaveResult", "run_wave"]
+
+COMPLETION_S_PER_GIB = 150.0  # KubeVirt's completionTimeoutPerGiB (virtual seconds)
+CONTROLLER_SLACK_S = 120.0  # wall seconds a move may wait on the controller beyond that
+_MAINTENANCE_POLL_S = 0.2
+
+
+@dataclass(frozen=True, slots=True)
+class WaveOptions:
+    per_host: int = 2
+    rounds: int = 3
+    failures: int = 0
+    failure_wall_s: tuple[float, float] = (20.0, 60.0)
+    host_timeout_s: float = 900.0
+    seed: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class VmStep:
+    vm: str
+    host: str
+    method: str  # LiveMigration | None (refused or failed: the in-place update covers it)
+    outcome: str  # Succeeded | Failed | Blocked
+    reason: str = ""
+    target: str = ""
+
+
+@dataclass
+class HostResult:
+    host: str
+    domain: str
+    started: float
+    ended: float = 0.0
+    status: str = "Succeeded"
+    steps: list[VmStep] = field(default_factory=list)
+    inplace: int = 0
+    error: str = ""
+
+
+@dataclass
+class WaveResult:
+    mode: str
+    started: float
+    ended: float
+    virtual_started: float
+    virtual_ended: float
+    domains: list[tuple[str, float, float]]
+    hosts: list[HostResult]
+    failed_hosts: list[str]
+
+
+class _Driver:
+    def __init__(
+        self, api: ControllerApi, watch: OperationWatch, fleet: SimFleet, scenario: Scenario, options: WaveOptions
+    ) -> None:
+        self.api, self.watch, self.fleet, self.scenario, self.options = api, watch, fleet, scenario, options
+        self.plans = scenario.by_host_name
+        self._local = threading.local()
+        self._clients: list[httpx.Client] = []
+        self._lock = threading.Lock()
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = self._clients, []
+        for client in clients:
+            client.close()
+
+    def _hosts_client(self) -> httpx.Client:
+        client: httpx.Client | None = getattr(self._local, "client", None)
+        if client is None:
+            client = httpx.Client(base_url=self.fleet.api_prefix, timeout=30, verify=default_ssl_context())
+            self._local.client = client
+            with self._lock:
+                self._clients.append(client)
+        return client
+
+    def _on_host(self, host: SimHost) -> list[VmPlan]:
+        with self.fleet.lock:
+            names = [name for name, vm in host.vms.items() if vm.state == "running"]
+        return [self.plans[n] for n in names if n in self.plans]
+
+    def drain(self, host: SimHost, t0: float) -> HostResult:
+        result = HostResult(host.name, host.zone, time.monotonic() - t0)
+        refused: set[str] = set()
+        try:
+            for _ in range(self.options.rounds):
+                todo = [vm for vm in self._on_host(host) if vm.name not in refused]
+                if not todo:
+                    break
+                with ThreadPoolExecutor(self.options.per_host, thread_name_prefix=f"move-{host.name}") as pool:
+                    steps = list(pool.map(lambda vm: self._move(host, vm), todo))
+                result.steps += steps
+                refused |= {s.vm for s in steps if s.outcome != "Succeeded"}
+            result.inplace = self._update_in_place(host)
+        except Exception as exc:  # one host's trouble is its row in the report, not the wave's end
+            result.status, result.error = "Failed", f"{type(exc).__name__}: {exc}"[:300]
+        if result.status != "Failed" and any(s.outcome == "Failed" for s in result.steps):
+            result.status = "PartiallySucceeded"
+        result.ended = time.monotonic() - t0
+        return result
+
+    def _move(self, host: SimHost, vm: VmPlan) -> VmStep:
+        group = f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{vm.group.name}"
+        path = f"{group}/providers/Microsoft.Compute/virtualMachines/{vm.name}/migrate"
+        response = self.api.call("POST", path)
+        if response.status_code in (403, 409):
+            message = str(_error(response))
+            return VmStep(vm.name, host.name, "None", "Blocked", message[:300])
+        if response.status_code != 202:
+            return VmStep(vm.name, host.name, "None", "Failed", f"HTTP {response.status_code}: {response.text[:200]}")
+        body = response.json()
+        location = response.headers["Azure-AsyncOperation"].split("://", 1)[-1].split("/", 1)[-1]
+        memory = self.fleet.hosts[host.name].vms.get(vm.host_name)
+        gib = memory.memory_gib if memory else 8.0
+        timeout = COMPLETION_S_PER_GIB * gib / self.fleet.clock.speed + CONTROLLER_SLACK_S
+        status, view = self.watch.wait(str(body["operation"]), "/" + location, timeout)
+        error = view.get("error")
+        reason = str(error.get("message", "")) if isinstance(error, dict) else ""
+        outcome = "Succeeded" if status == "Succeeded" else "Failed"
+        method = "LiveMigration" if outcome == "Succeeded" else "None"
+        return VmStep(vm.name, host.name, method, outcome, reason[:300] or status, str(body.get("targetHost", "")))
+
+    def _update_in_place(self, host: SimHost) -> int:
+        """The in-place update through the host API; retried (bounded) while the host does not answer."""
+        client = self._hosts_client()
+        mid = f"wave-{host.name}"
+        deadline = time.monotonic() + self.options.host_timeout_s
+        delay = 0.5
+        while True:
+            try:
+                response = client.post(
+                    f"/h/{host.name}/v1/host/maintenance", json={"id": mid, "kind": "MemoryPreservingUpdate"}
+                )
+                if response.status_code >= 300:
+                    raise RuntimeError(f"maintenance refused: HTTP {response.status_code} {response.text[:200]}")
+                while True:
+                    record: dict[str, Any] = client.get(f"/h/{host.name}/v1/host/maintenance/{mid}").json()
+                    if record["status"] != "InProgress":
+                        return sum(v["outcome"] == "Succeeded" for v in record["vms"])
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(f"maintenance of {host.name} still InProgress")
+                    time.sleep(_MAINTENANCE_POLL_S)
+            except httpx.HTTPError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(delay)  # the host is down: wait for it to come back
+                delay = min(delay * 2, 5.0)
+
+
+def _error(response: httpx.Response) -> str:
+    try:
+        return str(response.json()["error"]["message"])
+    except (ValueError, KeyError, TypeError):
+        return response.text[:300]
+
+
+def _schedule_failures(
+    fleet: SimFleet, options: WaveOptions, rng: random.Random, domain: list[SimHost], count: int
+) -> list[str]:
+    """``count`` hosts of the domain about to be drained go down within its first seconds, then come back."""
+    names = []
+    speed = fleet.clock.speed
+    for host in rng.sample(domain, min(count, len(domain))):
+        at = fleet.clock.now() + rng.uniform(0.0, 5.0) * speed
+        fleet.fail_host(host, at, rng.uniform(*options.failure_wall_s) * speed)
+        names.append(host.name)
+    return names
+
+
+def run_wave(api: ControllerApi, fleet: SimFleet, scenario: Scenario, options: WaveOptions) -> WaveResult:
+    rng = random.Random(options.seed)
+    watch = OperationWatch(api).start()
+    driver = _Driver(api, watch, fleet, scenario, options)
+    t0 = time.monotonic()
+    v0 = fleet.clock.now()
+    domains: list[tuple[str, float, float]] = []
+    results: list[HostResult] = []
+    failed: list[str] = []
+    per_domain = [options.failures // len(scenario.fault_domains)] * len(scenario.fault_domains)
+    for i in range(options.failures % len(scenario.fault_domains)):
+        per_domain[i] += 1
+    try:
+        for fd, failures in zip(scenario.fault_domains, per_domain, strict=True):
+            hosts = [h for h in fleet.hosts.values() if h.zone == fd]
+            start = time.monotonic() - t0
+            failed += _schedule_failures(fleet, options, rng, hosts, failures)
+            with ThreadPoolExecutor(max(1, len(hosts)), thread_name_prefix=f"drain-{fd}") as pool:
+                results += list(pool.map(lambda h: driver.drain(h, t0), hosts))
+            domains.append((fd, start, time.monotonic() - t0))
+    finally:
+        watch.close()
+        driver.close()
+    return WaveResult("migrate-api", 0.0, time.monotonic() - t0, v0, fleet.clock.now(), domains, results, failed)
