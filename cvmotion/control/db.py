@@ -106,6 +106,9 @@ class Vm(Base):
     # Cordoned (a drain or an operator): never a placement target, whatever its state, until uncordoned.
     cordoned: Mapped[bool] = mapped_column(default=False)
     cordon_reason: Mapped[str] = mapped_column(String(256), default="")
+    # Cordoned (a drain or an operator): never a placement target, whatever its state, until uncordoned.
+    cordoned: Mapped[bool] = mapped_column(default=False)
+    cordon_reason: Mapped[str] = mapped_column(String(256), default="")
     id: Mapped[str] = mapped_column(String(300), primary_key=True)  # lower-cased resource id
     subscription: Mapped[str] = mapped_column(String(64), index=True)
     resource_group: Mapped[str] = mapped_column(ForeignKey("resource_groups.id"))
