@@ -27,7 +27,7 @@ EXIT_POLICY = 5
 # handlers, so `cvmotion --help` does not pay for unicorn, uvicorn or cryptography.
 _GROUPS = (
     "attest", "platform", "vm", "host", "migrate", "attestation", "demo", "kds", "pool",
-    "controller", "policy", "deployment",
+    "controller", "policy", "deployment", "simulate",
 )  # fmt: skip
 
 Handler = Callable[[argparse.Namespace], int]
