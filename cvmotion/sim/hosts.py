@@ -55,6 +55,7 @@ class SimVm:
     host: str
     state: str = "running"  # running | paused | migrating
     attestations: int = 1
+    attested_at: float = 0.0  # virtual second of the latest attestation
     events: dict[str, Any] | None = None  # the Scheduled Events document the controller PUT
     start_requests: list[dict[str, str]] = field(default_factory=list)
 
@@ -201,6 +202,7 @@ class SimFleet:
             raise SimError(409, "Conflict", f"VM {name} exists on {host.name}")
         sku = find_sku(str(body.get("size", "Standard_DC2as_v5")))
         vm = SimVm(name, sku.name, sku.vcpus, sku.memory_gib, self.workload_for(name, sku.memory_gib), host.name)
+        vm.attested_at = self.clock.now()
         host.vms[name] = vm
         self.ledger.start(self.clock.now(), name, host.name, Method.CREATE)
         return vm.view(host.chip_id)
@@ -221,7 +223,16 @@ class SimFleet:
 
     def attestation(self, host: SimHost, name: str) -> dict[str, Any]:
         vm = self.get_vm(host, name)
-        return {"vm": name, "chip_id": host.chip_id, "reported_tcb": TCB, "token_id": f"{name}.{vm.attestations}"}
+        # The VM process's AttestationInfo shape (vmd.protocol), without a signed token behind it.
+        return {
+            "token": "",
+            "jti": f"{name}.{vm.attestations}",
+            "chip_id": host.chip_id,
+            "tcb": "bl=4 tee=0 snp=27 ucode=0",
+            "platform": "simulated",
+            "issued_at": self.epoch + vm.attested_at,
+            "reason": "launch" if vm.attestations == 1 else "after-move",
+        }
 
     # -- live migration --------------------------------------------------------------------------
 
@@ -265,7 +276,7 @@ class SimFleet:
         src, dest = self.hosts[mig.source], self.hosts[mig.dest]
         vm = src.vms.pop(mig.vm)
         self.ledger.stop(at, mig.vm, src.name)
-        vm.host, vm.state, vm.attestations = dest.name, "running", vm.attestations + 1
+        vm.host, vm.state, vm.attestations, vm.attested_at = dest.name, "running", vm.attestations + 1, at
         dest.vms[vm.name] = vm
         self.ledger.start(at, vm.name, dest.name, Method.LIVE)
         mig.status = "completed"
@@ -325,6 +336,7 @@ class SimFleet:
     def _resume(self, host: SimHost, record: SimMaintenance, vm: SimVm, pause_ms: float, at: float) -> None:
         vm.state = "running"
         vm.attestations += 1  # the platform process restarted: the VM re-attests after resume
+        vm.attested_at = at
         self.ledger.resume(at, vm.name, host.name, Method.INPLACE)
         record.vms.append(self._maint_vm(vm.name, pause_ms, "Succeeded", ""))
 

@@ -96,6 +96,8 @@ class Ledger:
         """An instance of ``vm`` runs on ``host`` from ``at`` (created, or arrived by ``method``)."""
         with self._lock:
             rec = self._vm(vm)
+            if method is Method.CREATE and rec.started:
+                method = Method.REDEPLOY  # a fresh start of a VM that ran before: it was redeployed
             others = sorted(h for h in rec.hosts if h != host)
             if others:
                 self._flag(at, vm, host, "two-copies", f"already on {', '.join(others)}")

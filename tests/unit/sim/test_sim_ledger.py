@@ -79,3 +79,13 @@ def test_an_in_place_pause_is_a_blackout_of_that_method() -> None:
     ledger.pause(2.0, "vm", "a")
     ledger.resume(2.4, "vm", "a", Method.INPLACE)
     assert [(round(b.ms), b.method) for b in ledger.blackouts] == [(400, Method.INPLACE)]
+
+
+def test_a_fresh_start_of_a_vm_that_ran_before_is_a_redeploy_with_its_gap() -> None:
+    ledger = _ledger()
+    ledger.intend("vm", Intent(opted_in=False))
+    ledger.start(0.0, "vm", "a", Method.CREATE)
+    ledger.stop(3.0, "vm", "a")
+    ledger.start(5.5, "vm", "b", Method.CREATE)
+    assert [(round(b.ms), b.method) for b in ledger.blackouts] == [(2500, Method.REDEPLOY)]
+    assert ledger.verdict().two_copies == 0
