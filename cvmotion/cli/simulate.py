@@ -41,6 +41,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         action="store_true",
         help="let the controller build a TLS context for every host call, as it does today (slow: see docs)",
     )
+    sim.add_argument(
+        "--data-dir", type=Path, help="keep the controller's database and logs here (default: a temporary directory)"
+    )
     sim.add_argument("--json", action="store_true", help="print one JSON object instead of the table")
     sim.add_argument("--plot", type=Path, metavar="FILE.png", help="write the plot (PNG) here")
     sim.set_defaults(handler=_simulate)
@@ -65,6 +68,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--failures {args.failures}: at most half the hosts ({args.hosts // 2})")
     if args.db is not None:
         database_url(args.db, Path("."))  # a clear error for a URL it cannot use, before anything starts
+    if args.data_dir is not None and args.data_dir.exists() and any(args.data_dir.iterdir()):
+        raise UsageError(f"--data-dir {args.data_dir}: give a new or empty directory")
     if args.plot is not None:
         if args.plot.suffix.lower() != ".png":
             raise UsageError(f"--plot {args.plot}: the plot is a PNG; name it FILE.png")
@@ -87,6 +92,7 @@ def _simulate(args: argparse.Namespace) -> int:
         per_host=args.per_host,
         failures=args.failures,
         shared_tls=not args.per_call_tls,
+        data_dir=args.data_dir,
     )
     quiet = args.json
     outcome = simulate(config, progress=None if quiet else lambda text: print(f"simulate: {text}", file=sys.stderr))

@@ -26,6 +26,7 @@ __all__ = ["ControllerApi", "Populated", "populate"]
 
 _SETTLE_TIMEOUT_S = 1800.0
 _STALL_S = 30.0
+_DEPLOY_TRIES = 5
 
 
 class ControllerApi:
@@ -121,19 +122,16 @@ def populate(
     by_group: dict[str, list[VmPlan]] = {}
     for vm in scenario.vms:
         by_group.setdefault(vm.group.name, []).append(vm)
-    jobs = [(g, n, chunk) for g, vms in by_group.items() for n, chunk in enumerate(_chunks(vms, batch))]
-
-    def deploy(job: tuple[str, int, list[VmPlan]]) -> dict[str, str]:
-        group, n, chunk = job
-        path = f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{group}/providers/Microsoft.Resources/deployments/d{n}"
-        body = {"properties": {"template": {"resources": [_resource(vm) for vm in chunk]}}}
-        answer = api.ok("PUT", path, body)
-        return {vm: str(url) for vm, url in answer["properties"]["operations"].items() if url}
-
+    # Each group's first VM alone, then the rest in batches: the controller remembers a resource group it saw
+    # inside a transaction that may still roll back (VmService._ensure_rg), so a group's first deployment is
+    # kept small enough never to fail, and only then do its batches run (two at a time).
+    firsts = [(g, 0, vms[:1]) for g, vms in by_group.items()]
+    rest = [(g, n + 1, chunk) for g, vms in by_group.items() for n, chunk in enumerate(_chunks(vms[1:], batch))]
     operations: dict[str, str] = {}
     with ThreadPoolExecutor(parallel, thread_name_prefix="sim-deploy") as pool:
-        for made in pool.map(deploy, jobs):
-            operations.update(made)
+        for jobs in (firsts, rest):
+            for made in pool.map(lambda job: _deploy(api, *job), jobs):
+                operations.update(made)
     # The hosts see every create first: no controller reads until they have, or until none came for a while.
     seen, last_change = -1, time.monotonic()
     while ledger.started() < len(operations) and time.monotonic() - last_change < _STALL_S:
@@ -142,6 +140,25 @@ def populate(
         time.sleep(0.5)
     failed = _settle(api, operations)
     return Populated(len(operations) - len(failed), failed, time.monotonic() - t0)
+
+
+def _deploy(api: ControllerApi, group: str, n: int, chunk: list[VmPlan]) -> dict[str, str]:
+    """One ARM deployment; retried (bounded, with backoff) while the controller answers 503."""
+    path = f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{group}/providers/Microsoft.Resources/deployments/d{n}"
+    body = {"properties": {"template": {"resources": [_resource(vm) for vm in chunk]}}}
+    delay = 0.5
+    for _ in range(_DEPLOY_TRIES - 1):
+        response = api.call("PUT", path, body)
+        if response.status_code != 503:
+            break
+        time.sleep(delay)  # DatabaseUnavailable: the controller asks for a retry
+        delay *= 2
+    else:
+        response = api.call("PUT", path, body)
+    if response.status_code >= 300:
+        raise CvmError(f"deployment {group}/d{n}: HTTP {response.status_code} {response.text[:400]}")
+    answer = response.json()
+    return {vm: str(url) for vm, url in answer["properties"]["operations"].items() if url}
 
 
 def _settle(api: ControllerApi, operations: dict[str, str]) -> list[str]:
