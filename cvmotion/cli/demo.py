@@ -11,8 +11,13 @@ secure processor signed a fresh report, the token was renewed (new chip id), the
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
+import selectors
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -35,6 +40,7 @@ KEY_NAME = "kvdemo-data-key"
 # clients x KEYS_PER_CLIENT keys however fast the clients run, and a read-back checks the latest value
 # (an older one would be a rollback).
 KEYS_PER_CLIENT = 256
+PORTAL_LISTEN = "127.0.0.1:8791"  # the controller (and its web portal) of ``demo --serve``
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -53,6 +59,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     demo.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS")
     demo.add_argument("--streams", type=int, default=2)
     demo.add_argument("--seed", type=int, default=1)
+    demo.add_argument(
+        "--serve",
+        action="store_true",
+        help="run the hosts under a fleet controller and keep everything running afterwards: browse the portal",
+    )
+    demo.add_argument("--portal-listen", default=PORTAL_LISTEN, metavar="ADDR", help=f"default {PORTAL_LISTEN}")
     demo.set_defaults(handler=_demo)
 
 
@@ -259,14 +271,18 @@ def _run(args: argparse.Namespace, root: Path) -> int:
 
     quiet = args.json
     t_start = time.monotonic()
-    with LocalFabric(root) as fabric:
+    with LocalFabric(root) as fabric, contextlib.ExitStack() as stack:
+        portal = (
+            stack.enter_context(_Portal(root / "controller", args.portal_listen, fabric.env)) if args.serve else None
+        )
         _say(quiet, "cvmotion demo — the secure processor, KDS and chips are EMULATED (formats byte-exact AMD);")
         _say(quiet, "the VMs, TCP/TLS, X.509, signatures, AES-GCM and JWTs are real.\n")
         _say(quiet, "starting: emulated KDS, attestation service, key-release service ...")
         fabric.start_services(key_name=KEY_NAME)
         _say(quiet, "starting: host-a and host-b (host daemon + platform process each) ...")
-        a = fabric.start_host("host-a")
-        b = fabric.start_host("host-b")
+        extra = portal.host_args() if portal is not None else []
+        a = fabric.start_host("host-a", extra=extra)
+        b = fabric.start_host("host-b", extra=extra)
         for h in (a, b):
             chip = f"{h.info['product']} {str(h.info['chip_id'])[:16]}..."
             _say(quiet, f"  {h.name}: {h.url}  chip {chip}  TCB {h.info['reported_tcb']}")
@@ -357,12 +373,112 @@ def _run(args: argparse.Namespace, root: Path) -> int:
             "error": info.get("error-desc"),
             "wall_seconds": round(time.monotonic() - t_start, 1),
         }
+        ok = summary["status"] == "completed" and lost == 0 and load.failed == 0 and load.wrong_reads == 0
+        if portal is not None:
+            _report(args, summary)
+            portal.seed_vm(quiet)
+            portal.keep_running()
+            return 0 if ok else 3
+    _report(args, summary)
+    _say(
+        quiet,
+        f"\nportal: 'cvmotion demo --serve' keeps this fabric running under a controller; browse http://{args.portal_listen}/",
+    )
+    return 0 if ok else 3
+
+
+def _report(args: argparse.Namespace, summary: dict[str, Any]) -> None:
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary, indent=2), flush=True)
     else:
         _print_summary(summary)
-    ok = summary["status"] == "completed" and lost == 0 and load.failed == 0 and load.wrong_reads == 0
-    return 0 if ok else 3
+
+
+class _Portal:
+    """``demo --serve``: a fleet controller (serving the web portal) the demo's hosts register with."""
+
+    def __init__(self, data_dir: Path, listen: str, env: dict[str, str]) -> None:
+        self.data_dir, self.listen, self.env = data_dir, listen, env
+        self.url = f"http://{listen}"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> _Portal:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "cvmotion", "controller", "serve", "--listen", self.listen]
+        with (self.data_dir / "serve.log").open("wb") as log:
+            # Its own session, like the fabric's processes: Ctrl-C reaches the demo, which stops it in order.
+            self.proc = subprocess.Popen(
+                [*cmd, "--data-dir", str(self.data_dir)],
+                stdout=subprocess.PIPE, stderr=log, env=self.env, start_new_session=True,
+            )  # fmt: skip
+        assert self.proc.stdout is not None
+        with selectors.DefaultSelector() as sel:
+            sel.register(self.proc.stdout, selectors.EVENT_READ)
+            line = self.proc.stdout.readline().decode(errors="replace") if sel.select(60) else ""
+        if not line.startswith("cvmotion controller: "):
+            self.__exit__()
+            raise UsageError(f"the controller did not start on {self.listen} (see {self.data_dir / 'serve.log'})")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(10)
+
+    @property
+    def owner(self) -> str:
+        return (self.data_dir / "owner.token").read_text().strip()
+
+    def host_args(self) -> list[str]:
+        made = subprocess.run(
+            [sys.executable, "-m", "cvmotion", "controller", "token", "create", "--data-dir", str(self.data_dir),
+             "--role", "Host", "--json"],
+            env=self.env, capture_output=True, text=True, timeout=120, check=True,
+        )  # fmt: skip
+        return ["--controller", self.url, "--controller-token", json.loads(made.stdout)["token"]]
+
+    def seed_vm(self, quiet: bool) -> None:
+        """A VM created and moved through the controller, so the portal has one to show."""
+        path = "/subscriptions/default/resourceGroups/demo/providers/Microsoft.Compute/virtualMachines/portal-demo"
+        head = {"Authorization": f"Bearer {self.owner}"}
+        props = {
+            "hardwareProfile": {"vmSize": "Standard_DC2as_v5"},
+            "storageProfile": {"imageReference": {"id": "kvstore"}},
+            "securityProfile": {"confidentialLiveMigration": "Enabled"},
+        }
+        _say(quiet, "creating VM 'portal-demo' through the controller and moving it once ...")
+        try:
+            for method, suffix, body in (("PUT", "", {"properties": props}), ("POST", "/migrate", {})):
+                answer = httpx.request(method, self.url + path + suffix, json=body, headers=head, timeout=60)
+                answer.raise_for_status()
+                operation = answer.headers["Azure-AsyncOperation"]
+                _wait(f"{method} {suffix or 'create'}", lambda o=operation: _settled(o, head), 300)
+        except (httpx.HTTPError, UsageError) as exc:
+            _say(quiet, f"  (not done: {exc}; the portal still shows the hosts and events)")
+
+    def keep_running(self) -> None:
+        print(f"\nportal: {self.url}/  (sign in with the Owner token: {self.owner})", flush=True)
+        print("the fabric keeps running; Ctrl-C stops it", flush=True)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        try:
+            while self.proc is not None and self.proc.poll() is None:
+                time.sleep(1.0)
+        except KeyboardInterrupt:
+            pass
+        # Stopping takes a few seconds: a second Ctrl-C must not leave half the fabric running.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        print("stopping the fabric ...", flush=True)
+
+
+def _settled(operation: str, head: dict[str, str]) -> bool:
+    status = str(httpx.get(operation, headers=head, timeout=30).json().get("status"))
+    if status == "Failed":
+        raise UsageError(f"operation {operation} failed")
+    return status == "Succeeded"
 
 
 def _check_writes(hosts: list[str], acked: dict[str, str]) -> int:
