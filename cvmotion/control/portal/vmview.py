@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import json
 from typing import Any
 
@@ -57,16 +58,51 @@ async def attestation_of(client: httpx.AsyncClient, vm: dict[str, Any], hosts: d
 
 
 def _pma_index(events: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """postMigrationAttestation events by migration id (and by destination host as a fallback key)."""
+    """postMigrationAttestation events by the operation of the move they follow (same transaction, in order)."""
     out: dict[str, dict[str, Any]] = {}
+    last_op = ""
     for event in events:
-        if not str(event.get("type", "")).endswith("postMigrationAttestation"):
+        etype, data = str(event.get("type", "")), event.get("data") or {}
+        if etype == "cvmotion.migration.completed":
+            last_op = str(data.get("operation") or "")
+        elif etype.endswith("postMigrationAttestation"):
+            key = str(data.get("operation") or data.get("migrationId") or last_op or f"event-{event.get('id')}")
+            out[key] = data
+            last_op = ""
+    return out
+
+
+def _in_place(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Memory-preserving updates (the ladder's in-place fallback): the VM paused on its host, not moved."""
+    out = []
+    for i, event in enumerate(events):
+        if event.get("type") != "cvmotion.maintenance.fallback":
             continue
         data = event.get("data") or {}
-        for key in ("migrationId", "migration", "operation"):
-            if data.get(key):
-                out[str(data[key])] = data
+        nxt = events[i + 1] if i + 1 < len(events) else {}
+        attest = (nxt.get("data") or {}) if str(nxt.get("type", "")).endswith("postMigrationAttestation") else {}
+        out.append(
+            {
+                "at": event.get("time"), "from": data.get("from"), "to": data.get("from"),
+                "method": data.get("method") or "MemoryPreservingUpdate", "status": "Succeeded",
+                "step": "", "error": None, "total_ms": None, "downtime_ms": data.get("pauseMs"), "bytes": None,
+                "round": None, "remaining": None, "mbps": None, "live_status": None,
+                **_tokens(attest, {}, {}),
+            }
+        )  # fmt: skip
     return out
+
+
+def _tokens(attest: dict[str, Any], source: dict[str, Any], dest: dict[str, Any]) -> dict[str, Any]:
+    """The token (id, chip, TCB) before and after a move; without the event, the hosts' chips."""
+    return {
+        "token_before": _first(attest, "old.tokenId", "oldTokenId"),
+        "token_after": _first(attest, "new.tokenId", "newTokenId"),
+        "chip_before": _first(attest, "old.chipId", "oldChipId") or source.get("properties", {}).get("chipId"),
+        "chip_after": _first(attest, "new.chipId", "newChipId") or dest.get("properties", {}).get("chipId"),
+        "tcb_before": _first(attest, "old.tcb", "oldTcb"),
+        "tcb_after": _first(attest, "new.tcb", "newTcb"),
+    }
 
 
 def _first(data: dict[str, Any], *keys: str) -> Any:
@@ -99,7 +135,7 @@ async def moves_of(
             stats = await host_json(client, source["properties"]["apiUrl"], f"/v1/migrations/{mig_id}")
         stats = stats or {}
         recorded = migrated.get(str(mig_id), {})
-        attest = pma.get(str(mig_id)) or pma.get(str(op.get("id"))) or {}
+        attest = pma.get(str(op.get("id"))) or pma.get(str(mig_id)) or {}
         dest = hosts.get(op.get("targetHost") or "")
         ram = stats.get("ram") or {}
         return {
@@ -117,14 +153,18 @@ async def moves_of(
             "remaining": ram.get("remaining"),
             "mbps": ram.get("mbps"),
             "live_status": stats.get("status"),
-            "token_before": _first(attest, "old.tokenId", "oldTokenId", "old.jti", "before.jti"),
-            "token_after": _first(attest, "new.tokenId", "newTokenId", "new.jti", "after.jti"),
-            "chip_before": _first(attest, "old.chipId", "oldChipId", "before.chipId")
-            or (source or {}).get("properties", {}).get("chipId"),
-            "chip_after": _first(attest, "new.chipId", "newChipId", "after.chipId")
-            or (dest or {}).get("properties", {}).get("chipId"),
-            "tcb_before": _first(attest, "old.tcb", "oldTcb", "before.tcb"),
-            "tcb_after": _first(attest, "new.tcb", "newTcb", "after.tcb"),
+            **_tokens(attest, source or {}, dest or {}),
         }
 
-    return list(await asyncio.gather(*(one(op) for op in migrations)))
+    moves = list(await asyncio.gather(*(one(op) for op in migrations))) + _in_place(events)
+    # Newest first; operation times are epoch seconds, event times RFC 3339: compare as epoch seconds.
+    return sorted(moves, key=lambda m: _epoch(m["at"]), reverse=True)
+
+
+def _epoch(value: Any) -> float:
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return dt.datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+from typing import Any
 
 import httpx
 from conftest import Site, csrf_of
 
 from cvmotion.control.auth import Role
 from cvmotion.control.portal.charts import histogram_svg
+from cvmotion.control.portal.vmview import moves_of
 
 VM = "/subscriptions/default/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines/{name}"
 
@@ -190,3 +193,27 @@ def test_histogram_svg_says_its_numbers() -> None:
     assert "Downtime &lt;live&gt;" in svg  # escaped, never markup
     assert "3 values; median 25 ms, p99 300 ms, max 300 ms" in svg
     assert "No data yet" in str(histogram_svg([], title="Pauses", unit="ms"))
+
+
+def test_moves_pair_tokens_with_their_move() -> None:
+    old = {"tokenId": "t-old", "chipId": "aa" * 32, "tcb": "bl=1", "platform": "emulated"}
+    new = {"tokenId": "t-new", "chipId": "bb" * 32, "tcb": "bl=2", "platform": "emulated"}
+    events = [
+        {"id": "1", "type": "cvmotion.migration.completed", "time": "2026-12-04T18:00:00.000Z",
+         "data": {"operation": "op-1", "downtimeMs": 20}},
+        {"id": "2", "type": "cvmotion.vm.postMigrationAttestation", "data": {"vm": "v", "old": old, "new": new}},
+        {"id": "3", "type": "cvmotion.maintenance.fallback", "time": "2026-12-04T18:05:00.000Z",
+         "data": {"vm": "v", "from": "hb", "method": "MemoryPreservingUpdate", "pauseMs": 310}},
+        {"id": "4", "type": "cvmotion.vm.postMigrationAttestation", "data": {"vm": "v", "old": new, "new": old}},
+    ]  # fmt: skip
+    ops = [{"id": "op-1", "name": "Migrate", "host": "ha", "targetHost": "hb", "status": "Succeeded",
+            "createdAt": 1796407100.0}]  # fmt: skip
+
+    async def run() -> list[dict[str, Any]]:
+        async with httpx.AsyncClient() as client:
+            return await moves_of(client, ops, {}, events)
+
+    moves = asyncio.run(run())
+    assert [m["method"] for m in moves] == ["MemoryPreservingUpdate", "LiveMigration"]
+    assert (moves[1]["token_before"], moves[1]["token_after"]) == ("t-old", "t-new")
+    assert (moves[0]["token_before"], moves[0]["downtime_ms"]) == ("t-new", 310)
