@@ -100,7 +100,15 @@ def page(fleet: Fleet) -> Iterator[Page]:
             context.close()
 
 
+_UNLABELLED = """() => Array.from(document.querySelectorAll("input:not([type=hidden]), select, textarea, button"))
+    .filter(e => !(e.labels && e.labels.length) && !e.getAttribute("aria-label") && !(e.innerText || "").trim())
+    .map(e => e.outerHTML.slice(0, 120))"""
+
+
 def _shot(page: Page, name: str) -> None:
+    """A screenshot of the page, after checking that every control on it has a label and the page a title."""
+    assert page.evaluate(_UNLABELLED) == [], f"{name}: controls without a label"
+    assert page.title().endswith("— cvmotion portal")
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=True)
 
 
@@ -138,6 +146,14 @@ def test_owner_creates_moves_and_attests(page: Page, fleet: Fleet) -> None:
     # The Create blade: Basics, then Management with the toggle (off by default), review, create.
     page.goto(fleet.ctl.url + "/portal/vms/new")
     _fill_basics(page, "web-rg", "web1")
+    # Keyboard: the tabs follow the ARIA tabs pattern (arrow keys move and select).
+    page.get_by_role("tab", name="Basics").focus()
+    page.keyboard.press("ArrowRight")
+    expect(page.get_by_role("tab", name="Management")).to_have_attribute("aria-selected", "true")
+    expect(page.get_by_role("tab", name="Management")).to_be_focused()
+    expect(page.get_by_label("Virtual machine name")).to_be_hidden()
+    page.keyboard.press("ArrowLeft")
+    expect(page.get_by_label("Virtual machine name")).to_be_visible()
     page.get_by_role("tab", name="Management").click()
     toggle = page.get_by_role("switch", name="Enable confidential live migration")
     expect(toggle).not_to_be_checked()
