@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
-import time
-from collections.abc import Iterator
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
@@ -24,6 +22,7 @@ from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
 
 from cvmotion.control import api_schema as doc
+from cvmotion.control.api_maintenance import install_maintenance
 from cvmotion.control.api_schema import (
     ArmErrorEnvelope,
     AssignmentBody,
@@ -41,8 +40,9 @@ from cvmotion.control.api_schema import (
     render_arm_error,
 )
 from cvmotion.control.auth import Action, Principal, authenticate, authorize
-from cvmotion.control.db import ComplianceResult, Event, Operation, Vm
+from cvmotion.control.db import ComplianceResult, Operation, Vm
 from cvmotion.control.errors import Forbidden, InvalidRequest, RequestDisallowedByPolicy, Unauthorized
+from cvmotion.control.events_api import install_fleet_events
 from cvmotion.control.inventory import Heartbeat, HostRegistration
 from cvmotion.control.operations import status_of
 from cvmotion.control.policy_schema import definition_body
@@ -52,14 +52,12 @@ from cvmotion.control.resources import VmPatch, VmPut, check_name, rg_id, vm_id
 from cvmotion.control.service import FleetController
 from cvmotion.control.templates import expand_template
 from cvmotion.errors import Conflict, CvmError, NotFound, UsageError
-from cvmotion.ipc.openapi import inline_schema, install_error_handlers
+from cvmotion.ipc.openapi import install_error_handlers
 from cvmotion.ipc.validation import describe_problems
 
 __all__ = ["create_app"]
 
 log = logging.getLogger("cvmotion.control.api")
-_STREAM_POLL_S = 0.25  # how often a follower's stream looks for new events (every replica sees every event)
-_STREAM_LIMIT_S = 3600.0  # a follower reconnects after an hour (bounded streams; SSE clients resume)
 
 MAX_BODY = 1 << 20
 _VMS = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines"
@@ -620,77 +618,9 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
 
         return ctl.transaction(run, write=False)
 
-    @app.get(
-        "/providers/Cvmotion.Fabric/events",
-        operation_id="events",
-        summary="the latest events (CloudEvents); follow=true: then every new one, as Server-Sent Events",
-        response_model=None,
-        responses={
-            200: {
-                "model": doc.EventList,
-                "description": "the last limit events, or with follow=true a text/event-stream (an hour at most)",
-                "content": {"text/event-stream": {"schema": inline_schema(doc.ServerSentEvent)}},
-            },
-            **refusals(),
-        },
-    )
-    def events(principal: Caller, limit: Limit = 100, follow: bool = False) -> Any:
-        """The latest events (CloudEvents JSON); ``follow``: then every new one, as Server-Sent Events."""
-        authorize(principal, Action.READ)
-
-        def visible(e: Event) -> bool:
-            sub = e.subject.split("/")[2] if e.subject.startswith("/subscriptions/") else None
-            return sub is None or principal.subscription in ("*", sub)
-
-        def since(after: int | None, count: int) -> list[tuple[int, dict[str, Any]]]:
-            def run(s: Session) -> list[tuple[int, dict[str, Any]]]:
-                if after is None:  # the latest ``count``, oldest first
-                    rows = list(s.scalars(select(Event).order_by(Event.id.desc()).limit(count)))[::-1]
-                else:
-                    rows = list(s.scalars(select(Event).where(Event.id > after).order_by(Event.id).limit(count)))
-                if not rows:
-                    return []
-                return [(e.id, _cloud_event(e)) for e in rows if visible(e)] + [(rows[-1].id, {})]
-
-            return ctl.transaction(run, write=False)
-
-        first = since(None, limit)
-        if not follow:
-            return {"value": [event for _, event in first if event]}
-
-        def stream() -> Iterator[str]:
-            last = first[-1][0] if first else 0
-            for _, event in first:
-                if event:
-                    yield f"data: {json.dumps(event)}\n\n"
-            deadline = time.monotonic() + _STREAM_LIMIT_S
-            while time.monotonic() < deadline:
-                batch = since(last, 500)
-                for _, event in batch:
-                    if event:
-                        yield f"data: {json.dumps(event)}\n\n"
-                if batch:
-                    last = batch[-1][0]  # the marker entry carries the newest id seen, visible or not
-                else:
-                    yield ": keep-alive\n\n"
-                    time.sleep(_STREAM_POLL_S)
-
-        return StreamingResponse(stream(), media_type="text/event-stream")
-
+    install_fleet_events(app, ctl)  # events (CloudEvents, SSE), webhooks, /metrics
+    install_maintenance(app, ctl)  # drains, cordons, maintenance windows, a VM's Scheduled Events
     _ = Vm  # the VM table is reached through the services
     install_portal(app, ctl)  # the web portal at / (HTML, outside the OpenAPI document), over this same API
     return app
 
-
-def _cloud_event(e: Event) -> dict[str, Any]:
-    from datetime import UTC, datetime
-
-    return {
-        "specversion": "1.0",
-        "id": str(e.id),
-        "source": "/cvmotion/controller",
-        "type": f"Cvmotion.Fabric.{e.type}",
-        "subject": e.subject,
-        "time": datetime.fromtimestamp(e.time, UTC).isoformat(),
-        "data": e.data,
-    }

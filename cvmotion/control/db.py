@@ -19,6 +19,7 @@ from sqlalchemy import (
     Enum,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     UniqueConstraint,
@@ -29,6 +30,7 @@ from sqlalchemy.engine import Dialect, Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 from sqlalchemy.types import TypeDecorator
 
+from cvmotion.control import outbox
 from cvmotion.control.operations import OperationKind, Step
 from cvmotion.control.resources import ClmSetting, HostState, PowerState, ProvisioningState
 from cvmotion.errors import UsageError
@@ -39,12 +41,15 @@ __all__ = [
     "Base",
     "ComplianceResult",
     "Definition",
+    "DeliveryState",
     "Event",
     "Host",
     "Operation",
     "ResourceGroup",
     "Token",
     "Vm",
+    "Webhook",
+    "WebhookDelivery",
     "open_database",
 ]
 
@@ -195,6 +200,49 @@ class Event(Base):
     type: Mapped[str] = mapped_column(String(64))
     subject: Mapped[str] = mapped_column(String(400))
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+Index("ix_events_type", Event.type)  # the metrics aggregate events of a few types at every scrape
+outbox.install()  # a transaction's events are inserted at its commit, their ids in commit order
+
+
+class DeliveryState(enum.Enum):
+    PENDING = "Pending"  # due at next_attempt_at (claimed while an attempt is in flight)
+    SUCCEEDED = "Succeeded"
+    DEAD_LETTERED = "DeadLettered"  # every attempt failed; kept for the operator (and a manual redelivery)
+
+
+class Webhook(Base):
+    __tablename__ = "webhooks"
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    scope: Mapped[str] = mapped_column(String(64))  # the subscription whose events it receives; "*" for all
+    url: Mapped[str] = mapped_column(String(2048))
+    types: Mapped[list[Any]] = mapped_column(default=list)  # rendered type patterns; empty: every type
+    subject: Mapped[str] = mapped_column(String(400), default="")  # subject prefix; empty: every subject
+    secret: Mapped[str] = mapped_column(String(128))  # whsec_...: the controller signs with it, so it is kept
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    cursor: Mapped[int] = mapped_column(Integer, default=0)  # the newest event id fanned out to deliveries
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
+class WebhookDelivery(Base):
+    __tablename__ = "webhook_deliveries"
+    __table_args__ = (
+        UniqueConstraint("webhook", "event_id"),
+        Index("ix_webhook_deliveries_due", "state", "next_attempt_at"),
+    )
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    webhook: Mapped[str] = mapped_column(ForeignKey("webhooks.id", ondelete="CASCADE"), index=True)
+    event_id: Mapped[int] = mapped_column(ForeignKey("events.id"))
+    state: Mapped[DeliveryState] = mapped_column(_enum(DeliveryState))
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[float] = mapped_column(Float)
+    claimed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_until: Mapped[float] = mapped_column(Float, default=0.0)
+    last_status: Mapped[int] = mapped_column(Integer, default=0)  # the receiver's HTTP status; 0: no answer
+    last_error: Mapped[str] = mapped_column(String(512), default="")
+    created_at: Mapped[float] = mapped_column(Float, default=time.time)
+    updated_at: Mapped[float] = mapped_column(Float, default=time.time)
+
+
     time: Mapped[float] = mapped_column(Float, default=time.time)
 
 

@@ -26,6 +26,8 @@ from cvmotion.control.inventory import Inventory
 from cvmotion.control.leader import Leadership
 from cvmotion.control.policy_store import PolicyStore
 from cvmotion.control.vms import VmService
+from cvmotion.control.webhook_delivery import WebhookDispatcher
+from cvmotion.control.webhooks import release_claims
 from cvmotion.control.worker import Worker, reset_claims
 from cvmotion.errors import UsageError
 from cvmotion.files import PRIVATE, write_atomic, write_json
@@ -82,6 +84,7 @@ class FleetController:
             Worker(self.engine, f"{self.replica}-{i}", lease=lease, write_lock=self.write_lock, reader=self.reader)
             for i in range(workers)
         ]
+        self.webhooks = WebhookDispatcher(self.engine, self.reader, self.replica, write_lock=self.write_lock)
         self.sweep_period = sweep_period
         self.leader = False
         self._stop = threading.Event()
@@ -116,10 +119,12 @@ class FleetController:
         write_json(self.data_dir / CONFIG_FILE, {"db": self.url.split("@")[-1] if "@" in self.url else self.url})
         if self.leadership.sqlite:
             reset_claims(self.engine)  # the file lock proves no other process holds any claim
+            release_claims(self.engine)
         self.leader = self.leadership.try_lead()
         for worker in self.workers:
             self._spawn(f"worker-{worker.id}", lambda w=worker: w.run(self._stop))  # type: ignore[misc]
         self._spawn("sweep", self._sweep_loop)
+        self.webhooks.start()
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
         thread = threading.Thread(target=target, name=name, daemon=True)
@@ -139,6 +144,7 @@ class FleetController:
     def stop(self) -> None:
         self._stop.set()
         self.wake_workers()
+        self.webhooks.stop()
         for thread in self._threads:
             thread.join(10)
         self.leadership.release()

@@ -1,0 +1,150 @@
+"""control layer: the webhook delivery threads of one replica — fan out, claim, POST, record.
+
+Each thread loops: fan out new events (``control.webhooks``), claim one due delivery, POST its CloudEvent
+(structured mode, ``application/cloudevents+json``, signed as ``control.webhook_signing`` says) with bounded
+timeouts, and record the answer.  The database transactions are short and never span the POST, so a slow
+or dead receiver holds one thread for at most the timeout and blocks nothing else (drains, operations, the
+API, other webhooks).  Idle threads wait on this replica's outbox notifier (an event committed here wakes
+them at once) and poll at most every ``poll`` seconds for what other replicas commit and for retries
+coming due.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from sqlalchemy.engine import Engine
+from sqlalchemy.orm import Session
+
+from cvmotion.control import webhooks
+from cvmotion.control.db import DeliveryState
+from cvmotion.control.outbox import notifier
+from cvmotion.control.webhook_signing import signature_headers
+from cvmotion.control.webhooks import Attempt, RetryPolicy
+from cvmotion.control.worker import _fault as fault_point  # the crash tests' one hook
+
+__all__ = ["DeliveryOptions", "WebhookDispatcher"]
+
+log = logging.getLogger("cvmotion.control.webhooks")
+CONTENT_TYPE = "application/cloudevents+json; charset=utf-8"
+
+
+@dataclass(frozen=True, slots=True)
+class DeliveryOptions:
+    threads: int = 4
+    timeout_s: float = 10.0  # each phase of a POST (connect, write, read); the lease covers all of them
+    poll_s: float = 1.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+class WebhookDispatcher:
+    def __init__(
+        self,
+        engine: Engine,
+        reader: Engine,
+        replica: str,
+        *,
+        options: DeliveryOptions | None = None,
+        write_lock: threading.Lock | None = None,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.engine = engine
+        self.reader = reader
+        self.replica = replica
+        self.options = options or DeliveryOptions()
+        self.write_lock = write_lock
+        self.clock = clock
+        self.rng = rng or random.Random()
+        self.notifier = notifier(engine.url)
+        self._rng_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def lease_s(self) -> float:
+        return 3 * self.options.timeout_s + 5.0
+
+    def start(self) -> None:
+        for i in range(self.options.threads):
+            worker = f"{self.replica}-webhook-{i}"
+            thread = threading.Thread(target=self._loop, args=(worker,), name=worker, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def wake(self) -> None:
+        self.notifier.notify()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self.notifier.notify()
+        for thread in self._threads:
+            thread.join(self.options.timeout_s * 3 + 5)
+
+    def _write(self) -> contextlib.AbstractContextManager[Any]:
+        return self.write_lock if self.write_lock is not None else contextlib.nullcontext()
+
+    def _backoff(self, attempts: int) -> float:
+        with self._rng_lock:
+            return self.options.retry.delay(attempts, self.rng)
+
+    # -- one step ------------------------------------------------------------------------------------
+
+    def step(self, worker: str, client: httpx.Client) -> float | None:
+        """Fan out, then claim and deliver one delivery.  Returns ``None`` if it delivered one (go again),
+        else when the next delivery is due (``inf``: none pending)."""
+        now = self.clock()
+        with Session(self.reader) as session, session.begin():
+            fan = webhooks.fan_out_due(session)
+            due = webhooks.next_due(session, now)
+        if fan:
+            with self._write(), Session(self.engine) as session, session.begin():
+                webhooks.fan_out(session, now)
+            due = now
+        if due is None or due > now:
+            return float("inf") if due is None else due
+        with self._write(), Session(self.engine) as session, session.begin():
+            attempt = webhooks.claim_delivery(session, worker, now, self.lease_s)
+        if attempt is None:
+            return now + self.options.poll_s  # another thread or replica took it
+        fault_point("Webhook:Claimed")
+        status, error = self._post(client, attempt)
+        fault_point("Webhook:Answered")
+        with self._write(), Session(self.engine) as session, session.begin():
+            state = webhooks.record_outcome(session, attempt, worker, self.clock(), status, error, self._backoff)
+        if state is DeliveryState.DEAD_LETTERED:
+            log.warning("webhook %s: event %s dead-lettered: %s", attempt.webhook_id, attempt.event_id, error)
+        return None
+
+    def _post(self, client: httpx.Client, attempt: Attempt) -> tuple[int, str]:
+        headers = signature_headers(attempt.secret, str(attempt.event_id), int(self.clock()), attempt.body)
+        headers |= {"content-type": CONTENT_TYPE, "user-agent": "cvmotion-webhooks/1"}
+        try:
+            # Streamed and closed unread: only the status matters, and a receiver cannot make us read a body.
+            with client.stream("POST", attempt.url, content=attempt.body, headers=headers) as response:
+                status = response.status_code
+        except (httpx.HTTPError, ValueError, OSError) as exc:
+            return 0, f"{type(exc).__name__}: {exc}"[:500]
+        return status, "" if 200 <= status < 300 else f"HTTP {status}"
+
+    def _loop(self, worker: str) -> None:
+        timeout = httpx.Timeout(self.options.timeout_s, connect=min(self.options.timeout_s, 5.0))
+        with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
+            while not self._stop.is_set():
+                seen = self.notifier.generation
+                try:
+                    due = self.step(worker, client)
+                except Exception:
+                    log.exception("webhook delivery step failed (database unavailable?); retrying")
+                    due = self.clock() + self.options.poll_s
+                if due is None:
+                    continue
+                self.notifier.wait(seen, min(self.options.poll_s, due - self.clock()))
