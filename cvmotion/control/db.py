@@ -103,17 +103,14 @@ class Host(Base):
     last_heartbeat: Mapped[float] = mapped_column(Float)
     registered_at: Mapped[float] = mapped_column(Float, default=time.time)
     reported_vms: Mapped[list[Any]] = mapped_column(default=list)  # host-side names it says it runs
+    # Cordoned (a drain or an operator): never a placement target, whatever its state, until uncordoned.
+    cordoned: Mapped[bool] = mapped_column(default=False)
+    cordon_reason: Mapped[str] = mapped_column(String(256), default="")
 
 
 class Vm(Base):
     __tablename__ = "vms"
     __table_args__ = (UniqueConstraint("resource_group", "name"),)
-    # Cordoned (a drain or an operator): never a placement target, whatever its state, until uncordoned.
-    cordoned: Mapped[bool] = mapped_column(default=False)
-    cordon_reason: Mapped[str] = mapped_column(String(256), default="")
-    # Cordoned (a drain or an operator): never a placement target, whatever its state, until uncordoned.
-    cordoned: Mapped[bool] = mapped_column(default=False)
-    cordon_reason: Mapped[str] = mapped_column(String(256), default="")
     id: Mapped[str] = mapped_column(String(300), primary_key=True)  # lower-cased resource id
     subscription: Mapped[str] = mapped_column(String(64), index=True)
     resource_group: Mapped[str] = mapped_column(ForeignKey("resource_groups.id"))
@@ -200,6 +197,9 @@ class Event(Base):
     type: Mapped[str] = mapped_column(String(64))
     subject: Mapped[str] = mapped_column(String(400))
     data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    time: Mapped[float] = mapped_column(Float, default=time.time)
+
+
 Index("ix_events_type", Event.type)  # the metrics aggregate events of a few types at every scrape
 outbox.install()  # a transaction's events are inserted at its commit, their ids in commit order
 
@@ -241,9 +241,6 @@ class WebhookDelivery(Base):
     last_error: Mapped[str] = mapped_column(String(512), default="")
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     updated_at: Mapped[float] = mapped_column(Float, default=time.time)
-
-
-    time: Mapped[float] = mapped_column(Float, default=time.time)
 
 
 def _sqlite_pragmas(engine: Engine, *, immediate: bool) -> None:

@@ -46,3 +46,32 @@ class HostApi:
         except NotFound:
             return None
         return vm if isinstance(vm, dict) else None
+
+    # -- maintenance (the host side of a drain) ------------------------------------------------------
+
+    def start_maintenance(self, maintenance_id: str) -> dict[str, Any]:
+        """``POST /v1/host/maintenance``: idempotent by id (the same id returns the same record)."""
+        body = {"id": maintenance_id, "kind": "MemoryPreservingUpdate"}
+        answer: dict[str, Any] = self.call("POST", "/v1/host/maintenance", body, timeout=30)
+        return answer
+
+    def maintenance(self, maintenance_id: str) -> dict[str, Any]:
+        answer: dict[str, Any] = self.call("GET", f"/v1/host/maintenance/{maintenance_id}", timeout=10)
+        return answer
+
+    def put_scheduled_events(self, name: str, document: dict[str, Any]) -> dict[str, Any]:
+        answer: dict[str, Any] = self.call("PUT", f"/v1/vms/{name}/scheduledevents", document, timeout=10)
+        return answer
+
+    def scheduled_events(self, name: str) -> dict[str, Any]:
+        """``{"document", "startRequests"}``: the stored document and the guest's early approvals."""
+        answer: dict[str, Any] = self.call("GET", f"/v1/vms/{name}/scheduledevents", timeout=10)
+        return answer
+
+    def attestation(self, name: str) -> dict[str, Any]:
+        """The VM's current attestation (token id, chip, TCB, platform); empty when the host has none."""
+        try:
+            answer = self.call("GET", f"/v1/vms/{name}/attestation", timeout=10)
+        except (NotFound, Conflict, UsageError):
+            return {}
+        return answer if isinstance(answer, dict) else {}

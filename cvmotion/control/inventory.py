@@ -137,7 +137,10 @@ class Inventory:
         for h in hosts:
             used = usage.get(h.name, (0, 0, 0))
             out.append(
-                Candidate(h.name, h.pool, h.product, h.tcb, h.state, h.vcpus, h.memory_gib, used[0], used[1], used[2])
+                Candidate(
+                    h.name, h.pool, h.product, h.tcb, h.state, h.vcpus, h.memory_gib, used[0], used[1], used[2],
+                    cordoned=h.cordoned,
+                )  # fmt: skip
             )
         return out
 
@@ -160,6 +163,8 @@ class Inventory:
                 "migrationAddress": row.migration_address,
                 "lastHeartbeat": row.last_heartbeat,
                 "reportedVms": row.reported_vms,
+                "cordoned": row.cordoned,
+                "cordonReason": row.cordon_reason or None,
             },
         }
 

@@ -1,6 +1,6 @@
 """control layer: the scheduler — filter hosts that can take a VM, then spread (Nova's filter + weigh).
 
-Filters, each with the reason it gives when it removes a host: availability, pinned host, product,
+Filters, each with the reason it gives when it removes a host: availability, cordon, pinned host, product,
 minimum TCB, the policy's allowed pools (a callable the caller builds from the assignments in scope),
 free vCPUs and memory.  Weighing spreads VMs: fewest VMs first, then most free memory, then the name,
 so the choice is deterministic for the same inventory.
@@ -28,6 +28,7 @@ class Candidate:
     used_vcpus: int
     used_memory_gib: int
     vm_count: int
+    cordoned: bool = False  # under maintenance: never a target
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +57,8 @@ def _reject(host: Candidate, demand: Demand, pool_allowed: Callable[[str], bool]
         return "the VM is already there"
     if host.state is not HostState.AVAILABLE:
         return f"host is {host.state.value}"
+    if host.cordoned:
+        return "host is cordoned (maintenance)"
     if demand.product is not None and host.product != demand.product:
         return f"product {host.product}, the VM needs {demand.product}"
     if demand.minimum_tcb is not None and host.tcb < demand.minimum_tcb:

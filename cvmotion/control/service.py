@@ -22,12 +22,15 @@ from sqlalchemy.orm import Session
 
 from cvmotion.control.auth import ALL_SUBSCRIPTIONS, Role, issue_token
 from cvmotion.control.db import database_url, open_database, reader_for
+from cvmotion.control.drain_runner import DrainRunner, release_drain_claims
 from cvmotion.control.inventory import Inventory
 from cvmotion.control.leader import Leadership
+from cvmotion.control.maintenance_options import MaintenanceOptions
 from cvmotion.control.policy_store import PolicyStore
 from cvmotion.control.vms import VmService
 from cvmotion.control.webhook_delivery import WebhookDispatcher
 from cvmotion.control.webhooks import release_claims
+from cvmotion.control.windows import open_windows
 from cvmotion.control.worker import Worker, reset_claims
 from cvmotion.errors import UsageError
 from cvmotion.files import PRIVATE, write_atomic, write_json
@@ -66,6 +69,7 @@ class FleetController:
         workers: int = 4,
         lease: float = 5.0,
         sweep_period: float = 1.0,
+        maintenance: MaintenanceOptions | None = None,
     ) -> None:
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
@@ -85,6 +89,11 @@ class FleetController:
             for i in range(workers)
         ]
         self.webhooks = WebhookDispatcher(self.engine, self.reader, self.replica, write_lock=self.write_lock)
+        self.maintenance = maintenance or MaintenanceOptions()
+        self.drains = DrainRunner(
+            self.engine, f"{self.replica}-drains", self.vms, options=self.maintenance, write_lock=self.write_lock,
+            reader=self.reader, wake_workers=self.wake_workers,
+        )  # fmt: skip
         self.sweep_period = sweep_period
         self.leader = False
         self._stop = threading.Event()
@@ -119,11 +128,13 @@ class FleetController:
         write_json(self.data_dir / CONFIG_FILE, {"db": self.url.split("@")[-1] if "@" in self.url else self.url})
         if self.leadership.sqlite:
             reset_claims(self.engine)  # the file lock proves no other process holds any claim
+            release_drain_claims(self.engine)
             release_claims(self.engine)
         self.leader = self.leadership.try_lead()
         for worker in self.workers:
             self._spawn(f"worker-{worker.id}", lambda w=worker: w.run(self._stop))  # type: ignore[misc]
         self._spawn("sweep", self._sweep_loop)
+        self._spawn("drains", lambda: self.drains.run(self._stop))
         self.webhooks.start()
 
     def _spawn(self, name: str, target: Callable[[], None]) -> None:
@@ -138,6 +149,8 @@ class FleetController:
                 if self.leader:
                     with self.session() as session:
                         self.inventory.sweep(session)
+                    with self.session() as session:
+                        open_windows(session)  # maintenance windows that opened start their drains
             except Exception:
                 log.exception("sweep failed (database unavailable?); next try in %.1f s", self.sweep_period)
 

@@ -277,6 +277,23 @@ class VmService:
         vm.provisioning_state = ProvisioningState.MIGRATING
         return self._operation(session, vm, OperationKind.MIGRATE, Step.ACCEPTED, host=vm.host, target_host=dest.name)
 
+    def choose_destination(self, session: Session, vm: Vm, exclude: set[str]) -> Host:
+        """A host for ``vm`` other than those in ``exclude``, inside both the policy's pools and the pools bound
+        into the VM at launch (its migration agents refuse any other); cordoned hosts are never chosen.
+
+        Raises:
+            Conflict: no host passes every filter (the reasons name each host).
+        """
+        pools = self._pool_filter(session, vm, self.policy.in_scope(session, vm.id))
+        bound = set(vm.allowed_pools)
+        candidates = [c for c in self.inventory.candidates(session, lock=True) if c.name not in exclude]
+        return self._place(session, vm, pools=lambda p: p in bound and pools(p), candidates=candidates)
+
+    def start_move(self, session: Session, vm: Vm, dest: Host) -> Operation:
+        """A Migrate operation of ``vm`` to ``dest`` (the worker carries it out), as an operator's move is."""
+        vm.provisioning_state = ProvisioningState.MIGRATING
+        return self._operation(session, vm, OperationKind.MIGRATE, Step.ACCEPTED, host=vm.host, target_host=dest.name)
+
     # -- views -------------------------------------------------------------------------------------
 
     def ineligible(self, session: Session, vm: Vm, *, check_destination: bool = True) -> list[str]:

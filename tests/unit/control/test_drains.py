@@ -1,0 +1,244 @@
+"""Host drains against simulated hosts: the ladder per VM, cordons, refusals, cancel, Scheduled Events, events.
+
+An in-process controller (SQLite, real workers and drain runner, its API on loopback) and three simulated
+hosts that implement the maintenance contract (``maintenance_fakes``): h1 and h2 in pool-a, h3 in pool-b.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from control_harness import RG, VMS, Api
+from maintenance_fakes import MaintenanceFakeHost
+from sqlalchemy import select
+
+from cvmotion.control.api import create_app
+from cvmotion.control.db import Event
+from cvmotion.control.maintenance_options import MaintenanceOptions
+from cvmotion.control.service import FleetController
+from cvmotion.ipc.http import ServerThread, listen_socket
+
+HOSTS = "/providers/Cvmotion.Fabric/hosts"
+OPTIONS = MaintenanceOptions(notice_s=0.0, attest_wait_s=0.5, poll_s=0.02, in_place_timeout_s=10.0)
+
+
+@pytest.fixture
+def hosts() -> Iterator[dict[str, MaintenanceFakeHost]]:
+    made = {n: MaintenanceFakeHost(n, pool) for n, pool in (("h1", "pool-a"), ("h2", "pool-a"), ("h3", "pool-b"))}
+    for h in made.values():
+        h.__enter__()
+    yield made
+    for h in made.values():
+        h.__exit__()
+
+
+@pytest.fixture
+def api(tmp_path: Path, hosts: dict[str, MaintenanceFakeHost]) -> Iterator[Api]:
+    ctl = FleetController(tmp_path / "ctl", heartbeat_timeout=60.0, lease=2.0, workers=2, maintenance=OPTIONS)
+    ctl.start()
+    try:
+        sock, url = listen_socket("127.0.0.1", 0)
+        with ServerThread(create_app(ctl), sock, url), httpx.Client(base_url=url, timeout=30) as client:
+            a = Api(client, ctl)
+            for host in hosts.values():
+                assert a.register(host).status_code == 200
+            yield a
+    finally:
+        ctl.stop()
+
+
+def _vm(api: Api, rg: str, name: str, clm: str, host: str = "h1") -> None:
+    op = api.wait(api.create(rg, name, clm=clm, host=host))
+    assert op["status"] == "Succeeded", op
+
+
+def _drain(api: Api, host: str, reason: str = "SecurityUpdate", **extra: Any) -> httpx.Response:
+    response: httpx.Response = api.req("POST", f"{HOSTS}/{host}/drain", {"reason": reason, **extra})
+    return response
+
+
+def _wait_drain(api: Api, host: str, timeout: float = 30.0) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        drain: dict[str, Any] = api.req("GET", f"{HOSTS}/{host}/drain").json()
+        if not drain["active"]:
+            return drain
+        api.ctl.drains.wake.set()
+        time.sleep(0.02)
+    raise AssertionError(f"the drain of {host} did not end: {drain}")
+
+
+def _events(api: Api) -> list[Event]:
+    return api.ctl.transaction(lambda s: list(s.scalars(select(Event).order_by(Event.id))), write=False)
+
+
+def test_security_update_walks_the_ladder(api: Api, hosts: dict[str, MaintenanceFakeHost]) -> None:
+    api.req("PUT", f"{RG}/locked/providers/Microsoft.Authorization/policyAssignments/pools", {
+        "properties": {"policyDefinitionId": "allowed-host-pools", "parameters": {"allowedHostPools": ["pool-a"]}}
+    })  # fmt: skip
+    _vm(api, "rg1", "live", "Enabled")
+    _vm(api, "rg1", "off", "Disabled")
+    _vm(api, "locked", "pinned", "Enabled")
+    started = _drain(api, "h1", noticeSeconds=0)
+    assert started.status_code == 202, started.text
+    assert started.json()["status"] == "Accepted"
+    assert started.headers["Location"] == f"{HOSTS}/h1/drain"
+
+    # While it runs: a second drain of the host is refused; h1 is never a placement target.
+    again = _drain(api, "h1")
+    assert again.status_code in (409, 202), again.text
+    if again.status_code == 409:
+        assert "already being drained" in again.json()["error"]["message"]
+    refused = api.create("rg1", "late", host="h1")
+    assert refused.status_code == 409
+    assert "cordoned" in refused.text
+
+    drain = _wait_drain(api, "h1")
+    assert drain["status"] == "Succeeded", drain
+    by_name = {v["name"]: v for v in drain["vms"]}
+    assert by_name["live"]["method"] == "LiveMigration"
+    assert by_name["live"]["to"] in ("h2", "h3")
+    assert by_name["pinned"]["method"] == "LiveMigration"
+    assert by_name["pinned"]["to"] == "h2"
+    assert by_name["off"]["method"] == "MemoryPreservingUpdate"
+    assert by_name["off"]["pauseMs"] == 42.5
+    assert "ConfidentialLiveMigrationDisabled" in by_name["off"]["reason"]
+    assert all(v["outcome"] == "Succeeded" and v["attempts"] <= 1 for v in drain["vms"])
+    assert by_name["live"]["downtimeMs"] == 23
+    assert by_name["live"]["bytes"] == 123456
+    assert len(hosts["h1"].maintenances) == 1  # one in-place update for the host
+
+    # The records follow: where each VM is, its new token in the instance view.
+    shown = api.req("GET", f"{RG}/rg1/{VMS}/live").json()["properties"]["instanceView"]
+    assert shown["host"] == by_name["live"]["to"]
+    assert shown["attestation"]["tokenId"] == by_name["live"]["attestation"]["after"]["tokenId"]
+    assert shown["attestation"]["tokenId"] != by_name["live"]["attestation"]["before"]["tokenId"]
+
+    kinds = [e.type for e in _events(api) if e.type.startswith("cvmotion.")]
+    for kind in (
+        "cvmotion.maintenance.scheduled", "cvmotion.maintenance.started", "cvmotion.maintenance.completed",
+        "cvmotion.migration.started", "cvmotion.migration.completed", "cvmotion.maintenance.fallback",
+        "cvmotion.vm.postMigrationAttestation",
+    ):  # fmt: skip
+        assert kind in kinds, kind
+    completed = [e for e in _events(api) if e.type == "cvmotion.migration.completed"]
+    assert set(completed[0].data) == {"vm", "from", "to", "totalMs", "downtimeMs", "bytes", "operation"}
+    fallback = next(e for e in _events(api) if e.type == "cvmotion.maintenance.fallback")
+    assert fallback.data["method"] == "MemoryPreservingUpdate"
+    assert fallback.data["pauseMs"] == 42.5
+    attest = next(e for e in _events(api) if e.type == "cvmotion.vm.postMigrationAttestation")
+    assert set(attest.data) == {"vm", "old", "new"}
+    assert attest.data["old"]["chipId"] != attest.data["new"]["chipId"]
+
+    # Each VM's Scheduled Events document moved Scheduled -> Started -> removed, incarnation by incarnation.
+    doc = api.req("GET", f"{RG}/rg1/{VMS}/off/scheduledEvents").json()
+    assert doc["Events"] == []
+    assert doc["DocumentIncarnation"] == 3
+    off_puts = [p for p in hosts["h1"].puts if p["vm"].startswith("off-")]
+    statuses = [[e["EventStatus"] for e in p["Events"]] for p in off_puts]
+    assert statuses[-1] == []
+    assert ["Started"] in statuses
+    assert [p["DocumentIncarnation"] for p in off_puts] == sorted({p["DocumentIncarnation"] for p in off_puts})
+
+    # Cordoned after the drain, until uncordoned.
+    host = next(h for h in api.req("GET", HOSTS).json()["value"] if h["name"] == "h1")
+    assert host["properties"]["cordoned"] is True
+    assert api.req("POST", f"{HOSTS}/h1/uncordon").json()["properties"]["cordoned"] is False
+    assert api.wait(api.create("rg1", "back", host="h1"))["status"] == "Succeeded"
+
+
+def test_refusals(api: Api) -> None:
+    unknown = _drain(api, "nope")
+    assert unknown.status_code == 404
+    assert "not registered" in unknown.json()["error"]["message"]
+    bad = _drain(api, "h1", reason="Reboot")
+    assert bad.status_code == 400
+    assert "reason" in bad.json()["error"]["message"]
+    assert _drain(api, "h1", maxParallel=0).status_code == 400
+    assert api.req("POST", f"{HOSTS}/h1/drain/cancel").status_code == 409  # nothing to cancel
+    assert api.req("GET", f"{HOSTS}/h2/drain").status_code == 404
+    reader = api.token(__import__("cvmotion.control.auth", fromlist=["Role"]).Role.OWNER, "default")
+    assert api.req("POST", f"{HOSTS}/h1/drain", {"reason": "SecurityUpdate"}, token=reader).status_code == 403
+    assert api.req("POST", f"{HOSTS}/nope/uncordon").status_code == 404
+
+
+def test_failed_move_retries_once_then_falls_back(api: Api, hosts: dict[str, MaintenanceFakeHost]) -> None:
+    _vm(api, "rg1", "a", "Enabled")
+    hosts["h1"].fail_migrations = 1  # the first destination dies mid-migration
+    drain = _wait_drain(api, "h1") if _drain(api, "h1", noticeSeconds=0).status_code == 202 else {}
+    [vm] = drain["vms"]
+    assert (vm["method"], vm["outcome"], vm["attempts"]) == ("LiveMigration", "Succeeded", 2), vm
+    failed = [e for e in _events(api) if e.type == "cvmotion.migration.failed"]
+    assert len(failed) == 1
+    assert set(failed[0].data) == {"vm", "from", "to", "reason"}
+    assert failed[0].data["to"] != vm["to"]  # the retry went to another destination
+
+    api.req("POST", f"{HOSTS}/h1/uncordon")
+    _vm(api, "rg1", "b", "Enabled")
+    hosts["h1"].fail_migrations = 2  # both destinations fail: the fallback of a SecurityUpdate, in place
+    assert _drain(api, "h1", noticeSeconds=0).status_code == 202
+    drain = _wait_drain(api, "h1")
+    [vm] = drain["vms"]
+    assert (vm["method"], vm["outcome"], vm["attempts"]) == ("MemoryPreservingUpdate", "Succeeded", 2), vm
+    assert vm["reason"].startswith("LiveMigrationFailed")
+
+
+def test_hardware_refresh_redeploys_or_blocks(api: Api, hosts: dict[str, MaintenanceFakeHost]) -> None:
+    api.req("PUT", f"{RG}/locked/providers/Microsoft.Authorization/policyAssignments/pools", {
+        "properties": {"policyDefinitionId": "allowed-host-pools", "parameters": {"allowedHostPools": ["pool-b"]}}
+    })  # fmt: skip
+    _vm(api, "rg1", "off", "Disabled")  # not opted in: redeployed
+    _vm(api, "locked", "alone", "Enabled", host="h3")  # pool-b has no other host: blocked
+    assert _drain(api, "h1", "HardwareRefresh", noticeSeconds=0).status_code == 202
+    assert _drain(api, "h3", "HardwareRefresh", noticeSeconds=0).status_code == 202  # another drain at once
+    h1, h3 = _wait_drain(api, "h1"), _wait_drain(api, "h3")
+    [off], [alone] = h1["vms"], h3["vms"]
+    assert (off["method"], off["outcome"], off["to"]) == ("Redeploy", "Succeeded", "h2"), off
+    assert sum(vm.startswith("off-") for h in hosts.values() for vm in h.vms) == 1  # never two copies
+    assert (alone["method"], alone["outcome"]) == ("None", "Blocked"), alone
+    assert "no redeploy" in alone["reason"]
+    assert h3["status"] == "Failed"
+    assert any(vm.startswith("alone-") for vm in hosts["h3"].vms)  # it stays
+
+
+def test_cancel_and_owner_approval(api: Api, hosts: dict[str, MaintenanceFakeHost]) -> None:
+    _vm(api, "rg1", "a", "Enabled")
+    _vm(api, "rg1", "b", "Enabled")
+    _vm(api, "rg1", "c", "Enabled")
+    assert _drain(api, "h1", noticeSeconds=3600, maxParallel=1).status_code == 202  # a long notice
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        doc = api.req("GET", f"{RG}/rg1/{VMS}/a/scheduledEvents").json()
+        if doc["Events"]:
+            break
+        time.sleep(0.02)
+    [event] = doc["Events"]
+    assert (event["EventType"], event["EventStatus"], event["DurationInSeconds"]) == ("Freeze", "Scheduled", 5)
+    assert event["NotBefore"].endswith(" GMT")
+    bad = api.req("POST", f"{RG}/rg1/{VMS}/a/scheduledEvents", {"StartRequests": [{"EventId": "nope"}]})
+    assert bad.status_code == 400
+    # The owner approves early: the move starts without waiting an hour.
+    approved = api.req("POST", f"{RG}/rg1/{VMS}/a/scheduledEvents", {"StartRequests": [{"EventId": event["EventId"]}]})
+    assert approved.status_code == 200, approved.text
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        vms = {v["name"]: v for v in api.req("GET", f"{HOSTS}/h1/drain").json()["vms"]}
+        if vms["a"]["outcome"] == "Succeeded":
+            break
+        time.sleep(0.02)
+    assert vms["a"]["outcome"] == "Succeeded"
+    canceled = api.req("POST", f"{HOSTS}/h1/drain/cancel")
+    assert canceled.status_code == 200
+    assert canceled.json()["status"] == "Canceling"
+    drain = _wait_drain(api, "h1")
+    assert drain["status"] == "Canceled"
+    rest = [v for v in drain["vms"] if v["name"] != "a"]
+    assert all(v["outcome"] == "Blocked" and v["reason"].startswith("Canceled") for v in rest), rest
+    assert api.req("GET", f"{RG}/rg1/{VMS}/b/scheduledEvents").json()["Events"] == []
+    assert sum(vm.startswith(("b-", "c-")) for vm in hosts["h1"].vms) == 2  # they stayed
+    assert api.req("POST", f"{HOSTS}/h1/uncordon").status_code == 200
