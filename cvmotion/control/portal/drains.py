@@ -11,34 +11,49 @@ from urllib.parse import quote
 
 from cvmotion.control.portal.apiclient import ApiClient, ApiError
 
-__all__ = ["REASONS", "active_hosts", "cancel", "current", "start"]
+__all__ = ["REASONS", "active_hosts", "cancel", "current", "start", "uncordon"]
 
 REASONS = ("SecurityUpdate", "HardwareRefresh")
+MAX_NOTICE_S = 7 * 86400  # the drain API's bound
 _HOSTS = "/providers/Cvmotion.Fabric/hosts"
 _DRAINS = "/providers/Cvmotion.Fabric/drains"
-_ACTIVE = ("Accepted", "Running", "InProgress", "Cancelling", "Draining")
+_ACTIVE = ("Accepted", "Running", "Canceling")
 
 
 def _missing(exc: ApiError) -> ApiError:
-    if exc.status in (404, 405) and exc.code in ("ResourceNotFound", "NotFound", "HttpError", ""):
+    # The router's own 404 (no such route) ends in "Not Found"; a drain API's 404 names what is missing.
+    if exc.status in (404, 405) and exc.message.endswith("Not Found"):
         return ApiError(501, "NotAvailable", "this controller does not serve host drains")
     return exc
 
 
-async def start(api: ApiClient, host: str, reason: str) -> dict[str, Any]:
+async def _post(api: ApiClient, host: str, action: str, body: dict[str, Any]) -> dict[str, Any]:
     try:
-        answer: dict[str, Any] = await api.call("POST", f"{_HOSTS}/{quote(host, safe='')}/drain", {"reason": reason})
+        answer: dict[str, Any] = await api.call("POST", f"{_HOSTS}/{quote(host, safe='')}/{action}", body)
     except ApiError as exc:
         raise _missing(exc) from None
     return answer
+
+
+async def start(api: ApiClient, host: str, reason: str, notice_s: float | None = None) -> dict[str, Any]:
+    """Cordon ``host`` and walk its VMs down the ladder (the controller's drain; role Owner).
+
+    ``notice_s``: each Scheduled Event's NotBefore from when it is scheduled (the guest may approve earlier);
+    ``None``: the controller's default.
+    """
+    body: dict[str, Any] = {"reason": reason}
+    if notice_s is not None:
+        body["noticeSeconds"] = notice_s
+    return await _post(api, host, "drain", body)
 
 
 async def cancel(api: ApiClient, host: str) -> dict[str, Any]:
-    try:
-        answer: dict[str, Any] = await api.call("POST", f"{_HOSTS}/{quote(host, safe='')}/drain/cancel", {})
-    except ApiError as exc:
-        raise _missing(exc) from None
-    return answer
+    """No new step starts; moves in flight finish or abort cleanly (the host stays cordoned)."""
+    return await _post(api, host, "drain/cancel", {})
+
+
+async def uncordon(api: ApiClient, host: str) -> dict[str, Any]:
+    return await _post(api, host, "uncordon", {})
 
 
 async def current(api: ApiClient, host: str) -> dict[str, Any] | None:
@@ -52,8 +67,8 @@ async def current(api: ApiClient, host: str) -> dict[str, Any] | None:
 
 async def active_hosts(api: ApiClient) -> set[str]:
     try:
-        answer = await api.get(_DRAINS)
+        answer = await api.get(_DRAINS, active="true")
     except ApiError:
         return set()
     rows = answer.get("value", []) if isinstance(answer, dict) else []
-    return {str(d.get("host")) for d in rows if isinstance(d, dict) and d.get("status") in _ACTIVE}
+    return {str(d.get("host")) for d in rows if isinstance(d, dict) and (d.get("active") or d.get("status") in _ACTIVE)}

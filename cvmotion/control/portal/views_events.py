@@ -43,21 +43,44 @@ def _number(data: dict[str, Any], *keys: str) -> float | None:
 
 
 def series(events: list[dict[str, Any]]) -> dict[str, list[float]]:
-    """Downtime and total time of completed migrations, and fallback pauses, in milliseconds."""
+    """Downtime and total time of completed live migrations, and fallback pauses, in milliseconds.
+
+    A move the drain ladder drives is reported twice: the worker's ``VmMigrated`` (followed, in the same
+    transaction, by ``OperationSucceeded`` naming the operation) and the ladder's
+    ``cvmotion.migration.completed`` (naming it too).  Each operation is counted once, the ladder's figures
+    first (the worker has none when it found the VM already arrived).
+    """
+    moves: dict[str, dict[str, Any]] = {}
+    ladder: set[str] = set()
+    pending: dict[str, dict[str, Any]] = {}  # subject -> the VmMigrated data waiting for its operation id
     out: dict[str, list[float]] = {"downtime": [], "total": [], "pause": []}
     for event in events:
         etype, data = str(event.get("type", "")), event.get("data") or {}
-        if etype.endswith("VmMigrated") or etype == "cvmotion.migration.completed":
-            downtime = _number(data, "downtimeMs", "downtime")
-            total = _number(data, "totalTimeMs", "total-time", "totalMs")
-            if downtime is not None:
-                out["downtime"].append(downtime)
-            if total is not None:
-                out["total"].append(total)
+        subject = str(event.get("subject", "")).lower()
+        if etype.endswith("VmMigrated"):
+            pending[subject] = data
+            moves[f"event-{event.get('id')}"] = data
+        elif etype.endswith("OperationSucceeded") and subject in pending:
+            moved = pending.pop(subject)
+            moves = {k: v for k, v in moves.items() if v is not moved}
+            op = str(data.get("operation"))
+            if op not in ladder:
+                moves[op] = moved
+        elif etype == "cvmotion.migration.completed":
+            op = str(data.get("operation") or f"event-{event.get('id')}")
+            moves[op] = data
+            ladder.add(op)
         elif etype == "cvmotion.maintenance.fallback":
             pause = _number(data, "pauseMs", "pause")
             if pause is not None:
                 out["pause"].append(pause)
+    for data in moves.values():
+        downtime = _number(data, "downtimeMs", "downtime")
+        total = _number(data, "totalMs", "totalTimeMs", "total-time")
+        if downtime is not None:
+            out["downtime"].append(downtime)
+        if total is not None:
+            out["total"].append(total)
     return out
 
 

@@ -37,8 +37,11 @@ def _host_row(host: dict[str, Any], usage: dict[str, Candidate], draining: set[s
     props = host.get("properties", {})
     used = usage.get(host["name"])
     state = str(props.get("state", ""))
-    if host["name"] in draining and state != "Unavailable":
+    # Available / Cordoned / Draining / Unavailable: a silent host is Unavailable whatever else is true.
+    if state != "Unavailable" and host["name"] in draining:
         state = "Draining"
+    elif state != "Unavailable" and props.get("cordoned"):
+        state = "Cordoned"
     return {
         "name": host["name"],
         "pool": props.get("pool"),
@@ -52,6 +55,7 @@ def _host_row(host: dict[str, Any], usage: dict[str, Candidate], draining: set[s
         "vms": used.vm_count if used else 0,
         "state": state,
         "api_url": props.get("apiUrl"),
+        "cordon_reason": props.get("cordonReason") or "",
     }
 
 
@@ -124,27 +128,39 @@ def register(router: APIRouter) -> None:  # noqa: C901 - one closure per route
             data = await host_data(ctx, name)
         except ApiError as exc:
             return ctx.page("error.html", "Host", "hosts", status=exc.status, message=str(exc))
-        notes = {"error": "", "reason_error": ""} | notes
+        notes = {"error": "", "reason_error": "", "notice_error": ""} | notes
         return ctx.page("host.html", f"{name} — host", "hosts", status=status, **data, reasons=drains.REASONS, **notes)
 
     @router.post("/portal/hosts/{name}/drain", include_in_schema=False)
     async def drain(posted: Form, name: str) -> Response:
-        ctx, reason = posted.ctx, posted.form.get("reason", "")
+        ctx, reason, notice_text = posted.ctx, posted.form.get("reason", ""), posted.form.get("notice", "").strip()
         if reason not in drains.REASONS:
             return await page(ctx, name, status=422, reason_error="Choose the reason for the drain.")
+        notice = None
+        if notice_text:
+            try:
+                notice = float(notice_text)
+            except ValueError:
+                notice = -1.0
+            if not 0 <= notice <= drains.MAX_NOTICE_S:
+                message = f"Enter a number of seconds from 0 to {drains.MAX_NOTICE_S:.0f}, or leave it empty."
+                return await page(ctx, name, status=422, notice_error=message)
         async with ctx.api() as api:
             try:
-                await drains.start(api, name, reason)
+                await drains.start(api, name, reason, notice)
             except ApiError as exc:
                 return await page(ctx, name, status=exc.status, error=str(exc))
         return RedirectResponse(f"/portal/hosts/{quote(name, safe='')}?sub={ctx.sub}", status_code=303)
 
-    @router.post("/portal/hosts/{name}/cancel", include_in_schema=False)
-    async def cancel(posted: Form, name: str) -> Response:
+    @router.post("/portal/hosts/{name}/{action}", include_in_schema=False)
+    async def host_action(posted: Form, name: str, action: str) -> Response:
         ctx = posted.ctx
+        call = {"cancel": drains.cancel, "uncordon": drains.uncordon}.get(action)
+        if call is None:
+            return ctx.page("error.html", "Host", "hosts", status=404, message=f"no action {action!r} on a host")
         async with ctx.api() as api:
             try:
-                await drains.cancel(api, name)
+                await call(api, name)
             except ApiError as exc:
                 return await page(ctx, name, status=exc.status, error=str(exc))
         return RedirectResponse(f"/portal/hosts/{quote(name, safe='')}?sub={ctx.sub}", status_code=303)

@@ -199,12 +199,21 @@ def test_owner_creates_moves_and_attests(page: Page, fleet: Fleet) -> None:
     # The VM moves while the host page is open: it updates without a reload.
     page.goto(f"{fleet.ctl.url}/portal/hosts/{source}")
     page.evaluate("window.__notReloaded = true")
-    _move(page, fleet, source)
+    has_drains = _move(page, fleet, source)
     vm_row = page.locator("[data-testid='host-vms'] tr[data-vm='web1']")
     expect(vm_row.locator("[data-col='host']")).to_have_text(target, timeout=MOVE_MS)
     expect(vm_row.locator("[data-col='move-status']")).to_have_text("Succeeded", timeout=MOVE_MS)
     assert page.evaluate("window.__notReloaded") is True
+    if has_drains:
+        ladder = page.locator("tr[data-drain-vm='web1']")
+        expect(ladder.locator("[data-col='outcome']")).to_have_text("Succeeded", timeout=MOVE_MS)
+        expect(page.locator("[data-col='drain-status']")).to_have_text("Succeeded", timeout=MOVE_MS)
     _shot(page, "09-host-after-move")
+    if has_drains:  # the drained host stays cordoned until an operator uncordons it
+        page.reload()
+        expect(page.get_by_test_id("host-state")).to_have_text("Cordoned")
+        page.get_by_role("button", name="Uncordon").click()
+        expect(page.get_by_test_id("host-state")).to_have_text("Available")
 
     # The VM page: the new token, signed on the destination's chip; the move in the history.
     page.goto(fleet.ctl.url + "/portal/vms/default/web-rg/web1")
@@ -243,7 +252,7 @@ def test_owner_creates_moves_and_attests(page: Page, fleet: Fleet) -> None:
     expect(page.get_by_test_id("vm-clm")).to_have_text("Enabled")
 
 
-def _move(page: Page, fleet: Fleet, source: str) -> None:
+def _move(page: Page, fleet: Fleet, source: str) -> bool:
     """Drain the VM's host through the page when the controller has drains; else the operator's migrate."""
     has_drains = httpx.get(
         f"{fleet.ctl.url}/providers/Cvmotion.Fabric/hosts/{source}/drain",
@@ -254,9 +263,18 @@ def _move(page: Page, fleet: Fleet, source: str) -> None:
     )
     if has_drains:
         page.get_by_label("Reason").select_option("SecurityUpdate")
+        page.get_by_label("Notice before each move").fill("soon")
+        page.get_by_role("button", name=f"Drain {source}").click()
+        expect(page.locator("#notice-error")).to_contain_text("Enter a number of seconds")
+        expect(page.get_by_test_id("host-state")).to_have_text("Available")  # nothing was drained
+        page.get_by_label("Reason").select_option("SecurityUpdate")
+        page.get_by_label("Notice before each move").fill("0")  # the VM's Scheduled Event is due at once
         page.get_by_role("button", name=f"Drain {source}").click()
         expect(page.get_by_test_id("drain-status")).to_be_visible()
+        expect(page.get_by_test_id("host-state")).to_have_text(re.compile("Draining|Cordoned"))
         page.evaluate("window.__notReloaded = true")
+        ladder = page.locator("tr[data-drain-vm='web1']")
+        expect(ladder.locator("[data-col='method']")).to_have_text("LiveMigration", timeout=MOVE_MS)
     else:
         # No drain API on this controller: the same move through the VM's operator action, in a second tab,
         # while this page stays open.
@@ -269,6 +287,7 @@ def _move(page: Page, fleet: Fleet, source: str) -> None:
     # The move may finish between two refreshes on a quick machine: in flight or done, never a reload.
     expect(in_flight).to_have_text(re.compile("InProgress|Succeeded"), timeout=MOVE_MS)
     _shot(page, "08-host-drain-in-progress")
+    return has_drains
 
 
 def test_reader_sees_no_buttons(page: Page, fleet: Fleet) -> None:

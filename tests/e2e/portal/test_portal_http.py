@@ -11,6 +11,7 @@ from conftest import Site, csrf_of
 
 from cvmotion.control.auth import Role
 from cvmotion.control.portal.charts import histogram_svg
+from cvmotion.control.portal.views_events import series
 from cvmotion.control.portal.vmview import moves_of
 
 VM = "/subscriptions/default/resourceGroups/{rg}/providers/Microsoft.Compute/virtualMachines/{name}"
@@ -217,3 +218,19 @@ def test_moves_pair_tokens_with_their_move() -> None:
     assert [m["method"] for m in moves] == ["MemoryPreservingUpdate", "LiveMigration"]
     assert (moves[1]["token_before"], moves[1]["token_after"]) == ("t-old", "t-new")
     assert (moves[0]["token_before"], moves[0]["downtime_ms"]) == ("t-new", 310)
+
+
+def test_charts_count_each_move_once() -> None:
+    vm = "/subscriptions/default/resourcegroups/rg/providers/microsoft.compute/virtualmachines/v"
+    events = [
+        # An operator's move: the worker's event and its operation.
+        {"id": "1", "type": "Cvmotion.Fabric.VmMigrated", "subject": vm, "data": {"downtime": 20, "total-time": 100}},
+        {"id": "2", "type": "Cvmotion.Fabric.OperationSucceeded", "subject": vm, "data": {"operation": "op-1"}},
+        # A drained move: the worker found the VM arrived (no timings); the ladder measured it.
+        {"id": "3", "type": "Cvmotion.Fabric.VmMigrated", "subject": vm, "data": {"from": "ha", "to": "hb"}},
+        {"id": "4", "type": "Cvmotion.Fabric.OperationSucceeded", "subject": vm, "data": {"operation": "op-2"}},
+        {"id": "5", "type": "cvmotion.migration.completed", "subject": vm,
+         "data": {"operation": "op-2", "downtimeMs": 30, "totalMs": 200}},
+        {"id": "6", "type": "cvmotion.maintenance.fallback", "subject": vm, "data": {"pauseMs": 310}},
+    ]  # fmt: skip
+    assert series(events) == {"downtime": [20.0, 30.0], "total": [100.0, 200.0], "pause": [310.0]}
