@@ -173,7 +173,7 @@ def _event_routes(router: APIRouter, ctl: FleetController) -> None:
     for path, op_id in (("/v1/events", "stream_events"), ("/providers/Cvmotion.Fabric/events", "events")):
         router.add_api_route(
             path, events, methods=["GET"], operation_id=op_id, summary=summary, response_model=None,
-            responses=stream_doc,
+            responses=stream_doc, description=schema.STREAM_DESCRIPTION,
         )  # fmt: skip
 
 

@@ -51,14 +51,16 @@ Subject = Annotated[
 After = Annotated[
     int | None, Query(ge=0, le=MAX_CURSOR, description="only events after this id (what Last-Event-ID says)")
 ]
-LastEventId = Annotated[
-    str,
-    Header(
-        alias="Last-Event-ID",
-        pattern=r"^[0-9]{0,18}$",
-        description="the id of the last event received: resume after it (an EventSource sends it on reconnect)",
-    ),
-]
+# Left out of the document (``STREAM_DESCRIPTION`` says it): Schemathesis takes an operation's configured
+# Authorization for generated credentials once the operation declares any header parameter.
+LastEventId = Annotated[str, Header(alias="Last-Event-ID", pattern=r"^[0-9]{0,18}$", include_in_schema=False)]
+STREAM_DESCRIPTION = (
+    "Without a cursor: the newest `limit` events the token may see; with `after` or a `Last-Event-ID` header"
+    " (the id of the last event received, digits; an EventSource sends it when it reconnects): the events"
+    " after it. `follow=true`: then every new one as Server-Sent Events (`id:` the event id, `data:` the"
+    " CloudEvent), `: keep-alive` comments in silence; the stream ends after an hour (reconnect with"
+    " Last-Event-ID: nothing is lost or repeated)."
+)
 Follow = Annotated[bool, Query(description="then stream every new event as Server-Sent Events")]
 WebhookId = Annotated[str, Path(pattern=WEBHOOK_ID_PATTERN, examples=["wh-0123456789abcdef"])]
 DeliveryId = Annotated[int, Path(ge=1, le=MAX_CURSOR)]

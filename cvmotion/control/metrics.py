@@ -10,7 +10,7 @@ none (counters are totals since the database was created).  Series::
     cvmotion_migrations_total{outcome}           counter    Succeeded (completed events), Failed (failed events)
     cvmotion_migration_failures_total{reason}    counter    failed events by reason (30 commonest, the rest "other")
     cvmotion_maintenance_fallbacks_total{method} counter    fallback events by method
-    cvmotion_drains_in_progress                  gauge      drains not yet settled (when the drain table exists)
+    cvmotion_drains_in_progress                  gauge      drains Accepted, Running or Canceling
     cvmotion_webhook_deliveries{state}           gauge      Pending, Succeeded, DeadLettered
     cvmotion_events_newest_id                    gauge      the newest event id (a reader's lag: this - cursor)
 
@@ -25,10 +25,12 @@ from typing import Any
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
-from sqlalchemy import ColumnElement, Float, case, cast, column, func, inspect, select, table
+from sqlalchemy import ColumnElement, Float, case, cast, func, select
 from sqlalchemy.orm import Session
 
 from cvmotion.control.db import DeliveryState, Event, WebhookDelivery
+from cvmotion.control.db_maintenance import Drain
+from cvmotion.control.drainstates import ACTIVE_DRAIN
 
 __all__ = ["FleetCollector", "render_metrics"]
 
@@ -39,9 +41,6 @@ DURATION_BUCKETS = (0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1
 PAUSE_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
 MAX_LABELS = 30
 LABEL_CHARS = 64
-# The drain table's name and the states that mean "settled", as the maintenance module records them.
-DRAINS_TABLE = "drains"
-DRAIN_DONE = ("Succeeded", "PartiallySucceeded", "Failed", "Canceled")
 
 
 def _number(session: Session, key: str) -> ColumnElement[Any]:
@@ -77,11 +76,8 @@ def _by_label(session: Session, event_type: str, key: str) -> list[tuple[str, in
     return sorted(merged.items())
 
 
-def _drains_in_progress(session: Session) -> int | None:
-    if not inspect(session.get_bind()).has_table(DRAINS_TABLE):
-        return None
-    drains = table(DRAINS_TABLE, column("status"))
-    return int(session.scalar(select(func.count()).select_from(drains).where(drains.c.status.not_in(DRAIN_DONE))) or 0)
+def _drains_in_progress(session: Session) -> int:
+    return int(session.scalar(select(func.count()).where(Drain.status.in_(ACTIVE_DRAIN))) or 0)
 
 
 def collect_from(session: Session) -> list[Metric]:
@@ -105,8 +101,7 @@ def collect_from(session: Session) -> list[Metric]:
         methods.add_metric([method], count)
     out += [outcomes, reasons, methods]
     drains = _drains_in_progress(session)
-    if drains is not None:
-        out.append(GaugeMetricFamily("cvmotion_drains_in_progress", "host drains not yet settled", value=drains))
+    out.append(GaugeMetricFamily("cvmotion_drains_in_progress", "host drains not yet settled", value=drains))
     deliveries = GaugeMetricFamily("cvmotion_webhook_deliveries", "webhook deliveries by state", labels=["state"])
     rows = session.execute(select(WebhookDelivery.state, func.count()).group_by(WebhookDelivery.state))
     by_state = {state: int(count) for state, count in rows}

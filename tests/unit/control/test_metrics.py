@@ -85,3 +85,22 @@ def test_metrics_need_a_token_for_every_subscription(api: Api) -> None:
     assert "every subscription" in refused.json()["error"]["message"]
     assert api.req("GET", "/metrics", token=api.token(Role.HOST)).status_code == 403
     assert "cvmotion_migrations_total" in scrape(api, api.token(Role.READER))
+
+
+def test_drains_in_progress_counts_the_unsettled(tmp_path: Path) -> None:
+    from sqlalchemy.orm import Session
+
+    from cvmotion.control.db import open_database
+    from cvmotion.control.db_maintenance import Drain
+    from cvmotion.control.drainstates import DrainReason, DrainStatus
+    from cvmotion.control.metrics import collect_from
+
+    engine = open_database(f"sqlite:///{tmp_path / 'c.db'}")
+    with Session(engine) as s, s.begin():
+        for i, status in enumerate((DrainStatus.RUNNING, DrainStatus.CANCELING, DrainStatus.SUCCEEDED)):
+            s.add(Drain(id=f"d{i}", host=f"h{i}", reason=DrainReason.SECURITY_UPDATE, status=status,
+                        max_parallel=2, notice_s=0.0))  # fmt: skip
+    with Session(engine) as s:
+        [gauge] = [m for m in collect_from(s) if m.name == "cvmotion_drains_in_progress"]
+    engine.dispose()
+    assert gauge.samples[0].value == 2
