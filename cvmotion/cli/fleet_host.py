@@ -20,6 +20,9 @@ def register_host_list(verbs: argparse._SubParsersAction[argparse.ArgumentParser
     listing = verbs.add_parser("list", help="hosts registered with the fleet controller")
     add_controller_args(listing, resource_group=False)
     listing.set_defaults(handler=_list)
+    from cvmotion.cli.drain import register_drain
+
+    register_drain(verbs)  # host drain|uncordon
 
 
 def _list(args: argparse.Namespace) -> int:

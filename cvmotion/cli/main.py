@@ -28,7 +28,7 @@ EXIT_POLICY = 5
 _GROUPS = (
     "attest", "platform", "vm", "host", "migrate", "attestation", "demo", "kds", "pool",
     "controller", "policy", "deployment", "simulate",
-    "webhook",
+    "webhook", "maintenance",
 )  # fmt: skip
 
 Handler = Callable[[argparse.Namespace], int]

@@ -360,15 +360,17 @@ class Ladder:
         dest_api = self.r.host_api(row.to_host or "")
         after = attestation_facts(dest_api.attestation(row.host_vm_name)) if dest_api else {}
         fresh = after.get("tokenId") and after.get("tokenId") != row.attestation_before.get("tokenId")
-        if not fresh and self.r.clock() < op.updated_at + self.opts.attest_wait_s:
+        waiting = self.r.clock() < op.updated_at + self.opts.attest_wait_s
+        if not fresh and waiting:
             return  # the paravisor re-attests after resume: wait for its new token (bounded)
         stats: dict[str, Any] = {}
         source = self.r.host_api(drain.host)
         if source is not None and op.migration_id:
             try:
-                stats = source.call("GET", f"/v1/migrations/{op.migration_id}", timeout=5)
+                stats = source.call("GET", f"/v1/migrations/{op.migration_id}", timeout=10)
             except CvmError:
-                stats = {}
+                if waiting:
+                    return  # the source is slow to answer: its figures are asked again (bounded)
         total, downtime = stats.get("total-time"), stats.get("downtime")
         sent = stats.get("ram", {}).get("transferred")
 
