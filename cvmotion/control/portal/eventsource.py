@@ -11,7 +11,7 @@ from typing import Any
 
 from cvmotion.control.portal.apiclient import ApiClient, ApiError
 
-__all__ = ["EVENT_TYPES", "matches", "read_events", "short_type"]
+__all__ = ["EVENT_TYPES", "event_id", "matches", "newest_id", "read_after", "read_events", "short_type"]
 
 # The filters the timeline offers: label -> type patterns (both namings of the controller's own types).
 EVENT_TYPES: dict[str, tuple[str, ...]] = {
@@ -38,13 +38,9 @@ def matches(event: dict[str, Any], kind: str, subject: str) -> bool:
     return not subject or str(event.get("subject", "")).lower().startswith(subject.lower())
 
 
-async def read_events(
-    api: ApiClient, *, kind: str = "all", subject: str = "", limit: int = 200
-) -> list[dict[str, Any]]:
-    """The newest ``limit`` events the user may see that match the filter, oldest first."""
-    params: dict[str, Any] = {"limit": limit}
-    if subject:
-        params["subject"] = subject
+async def _fetch(api: ApiClient, *, subject: str, limit: int, after: int | None) -> list[dict[str, Any]]:
+    """Events (oldest first) from the stream API, or from the older list filtered here."""
+    params: dict[str, Any] = {"limit": limit, "subject": subject or None, "after": after}
     try:
         answer = await api.get("/v1/events", **params)
     except ApiError as exc:
@@ -52,5 +48,32 @@ async def read_events(
             raise
         answer = await api.get("/providers/Cvmotion.Fabric/events", limit=_LIMIT)
     events = answer.get("value", []) if isinstance(answer, dict) else []
-    picked = [e for e in events if isinstance(e, dict) and matches(e, kind, subject)]
-    return picked[-limit:]
+    return [
+        e for e in events
+        if isinstance(e, dict) and matches(e, "all", subject) and (after is None or event_id(e) > after)
+    ]  # fmt: skip
+
+
+def event_id(event: dict[str, Any]) -> int:
+    text = str(event.get("id", ""))
+    return int(text) if text.isdigit() else 0
+
+
+async def read_events(
+    api: ApiClient, *, kind: str = "all", subject: str = "", limit: int = 200
+) -> list[dict[str, Any]]:
+    """The newest ``limit`` events the user may see that match the filter, oldest first."""
+    events = await _fetch(api, subject=subject, limit=limit, after=None)
+    return [e for e in events if matches(e, kind, subject)][-limit:]
+
+
+async def read_after(api: ApiClient, after: int, *, subject: str = "") -> tuple[list[dict[str, Any]], int]:
+    """The events after the cursor ``after`` (unfiltered by kind) and the cursor after them."""
+    events = await _fetch(api, subject=subject, limit=500, after=after)
+    return events, max((event_id(e) for e in events), default=after)
+
+
+async def newest_id(api: ApiClient, *, subject: str = "") -> int:
+    """The cursor after the newest event the user may see (where a stream that shows nothing old starts)."""
+    events = await _fetch(api, subject=subject, limit=1, after=None)
+    return max((event_id(e) for e in events), default=0)

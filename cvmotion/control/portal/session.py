@@ -13,6 +13,7 @@ import hashlib
 import hmac
 import secrets
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import quote
 
 from fastapi import Request
@@ -69,6 +70,8 @@ class Portal:
         self.ctl = ctl
         self._key = secrets.token_bytes(32)
         self.missing_routes: set[str] = set()  # optional API routes this controller does not serve
+        # Settled migrations' statuses from their source hosts (they never change): (host URL, id) -> status.
+        self.migration_stats: dict[tuple[str, str], dict[str, Any]] = {}
 
     def csrf_for(self, token: str) -> str:
         return hmac.new(self._key, token.encode(), hashlib.sha256).hexdigest()

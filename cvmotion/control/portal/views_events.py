@@ -19,7 +19,15 @@ from fastapi.responses import Response, StreamingResponse
 from cvmotion.control.portal.apiclient import ApiError
 from cvmotion.control.portal.charts import histogram_svg, summarise
 from cvmotion.control.portal.common import SignedIn
-from cvmotion.control.portal.eventsource import EVENT_TYPES, read_events, short_type
+from cvmotion.control.portal.eventsource import (
+    EVENT_TYPES,
+    event_id,
+    matches,
+    newest_id,
+    read_after,
+    read_events,
+    short_type,
+)
 from cvmotion.control.portal.render import render_fragment
 
 __all__ = ["register"]
@@ -96,36 +104,35 @@ def register(router: APIRouter) -> None:
                 rows, error = [], str(exc)
         return ctx.page(
             "events.html", "Events", "events", rows=rows[::-1], error=error, kind=kind, subject=subject,
-            kinds=list(EVENT_TYPES), short_type=short_type,
+            kinds=list(EVENT_TYPES), short_type=short_type, after=max((event_id(e) for e in rows), default=0),
         )  # fmt: skip
 
     @router.get("/portal/events/stream", include_in_schema=False)
     async def stream(ctx: SignedIn) -> Response:
         request = ctx.request
         kind, subject = _filters(request)
-        resume = request.headers.get("last-event-id", "")
-        since = int(resume) if resume.isdigit() else None
+        # Resume after the last event this browser got, else after the newest the page was rendered with.
+        resume = request.headers.get("last-event-id", "") or request.query_params.get("after", "")
+        since = int(resume) if resume.isdigit() and len(resume) < 19 else None
 
         async def lines() -> AsyncIterator[str]:
-            last = since
             deadline = time.monotonic() + _STREAM_S
             async with ctx.api() as api:
-                while time.monotonic() < deadline and not await request.is_disconnected():
-                    try:
-                        batch = await read_events(api, kind=kind, subject=subject, limit=200)
-                    except ApiError:
-                        return  # the token no longer reads events: end; the page shows the state it has
-                    if last is None:  # the page already shows the latest: start after them
-                        last = max((int(e["id"]) for e in batch if str(e.get("id", "")).isdigit()), default=0)
-                    fresh = [e for e in batch if str(e.get("id", "")).isdigit() and int(e["id"]) > last]
-                    for event in fresh:
-                        last = int(event["id"])
-                        item = render_fragment("_event.html", e=event, short_type=short_type)
-                        data = "".join(f"data: {line}\n" for line in item.splitlines() if line.strip())
-                        yield f"id: {last}\nevent: message\n{data}\n"
-                    if not fresh:
-                        yield ": keep-alive\n\n"
-                    await asyncio.sleep(_POLL_S)
+                try:
+                    # The page already shows the newest events: a fresh stream starts after them.
+                    last = since if since is not None else await newest_id(api, subject=subject)
+                    while time.monotonic() < deadline and not await request.is_disconnected():
+                        batch, last = await read_after(api, last, subject=subject)
+                        shown = [e for e in batch if matches(e, kind, subject)]
+                        for event in shown:
+                            item = render_fragment("_event.html", e=event, short_type=short_type)
+                            data = "".join(f"data: {line}\n" for line in item.splitlines() if line.strip())
+                            yield f"id: {event['id']}\nevent: message\n{data}\n"
+                        if not shown:
+                            yield ": keep-alive\n\n"
+                        await asyncio.sleep(_POLL_S)
+                except ApiError:
+                    return  # the token no longer reads events: end; the page keeps what it shows
 
         headers = {"Cache-Control": "no-store", "X-Accel-Buffering": "no"}
         return StreamingResponse(lines(), media_type="text/event-stream", headers=headers)

@@ -24,6 +24,7 @@ from cvmotion.control.portal.common import Ctx, Form, SignedIn, host_json, vm_pa
 __all__ = ["register"]
 
 _HOSTS = "/providers/Cvmotion.Fabric/hosts"
+_MAX_VMS = 200
 
 
 def _usage(ctx: Ctx) -> dict[str, Candidate]:
@@ -66,24 +67,34 @@ async def _hosts(ctx: Ctx, api: ApiClient) -> list[dict[str, Any]]:
 
 
 async def _progress(ctx: Ctx, api: ApiClient, host: dict[str, Any]) -> dict[str, Any]:
-    """The host's drain (when the API has one) and, per VM on the host, its move in flight."""
-    drain = await drains.current(api, host["name"])
-    vms = await api.get(f"/subscriptions/{quote(ctx.sub, safe='')}/providers/Microsoft.Compute/virtualMachines")
+    """The host's drain (when the API has one) and each VM that is on the host or last moved from it.
+
+    The VMs are the subscription's (the ones this user may read); their operations are asked concurrently,
+    for at most ``_MAX_VMS`` of them (a page refreshed every second must stay cheap).
+    """
+    drain, vms = await asyncio.gather(
+        drains.current(api, host["name"]),
+        api.get(f"/subscriptions/{quote(ctx.sub, safe='')}/providers/Microsoft.Compute/virtualMachines"),
+    )
+    listed = vms.get("value", [])[:_MAX_VMS]
+
+    async def latest_move(vm: dict[str, Any]) -> dict[str, Any] | None:
+        parts = str(vm["id"]).split("/")
+        ops = await api.get(vm_path(parts[2], parts[4], vm["name"]) + "/operations")
+        return next((op for op in ops.get("value", []) if op.get("name") == "Migrate"), None)
+
+    latest = await asyncio.gather(*(latest_move(vm) for vm in listed))
     mine = []
     async with httpx.AsyncClient() as client:
-        for vm in vms.get("value", []):
-            view = vm["properties"]["instanceView"]
+        for vm, move in zip(listed, latest, strict=True):
             parts = str(vm["id"]).split("/")
-            ops = await api.get(vm_path(parts[2], parts[4], vm["name"]) + "/operations")
-            moves = [op for op in ops.get("value", []) if op.get("name") == "Migrate"]
-            latest = moves[0] if moves else None
-            touched = view.get("host") == host["name"] or (latest is not None and latest.get("host") == host["name"])
-            if not touched:
+            on_host = vm["properties"]["instanceView"].get("host") == host["name"]
+            if not on_host and (move is None or move.get("host") != host["name"]):
                 continue
             live = None
-            if latest is not None and latest.get("migrationId") and latest.get("status") == "InProgress":
-                live = await host_json(client, host["api_url"], f"/v1/migrations/{latest['migrationId']}")
-            mine.append({"vm": vm, "rg": parts[4], "sub": parts[2], "move": latest, "live": live})
+            if move is not None and move.get("migrationId") and move.get("status") == "InProgress":
+                live = await host_json(client, host["api_url"], f"/v1/migrations/{move['migrationId']}")
+            mine.append({"vm": vm, "rg": parts[4], "sub": parts[2], "move": move, "live": live})
     return {"drain": drain, "vms": mine}
 
 

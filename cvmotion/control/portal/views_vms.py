@@ -113,7 +113,8 @@ def register(router: APIRouter) -> None:  # noqa: C901 - one closure per route
                 events = []
         async with httpx.AsyncClient() as client:
             attestation, moves = await asyncio.gather(
-                attestation_of(client, vm, hosts), moves_of(client, ops.get("value", []), hosts, events)
+                attestation_of(client, vm, hosts),
+                moves_of(client, ops.get("value", []), hosts, events, ctx.portal.migration_stats),
             )
         host = hosts.get(vm["properties"]["instanceView"].get("host") or "")
         return {"vm": vm, "row": _row(vm), "attestation": attestation, "moves": moves, "host": host}

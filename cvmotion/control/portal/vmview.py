@@ -18,7 +18,9 @@ import httpx
 
 from cvmotion.control.portal.common import host_json
 
-__all__ = ["attestation_of", "decode_claims", "moves_of"]
+__all__ = ["StatsCache", "attestation_of", "decode_claims", "moves_of"]
+
+StatsCache = dict[tuple[str, str], dict[str, Any]]  # (source API URL, migration id) -> its settled status
 
 
 def decode_claims(token: str) -> dict[str, Any]:
@@ -115,8 +117,29 @@ def _first(data: dict[str, Any], *keys: str) -> Any:
     return None
 
 
+_SETTLED = ("completed", "failed", "cancelled")
+_CACHE_MAX = 2048
+
+
+async def _stats(client: httpx.AsyncClient, cache: StatsCache, base: str, mig_id: str) -> dict[str, Any] | None:
+    """A migration's status from its source; a settled one is remembered (it never changes again)."""
+    key = (base, mig_id)
+    if key in cache:
+        return cache[key]
+    stats = await host_json(client, base, f"/v1/migrations/{mig_id}")
+    if stats is not None and stats.get("status") in _SETTLED:
+        if len(cache) >= _CACHE_MAX:
+            cache.pop(next(iter(cache)))
+        cache[key] = stats
+    return stats
+
+
 async def moves_of(
-    client: httpx.AsyncClient, ops: list[dict[str, Any]], hosts: dict[str, Any], events: list[dict[str, Any]]
+    client: httpx.AsyncClient,
+    ops: list[dict[str, Any]],
+    hosts: dict[str, Any],
+    events: list[dict[str, Any]],
+    cache: StatsCache | None = None,
 ) -> list[dict[str, Any]]:
     """The VM's migrations, newest first: when, from -> to, method, times, bytes, and the token before/after."""
     migrations = [op for op in ops if op.get("name") == "Migrate"][:20]
@@ -132,7 +155,7 @@ async def moves_of(
         mig_id = op.get("migrationId")
         stats = None
         if source is not None and mig_id:
-            stats = await host_json(client, source["properties"]["apiUrl"], f"/v1/migrations/{mig_id}")
+            stats = await _stats(client, {} if cache is None else cache, source["properties"]["apiUrl"], mig_id)
         stats = stats or {}
         recorded = migrated.get(str(mig_id), {})
         attest = pma.get(str(op.get("id"))) or pma.get(str(mig_id)) or {}
