@@ -8,7 +8,7 @@ none (counters are totals since the database was created).  Series::
     cvmotion_migration_downtime_seconds          histogram  downtimeMs of cvmotion.migration.completed
     cvmotion_maintenance_fallback_pause_seconds  histogram  pauseMs of cvmotion.maintenance.fallback
     cvmotion_migrations_total{outcome}           counter    Succeeded (completed events), Failed (failed events)
-    cvmotion_migration_failures_total{reason}    counter    failed events by reason (30 commonest, the rest "other")
+    cvmotion_migration_failures_total{reason}    counter    failed events by reason code (30 commonest, then "other")
     cvmotion_maintenance_fallbacks_total{method} counter    fallback events by method
     cvmotion_drains_in_progress                  gauge      drains Accepted, Running or Canceling
     cvmotion_webhook_deliveries{state}           gauge      Pending, Succeeded, DeadLettered
@@ -65,15 +65,19 @@ def _histogram(
 
 
 def _by_label(session: Session, event_type: str, key: str) -> list[tuple[str, int]]:
+    """Counts by ``data[key]``'s code: the text before a ':' (``"InPlaceFailed: host gone"`` counts as
+    ``InPlaceFailed``), at most ``LABEL_CHARS``; the ``MAX_LABELS`` commonest, the rest as ``other``."""
     value = func.coalesce(Event.data[key].as_string(), "")
-    rows = session.execute(
-        select(value, func.count()).where(Event.type == event_type).group_by(value).order_by(func.count().desc())
-    ).all()
-    merged: dict[str, int] = {}
-    for i, (label, count) in enumerate(rows):
-        name = (str(label)[:LABEL_CHARS] or "unknown") if i < MAX_LABELS else "other"
-        merged[name] = merged.get(name, 0) + int(count)
-    return sorted(merged.items())
+    rows = session.execute(select(value, func.count()).where(Event.type == event_type).group_by(value))
+    codes: dict[str, int] = {}
+    for label, count in rows:
+        code = str(label).split(":", 1)[0].strip()[:LABEL_CHARS] or "unknown"
+        codes[code] = codes.get(code, 0) + int(count)
+    ranked = sorted(codes.items(), key=lambda item: (-item[1], item[0]))
+    kept = dict(ranked[:MAX_LABELS])
+    if len(ranked) > MAX_LABELS:
+        kept["other"] = kept.get("other", 0) + sum(count for _, count in ranked[MAX_LABELS:])
+    return sorted(kept.items())
 
 
 def _drains_in_progress(session: Session) -> int:

@@ -43,7 +43,7 @@ def test_histograms_and_counters_from_the_events(api: Api) -> None:
         record(api, "cvmotion.migration.completed", vm="v", totalMs=total, downtimeMs=downtime, bytes=1 << 30)
     record(api, "cvmotion.migration.completed", vm="odd", totalMs="fast")  # not a number: left out
     record(api, "cvmotion.maintenance.fallback", vm="m", method="MemoryPreservingUpdate", pauseMs=180)
-    for reason in ("DestinationUnreachable", "DestinationUnreachable", "PolicyDenied"):
+    for reason in ("DestinationUnreachable: h2 refused", "DestinationUnreachable", "PolicyDenied"):
         record(api, "cvmotion.migration.failed", vm="f", reason=reason)
     m = scrape(api)
     total = m["cvmotion_migration_duration_seconds_bucket"]
@@ -71,7 +71,7 @@ def test_histograms_and_counters_from_the_events(api: Api) -> None:
 
 def test_reason_labels_are_bounded(api: Api) -> None:
     for i in range(35):
-        record(api, "cvmotion.migration.failed", vm="f", reason=f"reason-{i:02d}-" + "x" * 80)
+        record(api, "cvmotion.migration.failed", vm="f", reason=f"reason-{i:02d}-" + "x" * 80 + ": detail")
     reasons = scrape(api)["cvmotion_migration_failures_total"]
     assert len(reasons) == 31
     assert reasons[(("reason", "other"),)] == 5
