@@ -234,3 +234,38 @@ def test_charts_count_each_move_once() -> None:
         {"id": "6", "type": "cvmotion.maintenance.fallback", "subject": vm, "data": {"pauseMs": 310}},
     ]  # fmt: skip
     assert series(events) == {"downtime": [20.0, 30.0], "total": [100.0, 200.0], "pause": [310.0]}
+
+
+def test_drain_cancel_and_uncordon_through_the_portal(site: Site) -> None:
+    props = {
+        "hardwareProfile": {"vmSize": "Standard_DC2as_v5"},
+        "securityProfile": {"confidentialLiveMigration": "Enabled"},
+        "storageProfile": {"imageReference": {"id": "kvstore"}},
+        "placement": {"host": "h1"},
+    }
+    body = {"properties": props}
+    assert site.api("PUT", VM.format(rg="rg1", name="d1"), body).status_code == 202
+    _wait_running(site, "rg1", "d1")
+    with site.signed_in(site.owner) as web:
+        csrf = csrf_of(web.get("/portal/hosts/h1").text)
+        bad = web.post("/portal/hosts/h1/drain", data={"csrf": csrf, "reason": "Reboot", "notice": "x"})
+        assert bad.status_code == 422
+        assert 'id="reason-error"' in bad.text
+        late = web.post("/portal/hosts/h1/drain", data={"csrf": csrf, "reason": "SecurityUpdate", "notice": "-1"})
+        assert late.status_code == 422
+        assert 'id="notice-error"' in late.text
+        # A long notice keeps the VM's move scheduled, so the drain is still running when it is cancelled.
+        started = web.post("/portal/hosts/h1/drain", data={"csrf": csrf, "reason": "SecurityUpdate", "notice": "600"})
+        assert started.status_code == 303, started.text
+        page = web.get("/portal/hosts/h1")
+        assert 'data-testid="host-state"><span class="state state-draining">Draining' in page.text
+        assert "Running" in web.get("/portal/hosts/h1/live").text or "Accepted" in page.text
+        assert web.post("/portal/hosts/h1/drain", data={"csrf": csrf, "reason": "SecurityUpdate"}).status_code == 409
+        assert web.post("/portal/hosts/h1/cancel", data={"csrf": csrf}).status_code == 303
+        deadline = time.monotonic() + 30
+        while "Draining" in (state := web.get("/portal/hosts/h1").text) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "state-cordoned" in state
+        assert web.post("/portal/hosts/h1/uncordon", data={"csrf": csrf}).status_code == 303
+        assert "state-available" in web.get("/portal/hosts/h1").text
+        assert web.post("/portal/hosts/h1/reboot", data={"csrf": csrf}).status_code == 404
