@@ -63,7 +63,9 @@ async def read_events(
     api: ApiClient, *, kind: str = "all", subject: str = "", limit: int = 200
 ) -> list[dict[str, Any]]:
     """The newest ``limit`` events the user may see that match the filter, oldest first."""
-    events = await _fetch(api, subject=subject, limit=limit, after=None)
+    # A kind is filtered here: read further back so that up to ``limit`` of that kind can be found.
+    wide = limit if kind == "all" else _LIMIT
+    events = await _fetch(api, subject=subject, limit=wide, after=None)
     return [e for e in events if matches(e, kind, subject)][-limit:]
 
 

@@ -269,3 +269,22 @@ def test_drain_cancel_and_uncordon_through_the_portal(site: Site) -> None:
         assert web.post("/portal/hosts/h1/uncordon", data={"csrf": csrf}).status_code == 303
         assert "state-available" in web.get("/portal/hosts/h1").text
         assert web.post("/portal/hosts/h1/reboot", data={"csrf": csrf}).status_code == 404
+
+
+def test_events_stream_sends_ids_and_resumes(site: Site) -> None:
+    with site.signed_in(site.owner) as web:
+        ids: list[int] = []
+        with web.stream("GET", "/portal/events/stream", params={"after": "0", "kind": "hosts"}) as stream:
+            assert stream.headers["content-type"].startswith("text/event-stream")
+            for line in stream.iter_lines():
+                if line.startswith("id: "):
+                    ids.append(int(line.removeprefix("id: ")))
+                assert "<script" not in line
+                if len(ids) == 3:  # the three hosts' registrations
+                    break
+        assert ids == sorted(ids)
+        # Resuming after the second: the third comes first (Last-Event-ID, as a reconnecting browser sends it).
+        headers = {"Last-Event-ID": str(ids[1])}
+        with web.stream("GET", "/portal/events/stream", params={"kind": "hosts"}, headers=headers) as stream:
+            first = next(line for line in stream.iter_lines() if line.startswith("id: "))
+        assert first == f"id: {ids[2]}"
