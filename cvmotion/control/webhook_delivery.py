@@ -92,8 +92,9 @@ class WebhookDispatcher:
     def stop(self) -> None:
         self._stop.set()
         self.notifier.notify()
+        deadline = time.monotonic() + self.lease_s  # an attempt in flight ends within its lease
         for thread in self._threads:
-            thread.join(self.options.timeout_s * 3 + 5)
+            thread.join(max(deadline - time.monotonic(), 0.0))
 
     def _write(self) -> contextlib.AbstractContextManager[Any]:
         return self.write_lock if self.write_lock is not None else contextlib.nullcontext()

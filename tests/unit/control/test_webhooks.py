@@ -28,6 +28,7 @@ from cvmotion.control.webhook_signing import (
     verify,
 )
 from cvmotion.control.webhooks import RetryPolicy
+from cvmotion.testing.fakehost import FakeHost
 from cvmotion.testing.hosts import free_port
 
 SECRET = "whsec_" + "MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw"  # 24 bytes, base64
@@ -240,13 +241,16 @@ def test_a_stalled_receiver_holds_up_no_other_webhook(api: Api) -> None:
         return 204
 
     try:
-        with WebhookReceiver(SECRET, respond=stall) as slow, WebhookReceiver(SECRET) as quick:
+        with WebhookReceiver(SECRET, respond=stall) as slow, WebhookReceiver(SECRET) as quick, FakeHost("h1") as h1:
             create(api, slow.url)
             create(api, quick.url)
             for i in range(5):
                 record(api, "cvmotion.migration.started", f"v{i}")
             arrived = quick.wait_for(lambda r: len(r) == 5, timeout=20)
             assert len(slow.received) == 1  # one delivery in flight to the stalled receiver, not five
+            # The controller's own work goes on: a VM is placed and created on a host meanwhile.
+            assert api.register(h1).status_code == 200
+            assert api.wait(api.create("rg1", "during-stall"))["status"] == "Succeeded"
             release.set()
             slow.wait_for(lambda r: len(r) == 5, timeout=20)
     finally:
