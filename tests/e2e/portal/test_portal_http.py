@@ -288,3 +288,25 @@ def test_events_stream_sends_ids_and_resumes(site: Site) -> None:
         with web.stream("GET", "/portal/events/stream", params={"kind": "hosts"}, headers=headers) as stream:
             first = next(line for line in stream.iter_lines() if line.startswith("id: "))
         assert first == f"id: {ids[2]}"
+
+
+def test_audit_assignment_compliance_on_the_policy_page(site: Site) -> None:
+    with site.signed_in(site.token(Role.POLICY_ADMINISTRATOR)) as web:
+        csrf = csrf_of(web.get("/portal/policy").text)
+        form = {"csrf": csrf, "name": "watch-clm", "definition": "deny-confidential-live-migration",
+                "resource_group": "aud", "effect": "audit"}  # fmt: skip
+        assert web.post("/portal/policy/assignments", data=form).status_code == 303
+        body = {"properties": {"hardwareProfile": {"vmSize": "Standard_DC2as_v5"},
+                               "securityProfile": {"confidentialLiveMigration": "Enabled"},
+                               "storageProfile": {"imageReference": {"id": "kvstore"}}}}  # fmt: skip
+        assert site.api("PUT", VM.format(rg="aud", name="a1"), body).status_code == 202  # audit: allowed
+        page = web.get("/portal/policy").text
+        assert "watch-clm" in page
+        assert "NonCompliant" in page
+        assert "+ Create" not in web.get("/portal/vms").text  # a policy administrator creates no VMs
+        assignment = (
+            "/subscriptions/default/resourceGroups/aud/providers/Microsoft.Authorization/policyAssignments/watch-clm"
+        )
+        deleted = web.post("/portal/policy/assignments/delete", data={"csrf": csrf, "id": assignment})
+        assert deleted.status_code == 303
+        assert 'data-assignment="watch-clm"' not in web.get("/portal/policy").text
