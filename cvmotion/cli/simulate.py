@@ -37,6 +37,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sim.add_argument("--per-host", type=int, default=2, help="live migrations in flight per host (default 2)")
     sim.add_argument("--failures", type=int, default=-1, help="hosts that fail during the wave (default hosts/100)")
     sim.add_argument(
+        "--driver",
+        choices=("auto", "migrate"),
+        default="auto",
+        help="auto: drain each host through the controller's drain API when it serves one; migrate: move each VM"
+        " through the per-VM migrate API and update the host in place (the operator's part played by the wave)",
+    )
+    sim.add_argument(
+        "--notice",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="each Scheduled Event's NotBefore in simulated seconds (default 300; the controller gets it / --speed)",
+    )
+    sim.add_argument(
         "--per-call-tls",
         action="store_true",
         help="let the controller build a TLS context for every host call, as it does today (slow: see docs)",
@@ -64,6 +78,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--speed {args.speed}: give a factor above 0 and at most 10000")
     if not 1 <= args.per_host <= 16:
         raise UsageError(f"--per-host {args.per_host}: give 1 to 16")
+    if not 0 <= args.notice <= 7 * 86400:
+        raise UsageError(f"--notice {args.notice}: give 0 to 604800 seconds")
     if args.failures > args.hosts // 2:
         raise UsageError(f"--failures {args.failures}: at most half the hosts ({args.hosts // 2})")
     if args.db is not None:
@@ -93,6 +109,8 @@ def _simulate(args: argparse.Namespace) -> int:
         failures=args.failures,
         shared_tls=not args.per_call_tls,
         data_dir=args.data_dir,
+        driver=args.driver,
+        notice_virtual_s=args.notice,
     )
     quiet = args.json
     outcome = simulate(config, progress=None if quiet else lambda text: print(f"simulate: {text}", file=sys.stderr))

@@ -35,7 +35,7 @@ def write_plot(outcome: SimOutcome, summary: dict[str, Any], path: Path) -> None
         times = sorted((t - v0) / 60.0 for t, m in ledger.moves if m is method and t >= v0)
         if times:
             timeline.step(times, range(1, len(times) + 1), where="post", color=_COLOURS[method], label=method.value)
-    for i, (name, start, end) in enumerate(wave.domains):
+    for i, (name, start, end, _reason) in enumerate(wave.domains):
         timeline.axvspan(start * speed / 60.0, end * speed / 60.0, color="grey", alpha=0.08 if i % 2 else 0.16)
         timeline.text(start * speed / 60.0, 0, name, fontsize=7, va="bottom")
     timeline.set_xlabel(f"virtual minutes (wall x {speed:g})")
@@ -67,7 +67,7 @@ def write_plot(outcome: SimOutcome, summary: dict[str, Any], path: Path) -> None
     ctl = summary["controller"]
     text = (
         f"policy violations: {inv['policy_violations']}\nVMs on two hosts: {inv['vms_on_two_hosts']}\n"
-        f"VMs lost: {inv['vms_lost']}\ncontroller CPU/op: {ctl['cpu_ms_per_operation']} ms\n"
+        f"VMs lost: {inv['vms_lost']}\ncontroller CPU/VM: {ctl['cpu_ms_per_vm_step']} ms\n"
         f"DB statements/s: {ctl['db_statements_per_s']}"
     )
     hosts.text(0.02, 0.98, text, transform=hosts.transAxes, va="top", fontsize=8, family="monospace",

@@ -20,7 +20,8 @@ from cvmotion.sim.hosts import SimFleet
 from cvmotion.sim.ledger import Verdict
 from cvmotion.sim.populate import ControllerApi, Populated, populate
 from cvmotion.sim.scenario import Scenario, build_scenario
-from cvmotion.sim.wave import WaveOptions, WaveResult, run_wave
+from cvmotion.sim.wave import run_wave
+from cvmotion.sim.waveplan import WaveOptions, WaveResult
 from cvmotion.sim.world import World
 
 __all__ = ["SimConfig", "SimOutcome", "simulate"]
@@ -39,6 +40,8 @@ class SimConfig:
     failures: int = -1  # -1: one host in a hundred (at least one)
     shared_tls: bool = True
     data_dir: Path | None = None
+    driver: str = "auto"  # auto: the controller's drain API when it serves one; migrate: the per-VM migrate API
+    notice_virtual_s: float = 300.0  # each Scheduled Event's NotBefore, in the hosts' (virtual) time
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,8 +60,8 @@ class SimOutcome:
 
 
 def _heartbeat_s(hosts: int) -> float:
-    # The controller writes each heartbeat: keep them near 25/s however large the fleet.
-    return max(2.0, hosts / 25.0)
+    # The controller writes each heartbeat under its write lock: keep them near 10/s however large the fleet.
+    return max(2.0, hosts / 10.0)
 
 
 Progress = Callable[[str], None]
@@ -92,9 +95,13 @@ def _simulate(config: SimConfig, root: Path, inject: Inject | None, say: Progres
             populated = populate(api, scenario, fleet.ledger)
             say(f"{populated.created} VMs running after {populated.seconds:.0f} s; the wave starts")
             failures = config.failures if config.failures >= 0 else max(1, config.hosts // 100)
-            # A failed host stays silent for half to one and a half heartbeat timeouts: some are noticed.
-            outage = (1.5 * beat, 4.5 * beat)
-            options = WaveOptions(per_host=config.per_host, failures=failures, failure_wall_s=outage, seed=config.seed)
+            options = WaveOptions(
+                per_host=config.per_host,
+                failures=failures,
+                seed=config.seed,
+                driver=config.driver,
+                notice_s=config.notice_virtual_s / config.speed,
+            )
             before = ctl.counters()
             wave = run_wave(api, fleet, scenario, options)
             after = ctl.counters()

@@ -1,13 +1,14 @@
-"""sim layer: the maintenance wave — every host, fault domain by fault domain.
+"""sim layer: the maintenance wave — every host, fault domain by fault domain, every host of a domain at once.
 
-Driven through the controller's per-VM migrate API (``POST …/virtualMachines/{name}/migrate``): the
-controller has no drain API yet, so this driver plays the operator's part of a drain.  Per host, with at
-most ``per_host`` moves in flight (KubeVirt's ``parallelOutboundMigrationsPerNode``, 2) and every host of a
-fault domain at once, it asks the controller to live-migrate each VM the host runs — the controller
-decides: a VM that has not opted in or whose policy denies it is refused (409/403), one it accepts is moved
-to a host its placement and policy choose — for a few rounds (VMs placed onto the host meanwhile are moved
-too), then updates the host in place (``POST /v1/host/maintenance`` on the host, the operator's call), which
-pauses every VM still there.  There is no redeploy on this path (the controller has none to drive).
+Two drivers.  **drain API** (``--driver auto`` when the controller serves ``POST …/hosts/{name}/drain``):
+each host is drained with the domain's reason (the last domain ``HardwareRefresh``, the others
+``SecurityUpdate``), ``maxParallel`` per host and a ``noticeSeconds`` compressed like the hosts' time; the
+controller walks each VM's ladder itself (``sim.drainwave``), then the host is uncordoned.  **migrate API**
+(``--driver migrate``): the driver plays the operator's part — per host, with at most ``per_host`` moves in
+flight (KubeVirt's ``parallelOutboundMigrationsPerNode``, 2), it asks the controller to live-migrate each VM
+the host runs (the controller refuses the ones not opted in or denied by policy, 409/403, and places the
+others), for a few rounds (VMs placed onto the host meanwhile move too), then updates the host in place
+(``POST /v1/host/maintenance`` on the host), pausing whatever is still there; no redeploys on this path.
 """
 
 from __future__ import annotations
@@ -16,71 +17,33 @@ import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
 
 from cvmotion.ipc.http_client import default_ssl_context
+from cvmotion.sim.drainwave import has_drain_api, run_drain
 from cvmotion.sim.hosts import SimFleet, SimHost
 from cvmotion.sim.populate import ControllerApi
 from cvmotion.sim.scenario import SUBSCRIPTION, Scenario, VmPlan
 from cvmotion.sim.watch import OperationWatch
+from cvmotion.sim.waveplan import HostResult, VmStep, WaveOptions, WaveResult
 
-__all__ = ["HostResult", "VmStep", "WaveOptions", "WaveResult", "run_wave"]
+__all__ = ["run_wave"]
 
 COMPLETION_S_PER_GIB = 150.0  # KubeVirt's completionTimeoutPerGiB (virtual seconds)
 CONTROLLER_SLACK_S = 120.0  # wall seconds a move may wait on the controller beyond that
 _MAINTENANCE_POLL_S = 0.2
 
 
-@dataclass(frozen=True, slots=True)
-class WaveOptions:
-    per_host: int = 2
-    rounds: int = 3
-    failures: int = 0
-    failure_wall_s: tuple[float, float] = (20.0, 60.0)
-    host_timeout_s: float = 900.0
-    seed: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class VmStep:
-    vm: str
-    host: str
-    method: str  # LiveMigration | None (refused or failed: the in-place update covers it)
-    outcome: str  # Succeeded | Failed | Blocked
-    reason: str = ""
-    target: str = ""
-
-
-@dataclass
-class HostResult:
-    host: str
-    domain: str
-    started: float
-    ended: float = 0.0
-    status: str = "Succeeded"
-    steps: list[VmStep] = field(default_factory=list)
-    inplace: int = 0
-    error: str = ""
-
-
-@dataclass
-class WaveResult:
-    mode: str
-    started: float
-    ended: float
-    virtual_started: float
-    virtual_ended: float
-    domains: list[tuple[str, float, float]]
-    hosts: list[HostResult]
-    failed_hosts: list[str]
-
-
 class _Driver:
     def __init__(
-        self, api: ControllerApi, watch: OperationWatch, fleet: SimFleet, scenario: Scenario, options: WaveOptions
+        self,
+        api: ControllerApi,
+        watch: OperationWatch | None,
+        fleet: SimFleet,
+        scenario: Scenario,
+        options: WaveOptions,
     ) -> None:
         self.api, self.watch, self.fleet, self.scenario, self.options = api, watch, fleet, scenario, options
         self.plans = scenario.by_host_name
@@ -142,6 +105,8 @@ class _Driver:
         memory = self.fleet.hosts[host.name].vms.get(vm.host_name)
         gib = memory.memory_gib if memory else 8.0
         timeout = COMPLETION_S_PER_GIB * gib / self.fleet.clock.speed + CONTROLLER_SLACK_S
+        if self.watch is None:
+            raise RuntimeError("the per-VM driver runs only with an operation watch")
         status, view = self.watch.wait(str(body["operation"]), "/" + location, timeout)
         error = view.get("error")
         reason = str(error.get("message", "")) if isinstance(error, dict) else ""
@@ -196,27 +161,60 @@ def _schedule_failures(
     return names
 
 
+def reason_for(index: int, count: int) -> str:
+    """The last fault domain's hardware is refreshed (every VM must leave); the others get a security update."""
+    return "HardwareRefresh" if count > 1 and index == count - 1 else "SecurityUpdate"
+
+
+def _through_drain_api(api: ControllerApi, host: SimHost, reason: str, options: WaveOptions, t0: float) -> HostResult:
+    result = HostResult(host.name, host.zone, time.monotonic() - t0)
+    try:
+        record = run_drain(api, host, reason, options.per_host, options.notice_s, options.host_timeout_s)
+        result.status = str(record.get("status"))
+        for vm in record.get("vms", []):
+            method, outcome = str(vm.get("method", "None")), str(vm.get("outcome", ""))
+            step = VmStep(
+                str(vm.get("name")), host.name, method, outcome, str(vm.get("reason") or ""), str(vm.get("to") or "")
+            )
+            result.steps.append(step)
+            result.inplace += method == "MemoryPreservingUpdate" and outcome == "Succeeded"
+    except Exception as exc:  # one host's trouble is its row in the report, not the wave's end
+        result.status, result.error = "Failed", f"{type(exc).__name__}: {exc}"[:300]
+    result.ended = time.monotonic() - t0
+    return result
+
+
 def run_wave(api: ControllerApi, fleet: SimFleet, scenario: Scenario, options: WaveOptions) -> WaveResult:
+    """The wave; through the controller's drain API when it serves one, else the per-VM migrate API."""
     rng = random.Random(options.seed)
-    watch = OperationWatch(api).start()
-    driver = _Driver(api, watch, fleet, scenario, options)
+    drain_api = options.driver != "migrate" and has_drain_api(api)
+    watch = OperationWatch(api) if not drain_api else None
+    driver = _Driver(api, watch.start() if watch else None, fleet, scenario, options)
     t0 = time.monotonic()
     v0 = fleet.clock.now()
-    domains: list[tuple[str, float, float]] = []
+    domains: list[tuple[str, float, float, str]] = []
     results: list[HostResult] = []
     failed: list[str] = []
-    per_domain = [options.failures // len(scenario.fault_domains)] * len(scenario.fault_domains)
-    for i in range(options.failures % len(scenario.fault_domains)):
-        per_domain[i] += 1
+    count = len(scenario.fault_domains)
+    per_domain = [options.failures // count + (i < options.failures % count) for i in range(count)]
     try:
-        for fd, failures in zip(scenario.fault_domains, per_domain, strict=True):
+        for i, (fd, failures) in enumerate(zip(scenario.fault_domains, per_domain, strict=True)):
             hosts = [h for h in fleet.hosts.values() if h.zone == fd]
             start = time.monotonic() - t0
             failed += _schedule_failures(fleet, options, rng, hosts, failures)
+            reason = reason_for(i, count)
+
+            def one(host: SimHost, reason: str = reason) -> HostResult:
+                if drain_api:
+                    return _through_drain_api(api, host, reason, options, t0)
+                return driver.drain(host, t0)
+
             with ThreadPoolExecutor(max(1, len(hosts)), thread_name_prefix=f"drain-{fd}") as pool:
-                results += list(pool.map(lambda h: driver.drain(h, t0), hosts))
-            domains.append((fd, start, time.monotonic() - t0))
+                results += list(pool.map(one, hosts))
+            domains.append((fd, start, time.monotonic() - t0, reason if drain_api else "SecurityUpdate"))
     finally:
-        watch.close()
+        if watch is not None:
+            watch.close()
         driver.close()
-    return WaveResult("migrate-api", 0.0, time.monotonic() - t0, v0, fleet.clock.now(), domains, results, failed)
+    mode = "drain-api" if drain_api else "migrate-api"
+    return WaveResult(mode, 0.0, time.monotonic() - t0, v0, fleet.clock.now(), domains, results, failed)

@@ -26,6 +26,7 @@ __all__ = ["World"]
 
 log = logging.getLogger("cvmotion.sim")
 _REGISTER = "/providers/Cvmotion.Fabric/hosts/register"
+_SENDERS = 8  # heartbeat threads: one slow answer (the controller's write lock) must not hold back the others
 
 
 class World:
@@ -34,6 +35,7 @@ class World:
         self.controller_url = controller_url
         self.heartbeat_s = heartbeat_s
         self.heartbeats = 0
+        self._count_lock = threading.Lock()
         self._stop = threading.Event()
         self._sock, self.url = listen_socket("127.0.0.1", 0)
         fleet.api_prefix = self.url
@@ -72,33 +74,42 @@ class World:
                 raise CvmError(f"registering {host.name}: HTTP {response.status_code} {response.text[:300]}")
 
     def start_heartbeats(self) -> None:
-        thread = threading.Thread(target=self._heartbeat_loop, name="sim-heartbeats", daemon=True)
-        thread.start()
-        self._threads.append(thread)
-
-    def _heartbeat_loop(self) -> None:
+        """Each of ``_SENDERS`` threads heartbeats its share of the hosts, concurrently as daemons would."""
         names = list(self.fleet.hosts)
+        for i in range(_SENDERS):
+            share = names[i::_SENDERS]
+            if share:
+                thread = threading.Thread(target=self._heartbeat_loop, args=(share,), name=f"sim-beat-{i}", daemon=True)
+                thread.start()
+                self._threads.append(thread)
+
+    def _heartbeat_loop(self, names: list[str]) -> None:
         gap = self.heartbeat_s / max(1, len(names))
-        while not self._stop.is_set():
-            for name in names:
-                if self._stop.wait(gap):
-                    return
-                host = self.fleet.hosts[name]
+        with httpx.Client(
+            base_url=self.controller_url, headers=self._client.headers, timeout=60, verify=default_ssl_context()
+        ) as client:
+            while not self._stop.is_set():
+                for name in names:
+                    if self._stop.wait(gap):
+                        return
+                    self._beat(client, name)
+
+    def _beat(self, client: httpx.Client, name: str) -> None:
+        host = self.fleet.hosts[name]
+        with self.fleet.lock:
+            if host.down:
+                return
+            vms = host.running()
+        try:
+            response = client.post(f"/providers/Cvmotion.Fabric/hosts/{name}/heartbeat", json={"vms": vms})
+            if response.status_code == 404:  # the controller forgot the host: register again
                 with self.fleet.lock:
-                    if host.down:
-                        continue
-                    vms = host.running()
-                try:
-                    response = self._client.post(
-                        f"/providers/Cvmotion.Fabric/hosts/{name}/heartbeat", json={"vms": vms}
-                    )
-                    if response.status_code == 404:  # the controller forgot the host: register again
-                        with self.fleet.lock:
-                            body = host.registration(self.fleet.url_of(name))
-                        self._client.post(_REGISTER, json=body)
-                    self.heartbeats += 1
-                except httpx.HTTPError as exc:
-                    log.warning("heartbeat of %s failed: %s", name, exc)
+                    body = host.registration(self.fleet.url_of(name))
+                client.post(_REGISTER, json=body)
+            with self._count_lock:
+                self.heartbeats += 1
+        except httpx.HTTPError as exc:
+            log.warning("heartbeat of %s failed: %s", name, exc)
 
     def close(self) -> None:
         self._stop.set()

@@ -54,11 +54,14 @@ def _inject(fleet: SimFleet, scenario: Scenario, clean: dict[str, Verdict]) -> N
         assert http.delete(f"/h/{gone_host}/v1/vms/{gone}").status_code == 200
 
 
-def test_a_wave_keeps_every_invariant_and_the_checks_catch_injected_breaks(tmp_path: Path) -> None:
+def test_a_wave_through_the_migrate_api_keeps_every_invariant_and_the_checks_catch_injected_breaks(
+    tmp_path: Path,
+) -> None:
     clean: dict[str, Verdict] = {}
     t0 = time.monotonic()
     outcome = simulate(
-        SimConfig(hosts=20, vms=100, seed=3, speed=60.0, failures=1), inject=lambda f, s: _inject(f, s, clean)
+        SimConfig(hosts=20, vms=100, seed=3, speed=60.0, failures=1, driver="migrate"),
+        inject=lambda f, s: _inject(f, s, clean),
     )
     took = time.monotonic() - t0
 
@@ -72,7 +75,7 @@ def test_a_wave_keeps_every_invariant_and_the_checks_catch_injected_breaks(tmp_p
     assert summary["moves"]["in_place"] > 0
     assert summary["moves"]["live_refused_by_controller"] > 0  # the opted-out and denied VMs
     assert 0 < summary["blackout_ms"]["p50"] <= summary["blackout_ms"]["p99"]
-    assert summary["controller"]["migrate_operations"] > 0
+    assert summary["controller"]["vm_steps"] > 0
     assert summary["controller"]["db_statements_per_s"] > 0
 
     after = outcome.verdict
@@ -86,3 +89,17 @@ def test_a_wave_keeps_every_invariant_and_the_checks_catch_injected_breaks(tmp_p
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert render_table(summary).row_count > 10
     assert took < 90, f"the small simulation took {took:.0f} s"
+
+
+def test_a_wave_through_the_controllers_drain_api_walks_the_ladder_and_keeps_every_invariant() -> None:
+    outcome = simulate(SimConfig(hosts=6, vms=24, seed=5, speed=60.0, failures=0, notice_virtual_s=60.0))
+    summary = summarise(outcome)
+    assert summary["config"]["wave_driver"] == "drain-api"
+    assert [d["reason"] for d in summary["wave"]["domains"]] == ["SecurityUpdate", "HardwareRefresh"]
+    inv = summary["invariants"]
+    assert (inv["policy_violations"], inv["vms_on_two_hosts"], inv["vms_lost"]) == (0, 0, 0), inv["examples"]
+    assert summary["moves"]["live"] > 0
+    assert summary["moves"]["in_place"] > 0
+    steps = [s for h in outcome.wave.hosts for s in h.steps]
+    assert {s.method for s in steps} >= {"LiveMigration", "MemoryPreservingUpdate"}
+    assert all(s.outcome in ("Succeeded", "Blocked") for s in steps), [s for s in steps if s.outcome == "Failed"]
