@@ -227,19 +227,36 @@ def next_due(session: Session, now: float) -> float | None:
 
 
 def claim_delivery(session: Session, worker: str, now: float, lease: float) -> Attempt | None:
-    query = (
+    """Claim the earliest due delivery of a webhook with none in flight.
+
+    The webhook row is locked first (``SKIP LOCKED`` on PostgreSQL), so two replicas claiming at once
+    take deliveries of different webhooks, never two of one; the webhook whose work is oldest goes first.
+    """
+    oldest = (
+        select(func.min(WebhookDelivery.next_attempt_at))
+        .where(WebhookDelivery.webhook == Webhook.id, *_claimable(now))
+        .scalar_subquery()
+    )
+    hook = session.scalars(
+        select(Webhook)
+        .where(oldest.is_not(None))
+        .order_by(oldest, Webhook.id)
+        .limit(1)
+        .with_for_update(skip_locked=True, of=Webhook)
+    ).first()
+    if hook is None:
+        return None
+    d = session.scalars(
         select(WebhookDelivery)
-        .where(*_claimable(now))
+        .where(WebhookDelivery.webhook == hook.id, *_claimable(now))
         .order_by(WebhookDelivery.next_attempt_at, WebhookDelivery.id)
         .limit(1)
         .with_for_update(skip_locked=True, of=WebhookDelivery)
-    )
-    d = session.scalars(query).first()
+    ).first()
     if d is None:
         return None
-    hook = session.get(Webhook, d.webhook)
     event = session.get(Event, d.event_id)
-    if hook is None or event is None:  # deleted since the fan-out
+    if event is None:  # an event never goes away; a delivery without one is dropped rather than retried
         session.delete(d)
         return None
     d.claimed_by, d.lease_until, d.attempts, d.updated_at = worker, now + lease, d.attempts + 1, now

@@ -16,7 +16,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import insert, text
+from sqlalchemy import insert, select, text
 from sqlalchemy.orm import Session
 
 from cvmotion.control.db import Event, open_database
@@ -174,4 +174,53 @@ def test_event_ids_appear_in_commit_order(postgres: PostgresServer) -> None:
         assert sorted(seen) == ["cvmotion.test.quick", "cvmotion.test.slow"]
     finally:
         release.set()
+        engine.dispose()
+
+
+@pytest.mark.timeout(120)
+def test_replicas_fan_out_and_claim_each_delivery_once(postgres: PostgresServer) -> None:
+    """Several delivery threads (as of several replicas) fanning out and claiming at once on PostgreSQL:
+    each event becomes one delivery per webhook, and each delivery is claimed by one thread."""
+    from cvmotion.control import webhooks
+    from cvmotion.control.auth import Principal, Role
+    from cvmotion.control.db import WebhookDelivery
+    from cvmotion.control.events_schema import WebhookBody
+
+    engine = open_database(postgres.database())
+    owner = Principal(Role.OWNER, "*")
+    try:
+        with Session(engine) as s, s.begin():
+            for i in range(6):
+                body = WebhookBody.model_validate({"url": f"http://127.0.0.1:9/{i}"})
+                webhooks.create_webhook(s, owner, body, 0.0)
+        with Session(engine) as s, s.begin():
+            s.add_all(Event(type="cvmotion.test.fan", subject=f"/e{i}", data={}) for i in range(40))
+        claimed: list[int] = []
+        lock = threading.Lock()
+
+        def work(worker: str) -> None:
+            while True:
+                with Session(engine) as s, s.begin():
+                    webhooks.fan_out(s, 0.0, batch=7)
+                with Session(engine) as s, s.begin():
+                    got = webhooks.claim_delivery(s, worker, 1.0, 60.0)
+                if got is None:
+                    with Session(engine) as s:
+                        if not webhooks.fan_out_due(s):
+                            return
+                    continue
+                with lock:
+                    claimed.append(got.delivery_id)
+
+        threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        with Session(engine) as s:
+            rows = list(s.scalars(select(WebhookDelivery)))
+        assert len(rows) == 6 * 40  # every event, every webhook, once
+        assert len(claimed) == len(set(claimed)) == 6  # one in flight per webhook, each claimed once
+        assert {r.webhook for r in rows if r.id in claimed} == {r.webhook for r in rows}
+    finally:
         engine.dispose()
