@@ -15,7 +15,8 @@ and the insert waits for nothing but the lock)::
     commit:  flush the rest ──▶ INSERT INTO events (takes the outbox lock) ──▶ COMMIT (releases it)
                                                                               └─▶ wake this process's readers
 
-A consequence: an event added in a transaction is not visible to that transaction's own queries.
+A consequence: an event added in a transaction is not visible to that transaction's own queries.  An
+event added inside a SAVEPOINT (``begin_nested``) that rolls back is dropped with it.
 
 ``notifier(url)`` is the in-process wake-up: readers of this process wait on it instead of polling fast,
 and poll slowly (bounded) for what other replicas commit.
@@ -40,6 +41,7 @@ _OUTBOX_LOCK_KEY = 0x63766D2D6F7574 - (1 << 62)
 _HELD = "cvmotion.outbox.held"  # session.info: this transaction's events, inserted at commit
 _RELEASING = "cvmotion.outbox.releasing"
 _WROTE = "cvmotion.outbox.wrote"
+_MARKS = "cvmotion.outbox.savepoints"  # SAVEPOINT -> how many events were held when it began
 _INSERT = f"INSERT INTO {EVENTS_TABLE} "
 
 
@@ -132,10 +134,22 @@ def _after_commit(session: Session) -> None:
         notifier(bind.engine.url).notify()
 
 
+def _after_transaction_create(session: Session, transaction: SessionTransaction) -> None:
+    if transaction.nested:  # a SAVEPOINT: what it holds back is dropped if it rolls back
+        session.info.setdefault(_MARKS, {})[id(transaction)] = len(session.info.get(_HELD, []))
+
+
+def _after_soft_rollback(session: Session, previous: SessionTransaction) -> None:
+    mark = session.info.get(_MARKS, {}).pop(id(previous), None)
+    if previous.nested and mark is not None:
+        del session.info.get(_HELD, [])[mark:]
+
+
 def _after_transaction_end(session: Session, transaction: SessionTransaction) -> None:
     if transaction.parent is None:  # the outermost transaction: a rollback drops what it held
         session.info.pop(_HELD, None)
         session.info.pop(_WROTE, None)
+        session.info.pop(_MARKS, None)
 
 
 def _lock_before_insert(
@@ -158,6 +172,8 @@ def install() -> None:
         event.listen(Session, "before_flush", _hold_events)
         event.listen(Session, "before_commit", _insert_held)
         event.listen(Session, "after_commit", _after_commit)
+        event.listen(Session, "after_transaction_create", _after_transaction_create)
+        event.listen(Session, "after_soft_rollback", _after_soft_rollback)
         event.listen(Session, "after_transaction_end", _after_transaction_end)
         event.listen(Engine, "before_cursor_execute", _lock_before_insert)
         _done.append(True)

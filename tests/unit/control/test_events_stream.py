@@ -202,3 +202,24 @@ def test_notifier_wakes_threads_and_tasks() -> None:
 
 def _set_stream_options(api: Api, options: StreamOptions) -> None:
     api.app.state.event_stream = options  # type: ignore[attr-defined]
+
+
+def test_outbox_holds_events_to_commit_and_drops_a_rolled_back_savepoints(api: Api) -> None:
+    from sqlalchemy import func, select
+
+    def body(s: Any) -> None:
+        s.add(Event(type="cvmotion.test.kept", subject="/k", data={}))
+        s.flush()
+        assert s.scalar(select(func.count()).select_from(Event).where(Event.subject == "/k")) == 0  # held back
+        with contextlib.suppress(RuntimeError), s.begin_nested():
+            s.add(Event(type="cvmotion.test.dropped", subject="/d", data={}))
+            s.flush()
+            raise RuntimeError("roll the savepoint back")
+        with s.begin_nested():
+            s.add(Event(type="cvmotion.test.inner", subject="/i", data={}))
+
+    api.ctl.transaction(body)
+    with contextlib.suppress(ZeroDivisionError):
+        api.ctl.transaction(lambda s: (s.add(Event(type="cvmotion.test.rolled", subject="/r", data={})), 1 / 0))
+    types = [e["type"] for e in get(api, "/v1/events", type="cvmotion.test.*").json()["value"]]
+    assert types == ["cvmotion.test.kept", "cvmotion.test.inner"]
