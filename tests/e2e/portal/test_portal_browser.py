@@ -8,20 +8,20 @@ each page go to ``build/portal-screenshots/``.
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 from playwright.sync_api import Page, expect, sync_playwright
+from sqlalchemy.orm import Session
 
+from cvmotion.control.auth import Role, issue_token
+from cvmotion.control.db import database_url, open_database
 from cvmotion.host.fabric import LocalFabric
 from cvmotion.testing.controller import ControllerProcess
 
@@ -42,22 +42,18 @@ if not Path(CHROMIUM).exists():
 class Fleet:
     ctl: ControllerProcess
     fabric: LocalFabric
-    env: dict[str, str]
 
     def token(self, role: str) -> str:
-        done = subprocess.run(
-            [sys.executable, "-m", "cvmotion", "controller", "token", "create", "--data-dir", str(self.ctl.data_dir),
-             "--role", role, "--json"],
-            env=self.env, capture_output=True, text=True, timeout=120, check=True,
-        )  # fmt: skip
-        return str(json.loads(done.stdout)["token"])
+        """A new API token, written into the controller's database as 'cvmotion controller token create' does."""
+        engine = open_database(database_url(None, self.ctl.data_dir))
+        try:
+            with Session(engine) as session, session.begin():
+                return issue_token(session, Role(role))
+        finally:
+            engine.dispose()
 
     def chip(self, host: str) -> str:
         return str(self.fabric.hosts[host].info["chip_id"])
-
-    def hosts(self) -> dict[str, Any]:
-        answer = self.ctl.api("GET", "/providers/Cvmotion.Fabric/hosts").json()
-        return {h["name"]: h["properties"] for h in answer["value"]}
 
 
 @pytest.fixture(scope="module")
@@ -66,13 +62,12 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     ctl = ControllerProcess(root / "ctl", heartbeat_timeout=10.0)
     ctl.start()
     fabric = LocalFabric(root / "fabric")
-    env = dict(os.environ, CVMOTION_HOME=str(ctl.data_dir / "home"), CVMOTION_CONTROLLER=ctl.url)
-    f = Fleet(ctl, fabric, env)
+    f = Fleet(ctl, fabric)
     try:
         fabric.start_services()
         extra = ["--controller", ctl.url, "--controller-token", f.token("Host"), "--no-standby"]
-        for name in ("ha", "hb"):
-            fabric.start_host(name, pool="pool-a", extra=extra)
+        with ThreadPoolExecutor(2) as starting:  # the two hosts start side by side
+            list(starting.map(lambda name: fabric.start_host(name, pool="pool-a", extra=extra), ("ha", "hb")))
         yield f
     finally:
         fabric.close()
