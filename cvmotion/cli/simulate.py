@@ -95,6 +95,10 @@ def _check(args: argparse.Namespace) -> None:
 
 def _simulate(args: argparse.Namespace) -> int:
     _check(args)
+    import signal
+
+    # SIGTERM (kill, a CI timeout) runs the finally blocks that stop the controller process, as Ctrl-C does.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     from cvmotion.sim.plot import write_plot
     from cvmotion.sim.report import render_table, summarise
     from cvmotion.sim.run import SimConfig, simulate

@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from cvmotion.errors import UsageError
+from cvmotion.errors import CvmError, UsageError
 
 __all__ = ["ControllerCounters", "SimController"]
 
@@ -94,13 +94,17 @@ def serve(argv: list[str]) -> int:
     _count_database(counts)
     if args.shared_tls:
         _share_tls_context()
-    ctl = FleetController(
-        args.data_dir,
-        args.db,
-        heartbeat_timeout=args.heartbeat_timeout,
-        workers=args.workers,
-        sweep_period=args.sweep_period,
-    )
+    try:
+        ctl = FleetController(
+            args.data_dir,
+            args.db,
+            heartbeat_timeout=args.heartbeat_timeout,
+            workers=args.workers,
+            sweep_period=args.sweep_period,
+        )
+    except CvmError as exc:  # the database unreachable, a URL it cannot use: one line for the parent to show
+        print(f"{exc}", file=sys.stderr)
+        return 1
     sock, url = listen_socket("127.0.0.1", 0)
     ctl.start()
     with ctl.session() as session:
@@ -115,11 +119,26 @@ def serve(argv: list[str]) -> int:
     app.add_api_route("/_sim/counters", counters, methods=["GET"], include_in_schema=False)
     print(f"{_READY_PREFIX}{url} ({ctl.dialect})", flush=True)
     server = uvicorn.Server(uvicorn_config(app))
+    _exit_with_parent(server)
     try:
         server.run(sockets=[sock])
     finally:
         ctl.stop()
     return 0
+
+
+def _exit_with_parent(server: Any) -> None:
+    """Stop serving when the simulator that started this process is gone (killed: no one else stops us)."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while not server.should_exit:
+            if os.getppid() != parent:
+                server.should_exit = True
+                return
+            time.sleep(1.0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
 
 
 @dataclass

@@ -83,7 +83,7 @@ def _simulate(config: SimConfig, root: Path, inject: Inject | None, say: Progres
     ctl = SimController(
         root / "controller", config.db, 3 * beat, sweep_period=max(1.0, beat / 4), shared_tls=config.shared_tls
     )
-    say(f"starting the controller ({config.db or 'SQLite'})")
+    say(f"starting the controller ({'PostgreSQL' if config.db and 'postgres' in config.db else 'SQLite'})")
     ctl.start()
     api = ControllerApi(ctl.url, ctl.owner_token)
     try:

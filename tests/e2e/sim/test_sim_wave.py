@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 from cvmotion.sim.hosts import SimFleet
 from cvmotion.sim.ledger import Verdict
@@ -103,3 +104,12 @@ def test_a_wave_through_the_controllers_drain_api_walks_the_ladder_and_keeps_eve
     steps = [s for h in outcome.wave.hosts for s in h.steps]
     assert {s.method for s in steps} >= {"LiveMigration", "MemoryPreservingUpdate"}
     assert all(s.outcome in ("Succeeded", "Blocked") for s in steps), [s for s in steps if s.outcome == "Failed"]
+
+
+def test_a_database_that_is_down_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
+    from cvmotion.cli.main import main
+
+    assert main(["simulate", "--hosts", "4", "--vms", "4", "--db", "postgresql://nobody@127.0.0.1:1/x", "--json"]) == 1
+    err = capsys.readouterr().err
+    assert "the controller did not start: the database is unreachable" in err
+    assert "Traceback" not in err
