@@ -22,6 +22,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument("--heartbeat-timeout", type=float, default=6.0, help="seconds before a host is Unavailable")
     serve.add_argument("--workers", type=int, default=4, help="operation worker threads")
     serve.add_argument("--lease", type=float, default=5.0, help="seconds an operation claim lasts unrenewed")
+    serve.add_argument(
+        "--maintenance-notice", type=float, default=15.0, metavar="S",
+        help="a drain's Scheduled Events NotBefore, seconds after they are scheduled (a drain may say otherwise)",
+    )  # fmt: skip
+    serve.add_argument("--migrations-per-cluster", type=int, default=5, metavar="N", help="live moves at once")
     serve.set_defaults(handler=_serve)
 
     token = verbs.add_parser("token", help="API tokens")
@@ -59,6 +64,7 @@ def _serve(args: argparse.Namespace) -> int:
 
     from cvmotion.cli._fleet import register_controller_dir
     from cvmotion.control.api import create_app
+    from cvmotion.control.maintenance_options import MaintenanceOptions
     from cvmotion.control.service import FleetController
     from cvmotion.ipc.http import listen_socket, parse_listen, uvicorn_config
 
@@ -70,9 +76,13 @@ def _serve(args: argparse.Namespace) -> int:
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    controller = FleetController(
-        data_dir, args.db, heartbeat_timeout=args.heartbeat_timeout, workers=args.workers, lease=args.lease
+    maintenance = MaintenanceOptions(
+        notice_s=args.maintenance_notice, cluster_limit=args.migrations_per_cluster, lease_s=args.lease
     )
+    controller = FleetController(
+        data_dir, args.db, heartbeat_timeout=args.heartbeat_timeout, workers=args.workers, lease=args.lease,
+        maintenance=maintenance,
+    )  # fmt: skip
     try:
         sock, url = listen_socket(host, port)
     except OSError as exc:

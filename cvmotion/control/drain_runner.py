@@ -34,6 +34,7 @@ from cvmotion.control.in_place import InPlace
 from cvmotion.control.ladder import Ladder
 from cvmotion.control.maintenance_options import MaintenanceOptions
 from cvmotion.control.redeploy import Redeploy
+from cvmotion.control.resources import HostState
 from cvmotion.control.vms import VmService
 from cvmotion.control.worker import LostClaim, _fault
 
@@ -41,6 +42,10 @@ __all__ = ["DrainRunner", "release_drain_claims"]
 
 log = logging.getLogger("cvmotion.control.drains")
 T = TypeVar("T")
+_NOT_ACTED = (
+    VmStep.PENDING, VmStep.LIVE_SCHEDULED, VmStep.IN_PLACE_WAITING, VmStep.IN_PLACE_SCHEDULED,
+    VmStep.REDEPLOY_SCHEDULED,
+)  # fmt: skip
 
 
 class DrainRunner:
@@ -158,6 +163,10 @@ class DrainRunner:
 
     def tick(self, drain_id: str) -> None:
         drain, rows = self._load(drain_id)
+        source = self.read(lambda s: s.get(Host, drain.host))
+        if source is None or source.state is not HostState.AVAILABLE:
+            self._source_lost(drain, rows)
+            drain, rows = self._load(drain_id)
         for row in rows:
             self.ladder.advance(drain, row)
         drain, rows = self._load(drain_id)
@@ -166,6 +175,20 @@ class DrainRunner:
         drain, rows = self._load(drain_id)
         if all(r.step is VmStep.DONE for r in rows):
             self._complete(drain_id)
+
+    def _source_lost(self, drain: Drain, rows: list[DrainVm]) -> None:
+        """The host stopped answering: VMs whose step has not acted yet are reported now, not after their notice.
+
+        Steps that already act finish on their own terms (a move's operation, the in-place update's and the
+        stop's timeouts): a daemon restarting for the in-place update also misses heartbeats for a moment.
+        """
+        why = (
+            f"SourceUnavailable: host {drain.host} stopped answering before this VM's step started; the VM is left"
+            " where it is (never started elsewhere while its host may still run it)"
+        )
+        for row in rows:
+            if row.step in _NOT_ACTED:
+                self.ladder.finish(drain, row, VmOutcome.FAILED, why)
 
     def _publish(self, drain: Drain, vm_ids: list[str]) -> None:
         """Publish each changed Scheduled Events document to its host (best effort: a notice is advisory)."""

@@ -93,13 +93,16 @@ class Ladder:
         """Run ``body`` on the VM's ladder row and VM row, fenced by the drain's claim, if the step is unchanged."""
         expected = row.step
 
-        def run(session: Session, _drain: Drain) -> None:
+        def run(session: Session, _drain: Drain) -> VmStep:
             current = session.get(DrainVm, row.id, with_for_update=True)
             if current is None or current.step is not expected:
-                return  # another tick of this claim already moved it
+                return expected  # another tick of this claim already moved it
             body(session, current, session.get(Vm, row.vm_id, with_for_update=True))
+            return current.step
 
-        self.r.txn(drain.id, run, point=f"Drain:{expected.value}")
+        reached = self.r.txn(drain.id, run)
+        if reached is not expected:
+            self.r.fault(f"Drain:{reached.value}")  # the crash tests: killed right after the step committed
 
     def finish(self, drain: Drain, row: DrainVm, outcome: VmOutcome, reason: str, **fields: Any) -> None:
         def body(session: Session, current: DrainVm, _vm: Vm | None) -> None:
@@ -192,6 +195,13 @@ class Ladder:
         se.finish(session, row.vm_id, row.event_id)
         if drain.cancel_requested:
             set_step(row, VmStep.DONE, outcome=VmOutcome.BLOCKED, reason=f"Canceled after: {why}", event_id=None)
+            return
+        source = session.get(Host, drain.host)
+        if source is None or source.state is not HostState.AVAILABLE:
+            # Neither an update in place nor a stop can be asked of a host that does not answer, and starting
+            # the VM elsewhere while its host may still run it could make two.
+            reason = f"SourceUnavailable: host {drain.host} does not answer; the VM is left where it is ({why})"
+            set_step(row, VmStep.DONE, outcome=VmOutcome.FAILED, reason=reason[:1000], event_id=None)
             return
         if drain.reason is DrainReason.SECURITY_UPDATE:
             set_step(

@@ -79,6 +79,7 @@ class Redeploy:
             if source is None:
                 raise CvmError(f"host {drain.host} has no record")
             source.call("DELETE", f"/v1/vms/{row.host_vm_name}", timeout=60)
+            self.r.fault("Drain:RedeployStopAnswered")
         except NotFound:
             pass  # already stopped: a predecessor's request got there
         except CvmError as exc:
@@ -125,6 +126,7 @@ class Redeploy:
                 }  # fmt: skip
                 try:
                     found = dest.call("POST", "/v1/vms", body, timeout=180)
+                    self.r.fault("Drain:RedeployStartAnswered")
                 except Conflict:
                     found = dest.get_vm(row.host_vm_name)
         except CvmError as exc:

@@ -242,3 +242,32 @@ def test_cancel_and_owner_approval(api: Api, hosts: dict[str, MaintenanceFakeHos
     assert api.req("GET", f"{RG}/rg1/{VMS}/b/scheduledEvents").json()["Events"] == []
     assert sum(vm.startswith(("b-", "c-")) for vm in hosts["h1"].vms) == 2  # they stayed
     assert api.req("POST", f"{HOSTS}/h1/uncordon").status_code == 200
+
+
+def test_source_host_dies_mid_drain(api: Api, hosts: dict[str, MaintenanceFakeHost]) -> None:
+    from cvmotion.control.auth import Role
+
+    _vm(api, "rg1", "a", "Enabled")
+    _vm(api, "rg1", "b", "Disabled")
+    assert _drain(api, "h1", noticeSeconds=3600).status_code == 202  # both wait for their notice
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        steps = {v["name"]: v["step"] for v in api.req("GET", f"{HOSTS}/h1/drain").json()["vms"]}
+        if steps == {"a": "LiveScheduled", "b": "InPlaceWaiting"}:
+            break
+        time.sleep(0.02)
+    assert steps == {"a": "LiveScheduled", "b": "InPlaceWaiting"}
+    hosts["h1"].server.close()  # the host is gone; the others keep heartbeating
+    api.ctl.transaction(lambda s: api.ctl.inventory.sweep(s, now=time.time() + 3600))
+    host_token = api.token(Role.HOST)
+    for name in ("h2", "h3"):
+        beat = api.req("POST", f"{HOSTS}/{name}/heartbeat", {"vms": sorted(hosts[name].vms)}, token=host_token)
+        assert beat.status_code == 200
+    drain = _wait_drain(api, "h1")  # no hang: reported at once, not after the hour's notice
+    assert drain["status"] == "Failed"
+    for vm in drain["vms"]:
+        assert (vm["outcome"], vm["to"]) == ("Failed", None), vm
+        assert vm["reason"].startswith("SourceUnavailable"), vm
+        shown = api.req("GET", f"{RG}/rg1/{VMS}/{vm['name']}").json()["properties"]["instanceView"]
+        assert shown["host"] == "h1"  # left where it is: never started elsewhere
+    assert not any(vm.startswith(("a-", "b-")) for h in ("h2", "h3") for vm in hosts[h].vms)
