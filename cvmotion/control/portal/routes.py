@@ -16,7 +16,7 @@ from cvmotion.control.portal import views_events, views_hosts, views_policy, vie
 from cvmotion.control.portal.common import StaleForm, signin_redirect, stale_form
 from cvmotion.control.portal.forms import read_form
 from cvmotion.control.portal.render import render
-from cvmotion.control.portal.session import COOKIE, NotSignedIn, Portal
+from cvmotion.control.portal.session import COOKIE, NotSignedIn, Portal, same_origin
 from cvmotion.control.service import FleetController
 
 __all__ = ["install_portal"]
@@ -71,7 +71,10 @@ def _router(portal: Portal) -> APIRouter:
         token = form.get("token", "").strip()
         target = _safe_next(form.get("next", ""))
         error = None
-        if not token:
+        if not same_origin(request):
+            # Another site's page posting a token would sign this browser in as someone else (login CSRF).
+            error = "This sign-in did not come from this portal's page."
+        elif not token:
             error = "Enter your API token."
         else:
             try:

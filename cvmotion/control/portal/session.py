@@ -23,7 +23,7 @@ from cvmotion.control.auth import Action, Principal, Role, authenticate, authori
 from cvmotion.control.errors import Forbidden, Unauthorized
 from cvmotion.control.service import FleetController
 
-__all__ = ["COOKIE", "CSRF_FIELD", "NotSignedIn", "Portal", "User"]
+__all__ = ["COOKIE", "CSRF_FIELD", "NotSignedIn", "Portal", "User", "same_origin"]
 
 COOKIE = "cvmotion_portal"
 CSRF_FIELD = "csrf"
@@ -102,4 +102,14 @@ class Portal:
 
     def check_csrf(self, request: Request, user: User, form_value: str | None) -> bool:
         given = form_value or request.headers.get(CSRF_HEADER, "")
-        return hmac.compare_digest(given.encode(), user.csrf.encode())
+        return same_origin(request) and hmac.compare_digest(given.encode(), user.csrf.encode())
+
+
+def same_origin(request: Request) -> bool:
+    """False when the browser says the form came from another site (``Origin``); no header: not a browser's
+    cross-site POST (browsers send it on every cross-origin POST), so the other checks decide."""
+    origin = request.headers.get("origin")
+    if origin is None:
+        return True
+    host = request.headers.get("host", "")
+    return origin in (f"http://{host}", f"https://{host}")

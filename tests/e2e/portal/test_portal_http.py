@@ -43,6 +43,14 @@ def test_signin_cookie_and_redirects(site: Site) -> None:
     assert "httponly" in cookie
     assert "samesite=strict" in cookie
     assert "path=/" in cookie
+    # Another site's page cannot sign this browser in (login CSRF), nor post a form with a stolen CSRF token.
+    foreign = {"Origin": "https://evil.example"}
+    assert httpx.post(site.url + "/portal/signin", data={"token": site.owner}, headers=foreign).status_code == 401
+    with site.signed_in(site.owner) as web:
+        csrf = csrf_of(web.get("/portal/vms/new").text)
+        form = {"csrf": csrf, "name": "x2", "resource_group": "rg", "size": "Standard_DC2as_v5", "image": "kvstore"}
+        assert web.post("/portal/vms/review", data=form, headers=foreign).status_code == 403
+        assert web.post("/portal/vms/review", data=form, headers={"Origin": site.url}).status_code == 200
     # A host's registration token is no user.
     host = site.token(Role.HOST)
     assert httpx.post(site.url + "/portal/signin", data={"token": host}).status_code == 401
