@@ -64,6 +64,10 @@ def build_parser() -> argparse.ArgumentParser:
                 raise
             continue
         module.register(sub)
+    if "demo" in sub.choices:  # ``demo maintenance``: its own module, a sub-command of ``demo``
+        from cvmotion.cli.demo_maintenance import register_demo_maintenance
+
+        register_demo_maintenance(sub.choices["demo"])
     return parser
 
 
