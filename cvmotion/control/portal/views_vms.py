@@ -125,7 +125,7 @@ def register(router: APIRouter) -> None:  # noqa: C901 - one closure per route
             data = await gather(ctx, sub, rg, name)
         except ApiError as exc:
             return ctx.page("error.html", "Virtual machine", "vms", status=exc.status, message=str(exc))
-        return ctx.page("vm.html", f"{name} — virtual machine", "vms", **data, notice=ctx.request.query_params.get("n"))
+        return ctx.page("vm.html", f"{name} — virtual machine", "vms", **data)
 
     @router.get("/portal/vms/{sub}/{rg}/{name}/live", include_in_schema=False)
     async def vm_live(ctx: SignedIn, sub: str, rg: str, name: str) -> Response:
