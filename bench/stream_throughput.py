@@ -42,12 +42,12 @@ from _machine import machine_facts, wait_quiet  # noqa: E402
 from cvmotion.abi import wire  # noqa: E402
 from cvmotion.abi.snp import PolicyFlag, Product  # noqa: E402
 from cvmotion.abi.wire import bundle_capacity  # noqa: E402
-from cvmotion.agent.platform import SpMemory  # noqa: E402
 from cvmotion.firmware.chip import Chip  # noqa: E402
 from cvmotion.firmware.device import SecureProcessor  # noqa: E402
 from cvmotion.firmware.kds import Kds  # noqa: E402
 from cvmotion.firmware.launch import PageType  # noqa: E402
 from cvmotion.firmware.vendor import Vendor  # noqa: E402
+from cvmotion.platformd.hardware import SpMemory  # noqa: E402
 from cvmotion.vmm.memory import GuestMemory  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent

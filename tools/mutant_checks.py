@@ -43,14 +43,16 @@ T_RATLS = "tests/unit/agent/test_agent_ratls.py"
 T_AGENT_ATTACKS = "tests/unit/agent/test_agent_attacks.py"
 T_SESSION = "tests/unit/agent/test_agent_session.py"
 T_VERIFY = "tests/unit/attestation/test_attest_verify_synthetic.py"
-T_DIRTY = "tests/unit/agent/test_dirty_never_dropped.py"
-T_PLATFORM = "tests/unit/agent/test_platform_boundary.py"
+T_DIRTY = "tests/unit/vmd/test_dirty_never_dropped.py"
+T_PLATFORM = "tests/unit/platformd/test_platform_boundary.py"
 T_SECURITY = "tests/unit/protocol/test_import_rules_refusals.py"
 T_TABLE = "tests/unit/protocol/test_command_state_table.py"
 T_PEERS = "tests/unit/host/test_peers.py"
 T_OPTIONS = "tests/unit/migration/test_options_schema.py"
 T_DMA = "tests/e2e/migration/test_dma_load.py"
-PLATFORM = "cvmotion/agent/platform.py"
+T_DELETE = "tests/unit/host/test_delete_unsettled.py"
+PLATFORM = "cvmotion/platformd/server.py"
+HARDWARE = "cvmotion/platformd/hardware.py"
 PEERS = "cvmotion/host/peers.py"
 
 
@@ -430,29 +432,30 @@ MUTANTS: tuple[Mutant, ...] = (
         [T_VERIFY],
         id="cert-expiry",
     ),
-    # -- the platform process's host boundary (agent/platform.py) -------------------------------------
-    _never(
-        "cvmotion/agent/platform.py",
-        "PlatformService.accept",
-        "host and VM clients only send their commands",
-        "call.method not in allowed",
-        [T_PLATFORM],
-        id="host-methods",
+    # -- the platform process's host boundary (platformd/server.py) ------------------------------------
+    Mutant(
+        "host-methods",
+        "host and VM clients only send their own role's commands (the role's enum is its allowlist)",
+        PLATFORM,
+        "PlatformService.dispatch",
+        "table = self._vm_table if role is _Role.VM else self._host_table",
+        "table = {**self._host_table, **self._vm_table}",
+        (T_PLATFORM,),
     ),
     Mutant(
         "vm-dirty-owner",
         "only the VM process that attached a VM feeds its dirty pages",
-        "cvmotion/agent/platform.py",
+        PLATFORM,
         "PlatformService._vm_dirty",
         "if hw is None or not hw.attached_by(call.endpoint):",
         "if hw is None:",
         (T_PLATFORM,),
     ),
-    # -- the VM process (agent/vm_process.py): the SP's dirty view only grows -------------------------
+    # -- the VM process (vmd/dirty.py): the SP's dirty view only grows -------------------------------
     Mutant(
         "dirty-start-clears",
         "starting dirty tracking drops no bit the SP has not seen",
-        "cvmotion/agent/vm_process.py",
+        "cvmotion/vmd/dirty.py",
         "DirtyViews.start",
         '        self.take("engine")\n',
         "        with self._lock:\n            self._vm.memory.vmm_dirty.take()\n",
@@ -468,8 +471,8 @@ MUTANTS: tuple[Mutant, ...] = (
         id="hardware-claimed",
     ),
     _never(
-        PLATFORM,
-        "_launch_ranges",
+        HARDWARE,
+        "check_launch_ranges",
         "launch ranges never cover the secrets page",
         "gpa < SECRETS_PAGE_GPA + PAGE and gpa + length > SECRETS_PAGE_GPA",
         [T_PLATFORM],
@@ -532,16 +535,24 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     _never(
         "cvmotion/migration/options.py",
-        "MigrationOptions.from_json",
+        "_parse",
         "unknown migration options refused, not dropped",
         "unknown",
         [T_OPTIONS],
         id="options-unknown",
     ),
+    _never(
+        "cvmotion/host/lifecycle.py",
+        "VmLifecycle.delete",
+        "a VM whose migration has not settled is not deleted (409 unless forced)",
+        "record.state in UNSETTLED",
+        [T_DELETE],
+        id="delete-unsettled",
+    ),
     Mutant(
         "dma-quiesce",
         "a paused VM's DMA device writes nothing (the start token's clean check would otherwise fail)",
-        "cvmotion/agent/vm_process.py",
+        "cvmotion/vmd/process.py",
         "VmProcess.pause",
         "                self.dma.quiesce()",
         "                pass",

@@ -8,7 +8,8 @@ ACTIVATE) and from then on obtains attestation reports through real, encrypted S
 function of the image only, and ``expected_ma_measurement()`` computes it offline so operators can pin it.
 
 The image is deterministic: ``MA_VERSION``, then every source file of the code the MA runs
-(``MEASURED_SOURCES``: the agent, the firmware it drives, abi, the attestation verifier, ipc, vmm, errors and
+(``MEASURED_SOURCES``: the agent, the platform process that serves it (platformd) and the VM-process protocol
+it speaks to hardware (vmd), the firmware it drives, abi, the attestation verifier, ipc, vmm, errors and
 files — each as its path relative to the package, length, bytes, in sorted order), zero-padded to whole pages::
 
     GPA 0x100000 + 0x1000*i   NORMAL pages: the image          (PAGE_INFO chain, SNP ABI SNP_LAUNCH_UPDATE)
@@ -53,10 +54,22 @@ _MAX_IMAGE = 16 << 20
 _PACKAGE_DIR = Path(__file__).resolve().parent.parent
 
 
-# Every package and module whose code the MA runs in the platform process: the agent itself, the secure
-# processor it drives (firmware), the byte formats (abi), the verifier it judges peers with (attestation), the
-# RPC and file plumbing (ipc, files) and what the SP maps guest memory with (vmm), plus the error types.
-MEASURED_SOURCES = ("abi", "agent", "attestation", "firmware", "ipc", "vmm", "errors.py", "files.py")
+# Every package and module whose code the MA runs in the platform process: the agent itself, the platform
+# process around it (platformd) and the hardware protocol it speaks (vmd), the secure processor it drives
+# (firmware), the byte formats (abi), the verifier it judges peers with (attestation), the RPC and file
+# plumbing (ipc, files) and what the SP maps guest memory with (vmm), plus the error types.
+MEASURED_SOURCES = (
+    "abi",
+    "agent",
+    "attestation",
+    "firmware",
+    "ipc",
+    "platformd",
+    "vmd",
+    "vmm",
+    "errors.py",
+    "files.py",
+)
 
 
 def measured_files() -> list[Path]:

@@ -7,6 +7,7 @@ from typing import Any
 import httpx
 
 from cvmotion.errors import Conflict, CvmError, MigrationError, NotFound, PolicyViolation, UsageError
+from cvmotion.ipc.envelope import parse_error
 from cvmotion.ipc.http_client import default_ssl_context
 
 __all__ = ["api"]
@@ -24,14 +25,14 @@ def api(method: str, url: str, body: dict[str, Any] | None = None, *, timeout: f
         data = {}
     if response.status_code < 300 and isinstance(data, dict):
         return data
-    error = data.get("error", {}) if isinstance(data, dict) else {}
-    message = str(error.get("message") or f"HTTP {response.status_code} from {url}")
+    error = parse_error(response.status_code, data)
+    message = error.message if error.kind != "http_error" else f"{error.message} from {url}"
     if response.status_code == 404:
         raise NotFound(message)
     if response.status_code == 409:
         raise Conflict(message)
-    if response.status_code == 422 and error.get("violations"):
-        raise PolicyViolation([str(v) for v in error["violations"]])
+    if response.status_code == 422 and error.violations:
+        raise PolicyViolation(list(error.violations))
     if response.status_code < 500:
         raise UsageError(message)
-    raise MigrationError(message) if error.get("kind", "").endswith("Error") else CvmError(message)
+    raise MigrationError(message) if error.kind.endswith("Error") else CvmError(message)

@@ -16,8 +16,9 @@ from typing import Any
 
 from cvmotion.cli._http import api
 from cvmotion.errors import MigrationError, PolicyViolation, UsageError
+from cvmotion.migration.options import OPTIONS, MigrationOptions
 
-__all__ = ["register"]
+__all__ = ["add_option_flags", "options_from_args", "register"]
 
 _POLL = 0.1
 
@@ -31,13 +32,33 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     mig.add_argument("name")
     mig.add_argument("--from", dest="source", required=True, metavar="HOST_URL")
     mig.add_argument("--to", dest="destination", required=True, metavar="HOST_URL")
-    mig.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS", help="default 300 (as QEMU)")
-    mig.add_argument("--streams", type=int, default=2, metavar="N", help="parallel TCP streams (default 2)")
-    mig.add_argument("--max-rounds", type=int, default=30)
-    mig.add_argument("--no-auto-converge", action="store_true")
+    add_option_flags(mig)
     mig.add_argument("--timeout", type=float, default=600.0, help="give up waiting after this many seconds")
     mig.add_argument("--json", action="store_true", help="print the final query-migrate object only")
     mig.set_defaults(handler=_migrate)
+
+
+def add_option_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per migration option (``migration.options.OPTIONS``: its help, type and bounds); a flag not given
+    is not sent, so the host applies the schema's default."""
+    group = parser.add_argument_group("migration options")
+    for spec in OPTIONS:
+        dest = f"option_{spec.name}"
+        default = f"default {spec.default}"
+        if spec.kind is bool:
+            group.add_argument(spec.cli_flag, dest=dest, action=argparse.BooleanOptionalAction, help=spec.help)
+            continue
+        bounds = f"{spec.bounds()}, {default}"
+        number = int if spec.kind is int else float
+        group.add_argument(spec.cli_flag, dest=dest, type=number, metavar="N", help=f"{spec.help} ({bounds})")
+
+
+def options_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """The options given on the command line, by their host API names (checked here as the host checks them)."""
+    given = {spec.api_name: getattr(args, f"option_{spec.name}") for spec in OPTIONS}
+    body = {key: value for key, value in given.items() if value is not None}
+    MigrationOptions.from_api(body)  # a bad value is refused before anything is asked of a host
+    return body
 
 
 def _url(text: str, flag: str) -> str:
@@ -68,15 +89,7 @@ def wait(source: str, mig_id: str, timeout: float, progress: Any = None) -> dict
 def _migrate(args: argparse.Namespace) -> int:
     source = _url(args.source, "--from")
     destination = _url(args.destination, "--to")
-    mig_id = start(
-        source,
-        args.name,
-        destination,
-        downtime_limit_ms=args.downtime_limit,
-        streams=args.streams,
-        max_rounds=args.max_rounds,
-        auto_converge=not args.no_auto_converge,
-    )
+    mig_id = start(source, args.name, destination, **options_from_args(args))
     info = wait(source, mig_id, args.timeout) if args.json else _with_progress(source, mig_id, args.timeout)
     if args.json:
         print(json.dumps(info, indent=2))

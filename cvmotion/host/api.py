@@ -45,10 +45,10 @@ from cvmotion.errors import (
 from cvmotion.host import api_schema as schema
 from cvmotion.host.api_schema import MAX_BODY, CreateVm, IncomingMigration, KvRequest, MigrateRequest, refusals
 from cvmotion.host.daemon import HostDaemon
+from cvmotion.ipc.envelope import error_body
 from cvmotion.ipc.names import NAME_PATTERN
 from cvmotion.ipc.openapi import inline_schema, install_error_handlers
 from cvmotion.ipc.validation import describe_problems
-from cvmotion.migration.options import MigrationOptions
 from cvmotion.vmm.sku import find_sku, parse_memory
 
 __all__ = ["create_app"]
@@ -100,7 +100,7 @@ def _problems(errors: Sequence[Any]) -> str:
 
 
 def _error(status: int, kind: str, message: str, **extra: Any) -> JSONResponse:
-    return JSONResponse({"error": {"kind": kind, "message": message, **extra}}, status_code=status)
+    return JSONResponse(error_body(kind, message, **extra), status_code=status)
 
 
 _VM_LINKS = {
@@ -224,10 +224,15 @@ def create_app(daemon: HostDaemon) -> FastAPI:
         operation_id="delete_vm",
         response_model=None,
         summary="stop the VM and decommission its guest context",
-        responses={**ok(schema.Deleted, "deleted"), **refusals(404)},
+        description="A VM whose migration has not settled (migrating, awaiting its destination, arriving) is"
+        " refused with 409 until it has; `force=true` stops it anyway.",
+        responses={**ok(schema.Deleted, "deleted"), **refusals(404, 409)},
     )
-    async def delete_vm(name: VmName) -> dict[str, Any]:
-        await run_in_threadpool(daemon.delete_vm, name)
+    async def delete_vm(
+        name: VmName,
+        force: Annotated[bool, Query(description="stop the VM even while its migration has not settled")] = False,
+    ) -> dict[str, Any]:
+        await run_in_threadpool(lambda: daemon.delete_vm(name, force=force))
         return {"deleted": name}
 
     @app.get(
@@ -277,17 +282,7 @@ def create_app(daemon: HostDaemon) -> FastAPI:
         },
     )
     async def migrate(name: VmName, body: MigrateRequest) -> dict[str, Any]:
-        options = MigrationOptions(
-            downtime_limit_ms=body.downtime_limit_ms,
-            streams=body.streams,
-            max_rounds=body.max_rounds,
-            auto_converge=body.auto_converge,
-            pages_per_bundle=body.pages_per_bundle,
-            setup_timeout=body.io_timeout_s,
-            io_timeout=body.io_timeout_s,
-            commit_timeout=body.commit_timeout_s,
-        )
-        stats = await run_in_threadpool(daemon.migrate, name, _dialable(body.destination), options)
+        stats = await run_in_threadpool(daemon.migrate, name, _dialable(body.destination), body.options())
         return {"migration": stats.id, **stats.query_migrate()}
 
     @app.get(

@@ -15,11 +15,12 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
-from cvmotion.abi.wire import MAX_PAGES_PER_BUNDLE
-from cvmotion.host.daemon import DEFAULT_GUEST_POLICY
+from cvmotion.errors import UsageError
+from cvmotion.host.config import DEFAULT_GUEST_POLICY
 from cvmotion.host.store import VmState
 from cvmotion.ipc.names import NAME_PATTERN
 from cvmotion.ipc.openapi import error_responses
+from cvmotion.migration.options import OPTIONS, MigrationOptions
 from cvmotion.migration.stats import MigrationStatus, Verdict
 from cvmotion.vmm.images import BUILTIN_IMAGES
 from cvmotion.vmm.layout import MAX_MEMORY, MIB, MIN_MEMORY
@@ -150,21 +151,37 @@ class KvRequest(BaseModel):
         return self
 
 
-class MigrateRequest(BaseModel):
-    """``POST /v1/vms/{name}/migrate``: live-migrate the VM to another host of the pool."""
+def _migration_options_schema(schema: dict[str, Any]) -> None:
+    """The migration options of ``MigrateRequest`` as its schema states them: ``migration.options.OPTIONS``."""
+    schema.setdefault("properties", {}).update({spec.api_name: spec.json_schema() for spec in OPTIONS})
+    schema["additionalProperties"] = False
 
-    model_config = _STRICT
+
+class MigrateRequest(BaseModel):
+    """``POST /v1/vms/{name}/migrate``: live-migrate the VM to another host of the pool.
+
+    Besides ``destination``, the body holds migration options by their API names; their one schema is
+    ``migration.options.OPTIONS`` (types, defaults, bounds), and a key it does not name is refused.
+    """
+
+    model_config = ConfigDict(extra="allow", strict=True, json_schema_extra=_migration_options_schema)
 
     destination: str = Field(
         min_length=8, max_length=2048, pattern="^https?://[^/\\s]+", description="the destination's host API URL"
     )
-    downtime_limit_ms: float = Field(default=300.0, gt=0, le=60_000)
-    streams: int = Field(default=2, ge=1, le=16)
-    max_rounds: int = Field(default=30, ge=1, le=1000)
-    auto_converge: bool = True
-    pages_per_bundle: int = Field(default=MAX_PAGES_PER_BUNDLE, ge=1, le=MAX_PAGES_PER_BUNDLE)
-    io_timeout_s: float = Field(default=30.0, gt=0, le=600, description="how long either side waits on a silent peer")
-    commit_timeout_s: float = Field(default=60.0, gt=0, le=3600)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _options_are_known(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            try:
+                MigrationOptions.from_api({k: v for k, v in data.items() if k != "destination"})
+            except UsageError as exc:
+                raise ValueError(str(exc)) from None
+        return data
+
+    def options(self) -> MigrationOptions:
+        return MigrationOptions.from_api(dict(self.model_extra or {}))
 
 
 class IncomingSpec(BaseModel):

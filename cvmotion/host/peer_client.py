@@ -15,6 +15,7 @@ import httpx
 
 from cvmotion.errors import UsageError
 from cvmotion.host.peers import PeerAuth
+from cvmotion.ipc.envelope import parse_error
 from cvmotion.ipc.http_client import default_ssl_context
 from cvmotion.migration.sender import Destination
 
@@ -73,6 +74,7 @@ class PeerClient:
 def error_text(response: httpx.Response) -> str:
     """The message of a host API error envelope, or the bare status."""
     try:
-        return str(response.json()["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return f"HTTP {response.status_code}"
+        data = response.json()
+    except ValueError:
+        data = None
+    return parse_error(response.status_code, data).message

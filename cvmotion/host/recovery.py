@@ -25,6 +25,9 @@ Verdicts of incoming migrations are persisted the moment they exist (``OutcomeSt
 ``<data-dir>/incoming/<migration>.json``): an answer given once is given again after any restart.  The
 poller never resumes a VM on its own authority and treats a rejected token as no answer (a forged verdict
 costs nothing but time: it keeps asking).
+
+Recovery works on the VM store (``host.store``), the platform and VM clients and the peer client
+(``host.peer_client``); it knows nothing else of the daemon.
 """
 
 from __future__ import annotations
@@ -35,15 +38,17 @@ import json
 import logging
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from cvmotion.errors import CvmError, NotFound
-from cvmotion.host.store import VmRecord, VmState
-from cvmotion.migration.stats import MigrationOutcome, MigrationStatus, Verdict
-
-if TYPE_CHECKING:
-    from cvmotion.host.daemon import HostDaemon
+from cvmotion.host.events import EventBus
+from cvmotion.host.peer_client import PeerClient
+from cvmotion.host.store import VmRecord, VmState, VmStore
+from cvmotion.migration.stats import MigrationOutcome, MigrationStats, MigrationStatus, Verdict
+from cvmotion.platformd.client import PlatformClient
+from cvmotion.vmd.client import VmClient
 
 __all__ = ["OutcomeStore", "Recovery"]
 
@@ -103,36 +108,50 @@ class OutcomeStore:
 class Recovery:
     """The recovery paths of one daemon (source and destination side)."""
 
-    def __init__(self, daemon: HostDaemon) -> None:
-        self.daemon = daemon
-        self.store = OutcomeStore(daemon.dir / "incoming")
+    def __init__(
+        self,
+        vms: VmStore,
+        outcomes: OutcomeStore,
+        platform: Callable[[], PlatformClient],
+        peer_client: Callable[[], PeerClient],
+        events: EventBus,
+        migrations: dict[str, MigrationStats],
+        stop: threading.Event,
+    ) -> None:
+        self.vms = vms
+        self.outcomes = outcomes
+        self.platform = platform
+        self.peer_client = peer_client
+        self.events = events
+        self.migrations = migrations
+        self._stop = stop
         self._polling: set[str] = set()
         self._lock = threading.Lock()
 
     # -- helpers ------------------------------------------------------------------------------------
 
     def _event(self, kind: str, record: VmRecord, **data: Any) -> None:
-        self.daemon.events.publish(kind, {"vm": record.name, **data}, subject=record.name)
+        self.events.publish(kind, {"vm": record.name, **data}, subject=record.name)
 
-    def _vm(self, record: VmRecord, method: str, args: dict[str, Any] | None = None) -> bool:
+    def _vm(self, record: VmRecord, what: str, action: Callable[[VmClient], object]) -> bool:
         if record.client is None:
             return False
         try:
-            record.client.call(method, args or {})
+            action(record.client)
         except CvmError as exc:
-            log.warning("VM %s: %s failed: %s", record.name, method, exc)
+            log.warning("VM %s: %s failed: %s", record.name, what, exc)
             return False
         return True
 
     def _resume(self, record: VmRecord) -> None:
-        self._vm(record, "throttle", {"pct": 0})
+        self._vm(record, "throttle", lambda vm: vm.throttle(0))
         if record.client is not None and record.client.info().get("state") != "running":
-            record.client.call("resume")
+            record.client.resume()
         record.state = VmState.RUNNING
 
     def _stats(self, record: VmRecord, status: MigrationStatus, outcome: MigrationOutcome) -> None:
         mig_id = (record.pending_recovery or {}).get("migration")
-        stats = self.daemon.migrations.get(str(mig_id))
+        stats = self.migrations.get(str(mig_id))
         if stats is not None:
             stats.status, stats.outcome = status, outcome
 
@@ -142,18 +161,16 @@ class Recovery:
         self._resume(record)
         self._stats(record, MigrationStatus.FAILED, MigrationOutcome.RESUMED_ON_SOURCE)
         record.pending_recovery = None
-        self.daemon._save(record)
+        self.vms.save(record)
         self._event(kind, record, **data)
 
     def _migrated(self, record: VmRecord) -> None:
-        self._vm(record, "stop")
+        self._vm(record, "stop", VmClient.stop)
         record.state = VmState.MIGRATED
         record.client = None
         record.pending_recovery = None
-        self.daemon._save(record)
-        with self.daemon._lock:
-            if self.daemon.vms.get(record.name) is record:
-                del self.daemon.vms[record.name]
+        self.vms.save(record)
+        self.vms.forget(record)
 
     # -- source -------------------------------------------------------------------------------------
 
@@ -161,23 +178,23 @@ class Recovery:
         """Start-up: settle a VM whose export a previous daemon left half done (module docstring)."""
         if record.handle is None:
             return
-        platform = self.daemon.platform_client()
-        handle = {"handle": record.handle}
+        platform = self.platform()
+        handle = record.handle
         try:
-            platform.call("guest_info", handle)
+            platform.guest_info(handle)
         except CvmError:
             if record.pending_recovery:
                 # The guest context is gone: export_finish ran, the destination had committed.
                 self._event("MigrationRecovered", record, outcome=Verdict.COMMITTED, how="guest already decommissioned")
                 self._migrated(record)
             return
-        state = str(platform.call("export_status", handle)[0]["state"])
+        state = platform.export_status(handle)
         if state in ("LIVE_EXPORT", "PAUSED_EXPORT"):
-            platform.call("export_abort", handle)
+            platform.export_abort(handle)
             self._resumed(record, "MigrationAbortedAfterRestart", op_state=state)
         elif state == "POST_EXPORT":
             record.state = VmState.AWAITING_DESTINATION
-            self.daemon._save(record)
+            self.vms.save(record)
             if record.pending_recovery:
                 self.start_polling(record)
             else:
@@ -185,7 +202,7 @@ class Recovery:
         elif record.pending_recovery:
             # RUNNABLE: a session was prepared (K_f made) or aborted just before the crash; destroy what is left.
             with contextlib.suppress(CvmError):
-                platform.call("export_abort", handle)
+                platform.export_abort(handle)
             self._resumed(record, "MigrationAbortedAfterRestart", op_state=state)
 
     def start_polling(self, record: VmRecord) -> None:
@@ -203,16 +220,16 @@ class Recovery:
             if not url or not dest_mig or record.handle is None:
                 return
             delay = _POLL_FIRST
-            while not self.daemon._stop.is_set():
+            while not self._stop.is_set():
                 try:
-                    answer = self.daemon.peer_client.outcome(str(url), str(dest_mig))
+                    answer = self.peer_client().outcome(str(url), str(dest_mig))
                     if answer is not None and self.apply_outcome(record, answer):
                         return
                 except (CvmError, ValueError) as exc:
                     # A verdict the firmware rejects (forged or replayed token): no answer; keep asking.
                     log.warning("migration recovery for %s: verdict rejected: %s", record.name, exc)
                     self._event("MigrationRecoveryRejected", record, error=str(exc) or type(exc).__name__)
-                self.daemon._stop.wait(delay)
+                self._stop.wait(delay)
                 delay = min(delay * 2, _POLL_MAX)
         finally:
             with self._lock:
@@ -220,20 +237,22 @@ class Recovery:
 
     def apply_outcome(self, record: VmRecord, outcome: dict[str, Any]) -> bool:
         """Act on the destination's verdict; False when there is none yet. Raises if the firmware refuses it."""
-        platform = self.daemon.platform_client()
-        handle = {"handle": record.handle}
+        platform = self.platform()
+        handle = record.handle
+        if handle is None:
+            return False
         state = outcome.get("state")
         if state == Verdict.COMMITTED and isinstance(outcome.get("token"), str):
             # The commit receipt: the firmware decommissions only if it verifies under K_b (else it raises).
             receipt = base64.b64decode(str(outcome["token"]), validate=True)
-            platform.call("export_finish", handle, receipt)
+            platform.export_finish(handle, receipt)
             self._stats(record, MigrationStatus.COMPLETED, MigrationOutcome.RUNNING_ON_DESTINATION)
             self._event("MigrationRecovered", record, outcome=Verdict.COMMITTED)
             self._migrated(record)
             return True
         if state == Verdict.ABORTED and isinstance(outcome.get("token"), str):
             token = base64.b64decode(str(outcome["token"]), validate=True)
-            platform.call("export_abort_with_token", handle, token)
+            platform.export_abort_with_token(handle, token)
             self._resumed(record, "MigrationRecovered", outcome="resumed")
             return True
         return False
@@ -243,53 +262,52 @@ class Recovery:
     def resolve_import(self, record: VmRecord) -> None:
         """Start-up: settle an incoming VM whose import a previous daemon left half done (module docstring)."""
         mig_id = record.migrations[-1] if record.migrations else ""
-        platform = self.daemon.platform_client()
+        platform = self.platform()
         try:
-            status = platform.call("import_status", {"vm": record.name})[0]
+            status = platform.import_status(record.name)
         except CvmError:
             status = None  # no import context: the session never reached the MA, or it was discarded
         state = None if status is None else str(status["state"])
         if state == "POST_IMPORT":
-            result, receipt, _ = platform.call("import_activate", {"vm": record.name})
-            record.handle = int(result["handle"])
+            record.handle, receipt = platform.import_activate(record.name)
             self._committed(record, mig_id, "activated after restart", receipt)
         elif state == "RUNNABLE":
-            record.handle = int(status["handle"]) if status else None
-            receipt = platform.call("import_commit_receipt", {"vm": record.name})[1]
+            handle = status["handle"] if status else None
+            record.handle = None if handle is None else int(handle)
+            receipt = platform.import_commit_receipt(record.name)
             self._committed(record, mig_id, "running", receipt)
         else:
             token: bytes | None = None
             if state in _IMPORTING:
                 with contextlib.suppress(CvmError):
-                    token = platform.call("import_abort", {"vm": record.name})[1]
+                    token = platform.import_abort(record.name)
             if mig_id:
-                self.store.put(mig_id, record.name, Verdict.ABORTED if token else Verdict.FAILED, token)
-            self._vm(record, "stop")
+                self.outcomes.put(mig_id, record.name, Verdict.ABORTED if token else Verdict.FAILED, token)
+            self._vm(record, "stop", VmClient.stop)
             with contextlib.suppress(CvmError):
-                platform.call("import_discard", {"vm": record.name})
+                platform.import_discard(record.name)
             record.state = VmState.DELETED
             record.client = None
-            self.daemon._save(record)
-            with self.daemon._lock:
-                self.daemon.vms.pop(record.name, None)
+            self.vms.save(record)
+            self.vms.forget(record)
             self._event("MigrationAbortedAfterRestart", record, migration=mig_id, op_state=state, token=bool(token))
 
     def _committed(self, record: VmRecord, mig_id: str, how: str, receipt: bytes) -> None:
         if mig_id:
-            self.store.put(mig_id, record.name, Verdict.COMMITTED, receipt)
+            self.outcomes.put(mig_id, record.name, Verdict.COMMITTED, receipt)
         if record.client is not None:
             self._resume(record)
         record.state = VmState.RUNNING if record.client is not None else VmState.LOST
-        self.daemon._save(record)
+        self.vms.save(record)
         self._event("MigrationRecovered", record, migration=mig_id, outcome=Verdict.COMMITTED, how=how)
 
     def incoming_event(self, record: VmRecord, mig_id: str, kind: str, data: dict[str, Any], token: Any) -> None:
         """Persist a verdict the moment the receiver reaches it (before anyone is told)."""
         if kind == "MigrationCommitted":
-            self.store.put(mig_id, record.name, Verdict.COMMITTED, token if isinstance(token, bytes) else None)
+            self.outcomes.put(mig_id, record.name, Verdict.COMMITTED, token if isinstance(token, bytes) else None)
             record.handle = int(data["handle"]) if data.get("handle") is not None else record.handle
             record.state = VmState.RUNNING
-            self.daemon._save(record)
+            self.vms.save(record)
         elif kind == "MigrationImportFailed":
             blob = token if isinstance(token, bytes) else None
-            self.store.put(mig_id, record.name, Verdict.ABORTED if blob else Verdict.FAILED, blob)
+            self.outcomes.put(mig_id, record.name, Verdict.ABORTED if blob else Verdict.FAILED, blob)

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cvmotion.errors import CvmError
-from cvmotion.migration.clients import VmClient
+from cvmotion.vmd.client import VmClient
 
 __all__ = ["Standby", "StandbyPool"]
 
@@ -45,7 +45,7 @@ class Standby:
     client: VmClient
 
     def alive(self) -> bool:
-        return self.proc.poll() is None and not self.client.endpoint.closed
+        return self.proc.poll() is None and not self.client.closed
 
     def kill(self) -> None:
         self.client.close()
@@ -117,7 +117,7 @@ class StandbyPool:
                     os.replace(standby.dir / name, target)
         shutil.rmtree(standby.dir, ignore_errors=True)
         try:
-            standby.client.call("configure", {"dir": str(vm_dir)}, timeout=self._timeout)
+            standby.client.configure(vm_dir, timeout=self._timeout)
         except CvmError:
             standby.client.close()
             with contextlib.suppress(OSError):
@@ -151,7 +151,7 @@ class StandbyPool:
 
     def _spawn(self, standby_dir: Path) -> Standby:
         standby_dir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "cvmotion.agent.vm_process", "--standby", "--dir", str(standby_dir)]
+        cmd = [sys.executable, "-m", "cvmotion.vmd", "--standby", "--dir", str(standby_dir)]
         # The daemon's PID, not the one the child reads at start-up: a daemon gone before the child's interpreter
         # is up would otherwise leave it re-parented with nothing to notice, waiting for ever.
         cmd += ["--platform", str(self._platform_socket()), "--parent", str(os.getpid())]

@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cvmotion.agent.vm_process import VmSpec
 from cvmotion.files import write_json
+from cvmotion.vmd.client import VmClient
+from cvmotion.vmd.protocol import VmSpec
 
-__all__ = ["GONE", "VmRecord", "VmState", "VmStore"]
+__all__ = ["GONE", "UNSETTLED", "VmRecord", "VmState", "VmStore"]
 
 
 class VmState(enum.StrEnum):
@@ -59,6 +60,8 @@ class VmState(enum.StrEnum):
 
 
 GONE = frozenset({VmState.MIGRATED, VmState.DELETED})  # records kept for the record only
+# A migration in flight: only its outcome says whether this copy of the guest is the one that lives on.
+UNSETTLED = frozenset({VmState.MIGRATING, VmState.AWAITING_DESTINATION, VmState.INCOMING})
 
 
 @dataclass
@@ -67,7 +70,7 @@ class VmRecord:
 
     name: str
     spec: VmSpec
-    client: Any = None  # migration.clients.VmClient, or None when no VM process is attached
+    client: VmClient | None = None  # None when no VM process is attached
     handle: int | None = None
     measurement: str = ""
     policy: int = 0
@@ -93,11 +96,32 @@ class VmRecord:
 
 
 class VmStore:
-    """The ``vms/`` directory: one record per VM, written atomically with fsync."""
+    """The daemon's VMs: the records of those on this host (in memory, under ``lock``) and the ``vms/``
+    directory they persist to, one record per VM, written atomically with fsync."""
 
     def __init__(self, directory: Path) -> None:
         self.dir = directory
         self.dir.mkdir(parents=True, exist_ok=True)
+        self.lock = threading.RLock()
+        self.records: dict[str, VmRecord] = {}
+        # VM name -> the host API URL it left for (in memory: after a restart a client resolves afresh).
+        self.moved: dict[str, str] = {}
+
+    def get(self, name: str) -> VmRecord | None:
+        return self.records.get(name)
+
+    def add(self, record: VmRecord) -> None:
+        with self.lock:
+            self.records[record.name] = record
+
+    def forget(self, record: VmRecord) -> None:
+        """Drop ``record`` from the VMs on this host (only that record: a newer one of the same name stays)."""
+        with self.lock:
+            if self.records.get(record.name) is record:
+                del self.records[record.name]
+
+    def live(self) -> list[VmRecord]:
+        return [r for r in list(self.records.values()) if r.state not in GONE]
 
     def vm_dir(self, name: str) -> Path:
         return self.dir / name

@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match, Route
 
+from cvmotion.ipc.envelope import error_body
 from cvmotion.ipc.validation import describe_problems
 
 __all__ = [
@@ -70,7 +71,7 @@ Render = Callable[[int, str, str], dict[str, Any]]
 
 def render_error(status: int, kind: str, message: str) -> dict[str, Any]:
     """The body of a refusal in ``ErrorEnvelope``."""
-    return {"error": {"kind": kind, "message": message}}
+    return error_body(kind, message)
 
 
 def error_responses(

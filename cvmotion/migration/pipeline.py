@@ -32,7 +32,7 @@ import numpy.typing as npt
 from cvmotion.abi.wire import BundleHeader, BundleType
 from cvmotion.errors import MigrationError, ProtocolError
 from cvmotion.migration.channel import FrameKind, FrameSocket
-from cvmotion.migration.clients import Ring
+from cvmotion.platformd.client import Ring
 
 __all__ = ["Arrival", "IncomingStream", "OutgoingStream"]
 

@@ -26,10 +26,11 @@ from cvmotion.abi import wire
 from cvmotion.abi.wire import BundleType
 from cvmotion.errors import AbiError, CvmError, IntegrityError, MigrationError, ProtocolError
 from cvmotion.migration.channel import FrameKind, FrameSocket
-from cvmotion.migration.clients import PlatformClient, Ring, VmClient
 from cvmotion.migration.options import MigrationOptions
 from cvmotion.migration.pipeline import Arrival, IncomingStream
 from cvmotion.migration.stats import MigrationOutcome, MigrationStats, MigrationStatus, Verdict
+from cvmotion.platformd.client import PlatformClient, Ring
+from cvmotion.vmd.client import VmClient
 
 __all__ = ["Receiver"]
 
@@ -156,11 +157,9 @@ class Receiver:
             if kind is not FrameKind.MA:
                 raise ProtocolError(f"unexpected {kind.name} frame during session set-up")
             if not begun:
-                self.platform.call("ma_dest_begin", {"vm": self.stats.vm, "session_id": self.session_id.hex()})
+                self.platform.ma_dest_begin(self.stats.vm, self.session_id)
                 begun = True
-            result, _, _ = self.platform.call(
-                "ma_deliver", {"session_id": self.session_id.hex(), "role": "destination"}, payload
-            )
+            result = self.platform.ma_deliver(self.session_id, "destination", payload)
             for msg in result.get("messages", []):
                 self.control.send(FrameKind.MA, base64.b64decode(msg))
             if result.get("state") == "FAILED":
@@ -246,10 +245,9 @@ class Receiver:
         """The start token verified: the destination owns the VM now."""
         self.committed.set()
         t0 = time.monotonic()
-        result, self.commit_receipt, _ = self.platform.call("import_activate", {"vm": self.stats.vm})
-        self.handle = int(result["handle"])
+        self.handle, self.commit_receipt = self.platform.import_activate(self.stats.vm)
         self._phases["activated"] = (time.monotonic() - t0) * 1000
-        self.vm.call("resume")
+        self.vm.resume()
         self.resumed_at = time.monotonic()
         self._phases["resumed"] = (self.resumed_at - t0) * 1000
         self.stats.status = MigrationStatus.COMPLETED
@@ -275,7 +273,7 @@ class Receiver:
         s.error = reason
         s.error_kind = "IntegrityError" if opaque else type(exc).__name__
         try:
-            self.abort_token = self.platform.call("import_abort", {"vm": s.vm})[1]
+            self.abort_token = self.platform.import_abort(s.vm)
         except CvmError as abort_exc:
             s.error += f" (no abort token: {abort_exc})"
         if self.abort_token is not None:
@@ -305,9 +303,9 @@ class Receiver:
                 stream.ring.close()
         if not self.committed.is_set():
             with contextlib.suppress(CvmError):
-                self.vm.call("stop")
+                self.vm.stop()
             with contextlib.suppress(CvmError):
-                self.platform.call("import_discard", {"vm": s.vm})
+                self.platform.import_discard(s.vm)
         self.done.set()
         if self.on_finished is not None:
             self.on_finished(self)
@@ -318,7 +316,7 @@ class Receiver:
             receipt = self.commit_receipt
             if receipt is None:  # committed, activation failed: the firmware still proves the commit
                 with contextlib.suppress(CvmError):
-                    receipt = self.platform.call("import_commit_receipt", {"vm": self.stats.vm})[1]
+                    receipt = self.platform.import_commit_receipt(self.stats.vm)
             if receipt is None:
                 return {"state": Verdict.IN_PROGRESS}
             return {"state": Verdict.COMMITTED, "token": base64.b64encode(receipt).decode()}

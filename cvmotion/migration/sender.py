@@ -35,10 +35,12 @@ import numpy.typing as npt
 from cvmotion.abi.gfns import sorted_union
 from cvmotion.errors import Aborted, CvmError, MigrationError, PolicyViolation, ProtocolError
 from cvmotion.migration.channel import FrameKind, FrameSocket, connect
-from cvmotion.migration.clients import PlatformClient, Ring, VmClient
 from cvmotion.migration.options import MigrationOptions
 from cvmotion.migration.pipeline import OutgoingStream
 from cvmotion.migration.stats import BandwidthMeter, MigrationOutcome, MigrationStats, MigrationStatus, RoundStats
+from cvmotion.platformd.client import PlatformClient, Ring
+from cvmotion.platformd.protocol import MaReport
+from cvmotion.vmd.client import VmClient
 
 __all__ = ["Destination", "Sender"]
 
@@ -174,9 +176,9 @@ class Sender:
                 OutgoingStream(i, sock, ring, seal=self._sealer(i, ring), on_sent=self._sent, batch=o.batch_bundles)
             )
         self._agent_session()
-        self.platform.call("export_start", {"handle": self.handle, "vm": s.vm})
-        self.vm.call("start_dirty_tracking")
-        self.streams[0].submit(self.platform.export_blob("export_immutable", self.handle, 0))
+        self.platform.export_start(self.handle, s.vm)
+        self.vm.start_dirty_tracking()
+        self.streams[0].submit(self.platform.export_immutable(self.handle, 0))
         s.setup_ms = s.elapsed_ms()
         s.status = MigrationStatus.ACTIVE
         self.emit("MigrationSetupDone", {"id": s.id, "setup-time": round(s.setup_ms), "attestation": s.attestation})
@@ -184,11 +186,7 @@ class Sender:
     def _agent_session(self) -> None:
         """Relay the two migration agents' messages until both hold the session keys (or one refuses)."""
         assert self.control is not None
-        result, _, _ = self.platform.call(
-            "ma_source_begin",
-            {"vm": self.stats.vm, "handle": self.handle, "session_id": self.session_id.hex()},
-            self.policy_doc,
-        )
+        result = self.platform.ma_source_begin(self.stats.vm, self.handle, self.session_id, self.policy_doc)
         deadline = time.monotonic() + self.options.setup_timeout
         while True:
             for msg in result.get("messages", []):
@@ -206,9 +204,7 @@ class Sender:
                 raise _remote_error(payload)
             if kind is not FrameKind.MA:
                 raise ProtocolError(f"unexpected {kind.name} frame during session set-up")
-            result, _, _ = self.platform.call(
-                "ma_deliver", {"session_id": self.session_id.hex(), "role": "source"}, payload
-            )
+            result = self.platform.ma_deliver(self.session_id, "source", payload)
 
     def _send_round(self, gfns: npt.NDArray[np.uint64]) -> tuple[int, float]:
         """Send ``gfns`` over every stream, then close the epoch; returns (bytes, seconds)."""
@@ -226,7 +222,7 @@ class Sender:
         """Close the round's epoch and wait until the destination's firmware took it: a round is timed end to
         end (the page rate it yields predicts the downtime), and the source never runs ahead of the import."""
         assert self.control is not None
-        self.streams[0].submit(self.platform.export_blob("export_epoch_token", self.handle, 0))
+        self.streams[0].submit(self.platform.export_epoch_token(self.handle, 0))
         self.streams[0].drain(self.options.io_timeout)
         self.control.sock.settimeout(self.options.io_timeout)
         kind, message = self.control.recv_json()
@@ -283,7 +279,7 @@ class Sender:
             not_shrinking = not_shrinking + 1 if len(dirty) > len(gfns) // 2 else 0
             if o.auto_converge and not_shrinking >= 2:
                 throttle = o.throttle_initial if throttle == 0 else min(o.throttle_max, throttle + o.throttle_increment)
-                self.vm.call("throttle", {"pct": throttle})
+                self.vm.throttle(throttle)
                 s.throttle_pct = throttle
                 not_shrinking = 0
             gfns = dirty
@@ -298,12 +294,12 @@ class Sender:
     def _switchover(self) -> None:
         s, o = self.stats, self.options
         if s.throttle_pct:
-            self.vm.call("throttle", {"pct": 0})
+            self.vm.throttle(0)
         self.paused_at = time.monotonic()
         s.status = MigrationStatus.DEVICE
-        self.vm.call("pause")
+        self.vm.pause()
         self._mark("paused")
-        self.platform.call("export_pause", {"handle": self.handle})
+        self.platform.export_pause(self.handle)
         self._mark("held")
         final = sorted_union(self._final_dirty, self.vm.harvest_dirty())
         self._mark("harvested")
@@ -340,17 +336,17 @@ class Sender:
                         s.downtime_phases[f"destination-{name}"] = float(ms)
             # Only the destination firmware's receipt ends the source: a forged or missing one is refused by
             # this firmware (IntegrityError) and the VM stays frozen and recoverable, never decommissioned.
-            self.platform.call("export_finish", {"handle": self.handle}, _token(message.get("receipt")))
+            self.platform.export_finish(self.handle, _token(message.get("receipt")))
             s.total_ms = s.elapsed_ms()  # before the status: a reader of "completed" sees its total-time
             s.status = MigrationStatus.COMPLETED
             s.outcome = MigrationOutcome.RUNNING_ON_DESTINATION
             s.remaining = 0
             with _suppress():
-                self.vm.call("stop")
+                self.vm.stop()
             return
         if verdict == "aborted":
-            self.platform.call("export_abort_with_token", {"handle": self.handle}, _token(message.get("token")))
-            self.vm.call("resume")
+            self.platform.export_abort_with_token(self.handle, _token(message.get("token")))
+            self.vm.resume()
             raise Aborted(f"destination aborted the import: {message.get('reason', 'unknown reason')}")
         raise ProtocolError(f"unknown verdict {verdict!r}")
 
@@ -368,11 +364,11 @@ class Sender:
         elif not self.start_token_sent:
             # Before the point of no return the source may abort on its own and run again.
             with _suppress():
-                self.platform.call("export_abort", {"handle": self.handle})
+                self.platform.export_abort(self.handle)
             with _suppress():
-                self.vm.call("throttle", {"pct": 0})
+                self.vm.throttle(0)
             with _suppress():
-                self.vm.call("resume")
+                self.vm.resume()
             outcome = MigrationOutcome.RESUMED_ON_SOURCE
         else:
             # The destination may have committed: running here could fork the VM. Stay stopped until the
@@ -405,7 +401,7 @@ def _token(value: Any) -> bytes:
         return b""
 
 
-def _agent_error(result: dict[str, Any]) -> CvmError:
+def _agent_error(result: MaReport) -> CvmError:
     violations = result.get("violations")
     if violations:
         return PolicyViolation([str(v) for v in violations])

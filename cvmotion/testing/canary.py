@@ -39,10 +39,10 @@ import numpy as np
 from cvmotion.abi import wire
 from cvmotion.abi.guest_msg import GuestChannel, KeyReq, KeyRsp, RootKey
 from cvmotion.abi.wire import BundleType, EntryFlag
-from cvmotion.agent.vm_process import SECRETS_PAGE_GPA
 from cvmotion.errors import AbiError, UsageError
 from cvmotion.testing.adversary import Emit, Frame, MigrationProxy, Tamper
 from cvmotion.vmm.layout import MemoryLayout
+from cvmotion.vmm.loader import SECRETS_PAGE_GPA
 
 if TYPE_CHECKING:
     from cvmotion.firmware.device import GuestHandle, SecureProcessor

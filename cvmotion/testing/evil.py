@@ -18,11 +18,12 @@ from typing import Any, cast
 import numpy as np
 
 from cvmotion.ipc.rpc import Endpoint, connect_unix
-from cvmotion.migration.clients import PlatformClient, VmClient
 from cvmotion.migration.options import MigrationOptions
 from cvmotion.migration.sender import Destination, Sender, new_migration_id
 from cvmotion.migration.stats import MigrationStats
+from cvmotion.platformd.client import PlatformClient
 from cvmotion.testing.hosts import HostProcess
+from cvmotion.vmd.client import VmClient
 
 __all__ = ["CallHook", "EvilSource", "HookedEndpoint", "hide_dirty_pages", "swap_export_hardware"]
 

@@ -4,7 +4,7 @@ The host daemon is untrusted; it holds two command interfaces to the "hardware" 
 malicious one can say anything on them:
 
 - ``platform.sock`` as a *host* client (``host_hello`` first): the SNP command interface and the migration
-  commands (``agent.platform.HOST_METHODS``) plus the MA relay; every ``ma_*`` firmware call and every
+  commands (``platformd.protocol.HostCommand``, MA relay included); every ``ma_*`` firmware call and every
   VM-only method must be refused;
 - a VM's ``control.sock`` (run control: ``bind``, ``resume``, ``start``, ``throttle``...): the VM process is
   hardware and asks the secure processor ``can_run`` before any vCPU runs;

@@ -17,9 +17,9 @@ import httpx
 import pytest
 from mig_world import MEMORY, Victim, World
 
-from cvmotion.agent.vm_process import VmSpec
 from cvmotion.host.peers import PeerAuth
 from cvmotion.testing.hosts import ApiError
+from cvmotion.vmd.protocol import VmSpec
 
 pytestmark = pytest.mark.timeout(180)
 

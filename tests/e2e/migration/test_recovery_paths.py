@@ -10,17 +10,21 @@ from __future__ import annotations
 import base64
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
-from cvmotion.agent.vm_process import VmSpec
 from cvmotion.errors import FirmwareError, FirmwareStatus, IntegrityError, NotFound, UsageError
 from cvmotion.host import recovery as recovery_module
 from cvmotion.host.events import EventBus
+from cvmotion.host.peer_client import PeerClient
 from cvmotion.host.recovery import OutcomeStore, Recovery
-from cvmotion.host.store import VmRecord, VmState
+from cvmotion.host.store import VmRecord, VmState, VmStore
+from cvmotion.ipc.rpc import Endpoint
 from cvmotion.migration.stats import MigrationStats, MigrationStatus
+from cvmotion.platformd.client import PlatformClient
+from cvmotion.vmd.client import VmClient
+from cvmotion.vmd.protocol import VmSpec
 
 TOKEN = b"\x18" * 64
 RECEIPT = b"\x19" * 88  # the destination firmware's commit receipt (its MAC is the fake's to check)
@@ -36,7 +40,9 @@ class FakePlatform:
         self.guest = guest
         self.calls: list[str] = []
 
-    def call(self, method: str, args: dict[str, Any] | None = None, blob: bytes = b"") -> Any:
+    closed = False
+
+    def call(self, method: str, args: dict[str, Any] | None = None, blob: bytes = b"", **kw: Any) -> Any:
         self.calls.append(method)
         if method == "import_status":
             if self.import_state is None:
@@ -79,14 +85,15 @@ class FakeVm:
         self.state = state
         self.calls: list[str] = []
 
-    def call(self, method: str, args: dict[str, Any] | None = None, blob: bytes = b"") -> Any:
+    closed = False
+
+    def call(self, method: str, args: dict[str, Any] | None = None, blob: bytes = b"", **kw: Any) -> Any:
+        if method == "info":
+            return {"state": self.state}, b"", []
         self.calls.append(method)
         if method == "resume":
             self.state = "running"
         return {}, b"", []
-
-    def info(self) -> dict[str, Any]:
-        return {"state": self.state}
 
 
 class FakePeerClient:
@@ -101,36 +108,44 @@ class FakePeerClient:
         return self.answers.pop(0) if self.answers else None
 
 
-class FakeDaemon:
+class World:
+    """What recovery works on: the VM store, the platform and VM clients (over scripted fakes), a peer client."""
+
     def __init__(self, root: Path, platform: FakePlatform) -> None:
-        self.dir = root
-        self.platform = platform
+        self.store = VmStore(root / "vms")
+        self.platform = PlatformClient(cast(Endpoint, platform))
         self.events = EventBus("/hosts/test")
         self.migrations: dict[str, MigrationStats] = {}
-        self.vms: dict[str, VmRecord] = {}
-        self._lock = threading.RLock()
-        self._stop = threading.Event()
-        self.saved: list[str] = []
         self.peer_client = FakePeerClient()
+        self.outcomes = OutcomeStore(root / "incoming")
 
-    def platform_client(self) -> FakePlatform:
-        return self.platform
-
-    def _save(self, record: VmRecord) -> None:
-        self.saved.append(record.state)
+    @property
+    def vms(self) -> dict[str, VmRecord]:
+        return self.store.records
 
 
 def _setup(tmp_path: Path, platform: FakePlatform, *, state: str, vm: FakeVm | None = None) -> tuple[Any, Any]:
-    daemon = FakeDaemon(tmp_path, platform)
-    record = VmRecord(name="vm1", spec=VmSpec(name="vm1", memory=16 << 20), client=vm or FakeVm(), state=VmState(state))
+    world = World(tmp_path, platform)
+    client = VmClient("vm1", cast(Endpoint, vm or FakeVm()))
+    record = VmRecord(name="vm1", spec=VmSpec(name="vm1", memory=16 << 20), client=client, state=VmState(state))
     record.handle = 3
     record.migrations.append("abc123")
-    daemon.vms["vm1"] = record
-    return Recovery(daemon), record  # type: ignore[arg-type]
+    world.store.add(record)
+    recovery = Recovery(
+        world.store,
+        world.outcomes,
+        lambda: world.platform,
+        lambda: cast(PeerClient, world.peer_client),
+        world.events,
+        world.migrations,
+        threading.Event(),
+    )
+    recovery.daemon = world  # type: ignore[attr-defined]
+    return recovery, record
 
 
 def _kinds(recovery: Recovery) -> list[str]:
-    return [e["type"].removeprefix("cvmotion.") for e in recovery.daemon.events.recent(50)]
+    return [e["type"].removeprefix("cvmotion.") for e in recovery.events.recent(50)]
 
 
 # -- destination ------------------------------------------------------------------------------------
@@ -146,7 +161,7 @@ def test_unfinished_import_is_aborted_and_its_token_kept(tmp_path: Path, state: 
     assert record.state == "deleted"
     assert "vm1" not in recovery.daemon.vms
     # The verdict outlives the import context: a restarted source daemon can still fetch the token.
-    assert recovery.store.outcome("abc123") == {"state": "aborted", "token": base64.b64encode(TOKEN).decode()}
+    assert recovery.outcomes.outcome("abc123") == {"state": "aborted", "token": base64.b64encode(TOKEN).decode()}
 
 
 def test_committed_but_not_activated_import_is_activated(tmp_path: Path) -> None:
@@ -158,7 +173,7 @@ def test_committed_but_not_activated_import_is_activated(tmp_path: Path) -> None
     assert "import_abort" not in platform.calls
     assert "resume" in vm.calls
     assert (record.state, record.handle) == ("running", 7)
-    assert recovery.store.outcome("abc123") == {"state": "committed", "token": B64_RECEIPT}
+    assert recovery.outcomes.outcome("abc123") == {"state": "committed", "token": B64_RECEIPT}
 
 
 def test_running_import_stays(tmp_path: Path) -> None:
@@ -169,14 +184,14 @@ def test_running_import_stays(tmp_path: Path) -> None:
     assert "resume" not in vm.calls
     assert "import_abort" not in platform.calls
     assert record.state == "running"
-    assert recovery.store.outcome("abc123") == {"state": "committed", "token": B64_RECEIPT}
+    assert recovery.outcomes.outcome("abc123") == {"state": "committed", "token": B64_RECEIPT}
 
 
 def test_import_without_a_context_fails_without_a_token(tmp_path: Path) -> None:
     recovery, record = _setup(tmp_path, FakePlatform(import_state=None), state="incoming", vm=FakeVm("incoming"))
     recovery.resolve_import(record)
     assert record.state == "deleted"
-    assert recovery.store.outcome("abc123") == {"state": "failed"}
+    assert recovery.outcomes.outcome("abc123") == {"state": "failed"}
 
 
 def test_a_verdict_never_changes(tmp_path: Path) -> None:

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.timeout(60)
 def test_a_standby_of_a_daemon_that_died_before_it_started_exits(tmp_path: Path) -> None:
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()  # a daemon that is already gone: its PID is no process's parent any more
-    cmd = [sys.executable, "-m", "cvmotion.agent.vm_process", "--standby", "--dir", str(tmp_path)]
+    cmd = [sys.executable, "-m", "cvmotion.vmd", "--standby", "--dir", str(tmp_path)]
     cmd += ["--platform", str(tmp_path / "platform.sock"), "--parent", str(gone.pid)]
     standby = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

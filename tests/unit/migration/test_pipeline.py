@@ -7,7 +7,6 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
-from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -17,11 +16,11 @@ from cvmotion.abi import wire
 from cvmotion.abi.wire import BundleHeader, BundleType
 from cvmotion.errors import MigrationError
 from cvmotion.migration.channel import FrameKind, FrameSocket
-from cvmotion.migration.clients import Ring
 from cvmotion.migration.options import MigrationOptions
 from cvmotion.migration.pipeline import Arrival, IncomingStream, OutgoingStream
 from cvmotion.migration.receiver import Receiver
 from cvmotion.migration.stats import MigrationStats
+from cvmotion.platformd.client import Ring
 
 WAIT = 10.0
 
@@ -205,13 +204,25 @@ class _FakePlatform:
             out.append(header.type.name)
         return out
 
-    def call(self, method: str, args: dict[str, Any] | None = None, blob: bytes = b"") -> Any:
-        return {"handle": 7}, b"", []
+    def import_activate(self, vm: str) -> tuple[int, bytes]:
+        return 7, b""
+
+    def import_abort(self, vm: str) -> bytes:
+        return b""
+
+    def import_discard(self, vm: str) -> None:
+        return None
+
+    def import_commit_receipt(self, vm: str) -> bytes:
+        return b""
 
 
 class _FakeVm:
-    def call(self, method: str, args: dict[str, Any] | None = None, blob: bytes = b"") -> Any:
-        return {}, b"", []
+    def resume(self) -> None:
+        return None
+
+    def stop(self) -> None:
+        return None
 
 
 def test_receiver_feeds_epochs_in_order_across_streams() -> None:

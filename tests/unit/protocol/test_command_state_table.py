@@ -279,9 +279,9 @@ def test_the_design_document_prints_the_same_table() -> None:
 
 
 def test_every_host_migration_command_is_in_the_table() -> None:
-    from cvmotion.agent.platform import HOST_METHODS
+    from cvmotion.platformd.protocol import HostCommand
 
-    commands = {m.upper() for m in HOST_METHODS if re.match(r"(export|import)_", m)}
+    commands = {c.name for c in HostCommand if re.match(r"(export|import)_", c.value)}
     covered = set(SOURCE_TABLE) | set(DEST_TABLE)
     # export_final is export_state x3 + export_start_token in one call; import_status/export_status only read.
     assert commands - covered <= {"EXPORT_FINAL", "EXPORT_STATUS", "IMPORT_STATUS"}, commands - covered

@@ -1,4 +1,4 @@
-"""agent layer: the VM process — one per VM (like one QEMU per VM), the emulated hardware of one CVM.
+"""vmd: the VM process — one per VM (like one QEMU per VM), the emulated hardware of one CVM.
 
 It owns the VM (vCPUs through KVM or unicorn, guest memory as a memfd, devices) and, later, the CVM's
 paravisor.  It is *hardware* in the trust model: guest plaintext lives here.  It talks to:
@@ -7,26 +7,21 @@ paravisor.  It is *hardware* in the trust model: guest plaintext lives here.  It
   it hands over the memfd (the SP reads and writes guest memory directly, as the real one does), asks
   ``can_run`` before any vCPU runs, and answers the SP's calls during migration (its dirty view,
   "hold paused", vCPU state capture and restore);
-- the host daemon (untrusted) through ``control.sock``: run control, dirty logs *as page numbers*,
-  populated ranges, the serial console, cvm-io requests (device I/O is shared memory by design) and guest
-  message relay.  Nothing it returns to the daemon holds guest-private memory or keys.
+- the host daemon (untrusted) through ``control.sock`` (``vmd.protocol``, served by ``vmd.server``): run
+  control, dirty logs *as page numbers*, populated ranges, the serial console, cvm-io requests (device I/O is
+  shared memory by design) and guest message relay.  Nothing it returns to the daemon holds guest-private
+  memory or keys.
 
 The process outlives the daemon: a restarted daemon re-attaches through ``control.sock``.
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import json
 import os
-import signal
 import socket
-import sys
 import threading
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,115 +29,29 @@ import numpy as np
 import numpy.typing as npt
 
 from cvmotion.abi.cvmio import BlobKind
-from cvmotion.abi.gfns import sorted_union
 from cvmotion.attestation.client import AttestationClient, KeyReleaseClient
 from cvmotion.attestation.keyrelease import TransferKey
 from cvmotion.attestation.paravisor import Paravisor
 from cvmotion.errors import CvmError, UsageError
-from cvmotion.ipc.rpc import MAX_BLOB, Call, Endpoint, Reply, connect_unix
+from cvmotion.ipc.rpc import MAX_BLOB, Endpoint, Handler
+from cvmotion.platformd.client import VmPlatformClient
+from cvmotion.vmd.client import RelayClient
+from cvmotion.vmd.dirty import DirtyViews
+from cvmotion.vmd.protocol import AttestationInfo, ConsolePage, VmInfo, VmMode, VmSpec
 from cvmotion.vmm.backend import BackendKind
 from cvmotion.vmm.devices.dma import DmaConfig, DmaDevice
 from cvmotion.vmm.images import load_image
-from cvmotion.vmm.kvm_backend import install_kick_handler
-from cvmotion.vmm.loader import BOOT_INFO_END, BOOT_INFO_GPA, SECRETS_PAGE_GPA
+from cvmotion.vmm.loader import BOOT_INFO_END, BOOT_INFO_GPA
 from cvmotion.vmm.memory import GuestMemory
 from cvmotion.vmm.snapshot import VmState
 from cvmotion.vmm.vm import MachineConfig, RunState, Vm
 
-__all__ = ["SECRETS_PAGE_GPA", "DirtyViews", "VmProcess", "VmSpec", "main"]
+__all__ = ["VmProcess"]
 
 PAGE = 4096
 _THROTTLE_PERIOD = 0.05  # auto-converge: each 50 ms window, the vCPUs sleep pct% of it
 _TOKEN_REFRESH = 300.0  # the paravisor renews its token well before the service's lifetime runs out
 _FEED_GFNS = MAX_BLOB // 16  # GFNs per vm_dirty call: half the RPC's blob limit
-
-
-@dataclass(frozen=True, slots=True)
-class VmSpec:
-    """What the daemon asks for: written to ``vm.json`` in the VM's directory."""
-
-    name: str
-    memory: int
-    vcpus: int = 1
-    image: str = ""
-    cmdline: str = ""
-    backend: str | None = None
-    mode: str = "launch"  # "launch" boots the image; "incoming" waits for a migration
-    attestation_url: str | None = None  # where the paravisor attests (None: no paravisor attestation)
-    key_release_url: str | None = None  # optional relying party that releases the guest's data key
-    key_name: str | None = None
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> VmSpec:
-        data = json.loads(text)
-        return cls(**data)
-
-
-class DirtyViews:
-    """Two consumers of one hardware dirty log: the migration engine and the secure processor.
-
-    Every harvest of the KVM (or unicorn) log feeds both views, so the firmware learns about every write the
-    engine learns about, and vice versa — the firmware's "exported and clean" check stays exact.  A consumer
-    with a ``feeds`` callable is handed each harvest at once (the SP: its view lives in the platform process,
-    so folding it before each bundle is local there); the harvest reaches it before the harvesting consumer
-    has it, so the engine can never ask the SP to export a page the SP does not yet know is dirty.
-
-    The SP's view only grows until the SP takes it: no call the (untrusted) daemon can make drops a bit.
-    ``start`` turns the hardware log on once and then only moves the engine's baseline (its harvest still
-    feeds the SP); a harvest the SP could not be handed is kept and offered again with the next one.
-    """
-
-    CONSUMERS = ("engine", "sp")
-
-    def __init__(self, vm: Vm, feeds: dict[str, Callable[[npt.NDArray[np.uint64]], object]] | None = None) -> None:
-        self._vm = vm
-        self._lock = threading.Lock()
-        self._pending: dict[str, list[npt.NDArray[np.uint64]]] = {c: [] for c in self.CONSUMERS}
-        self._feeds = dict(feeds or {})
-        self._unfed: list[npt.NDArray[np.uint64]] = []  # harvested, but a feed failed: nobody has these yet
-        self.tracking = False
-
-    def start(self) -> None:
-        """Dirty tracking on (the first call; the log then stays on) and a new baseline for the engine.
-
-        Clears nothing: the first harvest holds every populated page (``Vm.start_dirty_tracking``), and the
-        harvest made here reaches the SP before the engine's copy is dropped.
-        """
-        with self._lock:
-            if not self.tracking:
-                self._vm.start_dirty_tracking()
-                self.tracking = True
-        self.take("engine")
-
-    def take(self, consumer: str, *, fresh: bool = True) -> npt.NDArray[np.uint64]:
-        with self._lock:
-            if not self.tracking:
-                raise UsageError("dirty tracking has not been started")
-            parts = self._pending[consumer]
-            if fresh:
-                new = self._vm.harvest_dirty().gfns()
-                if self._unfed:
-                    new = sorted_union(new, *self._unfed)
-                if len(new):
-                    # Keep the harvest until every feed took it: a feed that raises leaves it for the next take.
-                    self._unfed = [new]
-                    for other, pending in self._pending.items():
-                        if other == consumer:
-                            continue
-                        feed = self._feeds.get(other)
-                        if feed is not None:
-                            feed(new)  # raises if the other consumer cannot be told: nobody gets this harvest now
-                        else:
-                            pending.append(new)
-                    self._unfed = []
-                    parts.append(new)
-            self._pending[consumer] = []
-        if not parts:
-            return np.zeros(0, dtype=np.uint64)
-        return sorted_union(*parts)
 
 
 class _ParavisorHost:
@@ -160,10 +69,10 @@ class _ParavisorHost:
         self._proc.memory.write(gpa, data)  # a VMM-side write: tracked as dirty, so it migrates
 
     def relay_guest_request(self, message: bytes) -> bytes:
-        return self._proc.daemon_call("guest_request", {"handle": self._proc.handle}, message)[1]
+        return self._proc.relay.guest_request(self._proc.handle, message)
 
     def endorsements(self) -> bytes | None:
-        return self._proc.daemon_call("ext_certs", {})[1] or None
+        return self._proc.relay.ext_certs() or None
 
     def publish_token(self, token: bytes) -> None:
         vm = self._proc.vm
@@ -172,7 +81,7 @@ class _ParavisorHost:
 
     def emit(self, kind: str, data: dict[str, Any]) -> None:
         with contextlib.suppress(CvmError):
-            self._proc.daemon_call("event", {"type": kind, "data": data, "vm": self._proc.spec.name})
+            self._proc.relay.event(kind, data, self._proc.spec.name)
 
 
 class VmProcess:
@@ -186,7 +95,7 @@ class VmProcess:
         self.vm: Vm | None = None
         self.memory: GuestMemory | None = None
         self.dirty: DirtyViews | None = None
-        self.platform: Endpoint | None = None
+        self.platform: VmPlatformClient | None = None
         self._stop = threading.Event()
         self._lock = threading.RLock()
         self._user_paused = False
@@ -203,14 +112,11 @@ class VmProcess:
         self.configured = True
         self._spare_transfer: TransferKey | None = None
         self._parent = os.getppid()
-
-    def daemon_call(self, method: str, args: dict[str, Any], blob: bytes = b"") -> tuple[dict[str, Any], bytes]:
-        """Call the host daemon over the newest live control connection (it relays for the paravisor)."""
-        for endpoint in reversed(self._controls):
-            if not endpoint.closed:
-                result, data, _ = endpoint.call(method, args, blob, timeout=30)
-                return result, data
-        raise UsageError("no host daemon is connected")
+        # The host daemon, over the newest live control connection (it relays guest messages for the paravisor).
+        self.relay = RelayClient(self._controls)
+        # Set by ``vmd.server``: the handlers of the daemon's and the SP's commands.
+        self.control_handler: Handler | None = None
+        self.hardware_handler: Handler | None = None
 
     def _make_paravisor(self) -> Paravisor | None:
         spec = self.spec
@@ -271,12 +177,12 @@ class VmProcess:
     def setup(self) -> None:
         spec = self.spec
         backend = BackendKind(spec.backend) if spec.backend else None
-        if spec.mode == "launch":
+        if spec.mode == VmMode.LAUNCH.value:
             self.vm = Vm.create(MachineConfig(spec.memory, spec.vcpus, backend), load_image(spec.image), spec.cmdline)
             self.memory = self.vm.memory
             self.dirty = DirtyViews(self.vm, feeds={"sp": self._feed_sp})
             self.dma = self._make_dma(self.memory)
-        elif spec.mode == "incoming":
+        elif spec.mode == VmMode.INCOMING.value:
             self.memory = GuestMemory(spec.memory, name=f"cvmotion-{spec.name}")
             # Built now, filled at activation: ~10 ms less inside the downtime (Vm.prepare). If it cannot be
             # built, activation builds it and reports why.
@@ -284,10 +190,12 @@ class VmProcess:
                 self._prepared = Vm.prepare(MachineConfig(spec.memory, spec.vcpus, backend), self.memory)
         else:
             raise UsageError(f"unknown VM mode {spec.mode!r}")
-        self.platform = connect_unix(self.platform_socket, self._serve_platform, name=f"vm-{spec.name}->platform")
-        self.platform.call(
-            "vm_attach", {"name": spec.name, "memory": spec.memory, "mode": spec.mode}, fds=[self.memory.fd]
+        if self.hardware_handler is None:
+            raise UsageError("the VM process serves no secure processor commands (vmd.server installs them)")
+        self.platform = VmPlatformClient.connect(
+            self.platform_socket, self.hardware_handler, name=f"vm-{spec.name}->platform"
         )
+        self.platform.attach(spec.name, spec.memory, spec.mode, self.memory.fd)
         self.platform.on_close(self._stop.set)
         # Ready before the guest runs here (its transfer key is an RSA key pair: ~0.1-0.3 s to make), so the
         # re-attestation right after a migration's resume does not pay for it.
@@ -317,8 +225,7 @@ class VmProcess:
     def _may_run(self) -> bool:
         if self.handle is None or self.platform is None:
             return False
-        result, _, _ = self.platform.call("can_run", {"handle": self.handle})
-        return bool(result["can_run"])
+        return self.platform.can_run(self.handle)
 
     def start(self) -> None:
         with self._lock:
@@ -384,93 +291,59 @@ class VmProcess:
                 if not self._user_paused and _run_state(vm) is RunState.PAUSED and self._may_run():
                     vm.resume()
 
-    def info(self) -> dict[str, Any]:
+    def info(self) -> VmInfo:
         vm = self.vm
-        return {
-            "name": self.spec.name,
-            "pid": os.getpid(),
-            "mode": self.spec.mode,
-            "state": vm.state.value if vm else "incoming",
-            "handle": self.handle,
-            "memory": self.spec.memory,
-            "vcpus": self.spec.vcpus,
-            "backend": vm.backend_kind.value if vm else self.spec.backend,
-            "image": self.spec.image,
-            "stop_reason": vm.stop_reason.message if vm and vm.stop_reason else None,
-            "console_lines": vm.console.line_count if vm else 0,
-            "throttle": self._throttle_pct,
-            "secrets_gpa": SECRETS_PAGE_GPA,
-        }
+        return VmInfo(
+            name=self.spec.name,
+            pid=os.getpid(),
+            mode=self.spec.mode,
+            state=vm.state.value if vm else "incoming",
+            handle=self.handle,
+            memory=self.spec.memory,
+            vcpus=self.spec.vcpus,
+            backend=vm.backend_kind.value if vm else self.spec.backend,
+            image=self.spec.image,
+            stop_reason=vm.stop_reason.message if vm and vm.stop_reason else None,
+            console_lines=vm.console.line_count if vm else 0,
+            throttle=self._throttle_pct,
+        )
 
-    # -- the daemon's calls -------------------------------------------------------------------------
+    def attestation(self) -> AttestationInfo:
+        """The paravisor's current token and what it says (empty before the first attestation)."""
+        paravisor = self.paravisor
+        current = paravisor.current if paravisor else None
+        if paravisor is None or current is None:
+            return AttestationInfo()
+        return AttestationInfo(
+            token=current.token,
+            jti=current.jti,
+            chip_id=current.chip_id,
+            tcb=current.tcb,
+            platform=current.platform,
+            issued_at=current.issued_at,
+            reason=current.reason,
+            data_key=paravisor.data_key_fingerprint(),
+        )
 
-    def _serve_control(self, call: Call) -> Reply:
-        a = call.args
-        m = call.method
-        if m == "info":
-            return Reply(self.info())
-        if m == "configure":
-            return Reply(self.configure(Path(str(a["dir"]))))
-        if m == "attestation":
-            current = self.paravisor.current if self.paravisor else None
-            return Reply(
-                {}
-                if current is None
-                else {
-                    "token": current.token,
-                    "jti": current.jti,
-                    "chip_id": current.chip_id,
-                    "tcb": current.tcb,
-                    "platform": current.platform,
-                    "issued_at": current.issued_at,
-                    "reason": current.reason,
-                    "data_key": self.paravisor.data_key_fingerprint() if self.paravisor else None,
-                }
-            )
-        if m == "launch_ranges":
-            return Reply({"ranges": self.launch_ranges()})
-        if m == "bind":
-            self.handle = int(a["handle"])
-            return Reply()
-        if m == "start":
-            self.start()
-            return Reply()
-        if m == "pause":
-            return Reply({"latency": self.pause()})
-        if m == "resume":
-            self.resume()
-            return Reply()
-        if m == "start_dirty_tracking":
-            with self._lock:  # the emulated backend pauses to add its hook: never across the SP's hold
-                self._require_dirty().start()
-            return Reply()
-        if m == "harvest_dirty":
-            gfns = self._require_dirty().take("engine")
-            return Reply({"count": len(gfns)}, gfns.astype("<u8").tobytes())
-        if m == "populated_ranges":
-            assert self.memory is not None
-            return Reply({"ranges": [list(r) for r in self.memory.populated_ranges()]})
-        if m == "console":
-            vm = self._require_vm()
-            since = int(a.get("since", 0))
-            count = vm.console.line_count
-            history = vm.console.lines()
-            first = count - len(history)
-            return Reply({"lines": history[max(0, since - first) :], "next": count})
-        if m == "cvmio":
-            vm = self._require_vm()
-            return Reply({}, vm.cvmio.submit(call.blob, float(a.get("timeout", 5.0))))
-        if m == "throttle":
-            self.set_throttle(int(a["pct"]))
-            return Reply()
-        if m == "stop":
-            if self.vm is not None:
-                # Requests waiting on the guest fail now, not when this process is gone: their callers
-                # (a client caught by a switchover) learn at once that the VM will not answer here.
-                self.vm.cvmio.close()
-            threading.Thread(target=self._stop.set, daemon=True).start()
-            return Reply()
-        raise UsageError(f"unknown VM control method {m!r}")
+    def console(self, since: int) -> ConsolePage:
+        vm = self._require_vm()
+        count = vm.console.line_count
+        history = vm.console.lines()
+        first = count - len(history)
+        return ConsolePage(lines=history[max(0, since - first) :], next=count)
+
+    def start_dirty_tracking(self) -> None:
+        with self._lock:  # the emulated backend pauses to add its hook: never across the SP's hold
+            self.require_dirty().start()
+
+    def stop_soon(self) -> None:
+        if self.vm is not None:
+            # Requests waiting on the guest fail now, not when this process is gone: their callers
+            # (a client caught by a switchover) learn at once that the VM will not answer here.
+            self.vm.cvmio.close()
+        threading.Thread(target=self._stop.set, daemon=True).start()
+
+    # -- the secure processor's dirty view ------------------------------------------------------------
 
     def _feed_sp(self, gfns: npt.NDArray[np.uint64]) -> None:
         """Hand a harvest to the secure processor's dirty view (in the platform process).
@@ -481,54 +354,46 @@ class VmProcess:
         if self.platform is None:
             raise UsageError("no platform connection: the secure processor cannot be told about dirty pages")
         for i in range(0, len(gfns), _FEED_GFNS):
-            self.platform.call("vm_dirty", {"name": self.spec.name}, gfns[i : i + _FEED_GFNS].astype("<u8").tobytes())
+            self.platform.dirty(self.spec.name, gfns[i : i + _FEED_GFNS])
 
-    def _require_dirty(self) -> DirtyViews:
+    def require_dirty(self) -> DirtyViews:
         if self.dirty is None:
             raise UsageError("no running VM to track")
         return self.dirty
 
     # -- the secure processor's calls ---------------------------------------------------------------
 
-    def _serve_platform(self, call: Call) -> Reply:
-        m = call.method
-        if m == "sp_take_dirty":
-            gfns = self._require_dirty().take("sp", fresh=bool(call.args.get("fresh")))
-            return Reply({}, gfns.astype("<u8").tobytes())
-        if m == "sp_hold_paused":
-            vm = self._require_vm()
-            with self._lock:
-                if vm.state is not RunState.PAUSED:
-                    raise UsageError(f"the VM is {vm.state.value}, not paused")
-                self._user_paused = True
-            return Reply()
-        if m == "sp_capture_state":
-            vm = self._require_vm()
-            with self._lock:
-                if vm.state is RunState.RUNNING:
-                    raise UsageError("capture: the VM is running")
-                state = vm.capture_state().to_bytes()
-            return Reply({"vcpu_len": len(state)}, state)
-        if m == "sp_restore_state":
-            return Reply(self._restore(call))
-        raise UsageError(f"unknown platform method {m!r}")
+    def hold_paused(self) -> None:
+        """The SP holds the VM paused through the stop-and-copy: nobody but the SP's verdict resumes it."""
+        vm = self._require_vm()
+        with self._lock:
+            if vm.state is not RunState.PAUSED:
+                raise UsageError(f"the VM is {vm.state.value}, not paused")
+            self._user_paused = True
 
-    def _restore(self, call: Call) -> dict[str, Any]:
+    def capture_state(self) -> bytes:
+        vm = self._require_vm()
+        with self._lock:
+            if vm.state is RunState.RUNNING:
+                raise UsageError("capture: the VM is running")
+            return vm.capture_state().to_bytes()
+
+    def restore(self, handle: int, vcpu_state: bytes) -> str:
+        """Build the VM from the state the SP imported, bound to ``handle`` (the guest the SP activated)."""
         with self._lock:
             if self.vm is not None or self.memory is None:
                 raise UsageError("restore: this VM already runs")
-            vcpu_len = int(call.args["vcpu_len"])
-            state = VmState.from_bytes(call.blob[:vcpu_len])
+            state = VmState.from_bytes(vcpu_state)
             backend = BackendKind(self.spec.backend) if self.spec.backend else None
             prepared, self._prepared = self._prepared, None
             self.vm = Vm.restore(state, self.memory, backend, prepared=prepared)
             self.dirty = DirtyViews(self.vm, feeds={"sp": self._feed_sp})
             self.dma = self._make_dma(self.memory)
-            self.handle = int(call.args["handle"])
+            self.handle = handle
             self._user_paused = True
             self._restored = True
             self.state_note = "restored"
-            return {"state": self.vm.state.value}
+            return self.vm.state.value
 
     # -- standby ------------------------------------------------------------------------------------
 
@@ -537,7 +402,7 @@ class VmProcess:
         with contextlib.suppress(CvmError, ValueError):
             self._spare_transfer = TransferKey.generate()
 
-    def configure(self, vm_dir: Path) -> dict[str, Any]:
+    def configure(self, vm_dir: Path) -> VmInfo:
         """Become the VM described by ``vm_dir/vm.json`` (the daemon moved this standby's socket there)."""
         with self._lock:
             if self.configured:
@@ -584,7 +449,7 @@ class VmProcess:
                     if vm is not None and vm.stop_reason is not None and vm.state is not RunState.STOPPED:
                         self.state_note = f"stopped: {vm.stop_reason.message}"
                     continue
-                self._controls.append(Endpoint(conn, self._serve_control, name=f"vm-{self.spec.name}-control"))
+                self._controls.append(Endpoint(conn, self.control_handler, name=f"vm-{self.spec.name}-control"))
         finally:
             server.close()
             with contextlib.suppress(FileNotFoundError):
@@ -597,7 +462,7 @@ class VmProcess:
             ep.close()
         if self.platform is not None:
             with contextlib.suppress(CvmError):
-                self.platform.call("vm_detach", {"name": self.spec.name}, timeout=2)
+                self.platform.detach(self.spec.name)
             self.platform.close()
         if self.dma is not None:
             self.dma.close()
@@ -611,39 +476,3 @@ class VmProcess:
 
 def _run_state(vm: Vm) -> RunState:
     return vm.state
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cvmotion-vm", description="one cvmotion VM (started by the host daemon)")
-    parser.add_argument("--dir", required=True, type=Path, help="the VM's directory (vm.json, control.sock)")
-    parser.add_argument("--platform", required=True, help="the platform process's socket")
-    parser.add_argument("--standby", action="store_true", help="start without a VM; wait for `configure`")
-    parser.add_argument("--parent", type=int, help="a standby's daemon PID: it exits once that is not its parent")
-    args = parser.parse_args(argv)
-    if args.standby:
-        proc = VmProcess(VmSpec(name="standby", memory=0), args.dir, args.platform)
-        proc.configured = False
-        if args.parent is not None:
-            proc._parent = args.parent
-    else:
-        proc = VmProcess(VmSpec.from_json((args.dir / "vm.json").read_text()), args.dir, args.platform)
-    signal.signal(signal.SIGTERM, lambda *_: proc._stop.set())
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # the daemon's terminal going away must not kill the guest
-    # vCPU threads are kicked out of KVM_RUN with a signal whose handler only the main thread may install;
-    # an incoming VM is created later, from an RPC thread, when the firmware hands over its state.
-    install_kick_handler()
-    if args.standby:
-        threading.Thread(target=proc.make_spare_key, name="spare-key", daemon=True).start()
-    else:
-        try:
-            proc.setup()
-        except CvmError as exc:
-            print(f"cvmotion-vm: {exc}", file=sys.stderr)
-            (args.dir / "error").write_text(str(exc))
-            return 1
-    proc.serve()
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

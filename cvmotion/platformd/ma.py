@@ -1,4 +1,4 @@
-"""agent layer: the host's migration agent inside the platform process, behind three host commands.
+"""platformd: the host's migration agent inside the platform process, behind three host commands.
 
 The untrusted host daemon relays the MAs' frames; it can start a session and deliver frames, nothing more:
 
@@ -8,7 +8,7 @@ The untrusted host daemon relays the MAs' frames; it can start a session and del
 
 Replies carry frames (ciphertext inside TLS, or public HELLO/certificate data) and a public summary of the
 peer: never keys.  Configuration comes from the host's data directory (provisioned by the operator or by the
-platform process on its first start, ``agent.provision``; never by the host daemon): ``pool-credential.der``
+platform process on its first start, ``platformd.provision``; never by the host daemon): ``pool-credential.der``
 (this chip's pool credential), ``pool-ca.pem`` (the operator pool CA it trusts) and, optionally,
 ``ma-config.json``: ``policy_svn``, ``revoked_chip_ids``, ``revoked_tcbs``, ``allowed_ma_measurements`` (hex
 launch digests of peer MAs this host accepts; default: this build's) and ``versions`` (``[min, max]``
@@ -29,7 +29,6 @@ from cvmotion.abi.snp import Product, TcbVersion
 from cvmotion.agent.destination import DestinationSession
 from cvmotion.agent.hello import VersionRange
 from cvmotion.agent.identity import MigrationAgentIdentity
-from cvmotion.agent.platform import PlatformService
 from cvmotion.agent.policy import AgentConfig
 from cvmotion.agent.session import SessionBase, SessionState
 from cvmotion.agent.source import SourceSession
@@ -37,6 +36,8 @@ from cvmotion.attestation.trust import TrustStore
 from cvmotion.errors import CvmError, PolicyViolation, UsageError
 from cvmotion.firmware.device import GuestHandle
 from cvmotion.ipc.rpc import Call, Reply
+from cvmotion.platformd.protocol import HostCommand, MaReport
+from cvmotion.platformd.server import PlatformService
 
 __all__ = ["POOL_CA_FILE", "POOL_CREDENTIAL_FILE", "MigrationAgentService", "load_agent_config"]
 
@@ -92,8 +93,12 @@ class MigrationAgentService:
         self.identity = MigrationAgentIdentity.launch(platform.sp)
         self._lock = threading.Lock()
         self._sessions: dict[tuple[str, str], SessionBase] = {}
-        platform.extra_methods.update(
-            {"ma_source_begin": self._source_begin, "ma_dest_begin": self._dest_begin, "ma_deliver": self._deliver}
+        platform.serve_agent(
+            {
+                HostCommand.MA_SOURCE_BEGIN: self._source_begin,
+                HostCommand.MA_DEST_BEGIN: self._dest_begin,
+                HostCommand.MA_DELIVER: self._deliver,
+            }
         )
 
     def _store(self, key: tuple[str, str], session: SessionBase) -> None:
@@ -113,7 +118,7 @@ class MigrationAgentService:
             self.identity, GuestHandle(int(call.args["handle"])), call.blob, self.config, session_id=sid
         )
         self._store((sid.hex(), "source"), session)
-        return Reply(self._report(session, session.start()))
+        return Reply(dict(self._report(session, session.start())))
 
     def _dest_begin(self, call: Call) -> Reply:
         sid = bytes.fromhex(str(call.args["session_id"]))
@@ -128,10 +133,10 @@ class MigrationAgentService:
             session = self._sessions.get(key)
         if session is None:
             raise UsageError("no such migration agent session")
-        return Reply(self._report(session, session.receive(call.blob)))
+        return Reply(dict(self._report(session, session.receive(call.blob))))
 
-    def _report(self, session: SessionBase, frames: list[bytes]) -> dict[str, Any]:
-        out: dict[str, Any] = {
+    def _report(self, session: SessionBase, frames: list[bytes]) -> MaReport:
+        out: MaReport = {
             "state": session.state.name,
             "messages": [base64.b64encode(f).decode() for f in frames],
         }

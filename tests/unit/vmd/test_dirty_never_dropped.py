@@ -10,17 +10,21 @@ from __future__ import annotations
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import numpy.typing as npt
 import pytest
 
 from cvmotion.abi.wire import BundleType, bundle_capacity
-from cvmotion.agent import vm_process
-from cvmotion.agent.vm_process import DirtyViews
 from cvmotion.errors import FirmwareError, UsageError
 from cvmotion.firmware.launch import PAGE_SIZE, PageType
 from cvmotion.firmware.vendor import Vendor
+from cvmotion.ipc.rpc import Endpoint
+from cvmotion.platformd.client import VmPlatformClient
+from cvmotion.vmd import process as vm_process
+from cvmotion.vmd.dirty import DirtyViews
+from cvmotion.vmd.protocol import VmSpec
 from cvmotion.vmm.backend import BackendKind
 from cvmotion.vmm.images import guest_dir, load_image
 from cvmotion.vmm.layout import MIB
@@ -213,9 +217,9 @@ def test_a_large_harvest_reaches_the_sp_in_pieces_below_the_rpc_limit(
 ) -> None:
     assert 8 * vm_process._FEED_GFNS <= vm_process.MAX_BLOB  # a real piece fits one RPC blob
     monkeypatch.setattr(vm_process, "_FEED_GFNS", 4)
-    proc = vm_process.VmProcess(vm_process.VmSpec(name="big", memory=16 * MIB), tmp_path, str(tmp_path / "p.sock"))
+    proc = vm_process.VmProcess(VmSpec(name="big", memory=16 * MIB), tmp_path, str(tmp_path / "p.sock"))
     platform = _RecordingPlatform()
-    proc.platform = platform  # type: ignore[assignment]
+    proc.platform = VmPlatformClient(cast(Endpoint, platform))
     gfns = np.arange(10, dtype=np.uint64)
     proc._feed_sp(gfns)
     assert [m for m, _, _ in platform.calls] == ["vm_dirty"] * 3

@@ -1,8 +1,8 @@
-"""agent layer: who is on the other end of the platform socket — the emulation's stand-in for "hardware".
+"""platformd: who is on the other end of the platform socket — the emulation's stand-in for "hardware".
 
 On SEV-SNP the secure processor writes a guest's pages only into memory the RMP assigns to that guest,
 encrypted with the guest's key, and a VM's vCPUs run only the guest the hardware was launched with.  Here the
-"hardware" is a VM process (``cvmotion.agent.vm_process``) that hands the platform its memfd, and the untrusted
+"hardware" is a VM process (``python -m cvmotion.vmd``) that hands the platform its memfd, and the untrusted
 daemon can connect to the same socket.  So the platform binds hardware to guests itself and accepts a
 ``vm_attach`` only from a peer that is a VM process for that VM, by its kernel-reported credentials
 (``SO_PEERCRED``, not anything the peer says): a daemon that attaches memory it made (and can read) is refused.
@@ -21,7 +21,7 @@ from cvmotion.errors import UsageError
 
 __all__ = ["VM_PROCESS_MODULE", "check_vm_peer", "peer_pid"]
 
-VM_PROCESS_MODULE = "cvmotion.agent.vm_process"
+VM_PROCESS_MODULE = "cvmotion.vmd"
 _UCRED = struct.Struct("3i")  # struct ucred {pid_t pid; uid_t uid; gid_t gid;}
 
 
@@ -32,7 +32,7 @@ def peer_pid(sock: socket.socket) -> int:
 
 
 def check_vm_peer(sock: socket.socket, name: str) -> None:
-    """Refuse unless the peer runs ``python -m cvmotion.agent.vm_process --dir .../<name>`` (``UsageError``).
+    """Refuse unless the peer runs ``python -m cvmotion.vmd --dir .../<name>`` (``UsageError``).
 
     A warm standby (``--standby``, started before its VM existed) learns its name when the daemon configures
     it; it is accepted for any name because it is the same genuine VM process and attaches once, as the VM it

@@ -12,9 +12,10 @@ import numpy.typing as npt
 import pytest
 
 from cvmotion.abi.wire import BundleType
-from cvmotion.agent.platform import SpMemory, _RingMap
-from cvmotion.agent.vm_process import DirtyViews
 from cvmotion.errors import UsageError
+from cvmotion.platformd.hardware import RingMap as _RingMap
+from cvmotion.platformd.hardware import SpMemory
+from cvmotion.vmd.dirty import DirtyViews
 from cvmotion.vmm.layout import GIB
 from cvmotion.vmm.memory import GuestMemory
 

@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cvmotion.agent.platform import PlatformService
 from cvmotion.errors import FirmwareError, UsageError
 from cvmotion.firmware.vendor import Vendor
 from cvmotion.ipc.rpc import Endpoint
+from cvmotion.platformd.server import PlatformService
 from cvmotion.vmm.memory import GuestMemory
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "protocol"))
@@ -153,3 +153,13 @@ def test_host_commands_name_only_vm_guests(platform: _Platform) -> None:
         with pytest.raises(FirmwareError, match="no VM guest"):
             host.call(method, {"handle": int(stranger), "vm": "a"})
     assert host.call("guest_info", {"handle": mine})[0]["op_state"] == "RUNNABLE"
+
+
+def test_each_role_has_exactly_one_handler_per_command_of_its_enum(platform: _Platform) -> None:
+    """The enums are the allowlists: a command in an enum has a handler, and nothing else has one."""
+    from cvmotion.platformd.protocol import HostCommand, VmProcessCommand
+
+    service = platform.service
+    assert set(service._host_table) == {c.value for c in HostCommand}
+    # vm_attach is the VM role's first command (it names the role), served before the table.
+    assert set(service._vm_table) == {c.value for c in VmProcessCommand} - {VmProcessCommand.VM_ATTACH.value}

@@ -10,11 +10,11 @@ import pytest
 from cryptography import x509
 
 from cvmotion.abi.snp import Product
-from cvmotion.agent.platform_ma import POOL_CA_FILE, POOL_CREDENTIAL_FILE
-from cvmotion.agent.provision import platform_trust, provision
 from cvmotion.errors import CvmError
 from cvmotion.firmware.chip import TRUST_ANCHOR_FILE, Chip
 from cvmotion.firmware.vendor import Vendor
+from cvmotion.platformd.ma import POOL_CA_FILE, POOL_CREDENTIAL_FILE
+from cvmotion.platformd.provision import platform_trust, provision
 
 ROOT = Path(__file__).resolve().parents[3]
 

@@ -1,4 +1,4 @@
-"""agent layer: the platform's own provisioning — its chip, its pool credential and its trust anchors.
+"""platformd: the platform's own provisioning — its chip, its pool credential and its trust anchors.
 
 Everything the secure processor and the migration agent trust is set up here, by the platform process on its
 first start (or beforehand by the operator: ``cvmotion platform create``, ``cvmotion pool issue``), never by the
@@ -21,13 +21,13 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from cvmotion.abi.snp import Product
-from cvmotion.agent.platform_ma import POOL_CA_FILE, POOL_CREDENTIAL_FILE
 from cvmotion.agent.pool import check_pool_name, issue_pool_credential, open_pool_ca
 from cvmotion.attestation.trust import TrustStore
 from cvmotion.errors import MalformedStructure, UsageError
 from cvmotion.files import write_atomic
 from cvmotion.firmware.chip import CHIP_FILE, TRUST_ANCHOR_FILE, Chip
 from cvmotion.firmware.vendor import Vendor
+from cvmotion.platformd.ma import POOL_CA_FILE, POOL_CREDENTIAL_FILE
 
 __all__ = ["platform_trust", "provision"]
 

@@ -1,0 +1,1 @@
+"""platformd: the platform process (secure processor + migration agent service) and its typed protocol."""

@@ -1,0 +1,203 @@
+"""vmd: the VM process's command protocol — what each caller may send it, and what crosses back.
+
+A VM process (``python -m cvmotion.vmd``) is hardware in the trust model; three callers talk to it, each over its
+own connection and each with its own command enum, which *is* that caller's allowlist (a method outside it is
+refused before any handler runs)::
+
+    host daemon (untrusted) --ControlCommand--> VM process          vms/<name>/control.sock
+    VM process --RelayCommand--> host daemon                          (the same connection, the other way)
+    platform process (SP) --HardwareCommand--> VM process            the VM's platform.sock connection
+
+Each command has a typed request (the ``*Args`` TypedDict, its RPC header arguments) and a typed answer. Only
+page numbers, device I/O, public attestation data and run state cross to the daemon; guest memory never does
+(the SP maps the memfd itself). Pure data: this module imports nothing of the VMM, so the untrusted host can
+speak the protocol without the hardware's code.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from enum import StrEnum
+from typing import Any, TypedDict
+
+__all__ = [
+    "AttestationInfo",
+    "BindArgs",
+    "ConfigureArgs",
+    "ConsoleArgs",
+    "ConsolePage",
+    "ControlCommand",
+    "CvmioArgs",
+    "EventArgs",
+    "GuestRequestArgs",
+    "HardwareCommand",
+    "LaunchRanges",
+    "PopulatedRanges",
+    "RelayCommand",
+    "RestoreStateArgs",
+    "TakeDirtyArgs",
+    "ThrottleArgs",
+    "VmInfo",
+    "VmMode",
+    "VmSpec",
+]
+
+
+class ControlCommand(StrEnum):
+    """What the host daemon may ask of a VM process (its control socket)."""
+
+    INFO = "info"
+    CONFIGURE = "configure"  # a standby becomes the VM of vm.json in a directory
+    ATTESTATION = "attestation"
+    LAUNCH_RANGES = "launch_ranges"
+    BIND = "bind"
+    START = "start"
+    PAUSE = "pause"
+    RESUME = "resume"
+    START_DIRTY_TRACKING = "start_dirty_tracking"
+    HARVEST_DIRTY = "harvest_dirty"
+    POPULATED_RANGES = "populated_ranges"
+    CONSOLE = "console"
+    CVMIO = "cvmio"
+    THROTTLE = "throttle"
+    STOP = "stop"
+
+
+class HardwareCommand(StrEnum):
+    """What the secure processor asks of the hardware it exports from or imports into."""
+
+    TAKE_DIRTY = "sp_take_dirty"
+    HOLD_PAUSED = "sp_hold_paused"
+    CAPTURE_STATE = "sp_capture_state"
+    RESTORE_STATE = "sp_restore_state"
+
+
+class RelayCommand(StrEnum):
+    """What a VM process asks of the host daemon: it carries SNP guest messages, as the real hypervisor does."""
+
+    GUEST_REQUEST = "guest_request"
+    EXT_CERTS = "ext_certs"
+    EVENT = "event"
+
+
+class VmMode(StrEnum):
+    LAUNCH = "launch"  # boots its image
+    INCOMING = "incoming"  # waits for a migration
+
+
+@dataclass(frozen=True, slots=True)
+class VmSpec:
+    """What the daemon asks for: written to ``vm.json`` in the VM's directory."""
+
+    name: str
+    memory: int
+    vcpus: int = 1
+    image: str = ""
+    cmdline: str = ""
+    backend: str | None = None
+    mode: str = VmMode.LAUNCH.value
+    attestation_url: str | None = None  # where the paravisor attests (None: no paravisor attestation)
+    key_release_url: str | None = None  # optional relying party that releases the guest's data key
+    key_name: str | None = None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> VmSpec:
+        return cls.from_dict(json.loads(text))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> VmSpec:
+        """The spec in ``data``; keys this spec does not have are refused (``TypeError`` names them)."""
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise TypeError(f"unknown VM spec keys: {', '.join(unknown)}")
+        return cls(**data)
+
+
+# -- requests -------------------------------------------------------------------------------------------
+
+
+class ConfigureArgs(TypedDict):
+    dir: str
+
+
+class BindArgs(TypedDict):
+    handle: int
+
+
+class ConsoleArgs(TypedDict):
+    since: int
+
+
+class CvmioArgs(TypedDict):
+    timeout: float
+
+
+class ThrottleArgs(TypedDict):
+    pct: int
+
+
+class TakeDirtyArgs(TypedDict):
+    fresh: bool
+
+
+class RestoreStateArgs(TypedDict):
+    handle: int
+    vcpu_len: int  # the blob is vCPU state then device state
+
+
+class GuestRequestArgs(TypedDict):
+    handle: int
+
+
+class EventArgs(TypedDict):
+    type: str
+    data: dict[str, Any]
+    vm: str
+
+
+# -- answers --------------------------------------------------------------------------------------------
+
+
+class VmInfo(TypedDict):
+    name: str
+    pid: int
+    mode: str
+    state: str
+    handle: int | None
+    memory: int
+    vcpus: int
+    backend: str | None
+    image: str
+    stop_reason: str | None
+    console_lines: int
+    throttle: int
+
+
+class AttestationInfo(TypedDict, total=False):
+    """The paravisor's current token and what it says (empty: none yet)."""
+
+    token: str
+    jti: str
+    chip_id: str
+    tcb: str
+    platform: str
+    issued_at: float
+    reason: str
+    data_key: str | None
+
+
+class ConsolePage(TypedDict):
+    lines: list[str]
+    next: int
+
+
+class LaunchRanges(TypedDict):
+    ranges: list[list[int]]
+
+
+class PopulatedRanges(TypedDict):
+    ranges: list[list[int]]

@@ -1,0 +1,132 @@
+"""vmd: the VM process's command tables — the daemon's commands and the secure processor's, one handler each.
+
+``serve_control`` answers the host daemon (untrusted) on ``control.sock``; ``serve_hardware`` answers the platform
+process on the VM's own connection to it.  A method outside the caller's enum (``vmd.protocol``) is refused
+before any handler runs; what a handler returns to the daemon is run state, page numbers, device I/O and public
+attestation data, never guest memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from cvmotion.errors import UsageError
+from cvmotion.ipc.rpc import Call, Handler, Reply
+from cvmotion.vmd.process import VmProcess
+from cvmotion.vmd.protocol import ControlCommand, HardwareCommand
+
+__all__ = ["install"]
+
+_Table = dict[str, Callable[[VmProcess, Call], Reply]]
+
+
+def _done(action: Callable[[VmProcess], object]) -> Callable[[VmProcess, Call], Reply]:
+    def handler(proc: VmProcess, call: Call) -> Reply:
+        action(proc)
+        return Reply()
+
+    return handler
+
+
+def _int(call: Call, key: str) -> int:
+    value = call.args.get(key)
+    if type(value) is not int:
+        raise UsageError(f"{call.method}: {key!r} must be an integer")
+    return value
+
+
+def _float(call: Call, key: str, default: float) -> float:
+    value = call.args.get(key, default)
+    if type(value) not in (int, float):
+        raise UsageError(f"{call.method}: {key!r} must be a number")
+    return float(value)
+
+
+def _bind(proc: VmProcess, call: Call) -> Reply:
+    proc.handle = _int(call, "handle")  # only what the VM process asks the SP about: the SP answers for its own
+    return Reply()
+
+
+def _harvest(proc: VmProcess, call: Call) -> Reply:
+    gfns = proc.require_dirty().take("engine")
+    return Reply({"count": len(gfns)}, gfns.astype("<u8").tobytes())
+
+
+def _populated(proc: VmProcess, call: Call) -> Reply:
+    if proc.memory is None:
+        raise UsageError("this VM process has no guest memory yet")
+    return Reply({"ranges": [list(r) for r in proc.memory.populated_ranges()]})
+
+
+def _throttle(proc: VmProcess, call: Call) -> Reply:
+    proc.set_throttle(_int(call, "pct"))
+    return Reply()
+
+
+def _cvmio(proc: VmProcess, call: Call) -> Reply:
+    vm = proc.vm
+    if vm is None:
+        raise UsageError("this VM is waiting for an incoming migration")
+    return Reply({}, vm.cvmio.submit(call.blob, _float(call, "timeout", 5.0)))
+
+
+_CONTROL: _Table = {
+    ControlCommand.INFO: lambda proc, call: Reply(dict(proc.info())),
+    ControlCommand.CONFIGURE: lambda proc, call: Reply(dict(proc.configure(Path(str(call.args.get("dir")))))),
+    ControlCommand.ATTESTATION: lambda proc, call: Reply(dict(proc.attestation())),
+    ControlCommand.LAUNCH_RANGES: lambda proc, call: Reply({"ranges": [list(r) for r in proc.launch_ranges()]}),
+    ControlCommand.BIND: _bind,
+    ControlCommand.START: _done(VmProcess.start),
+    ControlCommand.PAUSE: lambda proc, call: Reply({"latency": proc.pause()}),
+    ControlCommand.RESUME: _done(VmProcess.resume),
+    ControlCommand.START_DIRTY_TRACKING: _done(VmProcess.start_dirty_tracking),
+    ControlCommand.HARVEST_DIRTY: _harvest,
+    ControlCommand.POPULATED_RANGES: _populated,
+    ControlCommand.CONSOLE: lambda proc, call: Reply(dict(proc.console(int(call.args.get("since", 0))))),
+    ControlCommand.CVMIO: _cvmio,
+    ControlCommand.THROTTLE: _throttle,
+    ControlCommand.STOP: _done(VmProcess.stop_soon),
+}
+
+
+def _restore(proc: VmProcess, call: Call) -> Reply:
+    vcpu_len = _int(call, "vcpu_len")
+    if not 0 <= vcpu_len <= len(call.blob):
+        raise UsageError(f"restore: vCPU state of {vcpu_len} bytes in a blob of {len(call.blob)}")
+    return Reply({"state": proc.restore(_int(call, "handle"), call.blob[:vcpu_len])})
+
+
+def _capture(proc: VmProcess, call: Call) -> Reply:
+    state = proc.capture_state()
+    return Reply({"vcpu_len": len(state)}, state)
+
+
+_HARDWARE: _Table = {
+    HardwareCommand.TAKE_DIRTY: lambda proc, call: Reply(
+        {}, proc.require_dirty().take("sp", fresh=bool(call.args.get("fresh"))).astype("<u8").tobytes()
+    ),
+    HardwareCommand.HOLD_PAUSED: _done(VmProcess.hold_paused),
+    HardwareCommand.CAPTURE_STATE: _capture,
+    HardwareCommand.RESTORE_STATE: _restore,
+}
+
+
+def _serving(proc: VmProcess, table: Mapping[str, Callable[[VmProcess, Call], Reply]], caller: str) -> Handler:
+    """The handler of one caller's commands for ``proc``: the table, keyed by its enum (str members), is the
+    allowlist."""
+
+    def handler(call: Call) -> Reply:
+        serve = table.get(call.method)
+        if serve is None:
+            raise UsageError(f"{call.method!r} is not a command the {caller} may send a VM process")
+        return serve(proc, call)
+
+    return handler
+
+
+def install(proc: VmProcess) -> VmProcess:
+    """Give ``proc`` its command tables (before it connects to the platform or serves the daemon)."""
+    proc.control_handler = _serving(proc, _CONTROL, "host daemon")
+    proc.hardware_handler = _serving(proc, _HARDWARE, "secure processor")
+    return proc
