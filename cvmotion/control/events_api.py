@@ -53,7 +53,7 @@ class StreamOptions:
 
 
 def _principal(request: Request, _: Annotated[Any, Depends(_bearer)] = None) -> Principal:
-    from cvmotion.control.api import _caller  # api includes this router: imported when a request is served
+    from cvmotion.control.api import _caller  # api installs these routes, so it is loaded by any request
 
     return _caller(request)
 
