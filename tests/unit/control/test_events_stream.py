@@ -173,7 +173,7 @@ def test_stream_wakes_on_a_commit_of_this_replica(api: Api) -> None:
 
 
 def test_stream_keeps_alive_and_ends_after_its_lifetime(api: Api) -> None:
-    _set_stream_options(api, StreamOptions(lifetime_s=1.0, keepalive_s=0.2, poll_s=0.1, retry_ms=500))
+    _set_stream_options(api, StreamOptions(lifetime_s=2.0, keepalive_s=0.1, poll_s=0.05, retry_ms=500))
     record(api, "cvmotion.maintenance.scheduled", "/hosts/h8")
     headers = {"Authorization": f"Bearer {api.owner}"}
     with api.client.stream("GET", "/v1/events?follow=true&limit=1", headers=headers, timeout=20) as sse:
