@@ -45,6 +45,9 @@ class DeliveryOptions:
     timeout_s: float = 5.0
     poll_s: float = 1.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
+    keep_succeeded_s: float = 7 * 86400.0  # then a delivered delivery is forgotten (its event stays)
+    keep_dead_s: float = 30 * 86400.0  # a dead-lettered one, for the operator to see or redeliver first
+    prune_every_s: float = 600.0
 
 
 class WebhookDispatcher:
@@ -70,6 +73,7 @@ class WebhookDispatcher:
         self._rng_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._next_prune = 0.0
 
     @property
     def connect_s(self) -> float:
@@ -82,7 +86,7 @@ class WebhookDispatcher:
     def start(self) -> None:
         for i in range(self.options.threads):
             worker = f"{self.replica}-webhook-{i}"
-            thread = threading.Thread(target=self._loop, args=(worker,), name=worker, daemon=True)
+            thread = threading.Thread(target=self._loop, args=(worker, i == 0), name=worker, daemon=True)
             thread.start()
             self._threads.append(thread)
 
@@ -104,6 +108,16 @@ class WebhookDispatcher:
             return self.options.retry.delay(attempts, self.rng)
 
     # -- one step ------------------------------------------------------------------------------------
+
+    def prune(self) -> int:
+        """Forget old deliveries (every ``prune_every_s``, by one thread of each replica); how many."""
+        now = self.clock()
+        if now < self._next_prune:
+            return 0
+        self._next_prune = now + self.options.prune_every_s
+        opts = self.options
+        with self._write(), Session(self.engine) as session, session.begin():
+            return webhooks.prune_deliveries(session, now, opts.keep_succeeded_s, opts.keep_dead_s)
 
     def step(self, worker: str, client: httpx.Client) -> float | None:
         """Fan out, then claim and deliver one delivery.  Returns ``None`` if it delivered one (go again),
@@ -142,12 +156,14 @@ class WebhookDispatcher:
             return 0, f"{type(exc).__name__}: {exc}"[:500]
         return status, "" if 200 <= status < 300 else f"HTTP {status}"
 
-    def _loop(self, worker: str) -> None:
+    def _loop(self, worker: str, prunes: bool) -> None:
         timeout = httpx.Timeout(self.options.timeout_s, connect=self.connect_s)
         with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
             while not self._stop.is_set():
                 seen = self.notifier.generation
                 try:
+                    if prunes:
+                        self.prune()
                     due = self.step(worker, client)
                 except Exception:
                     log.exception("webhook delivery step failed (database unavailable?); retrying")

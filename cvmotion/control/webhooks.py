@@ -288,6 +288,16 @@ def record_outcome(
     return d.state
 
 
+def prune_deliveries(session: Session, now: float, keep_succeeded_s: float, keep_dead_s: float) -> int:
+    """Forget delivered deliveries older than ``keep_succeeded_s`` and dead-lettered ones older than
+    ``keep_dead_s`` (never a pending one); how many.  A webhook's cursor is on its row, so nothing is sent again."""
+    d = WebhookDelivery
+    delivered = (d.state == DeliveryState.SUCCEEDED) & (d.updated_at < now - keep_succeeded_s)
+    dead = (d.state == DeliveryState.DEAD_LETTERED) & (d.updated_at < now - keep_dead_s)
+    done = session.execute(delete(d).where(or_(delivered, dead)))
+    return int(done.rowcount or 0)  # type: ignore[attr-defined]
+
+
 def release_claims(engine: Engine) -> None:
     """Free every delivery claim: SQLite only, where the file lock proves no other controller holds one."""
     with Session(engine) as session, session.begin():

@@ -147,3 +147,50 @@ def test_release_claims_frees_a_dead_controllers_claims(engine: Engine) -> None:
     again = claim(engine, "restarted", 1.0)
     assert again is not None
     assert again.attempt == 2
+
+
+def test_old_deliveries_are_forgotten_never_a_pending_one(engine: Engine) -> None:
+    hook(engine, maxDeliveryAttempts=1)
+    add_events(engine, "cvmotion.migration.started", "cvmotion.migration.failed", "cvmotion.migration.completed")
+    txn(engine, lambda s: webhooks.fan_out(s, 0.0))
+    delivered = claim(engine, "w", 10.0)
+    assert delivered is not None
+    finish(engine, delivered, "w", 10.0, 204)
+    dead = claim(engine, "w", 20.0)
+    assert dead is not None
+    finish(engine, dead, "w", 20.0, 500)  # the one attempt: dead-lettered
+
+    def prune(now: float) -> int:
+        return int(txn(engine, lambda s: webhooks.prune_deliveries(s, now, 100.0, 1000.0)))
+
+    assert prune(109.0) == 0
+    assert prune(111.0) == 1  # the delivered one, a hundred seconds on
+    assert prune(1019.0) == 0
+    assert prune(1021.0) == 1  # the dead-lettered one, a thousand seconds on
+    assert states(engine) == [(3, DeliveryState.PENDING, 0)]
+    assert prune(1e9) == 0  # a pending delivery stays, however old
+
+
+def test_a_dispatcher_prunes_on_its_schedule(engine: Engine) -> None:
+    from cvmotion.control.webhook_delivery import DeliveryOptions, WebhookDispatcher
+
+    now = [1000.0]
+    options = DeliveryOptions(keep_succeeded_s=10.0, keep_dead_s=10.0, prune_every_s=60.0)
+    dispatcher = WebhookDispatcher(engine, engine, "r", options=options, clock=lambda: now[0])
+    hook(engine)
+    add_events(engine, "cvmotion.migration.started", "cvmotion.migration.completed")
+    txn(engine, lambda s: webhooks.fan_out(s, 0.0))
+    for worker in ("a", "b"):  # one per webhook at a time: the second after the first is recorded
+        got = claim(engine, worker, 0.0)
+        assert got is not None
+        finish(engine, got, worker, 0.0, 204)
+    assert dispatcher.prune() == 2
+    add_events(engine, "cvmotion.migration.failed")
+    txn(engine, lambda s: webhooks.fan_out(s, 0.0))
+    got = claim(engine, "c", 0.0)
+    assert got is not None
+    finish(engine, got, "c", 0.0, 204)
+    now[0] += 59.0
+    assert dispatcher.prune() == 0  # not yet its time
+    now[0] += 2.0
+    assert dispatcher.prune() == 1
