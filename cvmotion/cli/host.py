@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -92,10 +93,18 @@ def _serve(args: argparse.Namespace) -> int:
         standby=args.standby,
         max_guest_memory=parse_memory(args.max_guest_memory) if args.max_guest_memory else None,
     )
-    try:
-        sock, url = listen_socket(host, port)
-    except OSError as exc:
-        raise UsageError(f"--listen {args.listen}: {exc.strerror}") from None
+    from cvmotion.host.succession import Handoff
+
+    # A successor started by an update in place (``host.maintenance``) serves its predecessor's sockets.
+    handoff = Handoff.from_environment()
+    if handoff is None:
+        try:
+            sock, url = listen_socket(host, port)
+        except OSError as exc:
+            raise UsageError(f"--listen {args.listen}: {exc.strerror}") from None
+    else:
+        sock = handoff.http_socket()
+        url = f"http://{host}:{sock.getsockname()[1]}"
     import logging
 
     args.data_dir.mkdir(parents=True, exist_ok=True)
@@ -104,10 +113,19 @@ def _serve(args: argparse.Namespace) -> int:
         level=logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    daemon = HostDaemon(config)
-    daemon.start()
     import uvicorn
 
+    daemon = HostDaemon(config)
+    daemon.api_socket = sock
+    app = create_app(daemon)
+    if handoff is None:
+        (args.data_dir / "daemon.pid").write_text(str(os.getpid()))
+        daemon.start()
+    else:
+        # Loaded (the interpreter, every import, the app): now the predecessor may pause its VMs and let go.
+        handoff.take_over(timeout=120)
+        (args.data_dir / "daemon.pid").write_text(str(os.getpid()))
+        daemon.start(migration_socket=handoff.migration_socket())
     info = daemon.host_info() | {"url": url, "emulated_platform": True}
     (args.data_dir / "host.json").write_text(json.dumps(info, indent=2))
     print(
@@ -115,7 +133,7 @@ def _serve(args: argparse.Namespace) -> int:
         f" {str(info['chip_id'])[:16]}...)",
         flush=True,
     )
-    server = uvicorn.Server(uvicorn.Config(create_app(daemon), log_level="warning", lifespan="off", access_log=False))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
     from cvmotion.cli.fleet_host import start_registration
 
     registration = start_registration(daemon, args, url)

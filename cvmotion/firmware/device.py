@@ -160,6 +160,11 @@ class SecureProcessor:
     def stopped(self) -> bool:
         return self._stopped
 
+    @property
+    def data_dir(self) -> Path:
+        """Where this chip's identity and its replay-protected storage live (emulated hardware storage)."""
+        return self._chip.data_dir
+
     def _check_live(self) -> None:
         if self._stopped:
             raise FirmwareError(FirmwareStatus.INVALID_PLATFORM_STATE, "this secure processor sealed its state")

@@ -42,6 +42,7 @@ from cvmotion.errors import (
     UsageError,
     VerificationError,
 )
+from cvmotion.host import api_maintenance
 from cvmotion.host import api_schema as schema
 from cvmotion.host.api_schema import MAX_BODY, CreateVm, IncomingMigration, KvRequest, MigrateRequest, refusals
 from cvmotion.host.daemon import HostDaemon
@@ -123,6 +124,7 @@ def create_app(daemon: HostDaemon) -> FastAPI:
         redoc_url=None,
     )
     install_error_handlers(app)  # 404 for unknown paths, 405 with every method of the path in Allow
+    api_maintenance.install(app, daemon)
 
     @app.exception_handler(CvmError)
     async def _cvm_error(request: Request, exc: CvmError) -> JSONResponse:

@@ -47,11 +47,19 @@ class IncomingMigrations:
 
     # -- the migration listener ------------------------------------------------------------------------------
 
-    def listen(self) -> None:
-        srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        srv.bind((self.config.listen_host, self.config.migration_port))
-        srv.listen(64)
+    @property
+    def listener(self) -> socket.socket | None:
+        return self._listener
+
+    def listen(self, inherited: socket.socket | None = None) -> None:
+        """Bind the migration listener, or serve ``inherited`` (a predecessor daemon's, after an update in place)."""
+        if inherited is None:
+            srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            srv.bind((self.config.listen_host, self.config.migration_port))
+            srv.listen(64)
+        else:
+            srv = inherited
         srv.settimeout(0.5)
         self._listener = srv
         self.port = srv.getsockname()[1]

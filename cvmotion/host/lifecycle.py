@@ -13,6 +13,7 @@ import logging
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from cvmotion.agent.policy import MigrationPolicy
@@ -37,11 +38,20 @@ log = logging.getLogger("cvmotion.host")
 class VmLifecycle:
     """Create, re-attach, inspect and delete the VMs of one host (thread-safe)."""
 
-    def __init__(self, context: HostContext, standby: StandbyPool, recovery: Recovery) -> None:
+    def __init__(
+        self,
+        context: HostContext,
+        standby: StandbyPool,
+        recovery: Recovery,
+        *,
+        on_scheduled_events_post: Callable[[str, bytes], None] | None = None,
+    ) -> None:
         self.config, self.store, self.events = context.config, context.store, context.events
         self.platform = context.platform
         self.standby = standby
         self.recovery = recovery
+        # What a guest posts to its Scheduled Events mailbox goes to the daemon's store (``host.scheduled_events``).
+        self._scheduled_events_post = on_scheduled_events_post
 
     # -- VM processes --------------------------------------------------------------------------------------
 
@@ -54,6 +64,9 @@ class VmLifecycle:
             return Reply()
         if call.method == RelayCommand.EXT_CERTS.value:
             return Reply({}, self.platform().ext_certs())
+        if call.method == RelayCommand.SCHEDULED_EVENTS_POST.value and self._scheduled_events_post is not None:
+            self._scheduled_events_post(str(call.args.get("vm")), call.blob)
+            return Reply()
         raise UsageError(f"unknown call from a VM process: {call.method}")
 
     def spawn(self, spec: VmSpec) -> VmClient:
@@ -219,12 +232,12 @@ class VmLifecycle:
 
     def attestation(self, name: str) -> dict[str, Any]:
         """The paravisor's current token and what it says (the token is public: relying parties get it)."""
-        return dict(self._client(name).attestation())
+        return dict(self.client(name).attestation())
 
     def console(self, name: str, since: int = 0) -> dict[str, Any]:
-        return dict(self._client(name).console(since))
+        return dict(self.client(name).console(since))
 
-    def _client(self, name: str) -> VmClient:
+    def client(self, name: str) -> VmClient:
         record = self.get(name)
         if record.client is None:
             raise Conflict(f"VM {name!r} has no process on this host")

@@ -24,7 +24,7 @@ import threading
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from cvmotion.errors import Conflict, UsageError
 from cvmotion.files import write_json
@@ -54,6 +54,16 @@ _STRICT = ConfigDict(extra="forbid", strict=True)
 _ID = Annotated[str, Field(pattern=EVENT_ID_PATTERN)]
 
 
+def _whole(value: object) -> object:
+    """JSON Schema's integer includes 7.0: a whole float is that integer; anything else is left to the check."""
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+_Whole = Annotated[int, BeforeValidator(_whole)]
+
+
 class ScheduledEvent(BaseModel):
     """One event, field for field as IMDS's Scheduled Events (api-version 2020-07-01) has it."""
 
@@ -67,7 +77,7 @@ class ScheduledEvent(BaseModel):
     NotBefore: str = Field(pattern=NOT_BEFORE_PATTERN, description="RFC 1123 date, or empty once Started")
     Description: str = Field(max_length=1024)
     EventSource: Literal["Platform"]
-    DurationInSeconds: int = Field(ge=-1, le=7 * 86400, description="expected impact; -1 when unknown")
+    DurationInSeconds: _Whole = Field(ge=-1, le=7 * 86400, description="expected impact; -1 when unknown")
 
 
 class ScheduledEventsDocument(BaseModel):
@@ -75,7 +85,8 @@ class ScheduledEventsDocument(BaseModel):
 
     model_config = _STRICT
 
-    DocumentIncarnation: int = Field(ge=0, le=2**63 - 1)
+    # At most 2**53 - 1: exact in every JSON parser (IEEE doubles), so a schema check and ours never disagree.
+    DocumentIncarnation: _Whole = Field(ge=0, le=2**53 - 1)
     Events: list[ScheduledEvent] = Field(max_length=MAX_EVENTS)
 
 

@@ -1,7 +1,9 @@
 """platformd: ``python -m cvmotion.platformd`` — a host's platform process (its emulated AMD-SP and its MA).
 
 Started by the host daemon when absent (or by the operator); it provisions its own chip and pool credential on the
-first start (``platformd.provision``) and then serves ``platform.sock`` (``platformd.server``).
+first start (``platformd.provision``) and then serves ``platform.sock`` (``platformd.server``).  A secure-processor
+state its predecessor sealed is opened on start (``platformd.succession``); ``--succeed FD`` starts it ahead of a
+memory-preserving update: loaded, it waits for the go on FD and for ``--predecessor`` to exit.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from cvmotion.firmware.vendor import Vendor
 from cvmotion.platformd.ma import MigrationAgentService, load_agent_config
 from cvmotion.platformd.provision import platform_trust, provision
 from cvmotion.platformd.server import PlatformService
+from cvmotion.platformd.succession import SuccessorLink, open_sealed_state
 
 __all__ = ["build_service", "main"]
 
@@ -36,7 +39,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--product", help="first start: the chip to manufacture (Milan, Genoa, Turin)")
     parser.add_argument("--pool", help="first start: the pool the operator's pool CA puts this chip in")
     parser.add_argument("--pool-ca-dir", type=Path, help="first start: the operator's pool CA (issues the credential)")
+    parser.add_argument("--succeed", type=int, metavar="FD", help="a hand-over: say ready on FD, start on its go")
+    parser.add_argument("--predecessor", type=int, metavar="PID", help="with --succeed: wait for this PID to exit")
     args = parser.parse_args(argv)
+    link = SuccessorLink.from_fd(args.succeed) if args.succeed is not None else None
     try:
         provision(
             args.data_dir,
@@ -45,6 +51,8 @@ def main(argv: list[str] | None = None) -> int:
             pool=args.pool,
             pool_ca_dir=args.pool_ca_dir,
         )
+        if link is not None:
+            link.ready_and_wait(args.predecessor)
         service = build_service(args.data_dir, vendor_dir=args.vendor_dir, kds_url=args.kds)
     except CvmError as exc:
         print(f"cvmotion-platform: {exc}", file=sys.stderr)
@@ -53,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     (args.data_dir / "platform.pid").write_text(str(os.getpid()))
-    service.serve(args.socket, stop)
+    service.serve(args.socket, stop, listening=link.serving if link is not None else None)
     return 0
 
 
@@ -66,15 +74,18 @@ def build_service(data_dir: Path, *, vendor_dir: Path | None, kds_url: str | Non
         endorsements = Kds(Vendor.open(vendor_dir))
     else:
         raise UsageError("the platform needs --kds URL or --vendor-dir for VCEK certificates")
-    sp = SecureProcessor.open(data_dir, endorsements=endorsements)
+    opened = open_sealed_state(data_dir, endorsements)
+    sp = opened[0] if opened is not None else SecureProcessor.open(data_dir, endorsements=endorsements)
     service = PlatformService(sp)
     # Real AMD roots are pinned; the emulated ARK recorded when the chip was made is the only other anchor (a
     # migration never leaves the product family), never one the KDS or vendor directory of this start offers.
     trust = platform_trust(data_dir, Chip.load(data_dir))
     try:
-        MigrationAgentService(service, load_agent_config(data_dir, trust))
+        service.ma_handle = MigrationAgentService(service, load_agent_config(data_dir, trust)).identity.handle
     except UsageError as exc:
         service.serve_agent(None, reason=str(exc))
+    if opened is not None:
+        service.adopt(opened[1])
     return service
 
 

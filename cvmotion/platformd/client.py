@@ -18,7 +18,7 @@ import numpy.typing as npt
 
 from cvmotion.abi.wire import bundle_capacity
 from cvmotion.errors import ProtocolError
-from cvmotion.ipc.rpc import Endpoint, Handler, connect_unix
+from cvmotion.ipc.rpc import ChannelClosed, Endpoint, Handler, connect_unix
 from cvmotion.platformd.protocol import (
     ExportArgs,
     ExportMemoryArgs,
@@ -39,6 +39,7 @@ from cvmotion.platformd.protocol import (
     PlatformIdentity,
     RingArgs,
     VmAttachArgs,
+    VmAttached,
     VmDirtyArgs,
     VmHandleArgs,
     VmProcessCommand,
@@ -135,6 +136,18 @@ class PlatformClient:
     def vm_handle(self, vm: str) -> int | None:
         handle = self._call(HostCommand.VM_HANDLE, VmHandleArgs(vm=vm))[0]["handle"]
         return None if handle is None else int(handle)
+
+    def seal_state(self, timeout: float = 60.0) -> None:
+        """Have the SP seal its state for the next platform process; this one exits (its answer is that exit).
+
+        Raises the platform's refusal (an import in flight, a launch half done) as it comes; a connection that
+        closes is the platform gone after sealing.
+        """
+        try:
+            self.endpoint.call(HostCommand.SEAL_STATE.value, {}, timeout=timeout)
+        except ChannelClosed:
+            return
+        raise ProtocolError("the platform answered seal_state and did not exit")
 
     # -- rings ------------------------------------------------------------------------------------------
 
@@ -259,10 +272,20 @@ class VmPlatformClient:
     def connect(cls, path: str, handler: Handler, *, name: str) -> VmPlatformClient:
         return cls(connect_unix(path, handler, name=name))
 
-    def attach(self, name: str, memory: int, mode: str, memfd: int) -> None:
-        """Hand the platform this VM's guest memory (the SP reads and writes it directly, as the real one does)."""
+    def attach(self, name: str, memory: int, mode: str, memfd: int, *, reattach: bytes | None = None) -> bytes:
+        """Hand the platform this VM's guest memory (the SP reads and writes it directly, as the real one does).
+
+        Returns the hardware token this platform gave; ``reattach``: the token of the previous platform process
+        (this process is the hardware its guest ran on, attaching to the platform that replaced it).
+        """
         args = VmAttachArgs(name=name, memory=memory, mode=mode)
-        self.endpoint.call(VmProcessCommand.VM_ATTACH.value, dict(args), fds=[memfd])
+        if reattach is not None:
+            args["reattach"] = reattach.hex()
+        result, _, _ = self.endpoint.call(VmProcessCommand.VM_ATTACH.value, dict(args), fds=[memfd])
+        try:
+            return bytes.fromhex(str(cast(VmAttached, result)["token"]))
+        except (KeyError, ValueError) as exc:
+            raise ProtocolError("vm_attach: the platform gave no hardware token") from exc
 
     def dirty(self, name: str, gfns: npt.NDArray[np.uint64]) -> None:
         """A harvest of the dirty log, for the SP's view."""

@@ -83,6 +83,9 @@ class RemoteHardware:
         # launch over it would be a new guest context over the old guest's memory (a fork, and a measurement
         # oracle over its pages).
         self.claimed = False
+        # Handed to the VM process at attach (only it holds it, in memory): across a platform restart it proves that
+        # a re-attaching process is the hardware this guest ran on (``platformd.succession``).
+        self.token = os.urandom(32)
 
     @property
     def memory(self) -> SpMemory:

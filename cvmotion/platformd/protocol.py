@@ -18,7 +18,7 @@ nothing here imports the firmware, so the untrusted host speaks the protocol wit
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 __all__ = [
     "ExportArgs",
@@ -40,6 +40,7 @@ __all__ = [
     "PlatformIdentity",
     "RingArgs",
     "VmAttachArgs",
+    "VmAttached",
     "VmDirtyArgs",
     "VmHandleArgs",
     "VmProcessCommand",
@@ -81,6 +82,9 @@ class HostCommand(StrEnum):
     MA_SOURCE_BEGIN = "ma_source_begin"
     MA_DEST_BEGIN = "ma_dest_begin"
     MA_DELIVER = "ma_deliver"
+    # A memory-preserving update: the SP seals its state for the next platform process (``platformd.succession``)
+    # and this process exits; the answer is that exit (the sealed file is the result).
+    SEAL_STATE = "seal_state"
 
 
 class VmProcessCommand(StrEnum):
@@ -167,6 +171,12 @@ class VmAttachArgs(TypedDict):
     name: str
     memory: int
     mode: str  # the fd is the guest memfd
+    # Re-attaching to a restarted platform process: the hardware token the previous one gave (hex).
+    reattach: NotRequired[str]
+
+
+class VmAttached(TypedDict):
+    token: str  # hex: proves this process is this VM's hardware to the next platform process (kept in memory only)
 
 
 class VmDirtyArgs(TypedDict):

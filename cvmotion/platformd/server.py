@@ -38,7 +38,8 @@ from cvmotion.firmware.launch import PageType
 from cvmotion.ipc.rpc import Call, Endpoint, Reply
 from cvmotion.platformd.hardware import PAGE, ImportHardware, RemoteHardware, RingMap, check_launch_ranges
 from cvmotion.platformd.peer import check_vm_peer
-from cvmotion.platformd.protocol import HostCommand, PlatformIdentity, VmProcessCommand
+from cvmotion.platformd.protocol import HostCommand, PlatformIdentity, VmAttached, VmProcessCommand
+from cvmotion.platformd.succession import Bindings, RestoredVm, seal_bindings, token_matches
 from cvmotion.vmm.loader import SECRETS_PAGE_GPA
 from cvmotion.vmm.memory import GuestMemory
 
@@ -65,6 +66,10 @@ class PlatformService:
         self.imports: dict[str, tuple[int, ImportHardware]] = {}
         self._rings: dict[str, RingMap] = {}
         self.verify_vm_peers = verify_vm_peers
+        # Bindings a predecessor sealed with the SP state: each VM's guest, until its VM process re-attaches.
+        self._restored: dict[str, RestoredVm] = {}
+        self.ma_handle: GuestHandle | None = None  # the MA's own guest context (not the host's to name)
+        self.on_sealed: Callable[[], None] = _exit_now
         # Keyed by the enums (str members, so the wire name finds them): each role's table *is* its allowlist.
         self._host_table: dict[str, Handler] = {
             HostCommand.HOST_HELLO: lambda call: Reply(dict(self.identity())),
@@ -105,6 +110,7 @@ class PlatformService:
             HostCommand.MA_SOURCE_BEGIN: self._no_agent,
             HostCommand.MA_DEST_BEGIN: self._no_agent,
             HostCommand.MA_DELIVER: self._no_agent,
+            HostCommand.SEAL_STATE: self._seal_state,
         }
         self._vm_table: dict[str, Handler] = {
             VmProcessCommand.VM_DIRTY: self._vm_dirty,
@@ -159,15 +165,56 @@ class PlatformService:
         name = str(call.args["name"])
         memory = GuestMemory(int(call.args["memory"]), fd=call.fds[0], name=f"sp-view-{name}")
         hw = RemoteHardware(name, endpoint, memory)
+        reattach = call.args.get("reattach")
         with self._lock:
             old = self.hardware.get(name)
             if old is not None and old.live:
                 memory.close()
                 raise UsageError(f"VM {name!r} is attached already; its hardware cannot be replaced")
+            if reattach is not None:
+                self._rebind(name, hw, reattach)
             self.hardware[name] = hw
         if old is not None:
             old.close()
         endpoint.on_close(lambda: self._vm_gone(name, hw))
+        return Reply(dict(VmAttached(token=hw.token.hex())))
+
+    def _rebind(self, name: str, hw: RemoteHardware, token: object) -> None:
+        """A VM process re-attaching to this (restarted) platform: its guest back only with its hardware token.
+
+        Its memory served a guest under the previous platform process, so it is claimed whatever happens (a launch
+        over it would be a fork and a measurement oracle). Without the token the predecessor sealed for that name,
+        it gets no guest: the daemon cannot move a guest to other hardware by naming it. The caller holds the lock.
+        """
+        hw.claimed = True
+        restored = self._restored.get(name)
+        if restored is None or not token_matches(restored.token, token):
+            return
+        del self._restored[name]
+        hw.token, hw.claimed, hw.handle = restored.token, restored.claimed, restored.handle
+
+    def adopt(self, bindings: Bindings) -> None:
+        """Take over what a predecessor sealed: the VM-to-guest bindings (bound to hardware as VM processes
+        re-attach) and the end of its MA's context (this process launched its own)."""
+        with self._lock:
+            self._restored = dict(bindings.vms)
+            for name, vm in bindings.vms.items():
+                if vm.handle is not None:
+                    self.handles[name] = vm.handle
+        if bindings.ma is not None:
+            with contextlib.suppress(CvmError):
+                self.sp.decommission(bindings.ma)
+
+    def _seal_state(self, call: Call) -> Reply:
+        """Seal the SP's state and this process's bindings for the next platform process, then exit."""
+        with self._lock:
+            vms = dict(self._restored)  # VMs whose process has not re-attached since the last restart carry on
+            for name, hw in self.hardware.items():
+                if hw.live:
+                    vms[name] = RestoredVm(hw.handle, hw.token, hw.claimed)
+            bindings = Bindings(vms, self.ma_handle)
+        seal_bindings(self.sp, bindings, self.sp.data_dir)
+        self.on_sealed()
         return Reply()
 
     def _vm_can_run(self, call: Call) -> Reply:
@@ -451,7 +498,8 @@ class PlatformService:
 
     # -- serving ---------------------------------------------------------------------------------------------
 
-    def serve(self, path: Path, stop: threading.Event) -> None:
+    def serve(self, path: Path, stop: threading.Event, *, listening: Callable[[], None] | None = None) -> None:
+        """Serve ``path`` until ``stop``; ``listening`` is called once connections can be made."""
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -459,6 +507,8 @@ class PlatformService:
         os.chmod(path, 0o600)
         server.listen(64)
         server.settimeout(0.2)
+        if listening is not None:
+            listening()
         endpoints: list[Endpoint] = []
         try:
             while not stop.is_set():
@@ -474,3 +524,12 @@ class PlatformService:
                 path.unlink()
             for e in endpoints:
                 e.close()
+
+
+def _exit_now() -> None:
+    """After ``seal_state``: the SP refuses everything and its keys are gone; the process has nothing to serve.
+
+    It exits at once, without answering: the host sees the connection close, and its VM processes re-attach to the
+    next platform process the moment theirs close.
+    """
+    os._exit(0)

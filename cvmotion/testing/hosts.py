@@ -157,10 +157,11 @@ class HostProcess:
         return self.start(timeout)
 
     def leftover_pids(self) -> list[int]:
-        """Platform and VM processes of this data directory that are still alive."""
+        """Platform, VM and successor daemon processes of this data directory that are still alive."""
         pids = []
         pid_files = [*self.data_dir.glob("vms/*/pid"), *self.data_dir.glob("standby/*/pid")]
-        for path in [self.data_dir / "platform.pid", *pid_files]:
+        # daemon.pid: a successor daemon an update in place started (``host.maintenance``) outlives ``self.proc``.
+        for path in [self.data_dir / "daemon.pid", self.data_dir / "platform.pid", *pid_files]:
             with contextlib.suppress(OSError, ValueError):
                 pid = int(path.read_text().strip())
                 cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")

@@ -27,8 +27,11 @@ from cvmotion.vmd.protocol import (
     EventArgs,
     GuestRequestArgs,
     HardwareCommand,
+    Reattested,
     RelayCommand,
     RestoreStateArgs,
+    Resumed,
+    ScheduledEventsPostArgs,
     TakeDirtyArgs,
     ThrottleArgs,
     VmInfo,
@@ -91,8 +94,18 @@ class VmClient:
         """Pause the vCPUs; returns how long that took (seconds)."""
         return float(self._call(ControlCommand.PAUSE)[0]["latency"])
 
-    def resume(self) -> None:
-        self._call(ControlCommand.RESUME)
+    def resume(self, *, timeout: float | None = 60.0) -> float | None:
+        """Let the vCPUs run again; returns how long they were stopped (seconds, monotonic), when known."""
+        pause_ms = cast(Resumed, self._call(ControlCommand.RESUME, timeout=timeout)[0]).get("pause_ms")
+        return None if pause_ms is None else float(pause_ms) / 1000
+
+    def reattest(self, *, timeout: float | None = 60.0) -> Reattested:
+        """Have the paravisor attest again (a fresh report from the SP): after the platform process was replaced."""
+        return cast(Reattested, self._call(ControlCommand.REATTEST, timeout=timeout)[0])
+
+    def scheduled_events(self, document: bytes) -> None:
+        """Put the VM's Scheduled Events document in its cvm-io mailbox (the guest reads it there)."""
+        self._call(ControlCommand.SCHEDULED_EVENTS, blob=document)
 
     def start_dirty_tracking(self) -> None:
         self._call(ControlCommand.START_DIRTY_TRACKING)
@@ -171,3 +184,7 @@ class RelayClient:
 
     def event(self, kind: str, data: dict[str, Any], vm: str) -> None:
         self._call(RelayCommand.EVENT, EventArgs(type=kind, data=data, vm=vm))
+
+    def scheduled_events_post(self, vm: str, body: bytes) -> None:
+        """What the guest posted to its Scheduled Events mailbox (its StartRequests), for the daemon's store."""
+        self._call(RelayCommand.SCHEDULED_EVENTS_POST, ScheduledEventsPostArgs(vm=vm), body)

@@ -37,7 +37,7 @@ from cvmotion.ipc.rpc import MAX_BLOB, Endpoint, Handler
 from cvmotion.platformd.client import VmPlatformClient
 from cvmotion.vmd.client import RelayClient
 from cvmotion.vmd.dirty import DirtyViews
-from cvmotion.vmd.protocol import AttestationInfo, ConsolePage, VmInfo, VmMode, VmSpec
+from cvmotion.vmd.protocol import AttestationInfo, ConsolePage, Reattested, VmInfo, VmMode, VmSpec
 from cvmotion.vmm.backend import BackendKind
 from cvmotion.vmm.devices.dma import DmaConfig, DmaDevice
 from cvmotion.vmm.images import load_image
@@ -51,6 +51,9 @@ __all__ = ["VmProcess"]
 PAGE = 4096
 _THROTTLE_PERIOD = 0.05  # auto-converge: each 50 ms window, the vCPUs sleep pct% of it
 _TOKEN_REFRESH = 300.0  # the paravisor renews its token well before the service's lifetime runs out
+_REATTACH_TIMEOUT = 60.0  # how long the hardware of a running guest waits for a replaced platform process
+_REATTACH_POLL = 0.005
+_POST_RETRIES = 300  # a guest's post waits this many tenths of a second for a daemon to take it
 _FEED_GFNS = MAX_BLOB // 16  # GFNs per vm_dirty call: half the RPC's blob limit
 
 
@@ -112,6 +115,12 @@ class VmProcess:
         self.configured = True
         self._spare_transfer: TransferKey | None = None
         self._parent = os.getppid()
+        # Across a platform restart (a memory-preserving update): the token the platform gave this hardware, which
+        # proves to its successor that this process is the hardware the guest ran on. Never leaves this process
+        # except to the platform socket.
+        self._hw_token: bytes | None = None
+        self._platform_up = threading.Event()
+        self.platform_restarted = False
         # The host daemon, over the newest live control connection (it relays guest messages for the paravisor).
         self.relay = RelayClient(self._controls)
         # Set by ``vmd.server``: the handlers of the daemon's and the SP's commands.
@@ -195,8 +204,10 @@ class VmProcess:
         self.platform = VmPlatformClient.connect(
             self.platform_socket, self.hardware_handler, name=f"vm-{spec.name}->platform"
         )
-        self.platform.attach(spec.name, spec.memory, spec.mode, self.memory.fd)
-        self.platform.on_close(self._stop.set)
+        self._hw_token = self.platform.attach(spec.name, spec.memory, spec.mode, self.memory.fd)
+        self._platform_up.set()
+        self.platform.on_close(self._platform_lost)
+        threading.Thread(target=self._relay_posts, name="scheduled-events", daemon=True).start()
         # Ready before the guest runs here (its transfer key is an RSA key pair: ~0.1-0.3 s to make), so the
         # re-attestation right after a migration's resume does not pay for it.
         self.paravisor = self._make_paravisor()
@@ -227,6 +238,78 @@ class VmProcess:
             return False
         return self.platform.can_run(self.handle)
 
+    # -- the platform process going away and coming back -------------------------------------------------
+
+    def _platform_lost(self) -> None:
+        """The platform connection closed. A running guest's hardware waits for the platform process that
+        replaces it (a memory-preserving update; bounded); anything else stops, as hardware without its SP."""
+        self._platform_up.clear()
+        if self._stop.is_set() or self.vm is None or self._hw_token is None:
+            self._stop.set()
+            return
+        threading.Thread(target=self._reattach_platform, name="platform-reattach", daemon=True).start()
+
+    def _reattach_platform(self) -> None:
+        assert self.memory is not None
+        assert self.hardware_handler is not None
+        deadline = time.monotonic() + _REATTACH_TIMEOUT
+        while not self._stop.is_set() and time.monotonic() < deadline:
+            try:
+                platform = VmPlatformClient.connect(
+                    self.platform_socket, self.hardware_handler, name=f"vm-{self.spec.name}->platform"
+                )
+            except (CvmError, OSError):
+                self._stop.wait(_REATTACH_POLL)
+                continue
+            try:
+                token = platform.attach(
+                    self.spec.name, self.spec.memory, self.spec.mode, self.memory.fd, reattach=self._hw_token
+                )
+            except (CvmError, OSError) as exc:
+                platform.close()
+                self.state_note = f"re-attaching to the platform failed: {exc}"
+                self._stop.wait(_REATTACH_POLL)
+                continue
+            self.platform, self._hw_token, self.platform_restarted = platform, token, True
+            self._platform_up.set()
+            platform.on_close(self._platform_lost)
+            return
+        self.state_note = "no platform process came back"
+        self._stop.set()
+
+    def reattest(self) -> Reattested:
+        """Attest again through the (restarted) SP: a fresh report over the guest's own channel, a new token."""
+        paravisor = self.paravisor
+        if paravisor is None:
+            return Reattested(reattested=False, jti=None)
+        attestation = paravisor.attest("platform-restart")
+        self.platform_restarted = False
+        return Reattested(reattested=True, jti=attestation.jti)
+
+    # -- Scheduled Events --------------------------------------------------------------------------------
+
+    def set_scheduled_events(self, document: bytes) -> None:
+        self._require_vm().cvmio.set_blob(BlobKind.SCHEDULED_EVENTS, document)
+
+    def _relay_posts(self) -> None:
+        """Carry what the guest posts to its Scheduled Events mailbox to the daemon (retried while none is
+        connected: a daemon hands over during a memory-preserving update)."""
+        while not self._stop.is_set():
+            vm = self.vm
+            posted = vm.cvmio.wait_posted(0.5) if vm is not None else None
+            if posted is None:
+                if vm is None:
+                    self._stop.wait(0.5)
+                continue
+            _, body = posted
+            for _attempt in range(_POST_RETRIES):
+                try:
+                    self.relay.scheduled_events_post(self.spec.name, body)
+                    break
+                except (CvmError, OSError):
+                    if self._stop.wait(0.1):
+                        return
+
     def start(self) -> None:
         with self._lock:
             vm = self._require_vm()
@@ -246,13 +329,16 @@ class VmProcess:
                 self.dma.quiesce()  # its DMA stops with the vCPUs: nothing written while paused
             return vm.pause()
 
-    def resume(self) -> None:
+    def resume(self) -> float | None:
+        """Run the vCPUs again (if the SP allows it); returns how long they were stopped, when known (seconds)."""
+        # A platform process being replaced comes back in a moment: its successor decides whether the guest runs.
+        self._platform_up.wait(_REATTACH_TIMEOUT)
         with self._lock:
             vm = self._require_vm()
             if not self._may_run():
                 raise UsageError("the secure processor does not let this guest run (migration in progress)")
             self._user_paused = False
-            vm.resume()
+            paused = vm.resume()
             if self.dma is not None:
                 self.dma.start()
             self.state_note = "running"
@@ -263,6 +349,7 @@ class VmProcess:
             threading.Thread(
                 target=self._run_paravisor, args=(True, time.time()), name="paravisor", daemon=True
             ).start()
+        return paused
 
     def set_throttle(self, pct: int) -> None:
         if not 0 <= pct <= 99:

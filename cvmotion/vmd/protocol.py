@@ -34,8 +34,11 @@ __all__ = [
     "HardwareCommand",
     "LaunchRanges",
     "PopulatedRanges",
+    "Reattested",
     "RelayCommand",
     "RestoreStateArgs",
+    "Resumed",
+    "ScheduledEventsPostArgs",
     "TakeDirtyArgs",
     "ThrottleArgs",
     "VmInfo",
@@ -62,6 +65,8 @@ class ControlCommand(StrEnum):
     CVMIO = "cvmio"
     THROTTLE = "throttle"
     STOP = "stop"
+    REATTEST = "reattest"  # after the platform process was replaced: a fresh report from the restarted SP
+    SCHEDULED_EVENTS = "scheduled_events"  # the blob is the VM's Scheduled Events document, for its cvm-io mailbox
 
 
 class HardwareCommand(StrEnum):
@@ -79,6 +84,8 @@ class RelayCommand(StrEnum):
     GUEST_REQUEST = "guest_request"
     EXT_CERTS = "ext_certs"
     EVENT = "event"
+    # The guest posted to its Scheduled Events mailbox (its StartRequests, IMDS's body): the blob, as posted.
+    SCHEDULED_EVENTS_POST = "scheduled_events_post"
 
 
 class VmMode(StrEnum):
@@ -159,6 +166,10 @@ class EventArgs(TypedDict):
     vm: str
 
 
+class ScheduledEventsPostArgs(TypedDict):
+    vm: str
+
+
 # -- answers --------------------------------------------------------------------------------------------
 
 
@@ -188,6 +199,15 @@ class AttestationInfo(TypedDict, total=False):
     issued_at: float
     reason: str
     data_key: str | None
+
+
+class Resumed(TypedDict):
+    pause_ms: float | None  # vCPUs stopped to running again (monotonic clock), when this process saw both
+
+
+class Reattested(TypedDict):
+    reattested: bool  # False: this VM has no paravisor attestation configured
+    jti: str | None
 
 
 class ConsolePage(TypedDict):

@@ -14,7 +14,7 @@ from pathlib import Path
 from cvmotion.errors import UsageError
 from cvmotion.ipc.rpc import Call, Handler, Reply
 from cvmotion.vmd.process import VmProcess
-from cvmotion.vmd.protocol import ControlCommand, HardwareCommand
+from cvmotion.vmd.protocol import ControlCommand, HardwareCommand, Resumed
 
 __all__ = ["install"]
 
@@ -41,6 +41,15 @@ def _float(call: Call, key: str, default: float) -> float:
     if type(value) not in (int, float):
         raise UsageError(f"{call.method}: {key!r} must be a number")
     return float(value)
+
+
+def _scheduled_events(proc: VmProcess, call: Call) -> Reply:
+    proc.set_scheduled_events(call.blob)
+    return Reply()
+
+
+def _resumed(paused: float | None) -> Resumed:
+    return Resumed(pause_ms=None if paused is None else round(paused * 1000, 3))
 
 
 def _bind(proc: VmProcess, call: Call) -> Reply:
@@ -79,7 +88,7 @@ _CONTROL: _Table = {
     ControlCommand.BIND: _bind,
     ControlCommand.START: _done(VmProcess.start),
     ControlCommand.PAUSE: lambda proc, call: Reply({"latency": proc.pause()}),
-    ControlCommand.RESUME: _done(VmProcess.resume),
+    ControlCommand.RESUME: lambda proc, call: Reply(dict(_resumed(proc.resume()))),
     ControlCommand.START_DIRTY_TRACKING: _done(VmProcess.start_dirty_tracking),
     ControlCommand.HARVEST_DIRTY: _harvest,
     ControlCommand.POPULATED_RANGES: _populated,
@@ -87,6 +96,8 @@ _CONTROL: _Table = {
     ControlCommand.CVMIO: _cvmio,
     ControlCommand.THROTTLE: _throttle,
     ControlCommand.STOP: _done(VmProcess.stop_soon),
+    ControlCommand.REATTEST: lambda proc, call: Reply(dict(proc.reattest())),
+    ControlCommand.SCHEDULED_EVENTS: _scheduled_events,
 }
 
 

@@ -69,7 +69,10 @@ def _config() -> SchemathesisConfig:
 
 
 def _load(host: HostProcess) -> BaseSchema:
-    return schemathesis.openapi.from_url(f"{host.url}/openapi.json", config=_config())
+    # A valid POST /v1/host/maintenance replaces the daemon under the test (its end-to-end test is
+    # tests/e2e/host/test_inplace_update.py); its refusals are the request model's, held by the document test.
+    schema = schemathesis.openapi.from_url(f"{host.url}/openapi.json", config=_config())
+    return schema.exclude(operation_id="start_maintenance")
 
 
 @pytest.fixture(scope="module")

@@ -114,6 +114,15 @@ def test_malformed_documents_are_refused(field: str, value: object) -> None:
         _doc(1, event)
 
 
+def test_whole_floats_are_integers() -> None:
+    body = {"DocumentIncarnation": 3.0, "Events": [_event(DurationInSeconds=5.0)]}
+    doc = ScheduledEventsDocument.model_validate(body)
+    assert doc.DocumentIncarnation == 3
+    assert doc.Events[0].DurationInSeconds == 5
+    with pytest.raises(ValidationError):
+        _doc(3, _event(DurationInSeconds=5.5))
+
+
 def test_bad_input_is_refused(store: ScheduledEventsStore) -> None:
     with pytest.raises(ValidationError):
         _doc(-1)
