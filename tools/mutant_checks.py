@@ -51,6 +51,10 @@ T_PEERS = "tests/unit/host/test_peers.py"
 T_OPTIONS = "tests/unit/migration/test_options_schema.py"
 T_DMA = "tests/e2e/migration/test_dma_load.py"
 T_DELETE = "tests/unit/host/test_delete_unsettled.py"
+T_SEAL = "tests/unit/firmware/test_fw_sp_seal.py"
+T_SEAL_MIG = "tests/unit/protocol/test_sp_seal_migration.py"
+T_SUCCESSION = "tests/unit/platformd/test_platform_succession.py"
+SP_SEAL = "cvmotion/firmware/sp_seal.py"
 PLATFORM = "cvmotion/platformd/server.py"
 HARDWARE = "cvmotion/platformd/hardware.py"
 PEERS = "cvmotion/host/peers.py"
@@ -548,6 +552,66 @@ MUTANTS: tuple[Mutant, ...] = (
         "record.state in UNSETTLED",
         [T_DELETE],
         id="delete-unsettled",
+    ),
+    # -- the secure processor's state across a platform restart (firmware/sp_seal.py, platformd) --------------
+    _never(
+        SP_SEAL,
+        "open_sealed",
+        "a sealed SP state opens once, and only the newest (no rollback, no fork)",
+        "pending is None or not hmac.compare_digest(pending, hashlib.sha256(blob).digest())",
+        [T_SEAL, T_SEAL_MIG],
+        id="sp-state-once",
+    ),
+    _never(
+        SP_SEAL,
+        "SpNvram.read",
+        "the replay-protected counter's record is the SP's (MAC)",
+        "len(raw) != _NV.size + 32 or not hmac.compare_digest(mac, self._mac(body))",
+        [T_SEAL],
+        id="sp-nvram-mac",
+    ),
+    _never(
+        "cvmotion/firmware/device.py",
+        "SecureProcessor._check_live",
+        "a sealed SP refuses every command",
+        "self._stopped",
+        [T_SEAL],
+        id="sp-sealed-stops",
+    ),
+    Mutant(
+        "sp-detached-export",
+        "a guest restored mid-export does not run until its export is aborted or finished",
+        MIGRATION,
+        "MigrationFirmware.can_run",
+        "                if exp.detached:\n                    return False\n",
+        "",
+        (T_SEAL_MIG,),
+    ),
+    _never(
+        "cvmotion/firmware/sp_snapshot.py",
+        "check_sealable",
+        "no seal while an import is in flight (its hardware binding cannot be carried)",
+        "imp.rules.state in _IN_FLIGHT_IMPORT",
+        [T_SEAL_MIG],
+        id="sp-seal-import",
+    ),
+    Mutant(
+        "reattach-token",
+        "after a platform restart a guest is bound only to the VM process holding its hardware token",
+        PLATFORM,
+        "PlatformService._rebind",
+        "if restored is None or not token_matches(restored.token, token):",
+        "if restored is None:",
+        (T_SUCCESSION,),
+    ),
+    Mutant(
+        "reattach-claimed",
+        "re-attaching hardware is claimed: never launched over",
+        PLATFORM,
+        "PlatformService._rebind",
+        "        hw.claimed = True\n        restored = self._restored.get(name)\n",
+        "        restored = self._restored.get(name)\n",
+        (T_SUCCESSION,),
     ),
     Mutant(
         "dma-quiesce",
