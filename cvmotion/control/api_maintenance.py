@@ -126,7 +126,7 @@ class StartRequests(BaseModel):
 
 
 def install_maintenance(app: FastAPI, ctl: FleetController) -> None:  # noqa: C901 - one closure per route
-    router = APIRouter()
+    router: APIRouter = app.router  # plain routes on the app's own router: in the OpenAPI document as written
 
     def drain_response(drain: Drain, view: dict[str, Any], status: int = 200) -> JSONResponse:
         response = JSONResponse(view, status_code=status)
@@ -328,5 +328,3 @@ def install_maintenance(app: FastAPI, ctl: FleetController) -> None:  # noqa: C9
         answer = ctl.transaction(run)
         ctl.drains.wake.set()
         return answer
-
-    app.include_router(router)

@@ -30,6 +30,10 @@ __all__ = ["WindowRequest", "cancel_window", "create_window", "open_windows", "p
 
 _DURATION = re.compile(r"^P?T?(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?$", re.IGNORECASE)
 _HHMM = re.compile(r"^(\d{1,3}):([0-5]\d)$")
+# What the request schema states (a client generated from it sends only these shapes); the range is checked after.
+_DURATION_FORMS = r"PT\d{1,3}H(\d{1,5}M)?|PT\d{1,5}M|PT\d{1,6}S|\d{1,3}h(\d{1,5}m)?|\d{1,5}m|\d{1,6}s|\d{1,3}:[0-5]\d"
+_DURATION_PATTERN = rf"^({_DURATION_FORMS})$"
+_START_PATTERN = rf"^(now|\+({_DURATION_FORMS})|\d{{4}}-\d{{2}}-\d{{2}}T\d{{2}}:\d{{2}}(:\d{{2}}(\.\d{{1,6}})?)?(Z|[+-]\d{{2}}:\d{{2}})?)$"
 
 
 def parse_duration(text: str) -> float:
@@ -63,8 +67,12 @@ class WindowRequest(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True)
 
     hosts: list[Annotated[str, Field(pattern=NAME_PATTERN)]] = Field(min_length=1, max_length=1000)
-    start: str = Field(max_length=64, description="ISO 8601 time (UTC when no offset), 'now' or +DURATION")
-    duration: str = Field(max_length=32, description="PT2H, 2h30m, 90s or HH:MM")
+    start: str = Field(
+        max_length=64, pattern=_START_PATTERN, description="ISO 8601 time (UTC when no offset), 'now' or +DURATION"
+    )
+    duration: str = Field(
+        max_length=32, pattern=_DURATION_PATTERN, description="PT2H, 2h30m, 90m, 90s or HH:MM; 1 min to 7 days"
+    )
     reason: Literal["SecurityUpdate", "HardwareRefresh"]
     max_parallel: Annotated[int, Field(ge=1, le=64), BeforeValidator(no_bool)] = Field(
         default=DEFAULT_MAX_PARALLEL, alias="maxParallel"

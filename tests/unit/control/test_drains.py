@@ -89,11 +89,7 @@ def test_security_update_walks_the_ladder(api: Api, hosts: dict[str, Maintenance
     assert started.json()["status"] == "Accepted"
     assert started.headers["Location"] == f"{HOSTS}/h1/drain"
 
-    # While it runs: a second drain of the host is refused; h1 is never a placement target.
-    again = _drain(api, "h1")
-    assert again.status_code in (409, 202), again.text
-    if again.status_code == 409:
-        assert "already being drained" in again.json()["error"]["message"]
+    # h1 is never a placement target from now on.
     refused = api.create("rg1", "late", host="h1")
     assert refused.status_code == 409
     assert "cordoned" in refused.text
@@ -153,6 +149,20 @@ def test_security_update_walks_the_ladder(api: Api, hosts: dict[str, Maintenance
 
 
 def test_refusals(api: Api) -> None:
+    _vm(api, "rg1", "a", "Enabled")
+    assert _drain(api, "h1", noticeSeconds=3600).status_code == 202  # runs for an hour
+    again = _drain(api, "h1", reason="HardwareRefresh")
+    assert again.status_code == 409
+    assert "already being drained" in again.json()["error"]["message"]
+    assert api.req("POST", f"{HOSTS}/h1/uncordon").status_code == 409  # cancel it first
+    assert _drain(api, "h2").status_code == 202  # another host's drain may run beside it (h2 has no VM)
+    empty = _wait_drain(api, "h2")
+    assert (empty["status"], empty["vms"]) == ("Succeeded", [])
+    listed = api.req("GET", "/providers/Cvmotion.Fabric/drains?active=true").json()["value"]
+    assert [d["host"] for d in listed] == ["h1"]
+    assert api.req("POST", f"{HOSTS}/h1/drain/cancel").status_code == 200
+    assert _wait_drain(api, "h1")["status"] == "Canceled"
+    assert api.req("POST", f"{HOSTS}/h2/uncordon").status_code == 200
     unknown = _drain(api, "nope")
     assert unknown.status_code == 404
     assert "not registered" in unknown.json()["error"]["message"]
@@ -161,7 +171,7 @@ def test_refusals(api: Api) -> None:
     assert "reason" in bad.json()["error"]["message"]
     assert _drain(api, "h1", maxParallel=0).status_code == 400
     assert api.req("POST", f"{HOSTS}/h1/drain/cancel").status_code == 409  # nothing to cancel
-    assert api.req("GET", f"{HOSTS}/h2/drain").status_code == 404
+    assert api.req("GET", f"{HOSTS}/h3/drain").status_code == 404
     reader = api.token(__import__("cvmotion.control.auth", fromlist=["Role"]).Role.OWNER, "default")
     assert api.req("POST", f"{HOSTS}/h1/drain", {"reason": "SecurityUpdate"}, token=reader).status_code == 403
     assert api.req("POST", f"{HOSTS}/nope/uncordon").status_code == 404
@@ -271,3 +281,31 @@ def test_source_host_dies_mid_drain(api: Api, hosts: dict[str, MaintenanceFakeHo
         shown = api.req("GET", f"{RG}/rg1/{VMS}/{vm['name']}").json()["properties"]["instanceView"]
         assert shown["host"] == "h1"  # left where it is: never started elsewhere
     assert not any(vm.startswith(("a-", "b-")) for h in ("h2", "h3") for vm in hosts[h].vms)
+
+
+def test_maintenance_window_drains_its_hosts_in_order(api: Api) -> None:
+    windows = "/providers/Cvmotion.Fabric/maintenanceWindows"
+    _vm(api, "rg1", "a", "Enabled", host="h1")
+    _vm(api, "rg1", "b", "Enabled", host="h2")
+    body = {"hosts": ["h1", "h2"], "start": "now", "duration": "PT1H", "reason": "SecurityUpdate", "noticeSeconds": 0}
+    assert api.req("PUT", f"{windows}/w1", body | {"hosts": ["h1", "nope"]}).status_code == 404
+    assert api.req("PUT", f"{windows}/w1", body | {"duration": "PT0S"}).status_code == 400
+    assert api.req("PUT", f"{windows}/w1", body | {"start": "tomorrow"}).status_code == 400
+    created = api.req("PUT", f"{windows}/w1", body)
+    assert created.status_code == 201, created.text
+    assert api.req("PUT", f"{windows}/w1", body).status_code == 409
+    later = api.req("PUT", f"{windows}/later", body | {"start": "+2h"}).json()
+    assert later["status"] == "Scheduled"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        window = api.req("GET", f"{windows}/w1").json()
+        if window["status"] not in ("Scheduled", "Running"):
+            break
+        time.sleep(0.05)
+    assert window["status"] == "Completed", window
+    first, second = (api.req("GET", f"/providers/Cvmotion.Fabric/drains/{d}").json() for d in window["drains"])
+    assert (first["host"], second["host"]) == ("h1", "h2")
+    assert first["endedAt"] <= second["createdAt"]  # one host after the other
+    assert second["status"] == "Succeeded"
+    assert {v["to"] for v in second["vms"]} == {"h3"}  # h1 stays cordoned after its drain: never a target
+    assert api.req("DELETE", f"{windows}/later").json()["status"] == "Canceled"
