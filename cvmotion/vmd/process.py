@@ -273,6 +273,12 @@ class VmProcess:
             self.platform, self._hw_token, self.platform_restarted = platform, token, True
             self._platform_up.set()
             platform.on_close(self._platform_lost)
+            vm = self.vm
+            if vm is not None and vm.state is RunState.RUNNING and not self._may_run():
+                # A platform that came back without this guest (it crashed; nothing was sealed): the guest's
+                # context is gone, and hardware does not run a guest its SP does not hold.
+                self.state_note = "the platform process came back without this guest: stopped"
+                self._stop.set()
             return
         self.state_note = "no platform process came back"
         self._stop.set()

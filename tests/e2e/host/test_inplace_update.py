@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import selectors
+import signal
 import subprocess
 import sys
 import threading
@@ -237,3 +238,20 @@ def test_memory_preserving_update_in_place(host: HostProcess) -> None:
 
 
 _ = Path
+
+
+def test_a_platform_that_crashed_does_not_get_its_guests_back(host: HostProcess) -> None:
+    """Nothing sealed (a crash, not an update): the VM's hardware re-attaches to the next platform process, which
+    holds no guest for it, so the VM stops instead of running a guest whose secure-processor context is gone."""
+    body = {"name": "kv2", "image": "kvstore", "memory": 16 << 20, "backend": _backend()}
+    host.api("POST", "/v1/vms", body)
+    vm_pid = host.vm_pid("kv2")
+    assert vm_pid is not None
+    os.kill(host.platform_pid(), signal.SIGKILL)
+    os.kill(_daemon_pid(host), signal.SIGKILL)  # and the daemon: the next one starts a platform (a fresh SP)
+    host.kill()
+    host.start()
+    _wait("the orphaned VM to stop", lambda: not pid_alive(vm_pid), 90)
+    host.api("POST", "/v1/vms", body | {"name": "kv3"})
+    assert host.api("POST", "/v1/vms/kv3/kv", {"op": "put", "key": "k", "value": "v"})["status"] == "OK"
+    assert not list(host.data_dir.glob("sp-state.sealed*"))
