@@ -1,12 +1,14 @@
-"""control layer: the webhook delivery threads of one replica — fan out, claim, POST, record.
+"""control layer: the webhook delivery threads of one replica — a scan that fans out, workers that POST.
 
-Each thread loops: fan out new events (``control.webhooks``), claim one due delivery, POST its CloudEvent
-(structured mode, ``application/cloudevents+json``, signed as ``control.webhook_signing`` says) with bounded
-timeouts, and record the answer.  The database transactions are short and never span the POST, so a slow
-or dead receiver holds one thread for at most the timeout and blocks nothing else (drains, operations, the
-API, other webhooks).  Idle threads wait on this replica's outbox notifier (an event committed here wakes
-them at once) and poll at most every ``poll`` seconds for what other replicas commit and for retries
-coming due.
+The scan thread wakes on this replica's outbox notifier (an event committed here) or every ``poll_s`` (other
+replicas' events, retries coming due), fans new events out to deliveries (``control.webhooks``), prunes old
+ones, and kicks the delivery threads when one is due.  It never POSTs, so no receiver can slow it.  Each
+delivery thread claims one due delivery, POSTs its CloudEvent (structured mode,
+``application/cloudevents+json``, signed as ``control.webhook_signing`` says) with bounded timeouts, records
+the answer, and goes again while there is work.  The database transactions are short and never span the
+POST, so a slow or dead receiver holds one delivery thread for at most its timeouts and blocks nothing else
+(drains, operations, the API, other webhooks).  Idle, the workers wait for a kick (and look by themselves
+only every ``IDLE_POLLS`` polls).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from cvmotion.control import webhooks
 from cvmotion.control.db import DeliveryState
-from cvmotion.control.outbox import notifier
+from cvmotion.control.outbox import Notifier, notifier
 from cvmotion.control.webhook_signing import signature_headers
 from cvmotion.control.webhooks import Attempt, RetryPolicy
 from cvmotion.control.worker import _fault as fault_point  # the crash tests' one hook
@@ -35,6 +37,7 @@ __all__ = ["DeliveryOptions", "WebhookDispatcher"]
 
 log = logging.getLogger("cvmotion.control.webhooks")
 CONTENT_TYPE = "application/cloudevents+json; charset=utf-8"
+IDLE_POLLS = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +73,7 @@ class WebhookDispatcher:
         self.clock = clock
         self.rng = rng or random.Random()
         self.notifier = notifier(engine.url)
+        self._kick = Notifier()  # the scan found due work
         self._rng_lock = threading.Lock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -84,11 +88,15 @@ class WebhookDispatcher:
         return self.connect_s + 2 * self.options.timeout_s + 3.0
 
     def start(self) -> None:
+        self._spawn(f"{self.replica}-webhook-scan", self._scan_loop)
         for i in range(self.options.threads):
             worker = f"{self.replica}-webhook-{i}"
-            thread = threading.Thread(target=self._loop, args=(worker, i == 0), name=worker, daemon=True)
-            thread.start()
-            self._threads.append(thread)
+            self._spawn(worker, lambda w=worker: self._deliver_loop(w))  # type: ignore[misc]
+
+    def _spawn(self, name: str, target: Callable[[], None]) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
 
     def wake(self) -> None:
         self.notifier.notify()
@@ -96,6 +104,7 @@ class WebhookDispatcher:
     def stop(self) -> None:
         self._stop.set()
         self.notifier.notify()
+        self._kick.notify()
         deadline = time.monotonic() + self.lease_s  # an attempt in flight ends within its lease
         for thread in self._threads:
             thread.join(max(deadline - time.monotonic(), 0.0))
@@ -119,9 +128,8 @@ class WebhookDispatcher:
         with self._write(), Session(self.engine) as session, session.begin():
             return webhooks.prune_deliveries(session, now, opts.keep_succeeded_s, opts.keep_dead_s)
 
-    def step(self, worker: str, client: httpx.Client) -> float | None:
-        """Fan out, then claim and deliver one delivery.  Returns ``None`` if it delivered one (go again),
-        else when the next delivery is due (``inf``: none pending)."""
+    def scan(self) -> float:
+        """Fan out new events; when the next delivery is due (``now``: one is due; ``inf``: none pending)."""
         now = self.clock()
         with Session(self.reader) as session, session.begin():
             fan = webhooks.fan_out_due(session)
@@ -129,13 +137,20 @@ class WebhookDispatcher:
         if fan:
             with self._write(), Session(self.engine) as session, session.begin():
                 webhooks.fan_out(session, now)
-            due = now
-        if due is None or due > now:
-            return float("inf") if due is None else due
+            return now
+        return float("inf") if due is None else due
+
+    def deliver_one(self, worker: str, client: httpx.Client) -> bool:
+        """Claim a due delivery, POST it, record the answer; whether there was one."""
+        now = self.clock()
+        with Session(self.reader) as session, session.begin():
+            due = webhooks.next_due(session, now)
+        if due is None or due > now:  # a read first: idle workers never queue for the write lock
+            return False
         with self._write(), Session(self.engine) as session, session.begin():
             attempt = webhooks.claim_delivery(session, worker, now, self.lease_s)
         if attempt is None:
-            return now + self.options.poll_s  # another thread or replica took it
+            return False  # another thread or replica took it
         fault_point("Webhook:Claimed")
         status, error = self._post(client, attempt)
         fault_point("Webhook:Answered")
@@ -143,7 +158,7 @@ class WebhookDispatcher:
             state = webhooks.record_outcome(session, attempt, worker, self.clock(), status, error, self._backoff)
         if state is DeliveryState.DEAD_LETTERED:
             log.warning("webhook %s: event %s dead-lettered: %s", attempt.webhook_id, attempt.event_id, error)
-        return None
+        return True
 
     def _post(self, client: httpx.Client, attempt: Attempt) -> tuple[int, str]:
         headers = signature_headers(attempt.secret, str(attempt.event_id), int(self.clock()), attempt.body)
@@ -156,18 +171,31 @@ class WebhookDispatcher:
             return 0, f"{type(exc).__name__}: {exc}"[:500]
         return status, "" if 200 <= status < 300 else f"HTTP {status}"
 
-    def _loop(self, worker: str, prunes: bool) -> None:
+    def _scan_loop(self) -> None:
+        # Never POSTs, so a stalled receiver cannot delay it: it wakes on this replica's commits (and polls
+        # for other replicas' and for retries coming due), fans out, prunes, and kicks the delivery threads.
+        while not self._stop.is_set():
+            seen = self.notifier.generation
+            try:
+                self.prune()
+                due = self.scan()
+            except Exception:
+                log.exception("webhook fan-out failed (database unavailable?); retrying")
+                due = float("inf")
+            now = self.clock()
+            if due <= now:
+                self._kick.notify()
+            self.notifier.wait(seen, self.options.poll_s if due <= now else min(self.options.poll_s, due - now))
+
+    def _deliver_loop(self, worker: str) -> None:
         timeout = httpx.Timeout(self.options.timeout_s, connect=self.connect_s)
         with httpx.Client(timeout=timeout, follow_redirects=False, trust_env=False) as client:
             while not self._stop.is_set():
-                seen = self.notifier.generation
+                seen = self._kick.generation
                 try:
-                    if prunes:
-                        self.prune()
-                    due = self.step(worker, client)
+                    if self.deliver_one(worker, client):
+                        continue
                 except Exception:
-                    log.exception("webhook delivery step failed (database unavailable?); retrying")
-                    due = self.clock() + self.options.poll_s
-                if due is None:
-                    continue
-                self.notifier.wait(seen, min(self.options.poll_s, due - self.clock()))
+                    log.exception("webhook delivery failed (database unavailable?); retrying")
+                # Kicked by the scan; a slow look of its own in case a kick came while it was busy.
+                self._kick.wait(seen, self.options.poll_s * IDLE_POLLS)
