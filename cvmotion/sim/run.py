@@ -27,6 +27,7 @@ from cvmotion.sim.world import World
 __all__ = ["SimConfig", "SimOutcome", "simulate"]
 
 _QUIET_TIMEOUT_S = 120.0
+_AVAILABLE_TIMEOUT_S = 300.0  # heartbeats held back while the controller was busy creating VMs catch up
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +94,8 @@ def _simulate(config: SimConfig, root: Path, inject: Inject | None, say: Progres
             world.start_heartbeats()
             say(f"creating {config.vms} VMs through the controller API (deployments of up to 50)")
             populated = populate(api, scenario, fleet.ledger)
-            say(f"{populated.created} VMs running after {populated.seconds:.0f} s; the wave starts")
+            behind = _wait_available(api, fleet, _AVAILABLE_TIMEOUT_S)
+            say(f"{populated.created} VMs running after {populated.seconds:.0f} s; {behind} hosts not Available")
             failures = config.failures if config.failures >= 0 else max(1, config.hosts // 100)
             options = WaveOptions(
                 per_host=config.per_host,
@@ -130,3 +132,16 @@ def _wait_quiet(fleet: SimFleet) -> None:
         if not down and fleet.quiet():
             return
         time.sleep(0.2)
+
+
+def _wait_available(api: ControllerApi, fleet: SimFleet, timeout: float) -> int:
+    """Until the controller lists every host that is up as Available (bounded); how many are not."""
+    deadline = time.monotonic() + timeout
+    while True:
+        listing = api.ok("GET", "/providers/Cvmotion.Fabric/hosts")
+        states = {h["name"]: h["properties"]["state"] for h in listing.get("value", [])}
+        with fleet.lock:
+            behind = [n for n, h in fleet.hosts.items() if not h.down and states.get(n) != "Available"]
+        if not behind or time.monotonic() > deadline:
+            return len(behind)
+        time.sleep(2.0)

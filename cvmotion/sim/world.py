@@ -8,6 +8,7 @@ nothing.  Everything stops with ``close()``; every wait is bounded.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 import time
@@ -26,7 +27,8 @@ __all__ = ["World"]
 
 log = logging.getLogger("cvmotion.sim")
 _REGISTER = "/providers/Cvmotion.Fabric/hosts/register"
-_SENDERS = 8  # heartbeat threads: one slow answer (the controller's write lock) must not hold back the others
+_IN_FLIGHT = 32  # heartbeats awaiting an answer at once (the controller's API serves 40 requests at a time)
+_BACKLOG = 512  # beyond this many unanswered heartbeats, new ones are skipped (and counted)
 
 
 class World:
@@ -35,7 +37,7 @@ class World:
         self.controller_url = controller_url
         self.heartbeat_s = heartbeat_s
         self.heartbeats = 0
-        self._count_lock = threading.Lock()
+        self.heartbeats_skipped = 0
         self._stop = threading.Event()
         self._sock, self.url = listen_socket("127.0.0.1", 0)
         fleet.api_prefix = self.url
@@ -74,40 +76,51 @@ class World:
                 raise CvmError(f"registering {host.name}: HTTP {response.status_code} {response.text[:300]}")
 
     def start_heartbeats(self) -> None:
-        """Each of ``_SENDERS`` threads heartbeats its share of the hosts, concurrently as daemons would."""
+        """Heartbeat every host from one asyncio loop, each on its own schedule, concurrently as daemons would."""
+        thread = threading.Thread(target=lambda: asyncio.run(self._heartbeats()), name="sim-beats", daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    async def _heartbeats(self) -> None:
         names = list(self.fleet.hosts)
-        for i in range(_SENDERS):
-            share = names[i::_SENDERS]
-            if share:
-                thread = threading.Thread(target=self._heartbeat_loop, args=(share,), name=f"sim-beat-{i}", daemon=True)
-                thread.start()
-                self._threads.append(thread)
-
-    def _heartbeat_loop(self, names: list[str]) -> None:
         gap = self.heartbeat_s / max(1, len(names))
-        with httpx.Client(
-            base_url=self.controller_url, headers=self._client.headers, timeout=60, verify=default_ssl_context()
+        loop = asyncio.get_running_loop()
+        pending: set[asyncio.Task[None]] = set()
+        async with httpx.AsyncClient(
+            base_url=self.controller_url,
+            headers=self._client.headers,
+            timeout=120,
+            verify=default_ssl_context(),
+            limits=httpx.Limits(max_connections=_IN_FLIGHT),
         ) as client:
+            due, i = loop.time(), 0
             while not self._stop.is_set():
-                for name in names:
-                    if self._stop.wait(gap):
-                        return
-                    self._beat(client, name)
+                due += gap
+                while loop.time() < due and not self._stop.is_set():  # short naps: a stop is seen within 1 s
+                    await asyncio.sleep(min(due - loop.time(), 1.0))
+                name, i = names[i % len(names)], i + 1
+                if len(pending) >= _BACKLOG:  # the controller is this far behind: a daemon would time out too
+                    self.heartbeats_skipped += 1
+                    continue
+                task = asyncio.create_task(self._beat(client, name))
+                pending.add(task)
+                task.add_done_callback(pending.discard)
+            for task in pending:
+                task.cancel()
 
-    def _beat(self, client: httpx.Client, name: str) -> None:
+    async def _beat(self, client: httpx.AsyncClient, name: str) -> None:
         host = self.fleet.hosts[name]
         with self.fleet.lock:
             if host.down:
                 return
             vms = host.running()
         try:
-            response = client.post(f"/providers/Cvmotion.Fabric/hosts/{name}/heartbeat", json={"vms": vms})
+            response = await client.post(f"/providers/Cvmotion.Fabric/hosts/{name}/heartbeat", json={"vms": vms})
             if response.status_code == 404:  # the controller forgot the host: register again
                 with self.fleet.lock:
                     body = host.registration(self.fleet.url_of(name))
-                client.post(_REGISTER, json=body)
-            with self._count_lock:
-                self.heartbeats += 1
+                await client.post(_REGISTER, json=body)
+            self.heartbeats += 1
         except httpx.HTTPError as exc:
             log.warning("heartbeat of %s failed: %s", name, exc)
 
