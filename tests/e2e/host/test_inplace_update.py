@@ -25,6 +25,7 @@ from typing import Any
 import httpx
 import pytest
 
+from cvmotion.testing.canary import GuestMemoryTap, scan_process, scan_tree, secrets_canaries
 from cvmotion.testing.hosts import ApiError, HostProcess, pid_alive
 from cvmotion.vmm.kvm import kvm_usable
 
@@ -182,6 +183,9 @@ def test_memory_preserving_update_in_place(host: HostProcess) -> None:
     assert approved == ["freeze-1"]
     assert host.api("GET", f"/v1/vms/{VM}/metadata/scheduledevents")["DocumentIncarnation"] == 1
     pids = (_daemon_pid(host), host.platform_pid(), host.vm_pid(VM))
+    assert pids[2] is not None
+    with GuestMemoryTap(pids[2], 16 << 20) as tap:
+        vmpcks = secrets_canaries(tap)  # the guest's keys: in the sealed SP state, never in the clear
     with Writer(host) as writer:
         _wait("writes before the update", lambda: writer.count >= 20, 60)
         request = {"id": "upd-1", "kind": "MemoryPreservingUpdate"}
@@ -209,6 +213,8 @@ def test_memory_preserving_update_in_place(host: HostProcess) -> None:
     assert host.platform_pid() != platform
     assert not pid_alive(platform)
     assert host.vm_pid(VM) == vm_pid
+    assert not scan_tree(host.data_dir, vmpcks), "guest keys in the data directory"
+    assert not scan_process(_daemon_pid(host), vmpcks).hits, "guest keys in the new daemon's memory"
     # Every acknowledged write is still there.
     for key, value in writer.acked.items():
         got = host.api("POST", f"/v1/vms/{VM}/kv", {"op": "get", "key": key})
@@ -240,6 +246,7 @@ def test_memory_preserving_update_in_place(host: HostProcess) -> None:
 _ = Path
 
 
+@pytest.mark.slow  # a daemon restart on top of the update test (~20 s here): kept out of the default suite's budget
 def test_a_platform_that_crashed_does_not_get_its_guests_back(host: HostProcess) -> None:
     """Nothing sealed (a crash, not an update): the VM's hardware re-attaches to the next platform process, which
     holds no guest for it, so the VM stops instead of running a guest whose secure-processor context is gone."""
