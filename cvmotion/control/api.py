@@ -233,8 +233,7 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
 
         def run(s: Session) -> tuple[dict[str, Any], Operation | None]:
             authorize(principal, Action.WRITE_VM, sub)
-            vm, op, _created = ctl.vms.put(s, sub, rg, name, parsed)
-            return ctl.vms.resource(s, vm, eligibility=False), op
+            return ctl.vms.put_view(s, sub, rg, name, parsed)
 
         resource, op = ctl.transaction(run)
         ctl.wake_workers()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import httpx
@@ -10,6 +11,23 @@ from cvmotion.control.errors import HostUnreachable
 from cvmotion.errors import Conflict, CvmError, NotFound, UsageError
 
 __all__ = ["HostApi"]
+
+_shared: list[httpx.Client] = []
+_shared_lock = threading.Lock()
+
+
+def _client() -> httpx.Client:
+    """One keep-alive client for every host call of this process (thread-safe).
+
+    ``httpx.request`` builds a client, and with it a TLS context, per call: milliseconds of CPU each,
+    which was most of what an operation worker spent on a create.
+    """
+    if not _shared:
+        with _shared_lock:
+            if not _shared:
+                limits = httpx.Limits(max_connections=200, max_keepalive_connections=64, keepalive_expiry=30)
+                _shared.append(httpx.Client(limits=limits))
+    return _shared[0]
 
 
 class HostApi:
@@ -21,7 +39,7 @@ class HostApi:
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None, timeout: float | None = None) -> Any:
         try:
-            response = httpx.request(method, self.base + path, json=body, timeout=timeout or self.timeout)
+            response = _client().request(method, self.base + path, json=body, timeout=timeout or self.timeout)
         except (httpx.HTTPError, httpx.InvalidURL) as exc:  # InvalidURL: a registered URL httpx cannot use
             raise HostUnreachable(f"host {self.base} did not answer {method} {path}: {exc}") from None
         try:

@@ -13,7 +13,7 @@ import time
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
-from sqlalchemy import func, select
+from sqlalchemy import Table, func, select
 from sqlalchemy.orm import Session
 
 from cvmotion.agent.pool import POOL_NAME_PATTERN
@@ -26,6 +26,17 @@ from cvmotion.ipc.names import NAME_PATTERN
 __all__ = ["Heartbeat", "HostRegistration", "Inventory"]
 
 HOST_TYPE = "Cvmotion.Fabric/hosts"
+_HOSTS: Table = Host.__table__  # type: ignore[assignment]
+_VMS: Table = Vm.__table__  # type: ignore[assignment]
+_CANDIDATE_COLUMNS = (
+    _HOSTS.c.name, _HOSTS.c.pool, _HOSTS.c.product, _HOSTS.c.tcb, _HOSTS.c.state, _HOSTS.c.vcpus,
+    _HOSTS.c.memory_gib, _HOSTS.c.cordoned, _HOSTS.c.chip_id,
+)  # fmt: skip
+_USAGE = (
+    select(_VMS.c.host, func.sum(_VMS.c.vcpus), func.sum(_VMS.c.memory_gib), func.count())
+    .where(_VMS.c.host.is_not(None))
+    .group_by(_VMS.c.host)
+)
 
 
 class HostRegistration(BaseModel):
@@ -122,26 +133,21 @@ class Inventory:
 
         The host rows are locked *before* usage is summed: a placement that waited for another replica's
         lock then sees (READ COMMITTED) the VM rows that placement committed, so a host is never overfilled.
+        Two Core statements (no ORM objects): this runs on every placement, inside its lock.
         """
-        query = select(Host).order_by(Host.name)
-        hosts = list(session.scalars(query.with_for_update() if lock else query))
-        usage = {
-            host: (vcpus or 0, mem or 0, count)
-            for host, vcpus, mem, count in session.execute(
-                select(Vm.host, func.sum(Vm.vcpus), func.sum(Vm.memory_gib), func.count())
-                .where(Vm.host.is_not(None))
-                .group_by(Vm.host)
-            )
-        }
+        conn = session.connection()
+        query = select(*_CANDIDATE_COLUMNS).order_by(_HOSTS.c.name)
+        hosts = conn.execute(query.with_for_update() if lock else query).all()
+        usage = {host: (vcpus or 0, mem or 0, count) for host, vcpus, mem, count in conn.execute(_USAGE)}
         out = []
-        for h in hosts:
-            used = usage.get(h.name, (0, 0, 0))
+        for name, pool, product, tcb, state, vcpus, memory_gib, cordoned, chip_id in hosts:
+            used = usage.get(name, (0, 0, 0))
             out.append(
                 Candidate(
-                    h.name, h.pool, h.product, h.tcb, h.state, h.vcpus, h.memory_gib, used[0], used[1], used[2],
-                    cordoned=h.cordoned,
-                )  # fmt: skip
-            )
+                    name, pool, product, tcb, state, vcpus, memory_gib, used[0], used[1], used[2],
+                    cordoned=bool(cordoned), chip_id=chip_id,
+                )
+            )  # fmt: skip
         return out
 
     def resource(self, session: Session, row: Host) -> dict[str, Any]:

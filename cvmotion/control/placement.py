@@ -29,6 +29,7 @@ class Candidate:
     used_memory_gib: int
     vm_count: int
     cordoned: bool = False  # under maintenance: never a target
+    chip_id: str = ""  # recorded as the VM's attestation chip when it lands here
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,7 +14,7 @@ import time
 from collections.abc import Mapping
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import Table, bindparam, func, select
 from sqlalchemy.orm import Session
 
 from cvmotion.control.builtins import BUILTINS
@@ -38,6 +38,12 @@ DEFINITION_TYPE = "Microsoft.Authorization/policyDefinitions"
 
 Judged = tuple[str, CompiledDefinition, Mapping[str, Any]]  # (assignment id, definition, parameters)
 _Scoped = tuple[tuple[Any, ...], list[tuple[str, Judged]]]  # (version, [(scope, judged)])
+
+
+_ASSIGNMENTS: Table = Assignment.__table__  # type: ignore[assignment]
+_VERSION = select(func.count(), func.max(_ASSIGNMENTS.c.created_at)).where(
+    _ASSIGNMENTS.c.scope.like(bindparam("prefix"))
+)
 
 
 def scope_covers(scope: str, resource_id: str) -> bool:
@@ -153,15 +159,15 @@ class PolicyStore:
         assignment still applies at once.
         """
         sub_scope = "/".join(resource_id.split("/")[:3])  # /subscriptions/{sub}
-        in_sub = Assignment.scope.like(f"{sub_scope}%")
-        version = tuple(session.execute(select(func.count(), func.max(Assignment.created_at)).where(in_sub)).one())
+        prefix = {"prefix": f"{sub_scope}%"}
+        version = tuple(session.connection().execute(_VERSION, prefix).one())  # Core: it runs on every request
         with self._lock:
             cached = self._scopes.get(sub_scope)
         if cached is None or cached[0] != version:
             rows = session.execute(
                 select(Assignment, Definition)
                 .join(Definition, Definition.name == Assignment.definition)
-                .where(in_sub)
+                .where(Assignment.scope.like(prefix["prefix"]))
                 .order_by(Assignment.id)
             )
             entries: list[tuple[str, Judged]] = []

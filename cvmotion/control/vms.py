@@ -14,9 +14,10 @@ from collections.abc import Callable
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import select
+from sqlalchemy import Insert, Table, bindparam, insert, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from cvmotion.agent.policy import MigrationPolicy
@@ -46,6 +47,23 @@ from cvmotion.vmm.sku import find_sku
 __all__ = ["VmService"]
 
 _BUSY = (ProvisioningState.CREATING, ProvisioningState.DELETING, ProvisioningState.MIGRATING)
+_VMS: Table = Vm.__table__  # type: ignore[assignment]  # Core statements on the create path: no ORM flush
+_OPS: Table = Operation.__table__  # type: ignore[assignment]
+# Built once: a statement object per call costs more than the SQLite round trip it makes.
+_VM_EXISTS = select(_VMS.c.id).where(_VMS.c.id == bindparam("id"))
+_OP_INSERT = insert(_OPS)
+_INSERT_IGNORE: dict[tuple[str, str], Insert] = {}
+
+
+def _insert_ignore(conn: Connection, table: Table) -> Insert:
+    """``INSERT … ON CONFLICT DO NOTHING`` on SQLite and PostgreSQL (with ``RETURNING``: no row when the key
+    exists; psycopg reports no rowcount for it)."""
+    key = (conn.dialect.name, table.name)
+    stmt = _INSERT_IGNORE.get(key)
+    if stmt is None:
+        dialect_insert = pg_insert if conn.dialect.name == "postgresql" else sqlite_insert
+        stmt = _INSERT_IGNORE[key] = dialect_insert(table).on_conflict_do_nothing().returning(*table.primary_key)
+    return stmt
 
 
 def policy_doc(vm: Vm, *, host_pool: str | None = None, host: str | None = None) -> dict[str, Any]:
@@ -72,7 +90,7 @@ class VmService:
     def __init__(self, policy: PolicyStore, inventory: Inventory) -> None:
         self.policy = policy
         self.inventory = inventory
-        self._known_groups: set[str] = set()
+        self._known_groups: dict[str, str] = {}
 
     # -- lookups -----------------------------------------------------------------------------------
 
@@ -88,21 +106,24 @@ class VmService:
             query = query.where(Vm.resource_group == rg_id(sub, rg).lower())
         return list(session.scalars(query))
 
-    def _ensure_rg(self, session: Session, sub: str, rg: str, location: str) -> str:
+    def _ensure_rg(self, session: Session, sub: str, rg: str, location: str) -> tuple[str, str]:
+        """The group's key (created if new) and its name as first written."""
         check_name("subscriptions", sub)
         check_name("resourceGroups", rg)
         key = rg_id(sub, rg).lower()
-        if key in self._known_groups:  # groups are never deleted: one lookup per process is enough
-            return key
-        if session.get(ResourceGroup, key) is not None:
-            self._known_groups.add(key)  # committed by another transaction: safe to remember
-            return key
+        known = self._known_groups.get(key)
+        if known is not None:  # groups are never deleted: one lookup per process is enough
+            return key, known
+        group = session.get(ResourceGroup, key)
+        if group is not None:
+            self._known_groups[key] = group.name  # committed by another transaction: safe to remember
+            return key, group.name
         # Two first PUTs into a new group may race (PostgreSQL replicas, concurrent requests): the second
         # insert is a no-op, not an integrity error.
-        insert = pg_insert if session.get_bind().dialect.name == "postgresql" else sqlite_insert
+        conn = session.connection()
         row = {"id": key, "subscription": sub, "name": rg, "location": location, "created_at": time.time()}
-        session.execute(insert(ResourceGroup).values(**row).on_conflict_do_nothing())
-        return key
+        conn.execute(_insert_ignore(conn, ResourceGroup.__table__), row)  # type: ignore[arg-type]
+        return key, rg
 
     # -- placement ---------------------------------------------------------------------------------
 
@@ -133,21 +154,10 @@ class VmService:
         candidates: list[Candidate] | None = None,
     ) -> Host:
         pool_allowed = pools or self._pool_filter(session, vm, self.policy.in_scope(session, vm.id))
-        demand = Demand(
-            vcpus=vm.vcpus,
-            memory_gib=vm.memory_gib,
-            product=vm.placement.get("product"),
-            minimum_tcb=vm.placement.get("minimumTcb"),
-            pinned_host=pinned,
-            exclude=exclude,
-        )
         if candidates is None:
             # Host rows locked so two replicas placing at once cannot both take a host's last capacity.
             candidates = self.inventory.candidates(session, lock=lock)
-        try:
-            chosen = choose_host(candidates, demand, pool_allowed)
-        except NoHost as exc:
-            raise Conflict(str(exc)) from None
+        chosen = self._choose(vm, pool_allowed, candidates, pinned=pinned, exclude=exclude)
         return self.inventory.get(session, chosen.name)
 
     # -- requests ----------------------------------------------------------------------------------
@@ -161,19 +171,43 @@ class VmService:
         return op
 
     def put(self, session: Session, sub: str, rg: str, name: str, body: VmPut) -> tuple[Vm, Operation | None, bool]:
-        check_name("virtualMachines", name)
-        rid = vm_id(sub, rg, name)
-        existing = session.get(Vm, rid.lower(), with_for_update=True)
+        """Create (judged, placed, rows written: ``(vm, operation, True)``) or update (``(vm, None, False)``).
+
+        The create path is SQLAlchemy Core, and the host rows are locked last: everything that needs no
+        lock (the name, the size, the policy and its assignments) is settled first, so the lock that
+        serialises placements (``FOR UPDATE`` on PostgreSQL, the write lock on SQLite) is held only from
+        the capacity read to the commit.
+        """
+        existing = self._existing(session, sub, rg, name)
         if existing is not None:
             return self._update_from_put(session, existing, body), None, False
+        vm, op, _pool = self._create(session, sub, rg, name, body)
+        return vm, op, True
+
+    def _existing(self, session: Session, sub: str, rg: str, name: str) -> Vm | None:
+        """The VM row, locked, if it exists (a cheap Core probe first: most PUTs create)."""
+        check_name("virtualMachines", name)
+        key = vm_id(sub, rg, name).lower()
+        if session.connection().execute(_VM_EXISTS, {"id": key}).first() is None:
+            return None
+        return session.get(Vm, key, with_for_update=True)
+
+    def _create(
+        self, session: Session, sub: str, rg: str, name: str, body: VmPut
+    ) -> tuple[Vm, Operation, tuple[str, str]]:
+        """The VM and its Create operation written; with the group's name and the chosen host's pool."""
+        rid = vm_id(sub, rg, name)
+        key = rid.lower()
+        conn = session.connection()
         try:
             sku = find_sku(body.properties.hardware_profile.vm_size)
         except UsageError as exc:
             raise InvalidRequest(str(exc)) from None
-        group = self._ensure_rg(session, sub, rg, body.location)
+        group, rg_name = self._ensure_rg(session, sub, rg, body.location)
         props = body.properties
+        now = time.time()
         vm = Vm(
-            id=rid.lower(),
+            id=key,
             subscription=sub,
             resource_group=group,
             name=name,
@@ -190,19 +224,26 @@ class VmService:
             provisioning_state=ProvisioningState.CREATING,
             power_state=PowerState.STARTING,
             host_vm_name=host_vm_name(rid, name),
+            status_message="",
+            created_at=now,
+            updated_at=now,
         )
         assignments = self.policy.in_scope(session, vm.id)
         self.policy.judge(session, policy_doc(vm), assignments=assignments)
-        if props.placement.host is not None:
-            # A pinned host is judged like a move's named destination: a deny names the assignment.
-            pinned = self.inventory.get(session, props.placement.host)
-            self.policy.judge(session, policy_doc(vm, host_pool=pinned.pool, host=pinned.name), assignments=assignments)
         pools = self._pool_filter(session, vm, assignments)
+        # Last: the host rows, locked, and their usage counted after the lock (see Inventory.candidates).
         candidates = self.inventory.candidates(session, lock=True)
-        host = self._place(session, vm, pinned=props.placement.host, pools=pools, candidates=candidates)
-        vm.host = host.name
+        pinned = props.placement.host
+        if pinned is not None:
+            # A pinned host is judged like a move's named destination: a deny names the assignment.
+            found = next((c for c in candidates if c.name == pinned), None)
+            if found is None:
+                raise NotFound(f"host {pinned!r} is not registered")
+            self.policy.judge(session, policy_doc(vm, host_pool=found.pool, host=pinned), assignments=assignments)
+        chosen = self._choose(vm, pools, candidates, pinned=pinned)
+        vm.host = chosen.name
         # The pools the policy allows today are bound into the VM's migration policy: the agents enforce them.
-        vm.allowed_pools = sorted({c.pool for c in candidates if pools(c.pool)}) or [host.pool]
+        vm.allowed_pools = sorted({c.pool for c in candidates if pools(c.pool)}) or [chosen.pool]
         try:  # what the worker binds at launch: refused now, not failed on every try of the operation
             MigrationPolicy(allowed_pools=tuple(vm.allowed_pools))
         except ValidationError:
@@ -210,11 +251,48 @@ class VmService:
                 f"the policy allows {len(vm.allowed_pools)} host pools, more than a VM's migration policy binds:"
                 " assign allowed-host-pools to name the pools it may use"
             ) from None
-        vm.attestation = {"chipId": host.chip_id, "product": host.product}
-        session.add(vm)
-        op = self._operation(session, vm, OperationKind.CREATE, Step.PLACED, host=host.name)
-        session.flush()
-        return vm, op, True
+        vm.attestation = {"chipId": chosen.chip_id, "product": chosen.product}
+        columns = {c.key: getattr(vm, c.key) for c in _VMS.columns}
+        # Two creates of one name at once (PostgreSQL replicas): the second inserts nothing and is told so.
+        inserted = conn.execute(_insert_ignore(conn, _VMS), columns).first()
+        if inserted is None:
+            raise Conflict(f"virtual machine {name!r} is being created by another request; try again")
+        op = Operation(
+            id=str(uuid.uuid4()), kind=OperationKind.CREATE, step=Step.PLACED, resource_id=vm.id,
+            subscription=sub, host=chosen.name, target_host=None, migration_id=None, claimed_by=None,
+            lease_until=0.0, attempts=0, error_code="", error_message="", created_at=now, updated_at=now,
+        )  # fmt: skip
+        conn.execute(_OP_INSERT, {c.key: getattr(op, c.key) for c in _OPS.columns})
+        # The event through the session: the outbox inserts it at commit, in commit order.
+        session.add(Event(type=f"{OperationKind.CREATE.value}Accepted", subject=vm.id, data={"operation": op.id}))
+        return vm, op, (rg_name, chosen.pool)
+
+    def put_view(
+        self, session: Session, sub: str, rg: str, name: str, body: VmPut
+    ) -> tuple[dict[str, Any], Operation | None]:
+        """``put``, and the VM's resource as the response shows it (a create's from what it just wrote)."""
+        existing = self._existing(session, sub, rg, name)
+        if existing is not None:
+            return self.resource(session, self._update_from_put(session, existing, body), eligibility=False), None
+        vm, op, (rg_name, pool) = self._create(session, sub, rg, name, body)
+        return self._view(vm, rg_name, pool, []), op
+
+    def _choose(
+        self, vm: Vm, pools: Callable[[str], bool], candidates: list[Candidate], *, pinned: str | None = None,
+        exclude: str | None = None,
+    ) -> Candidate:  # fmt: skip
+        demand = Demand(
+            vcpus=vm.vcpus,
+            memory_gib=vm.memory_gib,
+            product=vm.placement.get("product"),
+            minimum_tcb=vm.placement.get("minimumTcb"),
+            pinned_host=pinned,
+            exclude=exclude,
+        )
+        try:
+            return choose_host(candidates, demand, pools)
+        except NoHost as exc:
+            raise Conflict(str(exc)) from None
 
     def _update_from_put(self, session: Session, vm: Vm, body: VmPut) -> Vm:
         props = body.properties
@@ -324,6 +402,10 @@ class VmService:
         reasons = self.ineligible(session, vm) if eligibility else []
         group = session.get(ResourceGroup, vm.resource_group)
         rg = group.name if group is not None else vm.resource_group.rsplit("/", 1)[-1]
+        return self._view(vm, rg, host.pool if host else None, reasons)
+
+    @staticmethod
+    def _view(vm: Vm, rg: str, host_pool: str | None, reasons: list[str]) -> dict[str, Any]:
         return {
             "id": vm_id(vm.subscription, rg, vm.name),
             "name": vm.name,
@@ -338,7 +420,7 @@ class VmService:
                 "provisioningState": vm.provisioning_state.value,
                 "instanceView": {
                     "host": vm.host,
-                    "hostPool": host.pool if host else None,
+                    "hostPool": host_pool,
                     "hostVmName": vm.host_vm_name,
                     "powerState": vm.power_state.value,
                     "statusMessage": vm.status_message,

@@ -89,6 +89,11 @@ class Worker:
     # -- claims ------------------------------------------------------------------------------------
 
     def claim(self) -> str | None:
+        claimed = self.claim_op()
+        return None if claimed is None else claimed[0]
+
+    def claim_op(self) -> tuple[str, OperationKind, Step] | None:
+        """Claim an operation: its id, kind and step as claimed (so executing it needs no second read)."""
         now = time.time()
         claimable = (Operation.step.not_in(_DONE), or_(Operation.claimed_by.is_(None), Operation.lease_until < now))
         with Session(self.reader) as session:
@@ -108,7 +113,7 @@ class Worker:
             if op is None:
                 return None
             op.claimed_by, op.lease_until, op.attempts = self.id, now + self.lease, op.attempts + 1
-            return op.id
+            return op.id, op.kind, op.step
 
     def _locked(self) -> contextlib.AbstractContextManager[Any]:
         return self.write_lock if self.write_lock is not None else contextlib.nullcontext()
@@ -140,17 +145,18 @@ class Worker:
     def run(self, stop: threading.Event) -> None:
         while not stop.is_set():
             try:
-                op_id = self.claim()
+                claimed = self.claim_op()
             except Exception:
                 log.exception("claiming an operation failed (database unavailable?); retrying")
                 stop.wait(self.poll)
                 continue
-            if op_id is None:
+            if claimed is None:
                 self.wake.wait(self.poll)
                 self.wake.clear()
                 continue
+            op_id = claimed[0]
             try:
-                self.execute(op_id)
+                self.execute(op_id, claimed[1:])
             except LostClaim:
                 log.warning("operation %s: claim lost to another worker", op_id)
             except Exception:
@@ -159,8 +165,9 @@ class Worker:
 
     # -- execution ---------------------------------------------------------------------------------
 
-    def execute(self, op_id: str) -> None:
-        kind, step = self._txn(op_id, lambda _s, op: (op.kind, op.step))
+    def execute(self, op_id: str, claimed: tuple[OperationKind, Step] | None = None) -> None:
+        """Carry the operation out from its step (``claimed``: kind and step as the claim read them)."""
+        kind, step = claimed or self._txn(op_id, lambda _s, op: (op.kind, op.step))
         try:
             if kind is OperationKind.CREATE:
                 self._create(op_id, step)
@@ -195,8 +202,13 @@ class Worker:
             vm.status_message = message[:1000]
         self._advance(session, op, Step.FAILED, error_code=code, error_message=message[:2000])
 
-    def _context(self, op_id: str, host_field: str = "host") -> tuple[Vm, Host]:
+    def _context(self, op_id: str, host_field: str = "host", *, advance: Step | None = None) -> tuple[Vm, Host]:
+        """The VM and the host the operation acts on (detached copies); ``advance``: its next step first,
+        in the same transaction."""
+
         def read(session: Session, op: Operation) -> tuple[Vm, Host]:
+            if advance is not None:
+                self._advance(session, op, advance)
             vm = session.get(Vm, op.resource_id)
             host = session.get(Host, getattr(op, host_field) or "")
             if vm is None or host is None:
@@ -209,11 +221,13 @@ class Worker:
         return result
 
     def _create(self, op_id: str, step: Step) -> None:
-        if step is Step.PLACED:
-            self._txn(op_id, lambda s, op: self._advance(s, op, Step.HOST_REQUESTED))
-        vm, host = self._context(op_id)
+        first = step is Step.PLACED
+        # HostRequested commits before the host is asked (with the read of what to ask, one transaction).
+        vm, host = self._context(op_id, advance=Step.HOST_REQUESTED if first else None)
         api = HostApi(host.api_url)
-        found = api.get_vm(vm.host_vm_name)
+        # From Placed nobody has asked the host yet, so there is nothing to look for; from HostRequested a
+        # predecessor may have: ask the host what it has first.
+        found = None if first else api.get_vm(vm.host_vm_name)
         if found is None:
             doc = MigrationPolicy(allowed_pools=tuple(vm.allowed_pools)).canonical()
             body = {
@@ -295,7 +309,10 @@ class Worker:
         if mig_id is None:
             arrived = dst_api.get_vm(vm.host_vm_name)
             if arrived is not None and arrived.get("state") == _RUNNING:
-                self._finish_migration(op_id, dest, None)
+                # A predecessor's move finished before it recorded the id: the source keeps finished
+                # migrations, so the figures are fetched from its record, not lost.
+                record = self._finished_record(src_api, vm.host_vm_name)
+                self._finish_migration(op_id, dest, record)
                 return
             mig_id = self._find_migration(src_api, vm.host_vm_name)
             if mig_id is None:
@@ -314,6 +331,21 @@ class Worker:
             recorded = mig_id
             self._txn(op_id, lambda s, op: self._advance(s, op, Step.MIGRATING, migration_id=recorded))
         self._await_migration(op_id, src_api, dst_api, vm, dest, mig_id)
+
+    @staticmethod
+    def _finished_record(api: HostApi, name: str) -> dict[str, Any] | None:
+        """The source's record of the completed migration of ``name`` (the newest), or ``None`` when the
+        source does not answer or no longer knows it (restarted): the move stands, without its figures."""
+        try:
+            listed = api.call("GET", "/v1/migrations", timeout=10)["migrations"]
+            done = [m for m in listed if m["x-cvmotion"]["vm"] == name and m["status"] == "completed"]
+            if not done:
+                return None
+            record = api.call("GET", f"/v1/migrations/{done[-1]['x-cvmotion']['id']}", timeout=10)
+        except (CvmError, KeyError, TypeError) as exc:
+            log.warning("the finished migration of %s: no record from its source (%s)", name, exc)
+            return None
+        return record if isinstance(record, dict) else None
 
     @staticmethod
     def _find_migration(api: HostApi, name: str) -> str | None:
@@ -343,7 +375,13 @@ class Worker:
             time.sleep(0.1)
 
     def _finish_migration(self, op_id: str, dest: Host, stats: dict[str, Any] | None) -> None:
+        """The VM is on ``dest``: record it, with the migration's figures (``stats``: the source's record)."""
+        cvm = (stats or {}).get("x-cvmotion")
+        found = cvm.get("id") if isinstance(cvm, dict) else None
+
         def done(session: Session, op: Operation) -> None:
+            if op.migration_id is None and found:
+                op.migration_id = str(found)  # found on the source after the fact: the operation names it
             row = session.get(Vm, op.resource_id)
             if row is not None:
                 row.host = dest.name
@@ -351,9 +389,14 @@ class Worker:
                 row.power_state = PowerState.RUNNING
                 row.attestation = {"chipId": dest.chip_id, "product": dest.product}
                 row.updated_at = time.time()
-                data = {"from": op.host, "to": dest.name, "migration": op.migration_id}
+                data: dict[str, Any] = {"from": op.host, "to": dest.name, "migration": op.migration_id}
                 if stats is not None:
-                    data |= {"total-time": stats.get("total-time"), "downtime": stats.get("downtime")}
+                    total, downtime = stats.get("total-time"), stats.get("downtime")
+                    ram = stats.get("ram")
+                    data |= {
+                        "total-time": total, "downtime": downtime, "totalMs": total, "downtimeMs": downtime,
+                        "bytes": ram.get("transferred") if isinstance(ram, dict) else None,
+                    }  # fmt: skip
                 session.add(Event(type="VmMigrated", subject=row.id, data=data))
             self._advance(session, op, Step.SUCCEEDED)
 

@@ -8,6 +8,7 @@ placements per second.  A migration completes when the destination (another ``Fa
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 from typing import Any
 
@@ -76,10 +77,16 @@ class FakeHost:
                 if vm is None:
                     return missing(name)
             mig_id = uuid.uuid4().hex[:12]
+            started = time.monotonic()
             httpx.post(f"{body['destination']}/v1/_receive", json=vm, timeout=10).raise_for_status()
+            took = round((time.monotonic() - started) * 1000)
             with self.lock:
                 self.vms.pop(name, None)
-                self.migrations[mig_id] = {"status": "completed", "x-cvmotion": {"id": mig_id, "vm": name}}
+                # The figures a real host's record has (QEMU query-migrate names), so the controller keeps them.
+                self.migrations[mig_id] = {
+                    "status": "completed", "total-time": took, "downtime": min(took, 1), "ram": {"transferred": 4096},
+                    "x-cvmotion": {"id": mig_id, "vm": name},
+                }  # fmt: skip
             return {"migration": mig_id, **self.migrations[mig_id]}
 
         @app.post("/v1/_receive")
