@@ -72,13 +72,36 @@ def _links(document: dict[str, Any]) -> list[str]:
     ]
 
 
+# HTML pages a service serves beside its API (the controller's portal): kept out of the API document on purpose.
+_PAGE_ROOT, _PAGES = "/", "/portal"
+
+
+def _served(app: FastAPI) -> list[tuple[str, set[str] | None, bool]]:
+    """(path, methods, in the schema) of every route, an included router's routes one by one.
+
+    FastAPI 0.16x keeps an included router as one entry of ``app.routes`` (no ``path``) that yields its routes.
+    """
+    served: list[tuple[str, set[str] | None, bool]] = []
+    for route in app.routes:
+        contexts = getattr(route, "effective_route_contexts", None)
+        if contexts is not None:
+            served += [(c.path, c.methods, c.include_in_schema) for c in contexts()]
+        else:
+            served.append((route.path, getattr(route, "methods", None), getattr(route, "include_in_schema", True)))
+    return served
+
+
 def assert_routes_documented(app: FastAPI, document: dict[str, Any]) -> None:
-    """Every route of ``app`` is an operation of ``document``, and every operation a route."""
+    """Every API route of ``app`` is an operation of ``document``, and every operation a route; only pages hide."""
+    routes = [(path, methods, shown) for path, methods, shown in _served(app) if path != app.openapi_url]
+    hidden = sorted(path for path, _, shown in routes if not shown)
+    pages = [p for p in hidden if p == _PAGE_ROOT or p.startswith(_PAGES)]
+    assert hidden == pages, "an API route kept out of the document"
     served = {
-        (method.lower(), route.path)
-        for route in app.routes
-        if route.path != app.openapi_url
-        for method in getattr(route, "methods", None) or {"(any)"}
+        (method.lower(), path)
+        for path, methods, shown in routes
+        if shown
+        for method in methods or {"(any)"}
         if method != "HEAD"  # RFC 9110: every GET resource answers HEAD; OpenAPI leaves it implied
     }
     documented = {(m, path) for path, item in document["paths"].items() for m in item if m in HTTP_METHODS}
