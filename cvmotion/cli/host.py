@@ -122,7 +122,9 @@ def _serve(args: argparse.Namespace) -> int:
         (args.data_dir / "daemon.pid").write_text(str(os.getpid()))
         daemon.start()
     else:
-        # Loaded (the interpreter, every import, the app): now the predecessor may pause its VMs and let go.
+        # Loaded (the interpreter, every import, the app, the credential): now the predecessor may pause its VMs
+        # and let go.
+        daemon.prepare()
         handoff.take_over(timeout=120)
         (args.data_dir / "daemon.pid").write_text(str(os.getpid()))
         daemon.start(migration_socket=handoff.migration_socket())

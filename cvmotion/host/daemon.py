@@ -114,6 +114,7 @@ class HostDaemon:
         # Set while the SP state is sealed and a successor platform opens it: no other platform may start then.
         self.handing_over = False
         self.api_socket: socket.socket | None = None  # the host API's listening socket (``cli.host`` binds it)
+        self._prepared = False
 
     @property
     def vms(self) -> dict[str, VmRecord]:
@@ -125,12 +126,19 @@ class HostDaemon:
 
     # -- start-up -----------------------------------------------------------------------------------
 
-    def start(self, *, migration_socket: socket.socket | None = None) -> None:
-        """Start (or take over, after a predecessor's update in place: ``migration_socket`` is its listener)."""
+    def prepare(self) -> None:
+        """What a start needs that touches nothing another daemon of this host uses (a successor does it before it
+        takes over): the host credential."""
         self.dir.mkdir(parents=True, exist_ok=True)
         self._ensure_host_credential()
         self.peers = PeerAuth.load(self.dir)
         self.peer_client = PeerClient(self.peers, incoming_timeout=SPAWN_TIMEOUT + 10)
+        self._prepared = True
+
+    def start(self, *, migration_socket: socket.socket | None = None) -> None:
+        """Start (or take over, after a predecessor's update in place: ``migration_socket`` is its listener)."""
+        if not self._prepared:
+            self.prepare()
         self.identity = dict(self.platform_client().identity())
         self.incoming_migrations.listen(migration_socket)
         self.standby.clean()
@@ -227,8 +235,12 @@ class HostDaemon:
         return paused
 
     def platform_pid(self) -> int | None:
+        """The running platform process of this data directory (a recycled pid is not it), if any."""
         with contextlib.suppress(OSError, ValueError):
-            return int((self.dir / "platform.pid").read_text().strip())
+            pid = int((self.dir / "platform.pid").read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if b"cvmotion.platformd" in cmdline and str(self.dir).encode() in cmdline:
+                return pid
         return None
 
     def listening_sockets(self) -> tuple[socket.socket, socket.socket]:

@@ -213,7 +213,6 @@ class MaintenanceRunner:
         self._daemon = daemon
         self.store = MaintenanceStore(daemon.dir / "maintenance")
         self._lock = threading.Lock()
-        self.active: str | None = None
         self.finishing: list[threading.Thread] = []  # re-attestations after a take-over (they end the record)
 
     def get(self, maintenance_id: str) -> MaintenanceRecord:
@@ -236,7 +235,6 @@ class MaintenanceRunner:
             if migrating:
                 raise Conflict(f"VMs are migrating ({', '.join(migrating)}): an update in place waits for them")
             self.store.save(record)
-            self.active = record.id
         self.run_in_background(record)
         return record
 
@@ -352,7 +350,6 @@ class MaintenanceRunner:
         record.ended_at = _now()
         record.paused = []
         self.store.save(record)
-        self.active = None
         self._daemon.events.publish(
             "MaintenanceCompleted",
             {"id": record.id, "status": record.status.value, "error": error,
