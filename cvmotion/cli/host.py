@@ -68,11 +68,11 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from cvmotion.abi.sku import parse_memory
     from cvmotion.cli.paths import default_home
     from cvmotion.host.api import create_app
     from cvmotion.host.daemon import HostConfig, HostDaemon
     from cvmotion.ipc.http import listen_socket, parse_listen
-    from cvmotion.vmm.sku import parse_memory
 
     host, port = parse_listen(args.listen)
     vendor_dir = args.vendor_dir or (default_home() / "vendor")

@@ -50,9 +50,9 @@ def _say(text: str) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from cvmotion.abi.sku import find_sku, format_size, parse_memory
     from cvmotion.vmm.backend import BackendKind
     from cvmotion.vmm.images import load_image
-    from cvmotion.vmm.sku import find_sku, format_size, parse_memory
     from cvmotion.vmm.snapshot import load_snapshot, save_snapshot
     from cvmotion.vmm.vm import MachineConfig, Vm
 

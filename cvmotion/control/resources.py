@@ -14,9 +14,9 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from cvmotion.abi.sku import CATALOG
 from cvmotion.control.errors import InvalidRequest
 from cvmotion.ipc.names import NAME_PATTERN
-from cvmotion.vmm.sku import CATALOG
 
 __all__ = [
     "VM_TYPE",

@@ -20,6 +20,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
+from cvmotion.abi.sku import find_sku
 from cvmotion.agent.policy import MigrationPolicy
 from cvmotion.control.db import Event, Host, Operation, ResourceGroup, Vm
 from cvmotion.control.errors import InvalidRequest, RequestDisallowedByPolicy
@@ -42,7 +43,6 @@ from cvmotion.control.resources import (
 )
 from cvmotion.errors import Conflict, NotFound, UsageError
 from cvmotion.vmm.layout import GIB
-from cvmotion.vmm.sku import find_sku
 
 __all__ = ["VmService"]
 

@@ -28,6 +28,7 @@ from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.convertors import Convertor, register_url_convertor
 
+from cvmotion.abi.sku import find_sku, parse_memory
 from cvmotion.errors import (
     AbiError,
     Conflict,
@@ -50,7 +51,6 @@ from cvmotion.ipc.envelope import error_body
 from cvmotion.ipc.names import NAME_PATTERN
 from cvmotion.ipc.openapi import inline_schema, install_error_handlers
 from cvmotion.ipc.validation import describe_problems
-from cvmotion.vmm.sku import find_sku, parse_memory
 
 __all__ = ["create_app"]
 

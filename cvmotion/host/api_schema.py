@@ -15,6 +15,9 @@ from typing import Annotated, Any, Literal, Self
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic.json_schema import SkipJsonSchema
 
+from cvmotion.abi.images import BUILTIN_IMAGES
+from cvmotion.abi.kvstore import KEY_MAX, VALUE_MAX
+from cvmotion.abi.sku import CATALOG, MAX_MEMORY, MAX_SKU_MEMORY, MAX_SKU_VCPUS, MIB, MIN_MEMORY
 from cvmotion.errors import UsageError
 from cvmotion.host.config import DEFAULT_GUEST_POLICY
 from cvmotion.host.store import VmState
@@ -22,10 +25,6 @@ from cvmotion.ipc.names import NAME_PATTERN
 from cvmotion.ipc.openapi import error_responses
 from cvmotion.migration.options import OPTIONS, MigrationOptions
 from cvmotion.migration.stats import MigrationStatus, Verdict
-from cvmotion.vmm.images import BUILTIN_IMAGES
-from cvmotion.vmm.layout import MAX_MEMORY, MIB, MIN_MEMORY
-from cvmotion.vmm.sku import CATALOG, MAX_SKU_MEMORY, MAX_SKU_VCPUS
-from cvmotion.vmm.workloads import KEY_MAX, VALUE_MAX
 
 __all__ = [
     "MAX_BODY",

@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from cvmotion.abi.images import image_path
+from cvmotion.abi.kvstore import KvOp, KvStats, KvStatus, decode_response, encode_request
 from cvmotion.agent.policy import MigrationPolicy
 from cvmotion.errors import Conflict, CvmError, DeviceError, Moved, NotFound, UsageError
 from cvmotion.host.config import DEFAULT_GUEST_POLICY, SPAWN_TIMEOUT
@@ -27,8 +29,6 @@ from cvmotion.ipc.names import check_name
 from cvmotion.ipc.rpc import Call, Reply, RpcError
 from cvmotion.vmd.client import VmClient
 from cvmotion.vmd.protocol import RelayCommand, VmSpec
-from cvmotion.vmm.images import image_path
-from cvmotion.vmm.workloads import KvOp, KvStats, KvStatus, decode_response, encode_request
 
 __all__ = ["VmLifecycle"]
 

@@ -193,7 +193,7 @@ class SimFleet:
     # -- VMs -------------------------------------------------------------------------------------
 
     def create_vm(self, host: SimHost, body: dict[str, Any]) -> dict[str, Any]:
-        from cvmotion.vmm.sku import find_sku
+        from cvmotion.abi.sku import find_sku
 
         name = str(body.get("name", ""))
         if not name:

@@ -1,46 +1,11 @@
-"""vmm layer: where the built guest images live (``make guests`` → ``build/guests/<name>.elf``)."""
+"""vmm layer: load a guest image by name or path (the names and the lookup are ``abi.images``)."""
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
-from cvmotion.errors import ImageError
+from cvmotion.abi.images import BUILTIN_IMAGES, guest_dir, image_path
 from cvmotion.vmm.loader import KernelImage, read_kernel
 
 __all__ = ["BUILTIN_IMAGES", "guest_dir", "image_path", "load_image"]
-
-BUILTIN_IMAGES = ("memdirty", "kvstore", "probe")
-_ENV = "CVMOTION_GUEST_DIR"
-
-
-def guest_dir() -> Path:
-    """``$CVMOTION_GUEST_DIR``, else ``build/guests`` of the source tree this package runs from."""
-    override = os.environ.get(_ENV)
-    if override:
-        return Path(override)
-    return Path(__file__).resolve().parents[2] / "build" / "guests"
-
-
-def image_path(name_or_path: str) -> Path:
-    """A built-in guest name (``memdirty``) or a path to a multiboot ELF.
-
-    Raises:
-        ImageError: a built-in image that was not built, or a path that does not exist.
-    """
-    if name_or_path in BUILTIN_IMAGES:
-        path = guest_dir() / f"{name_or_path}.elf"
-        if not path.is_file():
-            raise ImageError(f"guest image {name_or_path!r} is not built ({path} missing): run `make guests`")
-        return path
-    path = Path(name_or_path)
-    try:
-        found = path.is_file()
-    except OSError as exc:  # a name the file system cannot hold (ENAMETOOLONG), ...
-        raise ImageError(f"{name_or_path[:200]!r}: not an image file ({exc.strerror})") from None
-    if not found:
-        raise ImageError(f"{name_or_path}: no such image file (built-in images: {', '.join(BUILTIN_IMAGES)})")
-    return path
 
 
 def load_image(name_or_path: str) -> KernelImage:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NewType
 
+from cvmotion.abi.sku import GIB, MAX_MEMORY, MIB, MIN_MEMORY
 from cvmotion.errors import UsageError
 
 __all__ = [
@@ -36,12 +37,8 @@ Hva = NewType("Hva", int)
 
 PAGE_SHIFT = 12
 PAGE_SIZE = 1 << PAGE_SHIFT
-MIB = 1 << 20
-GIB = 1 << 30
 LOW_MEMORY_LIMIT = 3 * GIB  # RAM below the 32-bit PCI/MMIO hole
 HIGH_MEMORY_BASE = 4 * GIB
-MIN_MEMORY = 4 * MIB  # kernel at 1 MiB + boot info + a working set
-MAX_MEMORY = 4096 * GIB  # well above the largest SKU; a KVM slot holds at most 2**31 - 1 pages
 
 
 @dataclass(frozen=True, slots=True)

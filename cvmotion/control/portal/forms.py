@@ -13,9 +13,9 @@ from urllib.parse import parse_qs
 
 from fastapi import Request
 
+from cvmotion.abi.sku import CATALOG, Sku
 from cvmotion.agent.pool import POOL_NAME_PATTERN
 from cvmotion.control.resources import RG_NAME_PATTERN, SUB_NAME_PATTERN, VM_NAME_PATTERN
-from cvmotion.vmm.sku import CATALOG, Sku
 
 __all__ = ["AssignmentForm", "VmForm", "read_form", "sizes"]
 

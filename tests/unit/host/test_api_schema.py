@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 from pydantic import ValidationError
 
+from cvmotion.abi.images import image_path
+from cvmotion.abi.sku import CATALOG, find_sku
 from cvmotion.errors import ImageError
 from cvmotion.host.api_schema import SIZE_PATTERN, CreateVm, KvRequest, MigrateRequest
-from cvmotion.vmm.images import image_path
-from cvmotion.vmm.sku import CATALOG, find_sku
 
 VM = {"name": "web-1", "image": "memdirty"}
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from cvmotion.abi.sku import CATALOG, find_sku, format_size, parse_memory
 from cvmotion.errors import DeviceError, UsageError
 from cvmotion.vmm.layout import GIB, MIB
-from cvmotion.vmm.sku import CATALOG, find_sku, format_size, parse_memory
 from cvmotion.vmm.workloads import KvOp, KvStatus, MemdirtyModel, decode_response, encode_request, parse_heartbeat
 
 

@@ -1,4 +1,4 @@
-"""vmm layer: the Azure confidential VM sizes cvmotion models (DCasv5/DCadsv5, ECasv5/ECadsv5 series)
+"""abi layer: the Azure confidential VM sizes cvmotion models (DCasv5/DCadsv5, ECasv5/ECadsv5 series)
 and memory-size parsing.  Sizes as published for the AMD SEV-SNP v5 series: vCPUs and GiB of memory."""
 
 from __future__ import annotations
@@ -7,9 +7,27 @@ import re
 from dataclasses import dataclass
 
 from cvmotion.errors import UsageError
-from cvmotion.vmm.layout import GIB, MAX_MEMORY, MIB, MIN_MEMORY
 
-__all__ = ["CATALOG", "MAX_SKU_MEMORY", "MAX_SKU_VCPUS", "Sku", "find_sku", "format_size", "parse_memory"]
+__all__ = [
+    "CATALOG",
+    "GIB",
+    "MAX_MEMORY",
+    "MIB",
+    "MIN_MEMORY",
+    "MAX_SKU_MEMORY",
+    "MAX_SKU_VCPUS",
+    "Sku",
+    "find_sku",
+    "format_size",
+    "parse_memory",
+]
+
+# Memory sizes a VM may have: pure data that both sides of the trust line need (the host daemon checks requests,
+# the VMM lays out RAM), so it lives here and not in vmm.
+MIB = 1 << 20
+GIB = 1 << 30
+MIN_MEMORY = 4 * MIB  # kernel at 1 MiB + boot info + a working set
+MAX_MEMORY = 4096 * GIB  # well above the largest SKU; a KVM slot holds at most 2**31 - 1 pages
 
 
 @dataclass(frozen=True, slots=True)
