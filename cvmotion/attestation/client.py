@@ -22,6 +22,7 @@ from cvmotion.attestation.jwks import b64url_encode
 from cvmotion.attestation.keyrelease import WRAP_ALGORITHM, TransferKey
 from cvmotion.attestation.service_error import ServiceError
 from cvmotion.errors import PolicyViolation, UsageError, VerificationError
+from cvmotion.ipc.envelope import parse_error
 from cvmotion.ipc.http_client import HttpClient
 
 __all__ = ["AttestationClient", "KeyReleaseClient", "raise_for_error"]
@@ -33,13 +34,13 @@ def raise_for_error(response: httpx.Response, what: str) -> None:
     """Turn a non-2xx answer in our error shape into the matching exception."""
     if response.is_success:
         return
-    kind, message, violations = "http_error", response.text[:300], None
     try:
-        error = response.json()["error"]
-        kind, message = str(error["kind"]), str(error["message"])
-        violations = error.get("violations")
-    except (ValueError, KeyError, TypeError):
-        pass
+        data: object = response.json()
+    except ValueError:
+        data = None
+    info = parse_error(response.status_code, data)
+    kind, message = info.kind, info.message if info.kind != "http_error" else response.text[:300]
+    violations = list(info.violations) or None
     text = f"{what}: HTTP {response.status_code} {kind}: {message}"
     if kind in _VERIFICATION_KINDS:
         raise VerificationError(text)

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from cvmotion.errors import CvmError
+from cvmotion.ipc.envelope import error_body
 
 __all__ = ["ServiceError"]
 
@@ -26,7 +27,6 @@ class ServiceError(CvmError):
         self.violations = list(violations) if violations is not None else None
 
     def to_json(self) -> dict[str, Any]:
-        error: dict[str, Any] = {"kind": self.kind, "message": str(self)}
         if self.violations is not None:
-            error["violations"] = self.violations
-        return {"error": error}
+            return error_body(self.kind, str(self), violations=self.violations)
+        return error_body(self.kind, str(self))

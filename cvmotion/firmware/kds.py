@@ -24,6 +24,7 @@ from cryptography.hazmat.primitives import serialization
 from cvmotion.abi.snp import Product, TcbVersion
 from cvmotion.errors import AbiError, CvmError
 from cvmotion.firmware.vendor import Vendor
+from cvmotion.ipc.envelope import error_body
 
 __all__ = ["EMULATED_HEADER", "Kds", "KdsError", "KdsResponse", "parse_product", "vcek_path"]
 
@@ -125,7 +126,7 @@ class Kds:
 
 
 def _error(status: int, kind: str, message: str, *headers: tuple[str, str]) -> KdsResponse:
-    body = json.dumps({"error": {"kind": kind, "message": message}}).encode()
+    body = json.dumps(error_body(kind, message)).encode()
     return KdsResponse(status, "application/json", body, (EMULATED_HEADER, *headers))
 
 

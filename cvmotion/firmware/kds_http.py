@@ -20,6 +20,7 @@ from fastapi import FastAPI, Request, Response
 
 from cvmotion.abi.snp import Product, TcbVersion
 from cvmotion.firmware.kds import EMULATED_HEADER, PEM_FILE, PKIX_CERT, Kds, KdsError, vcek_path
+from cvmotion.ipc.envelope import parse_error
 from cvmotion.ipc.http import ServerThread, listen_socket, parse_listen, uvicorn_config
 from cvmotion.ipc.http_client import HttpClient
 from cvmotion.ipc.openapi import error_responses, install_error_handlers
@@ -133,8 +134,9 @@ class KdsClient(HttpClient):
             raise KdsError(502, "unreachable", f"KDS request {path} failed: {exc}") from exc
         if response.status_code != 200:
             message = response.text[:200]
-            with contextlib.suppress(ValueError, KeyError, TypeError):
-                message = str(json.loads(response.content)["error"]["message"])
+            with contextlib.suppress(ValueError):
+                info = parse_error(response.status_code, json.loads(response.content))
+                message = info.message if info.kind != "http_error" else message
             raise KdsError(response.status_code, "kds_error", f"KDS {path} -> HTTP {response.status_code}: {message}")
         return response
 
