@@ -64,6 +64,9 @@ def register_fleet_verbs(verbs: argparse._SubParsersAction[argparse.ArgumentPars
     delete.add_argument("--host", metavar="HOST_URL")
     delete.add_argument("--name", dest="name_flag", help="controller path: the VM's name")
     delete.add_argument("--json", action="store_true")
+    delete.add_argument(
+        "--force", action="store_true", help="host path: stop it even while its migration has not settled (else 409)"
+    )
     fleet_vm.add_shared(delete)
     delete.set_defaults(handler=_via_controller(_delete, fleet_vm.delete))
 
@@ -153,7 +156,8 @@ def _show(args: argparse.Namespace) -> int:
 
 
 def _delete(args: argparse.Namespace) -> int:
-    api("DELETE", f"{_base(args.host)}/v1/vms/{_vm_name(args)}")
+    force = "?force=true" if getattr(args, "force", False) else ""
+    api("DELETE", f"{_base(args.host)}/v1/vms/{_vm_name(args)}{force}")
     print(f"{_vm_name(args)}: deleted")
     return 0
 
