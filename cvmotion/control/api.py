@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from fastapi.security import HTTPBearer
 from pydantic import BaseModel, ValidationError
 from sqlalchemy import select
-from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import InterfaceError, OperationalError
 from sqlalchemy.orm import Session
 
 from cvmotion.control import api_schema as doc
@@ -176,9 +176,17 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
     async def _cvm(_: Request, exc: CvmError) -> JSONResponse:
         return _error_response(exc)
 
-    @app.exception_handler(OperationalError)
-    async def _db(_: Request, exc: OperationalError) -> JSONResponse:
-        return _envelope(503, "DatabaseUnavailable", "DatabaseUnavailable", "the database is unavailable; retry")
+    async def _db(_: Request, exc: Exception) -> JSONResponse:
+        # One transaction per request: it rolled back, or (cut at its commit) landed whole; never half of it.
+        log.warning("database unavailable: %s", str(exc).splitlines()[0][:300])
+        return _envelope(
+            503, "DatabaseUnavailable", "DatabaseUnavailable", "the database is unavailable; retry",
+            headers={"Retry-After": "1"},
+        )  # fmt: skip
+
+    # A connection the server cut (InterfaceError: "the connection is closed") is the same outage.
+    app.add_exception_handler(OperationalError, _db)
+    app.add_exception_handler(InterfaceError, _db)
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
@@ -622,4 +630,3 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
     _ = Vm  # the VM table is reached through the services
     install_portal(app, ctl)  # the web portal at / (HTML, outside the OpenAPI document), over this same API
     return app
-

@@ -21,6 +21,7 @@ from typing import Any
 
 from sqlalchemy import or_, select, update
 from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
 
 from cvmotion.agent.policy import MigrationPolicy
@@ -39,6 +40,7 @@ _MAX_ATTEMPTS = 8
 _RUNNING = "running"
 _VM_DEAD = ("stopped", "lost", "failed", "decommissioned")
 _BOOT_TIMEOUT = 120.0
+_MAX_BACKOFF_S = 8.0  # a worker retries a database that is away at least this often
 # Fault injection for the crash tests: the file this names holds a point such as "Create:HostRequested"
 # (the step is durable, the host not asked yet) or "Migrate:HostAnswered" (the host acted, the controller
 # has not recorded it); at that point the process removes the file and SIGKILLs itself.  Unset in production.
@@ -143,13 +145,20 @@ class Worker:
         session.add(Event(type=f"Operation{step.value}", subject=op.resource_id, data={"operation": op.id}))
 
     def run(self, stop: threading.Event) -> None:
+        failures = 0  # in a row: the wait doubles (database down), back to the poll after a success
         while not stop.is_set():
             try:
                 claimed = self.claim_op()
-            except Exception:
-                log.exception("claiming an operation failed (database unavailable?); retrying")
-                stop.wait(self.poll)
+            except Exception as exc:
+                failures += 1
+                delay = self._backoff(failures)
+                if failures == 1 or not isinstance(exc, DBAPIError):
+                    log.exception("claiming an operation failed (database unavailable?); retrying in %.1f s", delay)
+                else:
+                    log.warning("claiming an operation failed again (%d); retrying in %.1f s", failures, delay)
+                stop.wait(delay)
                 continue
+            failures = 0
             if claimed is None:
                 self.wake.wait(self.poll)
                 self.wake.clear()
@@ -160,8 +169,12 @@ class Worker:
             except LostClaim:
                 log.warning("operation %s: claim lost to another worker", op_id)
             except Exception:
+                failures += 1
                 log.exception("operation %s: step failed; it stays claimable after the lease", op_id)
-                stop.wait(self.poll)
+                stop.wait(self._backoff(failures))
+
+    def _backoff(self, failures: int) -> float:
+        return min(self.poll * 2.0 ** (failures - 1), _MAX_BACKOFF_S)
 
     # -- execution ---------------------------------------------------------------------------------
 

@@ -65,10 +65,20 @@ class PostgresServer:
 
     def start(self) -> PostgresServer:
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "cvmotion", "--no-sync", "-E", "UTF8")
+        self.resume()
+        return self
+
+    def resume(self) -> None:
+        """Start the server on its data directory and port (after ``start``, or again after ``halt``)."""
         options = f"-p {self.port} -k {self.root} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200"
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.root / "log"), "-w", "start")
         self.started = True
-        return self
+
+    def halt(self) -> None:
+        """Stop the server as a crash does (``pg_ctl stop -m immediate``: connections cut, no checkpoint),
+        keeping its data for ``resume``."""
+        self._run("pg_ctl", "-D", str(self.data), "-m", "immediate", "-w", "stop", timeout=30)
+        self.started = False
 
     def url(self, database: str = "postgres") -> str:
         return f"postgresql://cvmotion@127.0.0.1:{self.port}/{database}"
