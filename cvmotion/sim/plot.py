@@ -24,6 +24,7 @@ def write_plot(outcome: SimOutcome, summary: dict[str, Any], path: Path) -> None
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
     ledger, wave = outcome.fleet.ledger, outcome.wave
     fig, axes = plt.subplots(1, 3, figsize=(16, 5), constrained_layout=True)
@@ -43,11 +44,14 @@ def write_plot(outcome: SimOutcome, summary: dict[str, Any], path: Path) -> None
     timeline.set_title("moves and in-place updates, by fault domain")
     timeline.legend(loc="upper left", fontsize=8)
 
+    every = [b.ms for b in ledger.blackouts if b.ms > 0]
+    # Log-spaced bins on the log axis, shared by the methods (equal-width bins turn into blocks there).
+    bins = list(np.geomspace(min(every), max(every) * 1.01, 40)) if len(every) > 1 else 10
     for method, colour in _COLOURS.items():
-        values = [b.ms for b in ledger.blackouts if b.method is method]
+        values = [b.ms for b in ledger.blackouts if b.method is method and b.ms > 0]
         if not values:
             continue
-        dist.hist(values, bins=40, alpha=0.6, color=colour, label=f"{method.value} (n={len(values)})")
+        dist.hist(values, bins=bins, alpha=0.6, color=colour, label=f"{method.value} (n={len(values)})")
         for q, style in ((50, "--"), (99, ":")):
             mark = percentile(values, q)
             if mark is not None:
