@@ -30,6 +30,7 @@ from cvmotion.control import scheduled_events as se
 from cvmotion.control.db import Event, Host, Operation, Vm
 from cvmotion.control.db_maintenance import Drain, DrainVm
 from cvmotion.control.drainstates import NEXT_VM_STEPS, DrainMethod, DrainReason, VmOutcome, VmStep
+from cvmotion.control.hostclient import HostApi
 from cvmotion.control.operations import OperationKind, Step
 from cvmotion.control.resources import ClmSetting, HostState, PowerState, ProvisioningState
 from cvmotion.errors import Conflict, CvmError
@@ -366,6 +367,19 @@ class Ladder:
         self.update(drain, row, body)
         self.r.wake_workers()
 
+    @staticmethod
+    def _migration_stats(source: HostApi, migration_id: str | None, name: str) -> dict[str, Any]:
+        """The source's query-migrate of the move; by the VM's name when the operation adopted an arrival
+        without recording the id (a successor that found the VM already running on its destination)."""
+        if migration_id:
+            found: dict[str, Any] = source.call("GET", f"/v1/migrations/{migration_id}", timeout=10)
+            return found
+        done = [
+            m for m in source.call("GET", "/v1/migrations", timeout=10)["migrations"]
+            if m.get("x-cvmotion", {}).get("vm") == name and m.get("status") == "completed"
+        ]  # fmt: skip
+        return done[-1] if done else {}
+
     def _live_succeeded(self, drain: Drain, row: DrainVm, op: Operation) -> None:
         dest_api = self.r.host_api(row.to_host or "")
         after = attestation_facts(dest_api.attestation(row.host_vm_name)) if dest_api else {}
@@ -373,15 +387,15 @@ class Ladder:
         waiting = self.r.clock() < op.updated_at + self.opts.attest_wait_s
         if not fresh and waiting:
             return  # the paravisor re-attests after resume: wait for its new token (bounded)
-        stats: dict[str, Any] = {}
         source = self.r.host_api(drain.host)
-        if source is not None and op.migration_id:
-            try:
-                stats = source.call("GET", f"/v1/migrations/{op.migration_id}", timeout=10)
-            except CvmError:
-                if waiting:
-                    return  # the source is slow to answer: its figures are asked again (bounded)
-        total, downtime = stats.get("total-time"), stats.get("downtime")
+        try:
+            stats = self._migration_stats(source, op.migration_id, row.host_vm_name) if source else {}
+        except CvmError:
+            if waiting:
+                return  # the source is slow to answer: its figures are asked again (bounded)
+            stats = {}
+        x = stats.get("x-cvmotion", {})
+        total, downtime = x.get("total-time-ms", stats.get("total-time")), x.get("downtime-ms", stats.get("downtime"))
         sent = stats.get("ram", {}).get("transferred")
 
         def body(session: Session, current: DrainVm, vm: Vm | None) -> None:

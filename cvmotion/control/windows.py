@@ -33,7 +33,8 @@ _HHMM = re.compile(r"^(\d{1,3}):([0-5]\d)$")
 # What the request schema states (a client generated from it sends only these shapes); the range is checked after.
 _DURATION_FORMS = r"PT\d{1,3}H(\d{1,5}M)?|PT\d{1,5}M|PT\d{1,6}S|\d{1,3}h(\d{1,5}m)?|\d{1,5}m|\d{1,6}s|\d{1,3}:[0-5]\d"
 _DURATION_PATTERN = rf"^({_DURATION_FORMS})$"
-_START_PATTERN = rf"^(now|\+({_DURATION_FORMS})|\d{{4}}-\d{{2}}-\d{{2}}T\d{{2}}:\d{{2}}(:\d{{2}}(\.\d{{1,6}})?)?(Z|[+-]\d{{2}}:\d{{2}})?)$"
+_ISO_TIME = r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(:\d{2}(\.\d{1,6})?)?(Z|[+-]\d{2}:\d{2})?"
+_START_PATTERN = rf"^(now|\+({_DURATION_FORMS})|{_ISO_TIME})$"
 
 
 def parse_duration(text: str) -> float:

@@ -16,7 +16,7 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from sqlalchemy import or_, select, update
@@ -133,6 +133,33 @@ class Worker:
         _fault(point)
         return result
 
+    @contextlib.contextmanager
+    def _leased(self, op_id: str) -> Iterator[None]:
+        """Keep renewing the claim while this worker carries the operation out: a host call can outlast the
+        lease (a destination that stopped answering takes its whole timeout), and without this another worker
+        takes the operation over, this one's answer — even a refusal — is thrown away, round after round, and
+        the operation never settles.  The renewals stop when this process dies: then the lease runs out."""
+        done = threading.Event()
+
+        def renew() -> None:
+            while not done.wait(self.lease / 3):
+                try:
+                    with self._locked(), Session(self.engine) as session, session.begin():
+                        op = session.get(Operation, op_id, with_for_update=True)
+                        if op is None or op.claimed_by != self.id:
+                            return
+                        op.lease_until = time.time() + self.lease
+                except Exception:
+                    log.warning("operation %s: renewing its lease failed; retrying", op_id, exc_info=True)
+
+        keeper = threading.Thread(target=renew, name=f"lease-{op_id[:8]}", daemon=True)
+        keeper.start()
+        try:
+            yield
+        finally:
+            done.set()
+            keeper.join(5)
+
     def _advance(self, session: Session, op: Operation, step: Step, **fields: Any) -> None:
         allowed = NEXT_STEPS[op.kind].get(op.step, frozenset())
         if step not in allowed:
@@ -180,6 +207,10 @@ class Worker:
 
     def execute(self, op_id: str, claimed: tuple[OperationKind, Step] | None = None) -> None:
         """Carry the operation out from its step (``claimed``: kind and step as the claim read them)."""
+        with self._leased(op_id):
+            self._execute(op_id, claimed)
+
+    def _execute(self, op_id: str, claimed: tuple[OperationKind, Step] | None) -> None:
         kind, step = claimed or self._txn(op_id, lambda _s, op: (op.kind, op.step))
         try:
             if kind is OperationKind.CREATE:

@@ -7,8 +7,10 @@ emulated backend (the hosts choose).  Every wait is bounded.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -28,8 +30,9 @@ THREE_HOSTS = (("ha", "pool-a"), ("hb", "pool-a"), ("hc", "pool-b"))
 
 
 class MaintenanceFleet:
-    def __init__(self, root: Path, db: str | None = None, env: dict[str, str] | None = None) -> None:
-        self.ctl = ControllerProcess(root / "ctl", db, heartbeat_timeout=4.0, env=env or {})
+    def __init__(self, root: Path, db: str | None = None, *, heartbeat_timeout: float = 4.0) -> None:
+        self.root = root
+        self.ctl = ControllerProcess(root / "ctl", db, heartbeat_timeout=heartbeat_timeout)
         self.fabric = LocalFabric(root / "fabric", pool="pool-a")
         self.env = dict(os.environ, CVMOTION_HOME=str(self.ctl.data_dir / "home"), CVMOTION_CONTROLLER=self.ctl.url)
 
@@ -45,6 +48,18 @@ class MaintenanceFleet:
     def close(self) -> None:
         self.fabric.close()
         self.ctl.kill()
+        # An in-place update replaces a host's daemon with a successor the fabric did not start: end every
+        # process whose command line names this fleet's own directory (and nothing else).
+        for proc in Path("/proc").iterdir():
+            if not proc.name.isdigit():
+                continue
+            try:
+                cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(self.root) in cmdline and "cvmotion" in cmdline:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(int(proc.name), signal.SIGKILL)
 
     def cli(self, *args: str, expect: int = 0, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
