@@ -10,20 +10,22 @@ report it gets power state ``unknown`` and an event — it is investigated, neve
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Annotated, Any
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
-from sqlalchemy import Table, func, select
+from sqlalchemy import Table, bindparam, case, func, select
+from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from cvmotion.agent.pool import POOL_NAME_PATTERN
 from cvmotion.control.db import Event, Host, Vm
-from cvmotion.control.placement import Candidate
+from cvmotion.control.placement import Candidate, NoHost
 from cvmotion.control.resources import HostState, PowerState, ProvisioningState, Tcb, no_bool
 from cvmotion.errors import Conflict, NotFound
 from cvmotion.ipc.names import NAME_PATTERN
 
-__all__ = ["Heartbeat", "HostRegistration", "Inventory"]
+__all__ = ["Heartbeat", "HostRegistration", "Inventory", "PlacementContended"]
 
 HOST_TYPE = "Cvmotion.Fabric/hosts"
 _HOSTS: Table = Host.__table__  # type: ignore[assignment]
@@ -32,11 +34,21 @@ _CANDIDATE_COLUMNS = (
     _HOSTS.c.name, _HOSTS.c.pool, _HOSTS.c.product, _HOSTS.c.tcb, _HOSTS.c.state, _HOSTS.c.vcpus,
     _HOSTS.c.memory_gib, _HOSTS.c.cordoned, _HOSTS.c.chip_id,
 )  # fmt: skip
+_ONE = select(
+    *_CANDIDATE_COLUMNS,
+    select(func.coalesce(func.sum(_VMS.c.vcpus), 0)).where(_VMS.c.host == _HOSTS.c.name).scalar_subquery(),
+    select(func.coalesce(func.sum(_VMS.c.memory_gib), 0)).where(_VMS.c.host == _HOSTS.c.name).scalar_subquery(),
+    select(func.count()).where(_VMS.c.host == _HOSTS.c.name).scalar_subquery(),
+).where(_HOSTS.c.name == bindparam("name"))
 _USAGE = (
     select(_VMS.c.host, func.sum(_VMS.c.vcpus), func.sum(_VMS.c.memory_gib), func.count())
     .where(_VMS.c.host.is_not(None))
     .group_by(_VMS.c.host)
 )
+
+
+class PlacementContended(Exception):
+    """A placement would have to wait for a host while holding another: retry its transaction from the start."""
 
 
 class HostRegistration(BaseModel):
@@ -149,6 +161,61 @@ class Inventory:
                 )
             )  # fmt: skip
         return out
+
+    def lock_first(
+        self, session: Session, ranked: list[Candidate], check: Callable[[Candidate], str | None]
+    ) -> Candidate:
+        """Lock the best of ``ranked`` that another placement does not hold, and re-check it (``check``: why
+        it cannot take the VM now) with its capacity counted after the lock; the next one if it fails.
+
+        One host row is locked, not all: concurrent placements take different hosts (``SKIP LOCKED``) and
+        proceed in parallel; when every fitting host is held, this waits for the best one.  Two placements
+        onto one host still serialise on its row, and the second counts the first's VM (READ COMMITTED: the
+        count is a statement after the lock).  SQLite serialises whole write transactions instead.
+
+        Raises:
+            NoHost: none of them can take the VM any more (the reasons name each).
+        """
+        conn = session.connection()
+        remaining = [c.name for c in ranked]
+        reasons: dict[str, str] = {}
+        held: list[str] = []  # locked, but refused on the re-check: held until the transaction ends
+        while remaining:
+            name = remaining[0]
+            if conn.dialect.name == "postgresql":
+                order = case({n: i for i, n in enumerate(remaining)}, value=_HOSTS.c.name)
+                free = select(_HOSTS.c.name).where(_HOSTS.c.name.in_(remaining)).order_by(order).limit(1)
+                row = conn.execute(free.with_for_update(skip_locked=True)).first()
+                if row is not None:
+                    name = str(row[0])
+                else:
+                    # Every fitting host is being placed on: queue for one.  Holding a host, wait only for a
+                    # later name than every one held, so no two placements can wait on each other (deadlock);
+                    # else start over (the caller's transaction is retried, with fresh counts).
+                    later = [n for n in remaining if not held or n > max(held)]
+                    if not later:
+                        raise PlacementContended(f"hosts {remaining} are held by other placements")
+                    name = later[0]
+                    conn.execute(select(_HOSTS.c.name).where(_HOSTS.c.name == name).with_for_update())
+                held.append(name)
+            fresh = self._candidate(conn, name)
+            reason = "host record removed" if fresh is None else check(fresh)
+            if fresh is not None and reason is None:
+                return fresh
+            reasons[name] = str(reason)
+            remaining.remove(name)
+        raise NoHost(reasons)
+
+    @staticmethod
+    def _candidate(conn: Connection, name: str) -> Candidate | None:
+        row = conn.execute(_ONE, {"name": name}).first()
+        if row is None:
+            return None
+        name, pool, product, tcb, state, vcpus, memory_gib, cordoned, chip_id, used_vcpus, used_mem, count = row
+        return Candidate(
+            name, pool, product, tcb, state, vcpus, memory_gib, int(used_vcpus), int(used_mem), int(count),
+            cordoned=bool(cordoned), chip_id=chip_id,
+        )  # fmt: skip
 
     def resource(self, session: Session, row: Host) -> dict[str, Any]:
         return {

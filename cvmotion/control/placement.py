@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from cvmotion.control.resources import HostState
 
-__all__ = ["Candidate", "Demand", "NoHost", "choose_host"]
+__all__ = ["Candidate", "Demand", "NoHost", "choose_host", "rank_hosts", "rejects"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -73,8 +73,8 @@ def _reject(host: Candidate, demand: Demand, pool_allowed: Callable[[str], bool]
     return None
 
 
-def choose_host(hosts: Sequence[Candidate], demand: Demand, pool_allowed: Callable[[str], bool]) -> Candidate:
-    """The host the VM goes to.
+def rank_hosts(hosts: Sequence[Candidate], demand: Demand, pool_allowed: Callable[[str], bool]) -> list[Candidate]:
+    """The hosts that can take the VM, best first (fewest VMs, then most free memory, then the name).
 
     Raises:
         NoHost: every host failed a filter (the reasons name each).
@@ -89,4 +89,18 @@ def choose_host(hosts: Sequence[Candidate], demand: Demand, pool_allowed: Callab
             reasons[host.name] = reason
     if not fit:
         raise NoHost(reasons)
-    return min(fit, key=lambda h: (h.vm_count, -(h.memory_gib - h.used_memory_gib), h.name))
+    return sorted(fit, key=lambda h: (h.vm_count, -(h.memory_gib - h.used_memory_gib), h.name))
+
+
+def rejects(host: Candidate, demand: Demand, pool_allowed: Callable[[str], bool]) -> str | None:
+    """Why ``host`` cannot take the VM (``None``: it can) — the check repeated once the host is locked."""
+    return _reject(host, demand, pool_allowed)
+
+
+def choose_host(hosts: Sequence[Candidate], demand: Demand, pool_allowed: Callable[[str], bool]) -> Candidate:
+    """The host the VM goes to.
+
+    Raises:
+        NoHost: every host failed a filter (the reasons name each).
+    """
+    return rank_hosts(hosts, demand, pool_allowed)[0]

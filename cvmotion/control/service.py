@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from cvmotion.control.auth import ALL_SUBSCRIPTIONS, Role, issue_token
 from cvmotion.control.db import database_url, open_database, reader_for
 from cvmotion.control.drain_runner import DrainRunner, release_drain_claims
-from cvmotion.control.inventory import Inventory
+from cvmotion.control.inventory import Inventory, PlacementContended
 from cvmotion.control.leader import Leadership
 from cvmotion.control.maintenance_options import MaintenanceOptions
 from cvmotion.control.policy_store import PolicyStore
@@ -32,7 +32,7 @@ from cvmotion.control.webhook_delivery import WebhookDispatcher
 from cvmotion.control.webhooks import release_claims
 from cvmotion.control.windows import open_windows
 from cvmotion.control.worker import Worker, reset_claims
-from cvmotion.errors import UsageError
+from cvmotion.errors import Conflict, UsageError
 from cvmotion.files import PRIVATE, write_atomic, write_json
 
 __all__ = ["OWNER_TOKEN_FILE", "FleetController", "connect_with_retry"]
@@ -40,6 +40,8 @@ __all__ = ["OWNER_TOKEN_FILE", "FleetController", "connect_with_retry"]
 log = logging.getLogger("cvmotion.control")
 T = TypeVar("T")
 OWNER_TOKEN_FILE = "owner.token"
+_RETRIES = 5
+_RACES = ("40P01", "40001")  # PostgreSQL: deadlock detected, serialization failure
 CONFIG_FILE = "controller.json"
 
 
@@ -110,8 +112,21 @@ class FleetController:
             yield session
 
     def transaction(self, body: Callable[[Session], T], *, write: bool = True) -> T:
-        with self.session(write=write) as session:
-            return body(session)
+        """``body`` in one transaction; run again from the start (at most ``_RETRIES`` times) when it
+        lost a race that rolled it back whole: a contended placement, a PostgreSQL deadlock or
+        serialization failure."""
+        for attempt in range(1, _RETRIES + 1):
+            try:
+                with self.session(write=write) as session:
+                    return body(session)
+            except PlacementContended:
+                if attempt == _RETRIES:
+                    raise Conflict("every host that can take the VM is busy with other placements; retry") from None
+            except OperationalError as exc:
+                if attempt == _RETRIES or getattr(exc.orig, "sqlstate", None) not in _RACES:
+                    raise
+            time.sleep(0.005 * attempt)  # the winner commits meanwhile
+        raise AssertionError("unreachable")
 
     def wake_workers(self) -> None:
         for worker in self.workers:

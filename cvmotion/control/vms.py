@@ -26,7 +26,7 @@ from cvmotion.control.db import Event, Host, Operation, ResourceGroup, Vm
 from cvmotion.control.errors import InvalidRequest, RequestDisallowedByPolicy
 from cvmotion.control.inventory import Inventory
 from cvmotion.control.operations import OperationKind, Step
-from cvmotion.control.placement import Candidate, Demand, NoHost, choose_host
+from cvmotion.control.placement import Candidate, Demand, NoHost, choose_host, rank_hosts, rejects
 from cvmotion.control.policy_store import PolicyStore
 from cvmotion.control.resources import (
     VM_TYPE,
@@ -231,8 +231,7 @@ class VmService:
         assignments = self.policy.in_scope(session, vm.id)
         self.policy.judge(session, policy_doc(vm), assignments=assignments)
         pools = self._pool_filter(session, vm, assignments)
-        # Last: the host rows, locked, and their usage counted after the lock (see Inventory.candidates).
-        candidates = self.inventory.candidates(session, lock=True)
+        candidates = self.inventory.candidates(session)  # unlocked: ranked here, re-checked under the lock
         pinned = props.placement.host
         if pinned is not None:
             # A pinned host is judged like a move's named destination: a deny names the assignment.
@@ -240,7 +239,13 @@ class VmService:
             if found is None:
                 raise NotFound(f"host {pinned!r} is not registered")
             self.policy.judge(session, policy_doc(vm, host_pool=found.pool, host=pinned), assignments=assignments)
-        chosen = self._choose(vm, pools, candidates, pinned=pinned)
+        demand = self._demand(vm, pinned=pinned)
+        try:
+            ranked = rank_hosts(candidates, demand, pools)
+            # Last: one host row locked, its capacity counted after the lock, until the commit.
+            chosen = self.inventory.lock_first(session, ranked, lambda c: rejects(c, demand, pools))
+        except NoHost as exc:
+            raise Conflict(str(exc)) from None
         vm.host = chosen.name
         # The pools the policy allows today are bound into the VM's migration policy: the agents enforce them.
         vm.allowed_pools = sorted({c.pool for c in candidates if pools(c.pool)}) or [chosen.pool]
@@ -277,11 +282,9 @@ class VmService:
         vm, op, (rg_name, pool) = self._create(session, sub, rg, name, body)
         return self._view(vm, rg_name, pool, []), op
 
-    def _choose(
-        self, vm: Vm, pools: Callable[[str], bool], candidates: list[Candidate], *, pinned: str | None = None,
-        exclude: str | None = None,
-    ) -> Candidate:  # fmt: skip
-        demand = Demand(
+    @staticmethod
+    def _demand(vm: Vm, *, pinned: str | None = None, exclude: str | None = None) -> Demand:
+        return Demand(
             vcpus=vm.vcpus,
             memory_gib=vm.memory_gib,
             product=vm.placement.get("product"),
@@ -289,8 +292,13 @@ class VmService:
             pinned_host=pinned,
             exclude=exclude,
         )
+
+    def _choose(
+        self, vm: Vm, pools: Callable[[str], bool], candidates: list[Candidate], *, pinned: str | None = None,
+        exclude: str | None = None,
+    ) -> Candidate:  # fmt: skip
         try:
-            return choose_host(candidates, demand, pools)
+            return choose_host(candidates, self._demand(vm, pinned=pinned, exclude=exclude), pools)
         except NoHost as exc:
             raise Conflict(str(exc)) from None
 
