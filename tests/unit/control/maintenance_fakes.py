@@ -34,6 +34,10 @@ class MaintenanceFakeHost(FakeHost):
         self.maintenance_hold = threading.Event()  # cleared: an update stays InProgress until it is set
         self.maintenance_hold.set()
         self.puts: list[dict[str, Any]] = []
+        self.gate = threading.Event()  # cleared: outgoing migrations stay active until it is set (or cancelled)
+        self.gate.set()
+        self.pending: dict[str, tuple[str, str]] = {}  # migration id -> (VM, destination URL) while held
+        self.cancels: list[str] = []
         super().__init__(name, pool, **kw)
 
     def token_for(self, vm: str) -> str:
@@ -41,15 +45,30 @@ class MaintenanceFakeHost(FakeHost):
             self.tokens[vm] = f"jti-{self.name}-{next(_TOKENS)}"
         return self.tokens[vm]
 
+    def _complete(self, mig_id: str, name: str, destination: str) -> None:
+        import httpx
+
+        with self.lock:
+            vm = self.vms.get(name)
+        if vm is not None:
+            httpx.post(f"{destination}/v1/_receive", json=vm, timeout=10).raise_for_status()
+        with self.lock:
+            self.vms.pop(name, None)
+            self.tokens.pop(name, None)
+            self.migrations[mig_id] = {
+                "status": "completed", "total-time": 812, "downtime": 23,
+                "ram": {"transferred": 123456, "remaining": 0, "dirty-sync-count": 3, "mbps": 900.0},
+                "x-cvmotion": {"id": mig_id, "vm": name},
+            }  # fmt: skip
+
     def _app(self) -> FastAPI:
         app = super()._app()
-        routes = [r for r in app.router.routes if getattr(r, "path", "") != "/v1/vms/{name}/migrate"]
+        replaced = ("/v1/vms/{name}/migrate", "/v1/migrations/{mig_id}")
+        routes = [r for r in app.router.routes if getattr(r, "path", "") not in replaced]
         app.router.routes[:] = routes
 
         @app.post("/v1/vms/{name}/migrate", status_code=202)
         def migrate(name: str, body: dict[str, Any]) -> Any:
-            import httpx
-
             with self.lock:
                 vm = self.vms.get(name)
                 if vm is None:
@@ -62,16 +81,30 @@ class MaintenanceFakeHost(FakeHost):
                 status = {"status": "failed", "error-desc": why, "x-cvmotion": {"id": mig_id, "vm": name}}
                 self.migrations[mig_id] = status
                 return {"migration": mig_id, **status}
-            httpx.post(f"{body['destination']}/v1/_receive", json=vm, timeout=10).raise_for_status()
-            with self.lock:
-                self.vms.pop(name, None)
-                self.tokens.pop(name, None)
+            if not self.gate.is_set():
+                self.pending[mig_id] = (name, body["destination"])
                 self.migrations[mig_id] = {
-                    "status": "completed", "total-time": 812, "downtime": 23,
-                    "ram": {"transferred": 123456, "remaining": 0, "dirty-sync-count": 3, "mbps": 900.0},
+                    "status": "active", "ram": {"remaining": 1 << 30, "dirty-sync-count": 1, "mbps": 100.0},
                     "x-cvmotion": {"id": mig_id, "vm": name},
                 }  # fmt: skip
+                return {"migration": mig_id, **self.migrations[mig_id]}
+            self._complete(mig_id, name, body["destination"])
             return {"migration": mig_id, **self.migrations[mig_id]}
+
+        @app.get("/v1/migrations/{mig_id}")
+        def migration(mig_id: str) -> Any:
+            held = self.pending.get(mig_id)
+            if held is not None and self.gate.is_set():
+                self.pending.pop(mig_id, None)
+                self._complete(mig_id, *held)
+            return self.migrations.get(mig_id) or _error(404, f"no migration {mig_id}")
+
+        @app.post("/v1/migrations/{mig_id}/cancel")
+        def cancel(mig_id: str) -> Any:
+            self.cancels.append(mig_id)
+            if self.pending.pop(mig_id, None) is not None:
+                self.migrations[mig_id] |= {"status": "cancelled", "error-desc": "cancelled"}
+            return {"cancelled": mig_id}
 
         @app.get("/v1/vms/{name}/attestation")
         def attestation(name: str) -> Any:

@@ -6,6 +6,8 @@ hosts that implement the maintenance contract (``maintenance_fakes``): h1 and h2
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,9 +39,9 @@ def hosts() -> Iterator[dict[str, MaintenanceFakeHost]]:
         h.__exit__()
 
 
-@pytest.fixture
-def api(tmp_path: Path, hosts: dict[str, MaintenanceFakeHost]) -> Iterator[Api]:
-    ctl = FleetController(tmp_path / "ctl", heartbeat_timeout=60.0, lease=2.0, workers=2, maintenance=OPTIONS)
+@contextlib.contextmanager
+def _serve(root: Path, hosts: dict[str, MaintenanceFakeHost], options: MaintenanceOptions) -> Iterator[Api]:
+    ctl = FleetController(root / "ctl", heartbeat_timeout=60.0, lease=2.0, workers=4, maintenance=options)
     ctl.start()
     try:
         sock, url = listen_socket("127.0.0.1", 0)
@@ -50,6 +52,12 @@ def api(tmp_path: Path, hosts: dict[str, MaintenanceFakeHost]) -> Iterator[Api]:
             yield a
     finally:
         ctl.stop()
+
+
+@pytest.fixture
+def api(tmp_path: Path, hosts: dict[str, MaintenanceFakeHost]) -> Iterator[Api]:
+    with _serve(tmp_path, hosts, OPTIONS) as a:
+        yield a
 
 
 def _vm(api: Api, rg: str, name: str, clm: str, host: str = "h1") -> None:
@@ -309,3 +317,57 @@ def test_maintenance_window_drains_its_hosts_in_order(api: Api) -> None:
     assert second["status"] == "Succeeded"
     assert {v["to"] for v in second["vms"]} == {"h3"}  # h1 stays cordoned after its drain: never a target
     assert api.req("DELETE", f"{windows}/later").json()["status"] == "Canceled"
+
+
+def _in_flight(api: Api) -> dict[str, int]:
+    """Per source host, the VMs whose live move holds a slot (Freeze scheduled or moving)."""
+    counts: dict[str, int] = {}
+    for drain in api.req("GET", "/providers/Cvmotion.Fabric/drains?active=true").json()["value"]:
+        held = sum(v["step"] in ("LiveScheduled", "LiveMigrating") for v in drain["vms"])
+        counts[drain["host"]] = counts.get(drain["host"], 0) + held
+    return counts
+
+
+def test_concurrency_limits(tmp_path: Path, hosts: dict[str, MaintenanceFakeHost]) -> None:
+    with _serve(tmp_path, hosts, dataclasses.replace(OPTIONS, cluster_limit=3)) as api:
+        for name in ("a1", "a2", "a3"):
+            _vm(api, "rg1", name, "Enabled", host="h1")
+        for name in ("b1", "b2", "b3"):
+            _vm(api, "rg1", name, "Enabled", host="h2")
+        hosts["h1"].gate.clear()  # moves stay under way until released
+        hosts["h2"].gate.clear()
+        assert _drain(api, "h1", maxParallel=2, noticeSeconds=0).status_code == 202
+        assert _drain(api, "h2", maxParallel=2, noticeSeconds=0).status_code == 202
+        deadline = time.monotonic() + 15
+        peak: dict[str, int] = {}
+        while time.monotonic() < deadline:
+            counts = _in_flight(api)
+            for host, held in counts.items():
+                peak[host] = max(peak.get(host, 0), held)
+            assert sum(counts.values()) <= 3, counts  # the fleet's limit
+            assert all(n <= 2 for n in counts.values()), counts  # each host's outbound limit
+            if len(hosts["h1"].pending) + len(hosts["h2"].pending) == 3:
+                break
+            time.sleep(0.02)
+        assert len(hosts["h1"].pending) + len(hosts["h2"].pending) == 3  # the slots filled, and no more
+        assert max(peak.values()) == 2
+        hosts["h1"].gate.set()
+        hosts["h2"].gate.set()
+        for host in ("h1", "h2"):
+            drain = _wait_drain(api, host)
+            assert drain["status"] == "Succeeded", drain
+            assert {v["to"] for v in drain["vms"]} == {"h3"}  # the other host is cordoned too
+
+
+def test_completion_timeout_cancels_and_falls_back(tmp_path: Path, hosts: dict[str, MaintenanceFakeHost]) -> None:
+    quick = dataclasses.replace(OPTIONS, completion_base_s=0.5, completion_per_gib_s=0.0)
+    with _serve(tmp_path, hosts, quick) as api:
+        _vm(api, "rg1", "slow", "Enabled", host="h1")
+        hosts["h1"].gate.clear()  # the move never converges
+        assert _drain(api, "h1", noticeSeconds=0).status_code == 202
+        drain = _wait_drain(api, "h1")
+        [vm] = drain["vms"]
+        assert (vm["method"], vm["outcome"], vm["attempts"]) == ("MemoryPreservingUpdate", "Succeeded", 2), vm
+        assert len(hosts["h1"].cancels) == 2  # each attempt cancelled at its deadline
+        assert "cancelled" in vm["reason"]
+        assert any(v.startswith("slow-") for v in hosts["h1"].vms)  # it stayed, paused in place
