@@ -371,3 +371,23 @@ def test_completion_timeout_cancels_and_falls_back(tmp_path: Path, hosts: dict[s
         assert len(hosts["h1"].cancels) == 2  # each attempt cancelled at its deadline
         assert "cancelled" in vm["reason"]
         assert any(v.startswith("slow-") for v in hosts["h1"].vms)  # it stayed, paused in place
+
+
+def test_guest_approves_early_through_its_host(api: Api, hosts: dict[str, MaintenanceFakeHost]) -> None:
+    _vm(api, "rg1", "g", "Enabled")
+    assert _drain(api, "h1", noticeSeconds=3600).status_code == 202
+    deadline = time.monotonic() + 10
+    published: list[dict[str, Any]] = []
+    while time.monotonic() < deadline and not published:
+        published = [p for p in hosts["h1"].puts if p["vm"].startswith("g-") and p["Events"]]
+        time.sleep(0.02)
+    [event] = published[0]["Events"]  # the guest reads it from its host ...
+    assert (event["EventType"], event["EventStatus"], event["Resources"]) == (
+        "Freeze",
+        "Scheduled",
+        [published[0]["vm"]],
+    )
+    hosts["h1"].start_requests[published[0]["vm"]] = [event["EventId"]]  # ... and approves it there
+    drain = _wait_drain(api, "h1")  # without waiting the hour
+    assert drain["vms"][0]["outcome"] == "Succeeded"
+    assert drain["vms"][0]["scheduledEventId"] == event["EventId"]
