@@ -11,7 +11,7 @@ import uvicorn
 
 from cvmotion.ipc.http import listen_socket
 from cvmotion.sim.clock import VirtualClock
-from cvmotion.sim.distributions import Workload
+from cvmotion.sim.distributions import INPLACE_PAUSE_MS_RANGE, Workload
 from cvmotion.sim.hostapi import create_app
 from cvmotion.sim.hosts import SimFleet, SimHost
 from cvmotion.sim.ledger import Intent, Method
@@ -109,7 +109,7 @@ def test_in_place_maintenance_is_idempotent_by_id_and_exclusive(world: World) ->
     assert vm["name"] == "vm"
     assert vm["outcome"] == "Succeeded"
     assert vm["reattested"]
-    assert 150 <= vm["pauseMs"] <= 1500
+    assert INPLACE_PAUSE_MS_RANGE[0] <= vm["pauseMs"] <= INPLACE_PAUSE_MS_RANGE[1]
     assert [(round(b.ms, 1), b.method) for b in fleet.ledger.blackouts] == [(vm["pauseMs"], Method.INPLACE)]
 
 
