@@ -9,12 +9,14 @@ worker has created the VM on its host and recorded it.  Policy evaluations: one 
 assignments in scope, compiled (``policy.evaluate``) and with the database round trip (``judge``).
 
 Usage: .venv/bin/python bench/controller_bench.py [--vms 600] [--clients 16] [--hosts 8] [--db sqlite postgresql]
+       [--replicas N] (controller processes on the PostgreSQL database; clients spread over them)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -52,15 +54,23 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _run_clients(clients: int, jobs: list[tuple[str, str, Any]], url: str, token: str) -> tuple[float, list[float]]:
-    """Run ``jobs`` (method, path, body) over ``clients`` keep-alive connections; (seconds, latencies in ms)."""
+def _run_clients(
+    clients: int, jobs: list[tuple[str, str, Any]], url: str | list[str], token: str
+) -> tuple[float, list[float]]:
+    """Run ``jobs`` (method, path, body) over ``clients`` keep-alive connections; (seconds, latencies in ms).
+
+    ``url``: one controller, or several replicas (client k talks to replica k mod n, as a load balancer would).
+    """
+    urls = [url] if isinstance(url, str) else url
     latencies: list[float] = []
     lock = threading.Lock()
     cursor = iter(jobs)
     failures: list[str] = []
 
-    def client() -> None:
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=60) as http:
+    auth = {"Authorization": f"Bearer {token}"}
+
+    def client(k: int) -> None:
+        with httpx.Client(base_url=urls[k % len(urls)], headers=auth, timeout=60) as http:
             while True:
                 with lock:
                     job = next(cursor, None)
@@ -74,7 +84,7 @@ def _run_clients(clients: int, jobs: list[tuple[str, str, Any]], url: str, token
                     if response.status_code >= 300:
                         failures.append(f"{job[0]} {job[1]}: {response.status_code} {response.text[:200]}")
 
-    threads = [threading.Thread(target=client) for _ in range(clients)]
+    threads = [threading.Thread(target=client, args=(k,)) for k in range(clients)]
     t0 = time.perf_counter()
     for t in threads:
         t.start()
@@ -106,22 +116,30 @@ def bench_api(db: str | None, label: str, args: argparse.Namespace, root: Path) 
     hosts = [FakeHost(f"h{i}", f"pool-{i % 2}") for i in range(args.hosts)]
     for h in hosts:
         h.__enter__()
-    ctl = ControllerProcess(root / label, db)
+    # Several replicas on one PostgreSQL database (each its own process), one on a SQLite file.
+    replicas = args.replicas if db is not None else 1
+    ctls = [ControllerProcess(root / f"{label}-{r}", db) for r in range(replicas)]
     try:
-        ctl.start()
+        for ctl in ctls:
+            ctl.start()
+        ctl = ctls[0]
+        urls = [c.url for c in ctls]
         for h in hosts:
             body = h.registration(vcpus=4096, memory_gib=65536)
             ctl.api("POST", "/providers/Cvmotion.Fabric/hosts/register", body).raise_for_status()
         groups = 8
         creates = [("PUT", VMS.format(g=i % groups, i=i), BODY) for i in range(args.vms)]
-        seconds, put_ms = _run_clients(args.clients, creates, ctl.url, ctl.owner_token)
+        load_before = os.getloadavg()[0]
+        seconds, put_ms = _run_clients(args.clients, creates, urls, ctl.owner_token)
+        load_after = os.getloadavg()[0]
         settled = _settle(ctl, groups, args.vms) + seconds
         gets = [("GET", VMS.format(g=i % groups, i=i), None) for i in range(args.vms)]
-        get_seconds, get_ms = _run_clients(args.clients, gets, ctl.url, ctl.owner_token)
+        get_seconds, get_ms = _run_clients(args.clients, gets, urls, ctl.owner_token)
         copies = sum(len(h.vms) for h in hosts)
         assert copies == args.vms, f"{copies} VMs on hosts, {args.vms} created"
         return {
             "database": label,
+            "replicas": replicas,
             "placements_per_s": round(args.vms / seconds, 1),
             "creates_settled_per_s": round(args.vms / settled, 1),
             "put_p50_ms": round(statistics.median(put_ms), 1),
@@ -129,9 +147,11 @@ def bench_api(db: str | None, label: str, args: argparse.Namespace, root: Path) 
             "get_per_s": round(args.vms / get_seconds, 1),
             "get_p50_ms": round(statistics.median(get_ms), 1),
             "get_p99_ms": round(_pct(get_ms, 0.99), 1),
+            "load_1min_before_after": f"{load_before:.2f} / {load_after:.2f}",
         }
     finally:
-        ctl.kill()
+        for ctl in ctls:
+            ctl.kill()
         for h in hosts:
             h.__exit__()
 
@@ -199,9 +219,11 @@ def main() -> int:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--hosts", type=int, default=8)
     parser.add_argument("--db", nargs="+", default=["sqlite", "postgresql"], choices=("sqlite", "postgresql"))
+    parser.add_argument("--replicas", type=int, default=1, help="controller processes on the PostgreSQL database")
+    parser.add_argument("--quiet-load", type=float, default=1.5, help="wait (at most 60 s) for a 1-min load below")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args()
-    load = wait_quiet(1.5, 60)
+    load = wait_quiet(args.quiet_load, 60)
     results: dict[str, Any] = {"machine": machine_facts({"load_at_start": f"{load:.2f}"})}
     results["policy_compiled_100_assignments"] = bench_policy_compiled()
     pg = PostgresServer.find() if "postgresql" in args.db else None
@@ -237,13 +259,13 @@ def main() -> int:
         f"policy, 100 assignments, compiled: {compiled['requests_per_s']:,} requests/s"
         f" ({compiled['assignment_evaluations_per_s']:,} assignment evaluations/s)"
     )
-    table = Table("database", "placements/s", "creates settled/s", "PUT p50/p99 ms", "GET/s", "GET p50/p99 ms",
-                  "judge (DB read + 100)/s")  # fmt: skip
+    table = Table("database", "replicas", "placements/s", "creates settled/s", "PUT p50/p99 ms", "GET/s",
+                  "GET p50/p99 ms", "judge (DB read + 100)/s", "load before/after")  # fmt: skip
     for api, pol in zip(results["api"], results["policy_db"], strict=True):
         table.add_row(
-            api["database"], str(api["placements_per_s"]), str(api["creates_settled_per_s"]),
+            api["database"], str(api["replicas"]), str(api["placements_per_s"]), str(api["creates_settled_per_s"]),
             f"{api['put_p50_ms']} / {api['put_p99_ms']}", str(api["get_per_s"]),
-            f"{api['get_p50_ms']} / {api['get_p99_ms']}", str(pol["judge_per_s"]),
+            f"{api['get_p50_ms']} / {api['get_p99_ms']}", str(pol["judge_per_s"]), api["load_1min_before_after"],
         )  # fmt: skip
     console.print(table)
     return 0
