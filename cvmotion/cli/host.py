@@ -72,7 +72,7 @@ def _serve(args: argparse.Namespace) -> int:
     from cvmotion.cli.paths import default_home
     from cvmotion.host.api import create_app
     from cvmotion.host.daemon import HostConfig, HostDaemon
-    from cvmotion.ipc.http import listen_socket, parse_listen
+    from cvmotion.ipc.http import listen_socket, parse_listen, uvicorn_config
 
     host, port = parse_listen(args.listen)
     vendor_dir = args.vendor_dir or (default_home() / "vendor")
@@ -135,7 +135,7 @@ def _serve(args: argparse.Namespace) -> int:
         f" {str(info['chip_id'])[:16]}...)",
         flush=True,
     )
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False))
+    server = uvicorn.Server(uvicorn_config(app))
     from cvmotion.cli.fleet_host import start_registration
 
     registration = start_registration(daemon, args, url)

@@ -38,7 +38,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     listing = verbs.add_parser("list", help="the maintenance windows")
     add_controller_args(listing, resource_group=False)
     listing.set_defaults(handler=_list)
-    for verb, handler, text in (("show", _show, "one window"), ("delete", _delete, "cancel a window")):
+    for verb, handler, text in (("show", _show, "one window"), ("delete", _delete, "delete a window")):
         parser = verbs.add_parser(verb, help=text)
         parser.add_argument("name", metavar="NAME")
         add_controller_args(parser, resource_group=False)

@@ -37,6 +37,16 @@ _VMS = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.Compute/vir
 _EVENT_EXAMPLE = "602D9444-D2AC-4A9E-AAD6-8F2AE1E8B4E1"
 _bearer = HTTPBearer(auto_error=False, scheme_name="BearerToken", description="cvmotion controller token create")
 
+_DRAIN_HEADERS = {
+    "Azure-AsyncOperation": {
+        "description": "the drain to poll (GET): Accepted, Running or Canceling, then Succeeded,"
+        " PartiallySucceeded, Failed or Canceled",
+        "schema": {"type": "string", "format": "uri"},
+    },
+    "Location": {"description": "the same drain URL", "schema": {"type": "string", "format": "uri"}},
+    "Retry-After": {"description": "seconds to wait before polling", "schema": {"type": "string"}},
+}
+
 DrainId = Annotated[str, Path(pattern=r"^[0-9a-f-]{36}$", examples=["0b8e7a5c-3f1d-4a59-9a4e-6f1b2c3d4e5f"])]
 WindowName = Annotated[str, Path(pattern=r"^[a-z0-9][a-z0-9-]{0,62}$", examples=["patch-tuesday"])]
 
@@ -128,9 +138,16 @@ class StartRequests(BaseModel):
 def install_maintenance(app: FastAPI, ctl: FleetController) -> None:  # noqa: C901 - one closure per route
     router: APIRouter = app.router  # plain routes on the app's own router: in the OpenAPI document as written
 
-    def drain_response(drain: Drain, view: dict[str, Any], status: int = 200) -> JSONResponse:
+    def drain_response(drain: Drain, view: dict[str, Any], status: int = 200, base: str = "") -> JSONResponse:
         response = JSONResponse(view, status_code=status)
         response.headers["Location"] = f"{_HOSTS}/{drain.host}/drain"
+        if status == 202:
+            # The drain is its own long-running operation: its record (Accepted/Running until it ends) is what
+            # a client polls, by id, so a later drain of the same host does not answer for this one.
+            location = f"{base}{_DRAINS}/{drain.id}"
+            response.headers["Azure-AsyncOperation"] = location
+            response.headers["Location"] = location
+            response.headers["Retry-After"] = "5"
         return response
 
     @router.post(
@@ -138,10 +155,13 @@ def install_maintenance(app: FastAPI, ctl: FleetController) -> None:  # noqa: C9
         operation_id="drain_host",
         summary="cordon a host and move every VM off it down the ladder (202; poll GET .../drain)",
         response_model=None,
-        responses={202: {"model": DrainView, "description": "accepted"}, **refusals(404, 409, body=True)},
+        responses={
+            202: {"model": DrainView, "description": "accepted: poll Azure-AsyncOperation", "headers": _DRAIN_HEADERS},
+            **refusals(404, 409, body=True),
+        },
         openapi_extra=json_request(drains.DrainRequest, {"reason": "SecurityUpdate", "maxParallel": 2}),
     )
-    def drain_host(name: HostName, principal: Caller, body: JsonBody) -> JSONResponse:
+    def drain_host(name: HostName, principal: Caller, body: JsonBody, request: Request) -> JSONResponse:
         parsed: drains.DrainRequest = _parse(drains.DrainRequest, body, "drain request")
 
         def run(s: Session) -> tuple[Drain, dict[str, Any]]:
@@ -154,7 +174,7 @@ def install_maintenance(app: FastAPI, ctl: FleetController) -> None:  # noqa: C9
 
         drain, view = ctl.transaction(run)
         ctl.drains.wake.set()
-        return drain_response(drain, view, 202)
+        return drain_response(drain, view, 202, str(request.base_url).rstrip("/"))
 
     @router.get(
         _HOSTS + "/{name}/drain",
@@ -284,13 +304,13 @@ def install_maintenance(app: FastAPI, ctl: FleetController) -> None:  # noqa: C9
     @router.delete(
         _WINDOWS + "/{name}",
         operation_id="cancel_maintenance_window",
-        summary="cancel a window (a drain it already started goes on)",
-        responses={200: {"model": WindowView, "description": "canceled"}, **refusals(404)},
+        summary="delete a window: no further host is drained (a drain it already started goes on)",
+        responses={200: {"model": WindowView, "description": "deleted: its last state"}, **refusals(404)},
     )
     def cancel_window(name: WindowName, principal: Caller) -> Any:
         def run(s: Session) -> dict[str, Any]:
             _fleet_operator(principal)
-            return windows.window_view(windows.cancel_window(s, name))
+            return windows.delete_window(s, name)
 
         return ctl.transaction(run)
 

@@ -26,7 +26,7 @@ from cvmotion.control.resources import no_bool
 from cvmotion.errors import Conflict, NotFound
 from cvmotion.ipc.names import NAME_PATTERN
 
-__all__ = ["WindowRequest", "cancel_window", "create_window", "open_windows", "parse_duration", "window_view"]
+__all__ = ["WindowRequest", "create_window", "delete_window", "open_windows", "parse_duration", "window_view"]
 
 _DURATION = re.compile(r"^P?T?(?:(\d+)H)?(?:(\d+)M)?(?:(\d+)S)?$", re.IGNORECASE)
 _HHMM = re.compile(r"^(\d{1,3}):([0-5]\d)$")
@@ -133,14 +133,21 @@ def create_window(session: Session, name: str, body: WindowRequest, default_noti
     return window
 
 
-def cancel_window(session: Session, name: str) -> MaintenanceWindow:
+def delete_window(session: Session, name: str) -> dict[str, Any]:
+    """``DELETE``: the window stops (no further host is drained) and its record goes; answers its last view.
+
+    A drain it already started goes on (it is the host's, cancelled there) and keeps the window's name.
+    The record goes rather than staying as Canceled: a deleted resource answers 404, and its name is free.
+    """
     window = session.get(MaintenanceWindow, name, with_for_update=True)
     if window is None:
         raise NotFound(f"maintenance window {name!r} does not exist")
     if window.status in (WindowStatus.SCHEDULED, WindowStatus.RUNNING):
         window.status, window.updated_at = WindowStatus.CANCELED, time.time()
-        window.message = "canceled; a drain already running goes on (cancel it on its host)"
-    return window
+        window.message = "deleted; a drain already running goes on (cancel it on its host)"
+    view = window_view(window)
+    session.delete(window)
+    return view
 
 
 def _step(session: Session, window: MaintenanceWindow, now: float) -> None:

@@ -49,8 +49,14 @@ def listen_socket(host: str, port: int, *, reuse_port: bool = False) -> tuple[so
     return sock, f"http://{shown}:{bound_port}"
 
 
+# An idle keep-alive connection is closed by the server only well after every client of ours gives it up
+# (httpx's pool: 5 s). With equal timeouts the server's close can cross a client's next request on the wire
+# and the client reads ECONNRESET on a request that was never processed (seen in CI under load).
+KEEP_ALIVE_S = 75
+
+
 def uvicorn_config(app: FastAPI) -> uvicorn.Config:
-    return uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False)
+    return uvicorn.Config(app, log_level="warning", lifespan="off", access_log=False, timeout_keep_alive=KEEP_ALIVE_S)
 
 
 class ServerThread:

@@ -95,7 +95,12 @@ def test_security_update_walks_the_ladder(api: Api, hosts: dict[str, Maintenance
     started = _drain(api, "h1", noticeSeconds=0)
     assert started.status_code == 202, started.text
     assert started.json()["status"] == "Accepted"
-    assert started.headers["Location"] == f"{HOSTS}/h1/drain"
+    drain_id = started.json()["id"]
+    assert started.headers["Azure-AsyncOperation"].endswith(f"/providers/Cvmotion.Fabric/drains/{drain_id}")
+    assert started.headers["Location"] == started.headers["Azure-AsyncOperation"]
+    polled = api.req("GET", "/" + started.headers["Location"].split("://", 1)[1].split("/", 1)[1])
+    assert polled.status_code == 200, polled.text
+    assert polled.json()["id"] == drain_id
 
     # h1 is never a placement target from now on.
     refused = api.create("rg1", "late", host="h1")
@@ -317,6 +322,8 @@ def test_maintenance_window_drains_its_hosts_in_order(api: Api) -> None:
     assert second["status"] == "Succeeded"
     assert {v["to"] for v in second["vms"]} == {"h3"}  # h1 stays cordoned after its drain: never a target
     assert api.req("DELETE", f"{windows}/later").json()["status"] == "Canceled"
+    assert api.req("GET", f"{windows}/later").status_code == 404
+    assert api.req("PUT", f"{windows}/later", body | {"start": "+2h"}).status_code == 201  # the name is free again
 
 
 def _in_flight(api: Api) -> dict[str, int]:
