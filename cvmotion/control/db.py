@@ -101,6 +101,8 @@ class Host(Base):
     migration_address: Mapped[str] = mapped_column(String(256))
     state: Mapped[HostState] = mapped_column(_enum(HostState))
     last_heartbeat: Mapped[float] = mapped_column(Float)
+    # When the report before the latest arrived: the latest was assembled after it (one report at a time).
+    reported_since: Mapped[float] = mapped_column(Float, default=0.0)
     registered_at: Mapped[float] = mapped_column(Float, default=time.time)
     reported_vms: Mapped[list[Any]] = mapped_column(default=list)  # host-side names it says it runs
     # Cordoned (a drain or an operator): never a placement target, whatever its state, until uncordoned.

@@ -96,6 +96,7 @@ class Inventory:
         for key, value in fields.items():
             setattr(row, key, value)
         row.state = HostState.AVAILABLE
+        row.reported_since = row.last_heartbeat or 0.0
         row.last_heartbeat = now
         row.reported_vms = sorted(body.vms)
         session.add(Event(type="HostRegistered", subject=f"/providers/{HOST_TYPE}/{body.name}", data=fields))
@@ -106,6 +107,7 @@ class Inventory:
         row = session.get(Host, name, with_for_update=True)
         if row is None:
             raise NotFound(f"host {name!r} is not registered")
+        row.reported_since = row.last_heartbeat
         row.last_heartbeat = time.time()
         row.reported_vms = sorted(body.vms)
         if row.state is not HostState.AVAILABLE:
@@ -122,13 +124,17 @@ class Inventory:
                 row.state = HostState.UNAVAILABLE
                 changed.append(row.name)
                 session.add(Event(type="HostUnavailable", subject=f"/providers/{HOST_TYPE}/{row.name}", data={}))
-        reports = {h.name: (set(h.reported_vms), h.last_heartbeat) for h in session.scalars(select(Host))}
+        # A report describes the host no earlier than ``reported_since`` (its daemon sends one at a time, so
+        # it assembled the latest after the previous was answered); the receipt time alone is not enough: a
+        # report assembled before a VM arrived, answered after the controller recorded the arrival, would
+        # make the VM look missing.
+        reports = {h.name: (set(h.reported_vms), h.reported_since) for h in session.scalars(select(Host))}
         settled = select(Vm).where(Vm.provisioning_state == ProvisioningState.SUCCEEDED, Vm.host.is_not(None))
         for vm in session.scalars(settled):
             names, reported_at = reports.get(vm.host or "", (set(), 0.0))
             present = vm.host_vm_name in names
             if reported_at <= vm.updated_at:
-                continue  # the host has not reported since the VM arrived there: nothing to compare yet
+                continue  # no report assembled after the VM arrived there: nothing to compare yet
             if not present and vm.power_state is PowerState.RUNNING:
                 vm.power_state = PowerState.UNKNOWN
                 vm.status_message = f"host {vm.host} does not report this VM; under investigation"

@@ -9,6 +9,7 @@ nothing.  Everything stops with ``close()``; every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import threading
 import time
@@ -29,6 +30,10 @@ log = logging.getLogger("cvmotion.sim")
 _REGISTER = "/providers/Cvmotion.Fabric/hosts/register"
 _IN_FLIGHT = 32  # heartbeats awaiting an answer at once (the controller's API serves 40 requests at a time)
 _BACKLOG = 512  # beyond this many unanswered heartbeats, new ones are skipped (and counted)
+
+
+def _answered(busy: set[str], name: str, _task: asyncio.Task[None]) -> None:
+    busy.discard(name)
 
 
 class World:
@@ -86,6 +91,7 @@ class World:
         gap = self.heartbeat_s / max(1, len(names))
         loop = asyncio.get_running_loop()
         pending: set[asyncio.Task[None]] = set()
+        busy: set[str] = set()  # hosts with a beat unanswered
         async with httpx.AsyncClient(
             base_url=self.controller_url,
             headers=self._client.headers,
@@ -99,12 +105,16 @@ class World:
                 while loop.time() < due and not self._stop.is_set():  # short naps: a stop is seen within 1 s
                     await asyncio.sleep(min(due - loop.time(), 1.0))
                 name, i = names[i % len(names)], i + 1
-                if len(pending) >= _BACKLOG:  # the controller is this far behind: a daemon would time out too
+                # A daemon sends one report at a time (the controller relies on it: a report is assembled
+                # after the previous one was answered), so a host whose last beat is unanswered skips this one.
+                if len(pending) >= _BACKLOG or name in busy:
                     self.heartbeats_skipped += 1
                     continue
+                busy.add(name)
                 task = asyncio.create_task(self._beat(client, name))
                 pending.add(task)
                 task.add_done_callback(pending.discard)
+                task.add_done_callback(functools.partial(_answered, busy, name))
             for task in pending:
                 task.cancel()
 
