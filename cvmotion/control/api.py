@@ -52,6 +52,7 @@ from cvmotion.control.resources import VmPatch, VmPut, check_name, rg_id, vm_id
 from cvmotion.control.service import FleetController
 from cvmotion.control.templates import expand_template
 from cvmotion.errors import Conflict, CvmError, NotFound, UsageError
+from cvmotion.ipc.body_limit import ContentLengthGate
 from cvmotion.ipc.openapi import install_error_handlers
 from cvmotion.ipc.validation import describe_problems
 
@@ -196,14 +197,14 @@ def create_app(ctl: FleetController) -> FastAPI:  # noqa: C901 - one closure per
             500, "InternalServerError", type(exc).__name__, "internal error; the controller log has details"
         )
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length")
+    def _limit_body(length: str | None) -> JSONResponse | None:
         if length is not None and not length.isdigit():
             return _envelope(400, "InvalidRequestContent", "InvalidRequest", f"Content-Length {length[:40]!r}")
         if length is not None and int(length) > MAX_BODY:
             return _envelope(413, doc.CODES[413], "InvalidRequest", f"request body over {MAX_BODY} bytes")
-        return await call_next(request)
+        return None
+
+    app.add_middleware(ContentLengthGate, judge=_limit_body)
 
     def base(request: Request) -> str:
         return str(request.base_url).rstrip("/")

@@ -47,6 +47,7 @@ from cvmotion.host import api_maintenance
 from cvmotion.host import api_schema as schema
 from cvmotion.host.api_schema import MAX_BODY, CreateVm, IncomingMigration, KvRequest, MigrateRequest, refusals
 from cvmotion.host.daemon import HostDaemon
+from cvmotion.ipc.body_limit import ContentLengthGate
 from cvmotion.ipc.envelope import error_body
 from cvmotion.ipc.names import NAME_PATTERN
 from cvmotion.ipc.openapi import inline_schema, install_error_handlers
@@ -148,12 +149,12 @@ def create_app(daemon: HostDaemon) -> FastAPI:
     async def _validation(_: Request, exc: RequestValidationError) -> JSONResponse:
         return _error(400, "UsageError", _problems(exc.errors())[:1000])
 
-    @app.middleware("http")
-    async def _limit_body(request: Request, call_next: Any) -> Any:
-        length = request.headers.get("content-length")
+    def _limit_body(length: str | None) -> JSONResponse | None:
         if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
             return _error(413, "UsageError", f"request body over {MAX_BODY} bytes")
-        return await call_next(request)
+        return None
+
+    app.add_middleware(ContentLengthGate, judge=_limit_body)
 
     def ok(model: type[BaseModel], description: str, status: int = 200, **extra: Any) -> dict[int | str, Any]:
         return {status: {"model": model, "description": description, **extra}}
