@@ -80,7 +80,11 @@ def host_schema(host: HostProcess) -> BaseSchema:
     return _load(host)
 
 
-contract = schemathesis.pytest.from_fixture("host_schema")
+# The exclusion again on the lazy schema: pytest's ``from_fixture`` rebuilds the fixture's operation filters from
+# its own and the config's, so an ``exclude`` made on the fixture's schema alone is dropped (schemathesis
+# 4.32: the fuzzer then replaced the daemon under itself, and requests in flight read ECONNRESET or half a
+# response).  test_maintenance_is_never_fuzzed holds it.
+contract = schemathesis.pytest.from_fixture("host_schema").exclude(operation_id="start_maintenance")
 
 
 @contract.parametrize()
@@ -89,6 +93,12 @@ def test_host_api_keeps_its_contract(case: schemathesis.Case) -> None:
     response = case.call_and_validate()
     if case.path in SIGNED:
         assert response.status_code in (401, 405), response.text  # unsigned: refused before anything is read
+
+
+def test_maintenance_is_never_fuzzed(host: HostProcess) -> None:
+    """Runs after the fuzzing above (file order): no update in place started, the first daemon still serves."""
+    assert not list((host.data_dir / "maintenance").glob("*.json"))
+    assert (host.data_dir / "daemon.pid").read_text() == str(host.proc.pid)
 
 
 def test_stateful_create_show_delete(host: HostProcess) -> None:
