@@ -98,6 +98,7 @@ def test_host_api_keeps_its_contract(case: schemathesis.Case) -> None:
 def test_maintenance_is_never_fuzzed(host: HostProcess) -> None:
     """Runs after the fuzzing above (file order): no update in place started, the first daemon still serves."""
     assert not list((host.data_dir / "maintenance").glob("*.json"))
+    assert host.proc is not None
     assert (host.data_dir / "daemon.pid").read_text() == str(host.proc.pid)
 
 
