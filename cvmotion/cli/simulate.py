@@ -35,6 +35,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sim.add_argument("--seed", type=int, default=1, help="seed of the scenario and of every draw (default 1)")
     sim.add_argument("--speed", type=float, default=60.0, help="virtual seconds per wall second (default 60)")
     sim.add_argument("--per-host", type=int, default=2, help="live migrations in flight per host (default 2)")
+    sim.add_argument(
+        "--workers", type=int, default=4, help="the controller's operation workers (default 4, as controller serve)"
+    )
     sim.add_argument("--failures", type=int, default=-1, help="hosts that fail during the wave (default hosts/100)")
     sim.add_argument(
         "--driver",
@@ -78,6 +81,8 @@ def _check(args: argparse.Namespace) -> None:
         raise UsageError(f"--speed {args.speed}: give a factor above 0 and at most 10000")
     if not 1 <= args.per_host <= 16:
         raise UsageError(f"--per-host {args.per_host}: give 1 to 16")
+    if not 1 <= args.workers <= 64:
+        raise UsageError(f"--workers {args.workers}: give 1 to 64")
     if not 0 <= args.notice <= 7 * 86400:
         raise UsageError(f"--notice {args.notice}: give 0 to 604800 seconds")
     if args.failures > args.hosts // 2:
@@ -110,6 +115,7 @@ def _simulate(args: argparse.Namespace) -> int:
         db=args.db,
         speed=args.speed,
         per_host=args.per_host,
+        workers=args.workers,
         failures=args.failures,
         shared_tls=not args.per_call_tls,
         data_dir=args.data_dir,

@@ -133,6 +133,18 @@ class Worker:
         _fault(point)
         return result
 
+    def _keep_claim(self, op_id: str, renewed: float) -> float:
+        """Renew the claim (a write transaction that also checks it is still ours: ``LostClaim`` otherwise)
+        once a third of the lease has passed since ``renewed`` (monotonic); when it was last renewed.
+
+        Not on every poll: a write per 0.1 s poll per operation in flight was most of the controller's
+        commits in a wave, and SQLite serialises them with every other write."""
+        now = time.monotonic()
+        if now - renewed < self.lease / 3:
+            return renewed
+        self._txn(op_id, lambda _s, _op: None)
+        return now
+
     @contextlib.contextmanager
     def _leased(self, op_id: str) -> Iterator[None]:
         """Keep renewing the claim while this worker carries the operation out: a host call can outlast the
@@ -310,8 +322,9 @@ class Worker:
         """Poll the host (bounded, renewing the lease) until the VM runs or is dead; its last state."""
         deadline = time.monotonic() + _BOOT_TIMEOUT
         state = str((found or {}).get("state", ""))
+        renewed = time.monotonic()
         while found is not None and state not in (_RUNNING, *_VM_DEAD) and time.monotonic() < deadline:
-            self._txn(op_id, lambda _s, _op: None)
+            renewed = self._keep_claim(op_id, renewed)
             time.sleep(0.05)
             found = api.get_vm(name)
             state = str((found or {}).get("state", ""))
@@ -399,6 +412,7 @@ class Worker:
         return None
 
     def _await_migration(self, op_id: str, src: HostApi, dst: HostApi, vm: Vm, dest: Host, mig_id: str) -> None:
+        renewed = time.monotonic()
         while True:
             try:
                 status = src.call("GET", f"/v1/migrations/{mig_id}")
@@ -415,7 +429,7 @@ class Worker:
                 return
             if status["status"] in ("failed", "cancelled"):
                 raise _Failed("MigrationFailed", str(status.get("error-desc") or status["status"]))
-            self._txn(op_id, lambda _s, _op: None)  # renew the lease while the host works
+            renewed = self._keep_claim(op_id, renewed)  # the host works: hold the claim
             time.sleep(0.1)
 
     def _finish_migration(self, op_id: str, dest: Host, stats: dict[str, Any] | None) -> None:

@@ -150,6 +150,7 @@ class SimController:
     heartbeat_timeout: float
     sweep_period: float
     shared_tls: bool
+    workers: int = 4
     proc: subprocess.Popen[bytes] | None = None
     url: str = ""
     dialect: str = ""
@@ -159,6 +160,7 @@ class SimController:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "cvmotion.sim.controller", "--data-dir", str(self.data_dir)]
         cmd += ["--heartbeat-timeout", str(self.heartbeat_timeout), "--sweep-period", str(self.sweep_period)]
+        cmd += ["--workers", str(self.workers)]
         if self.db:
             cmd += ["--db", self.db]
         if self.shared_tls:

@@ -71,6 +71,7 @@ def summarise(outcome: SimOutcome) -> dict[str, Any]:
             "database": outcome.dialect,
             "speed": cfg.speed,
             "per_host_parallel": cfg.per_host,
+            "controller_workers": cfg.workers,
             "fault_domains": len(outcome.scenario.fault_domains),
             "wave_driver": wave.mode,
             "controller_shared_tls_context": cfg.shared_tls,

@@ -38,6 +38,7 @@ class SimConfig:
     db: str | None = None
     speed: float = 60.0
     per_host: int = 2
+    workers: int = 4  # the controller's operation workers (controller serve's default)
     failures: int = -1  # -1: one host in a hundred (at least one)
     shared_tls: bool = True
     data_dir: Path | None = None
@@ -82,8 +83,9 @@ def _simulate(config: SimConfig, root: Path, inject: Inject | None, say: Progres
         fleet.add(host)
     beat = _heartbeat_s(config.hosts)
     ctl = SimController(
-        root / "controller", config.db, 3 * beat, sweep_period=max(1.0, beat / 4), shared_tls=config.shared_tls
-    )
+        root / "controller", config.db, 3 * beat, sweep_period=max(1.0, beat / 4), shared_tls=config.shared_tls,
+        workers=config.workers,
+    )  # fmt: skip
     say(f"starting the controller ({'PostgreSQL' if config.db and 'postgres' in config.db else 'SQLite'})")
     ctl.start()
     api = ControllerApi(ctl.url, ctl.owner_token)
