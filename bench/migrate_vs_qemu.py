@@ -5,6 +5,8 @@ Same machine, same guest image (``build/guests/memdirty.elf``), same memory and 
 * ``1g``: a 1 GiB VM running memdirty with a 256 MiB working set written as fast as it can (``dirty_mib=256
   rate=0``);
 * ``8g``: a full-size Standard_DC2as_v5 (8 GiB) VM with the same 256 MiB working set;
+* ``idle``: the same 8 GiB VM with 1 GiB populated, then nearly idle (``dirty_mib=1024 rate=1``: one write a
+  second; its vCPU still spins on the TSC) — the stream's own pace, what a large, quiet guest moves at;
 * each at QEMU's default downtime limit (300 ms) and at a tight one (``--tight-limit``, 50 ms by default).
 
 cvmotion: two host daemons (``LocalFabric``: real processes, emulated AMD-SP, RA-TLS between the migration
@@ -52,12 +54,19 @@ class Scenario:
     title: str
     memory: str
     size: str | None = None  # an Azure size (the host API's ``size``) instead of a bare memory size
+    cmdline: str = f"dirty_mib={WORKING_SET_MIB} rate=0"  # memdirty's, the same for both systems
 
 
 SCENARIOS = {
     "1g": Scenario("1 GiB VM, memdirty 256 MiB working set at full speed", "1G"),
     "8g": Scenario(
         "Standard_DC2as_v5 (8 GiB) VM, memdirty 256 MiB working set at full speed", "8G", "Standard_DC2as_v5"
+    ),
+    "idle": Scenario(
+        "Standard_DC2as_v5 (8 GiB) VM, 1 GiB populated then nearly idle (memdirty dirty_mib=1024 rate=1)",
+        "8G",
+        "Standard_DC2as_v5",
+        "dirty_mib=1024 rate=1",
     ),
 }
 UNLIMITED = 100 << 30  # bytes/s: QEMU's max-bandwidth lifted, as libvirt does
@@ -97,7 +106,7 @@ def run_cvmotion(pair: HostPair, scenario: str, n: int, limit: int, streams: int
     name = f"bench-{scenario}-{limit}-{n}"
     pair.create_vm(
         name,
-        cmdline=f"dirty_mib={WORKING_SET_MIB} rate=0",
+        cmdline=spec.cmdline,
         memory=None if spec.size else spec.memory,
         size=spec.size,
     )
@@ -144,7 +153,7 @@ def run_cvmotion(pair: HostPair, scenario: str, n: int, limit: int, streams: int
 
 def run_qemu(scenario: str, limit: int, tls: bool) -> Run:
     spec = SCENARIOS[scenario]
-    pair = QemuPair.start(kernel=KERNEL, append=f"dirty_mib={WORKING_SET_MIB} rate=0", memory=spec.memory, tls=tls)
+    pair = QemuPair.start(kernel=KERNEL, append=spec.cmdline, memory=spec.memory, tls=tls)
     try:
         before = pair.wait_serial(pair.src, _ready, READY_TIMEOUT)
         last_seq = max(seq for seq, _ in heartbeats(before))
@@ -228,6 +237,7 @@ def main() -> int:
     exit_cleanly_on_sigterm()
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", choices=(*SCENARIOS, "all"), default="all")
+    parser.add_argument("--no-tls", action="store_true", help="skip QEMU's TLS runs (plain TCP only)")
     parser.add_argument("--repeat", type=int, default=3, help="runs per configuration (median reported)")
     parser.add_argument("--tight-limit", type=int, default=50, help="the second downtime limit, ms (0: skip)")
     parser.add_argument("--streams", type=int, default=2, help="cvmotion TCP streams")
@@ -253,7 +263,8 @@ def main() -> int:
             results[f"cvmotion@{limit}"] = []
             if with_qemu:
                 results[f"qemu-tcp@{limit}"] = []
-                results[f"qemu-tls@{limit}"] = []
+                if not args.no_tls:
+                    results[f"qemu-tls@{limit}"] = []
         pair = HostPair.start()
         try:
             for n in range(args.repeat):
@@ -265,7 +276,7 @@ def main() -> int:
                     results[f"cvmotion@{limit}"].append(run)
                     _say(console, scenario, run)
                     if with_qemu:
-                        for tls in (False, True):
+                        for tls in (False,) if args.no_tls else (False, True):
                             load = wait_quiet(args.max_load, 60)
                             try:
                                 run = run_qemu(scenario, limit, tls)
