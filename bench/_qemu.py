@@ -252,6 +252,9 @@ class QemuPair:
         while self.dst.qmp.command("query-status").get("status") != "running" and time.monotonic() < deadline:
             time.sleep(0.01)
         info["destination-status"] = self.dst.qmp.command("query-status").get("status")
+        blackout = guest_blackout_ms(self.src.qmp.events, self.dst.qmp.events)
+        if blackout is not None:
+            info["x-blackout-ms"] = blackout
         return info
 
     def close(self) -> None:
@@ -266,6 +269,24 @@ class QemuPair:
                 proc.kill()
                 proc.wait(5)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+def guest_blackout_ms(src_events: list[dict[str, Any]], dst_events: list[dict[str, Any]]) -> float | None:
+    """The guest's blackout as it lives it: the source's ``STOP`` event to the destination's ``RESUME`` (both
+    QEMUs stamp events with the same host clock).  QEMU's own ``downtime`` is the source's view: it ends when
+    the source has sent the last state, before the destination has loaded it and started the vCPUs."""
+
+    def stamp(events: list[dict[str, Any]], name: str) -> float | None:
+        for event in events:
+            if event.get("event") == name and isinstance(event.get("timestamp"), dict):
+                ts = event["timestamp"]
+                return float(ts["seconds"]) + float(ts["microseconds"]) / 1e6
+        return None
+
+    stopped, resumed = stamp(src_events, "STOP"), stamp(dst_events, "RESUME")
+    if stopped is None or resumed is None:
+        return None
+    return (resumed - stopped) * 1000.0
 
 
 def free_port() -> int:

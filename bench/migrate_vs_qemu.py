@@ -88,6 +88,9 @@ class Run:
     rounds: int
     mbps: float
     continued: bool
+    # Source stopped -> destination running, as the guest lives it.  QEMU: its STOP and RESUME events; cvmotion:
+    # its downtime (pause -> the destination's "committed", sent after the vCPUs resumed: an upper bound).
+    blackout_ms: float = float("nan")
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -139,6 +142,7 @@ def run_cvmotion(pair: HostPair, scenario: str, n: int, limit: int, streams: int
             rounds=int(ram.get("dirty-sync-count", 0)),
             mbps=float(ram.get("mbps", 0)),
             continued=continued,
+            blackout_ms=float(x.get("downtime-ms", info.get("downtime", 0))),
             extra={
                 "query-migrate": info,
                 "cpu_seconds": cpu,
@@ -181,6 +185,7 @@ def run_qemu(scenario: str, limit: int, tls: bool) -> Run:
             rounds=int(ram.get("dirty-sync-count", 0)),
             mbps=float(ram.get("mbps", 0)),
             continued=continued,
+            blackout_ms=float(info.get("x-blackout-ms", float("nan"))),
             extra={"query-migrate": info, "cpu_seconds": cpu, "error": info.get("error-desc")},
         )
     finally:
@@ -213,7 +218,8 @@ def table(scenario: str, results: dict[str, list[Run]], facts: dict[str, Any]) -
         t.add_column(f"{system}\ndowntime-limit {limit} ms", justify="right")
     rows: list[tuple[str, Callable[[Run], float], str]] = [
         ("total-time (ms)", lambda r: r.total_ms, "{:.0f}"),
-        ("downtime (ms)", lambda r: r.downtime_ms, "{:.0f}"),
+        ("downtime, as each reports it (ms)", lambda r: r.downtime_ms, "{:.0f}"),
+        ("blackout: source stopped → destination running (ms)", lambda r: r.blackout_ms, "{:.1f}"),
         ("setup-time (ms)", lambda r: r.setup_ms, "{:.0f}"),
         ("transferred (MiB)", lambda r: r.transferred / (1 << 20), "{:.0f}"),
         ("rounds (dirty-sync-count)", lambda r: float(r.rounds), "{:.0f}"),
@@ -296,6 +302,7 @@ def main() -> int:
                 k: {
                     "total_ms": _median(v, lambda r: r.total_ms),
                     "downtime_ms": _median(v, lambda r: r.downtime_ms),
+                    "blackout_ms": _median(v, lambda r: r.blackout_ms),
                     "setup_ms": _median(v, lambda r: r.setup_ms),
                     "transferred": _median(v, lambda r: float(r.transferred)),
                     "rounds": _median(v, lambda r: float(r.rounds)),
@@ -315,7 +322,8 @@ def _say(console: Console, scenario: str, run: Run) -> None:
     mark = "[green]ok[/green]" if run.ok else f"[red]{run.status} {run.extra.get('error') or ''}[/red]"
     console.print(
         f"{time.strftime('%H:%M:%S')} {scenario} {run.system:9} limit {run.limit_ms:3} ms: total {run.total_ms:7.0f} ms"
-        f"  downtime {run.downtime_ms:5.0f} ms  rounds {run.rounds:2}  {run.transferred / (1 << 20):6.0f} MiB  {mark}"
+        f"  downtime {run.downtime_ms:5.0f} ms  blackout {run.blackout_ms:6.1f} ms  rounds {run.rounds:2}"
+        f"  {run.transferred / (1 << 20):6.0f} MiB  {mark}"
         f"  (load {run.extra.get('load', 0):.2f})"
     )
 

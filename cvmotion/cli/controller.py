@@ -20,7 +20,9 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     serve.add_argument("--db", help="database URL (default: SQLite in the data directory; or postgresql://...)")
     serve.add_argument("--data-dir", type=Path, help="default $CVMOTION_HOME/controller")
     serve.add_argument("--heartbeat-timeout", type=float, default=6.0, help="seconds before a host is Unavailable")
-    serve.add_argument("--workers", type=int, default=4, help="operation worker threads")
+    serve.add_argument(
+        "--workers", type=int, default=8, help="operation worker threads (live moves among them: see below)"
+    )
     serve.add_argument("--lease", type=float, default=5.0, help="seconds an operation claim lasts unrenewed")
     serve.add_argument(
         "--maintenance-notice", type=float, default=15.0, metavar="S",
@@ -68,6 +70,9 @@ def _serve(args: argparse.Namespace) -> int:
     from cvmotion.control.service import FleetController
     from cvmotion.ipc.http import listen_socket, parse_listen, uvicorn_config
 
+    for flag, value in (("--workers", args.workers), ("--migrations-per-cluster", args.migrations_per_cluster)):
+        if value < 1:
+            raise UsageError(f"{flag} {value}: give at least 1")
     data_dir = _data_dir(args)
     data_dir.mkdir(parents=True, exist_ok=True)
     host, port = parse_listen(args.listen)

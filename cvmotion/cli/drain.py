@@ -1,4 +1,4 @@
-"""cli layer: ``cvmotion host drain|uncordon`` — host maintenance through the fleet controller.
+"""cli layer: ``cvmotion host drain|cordon|uncordon`` — host maintenance through the fleet controller.
 
 ``host drain HOST --reason SecurityUpdate|HardwareRefresh [--max-parallel N] [--notice S] [--wait] [--json]``
 cordons the host and starts its drain; ``--wait`` follows it (each VM's step and outcome as it changes on
@@ -7,8 +7,9 @@ stderr) until it ends and prints one object, ``--json`` exactly the documented o
     {"host", "reason", "status", "vms": [{"name", "resourceGroup", "method", "outcome", "from", "to",
                                           "downtimeMs", "pauseMs", "attempts", "reason"}]}
 
-``host drain HOST --cancel`` cancels a running drain; ``host uncordon HOST`` makes the host a placement
-target again.  The exit code is 0 when the drain succeeded, 3 when it ended otherwise.
+``host drain HOST --cancel`` cancels a running drain; ``host cordon HOST [--reason R]`` makes the host no
+placement target without moving anything (maintenance run outside a drain); ``host uncordon HOST`` makes it a
+placement target again.  The exit code is 0 when the drain succeeded, 3 when it ended otherwise.
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ def register_drain(verbs: argparse._SubParsersAction[argparse.ArgumentParser]) -
     drain.add_argument("--cancel", action="store_true", help="cancel the host's running drain")
     add_controller_args(drain, resource_group=False)
     drain.set_defaults(handler=_drain)
+    cordon = verbs.add_parser("cordon", help="make a host no placement target; the VMs it runs stay")
+    cordon.add_argument("host", metavar="HOST")
+    cordon.add_argument("--reason", default=None, help="why (shown with the host)")
+    add_controller_args(cordon, resource_group=False)
+    cordon.set_defaults(handler=_cordon)
     uncordon = verbs.add_parser("uncordon", help="make a cordoned host a placement target again")
     uncordon.add_argument("host", metavar="HOST")
     add_controller_args(uncordon, resource_group=False)
@@ -111,8 +117,16 @@ def _table(drain: dict[str, Any]) -> list[tuple[str, ...]]:
     return rows
 
 
+def _cordon(args: argparse.Namespace) -> int:
+    body = {} if args.reason is None else {"reason": args.reason}
+    return _show_host(args, call(args, "POST", f"{_HOSTS}/{quote(args.host, safe='')}/cordon", body))
+
+
 def _uncordon(args: argparse.Namespace) -> int:
-    host = call(args, "POST", f"{_HOSTS}/{quote(args.host, safe='')}/uncordon")
+    return _show_host(args, call(args, "POST", f"{_HOSTS}/{quote(args.host, safe='')}/uncordon"))
+
+
+def _show_host(args: argparse.Namespace, host: dict[str, Any]) -> int:
     props = host["properties"]
     emit(args, host, [("host", "state", "cordoned"), (host["name"], props["state"], str(props["cordoned"]))])
     return 0

@@ -36,7 +36,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     sim.add_argument("--speed", type=float, default=60.0, help="virtual seconds per wall second (default 60)")
     sim.add_argument("--per-host", type=int, default=2, help="live migrations in flight per host (default 2)")
     sim.add_argument(
-        "--workers", type=int, default=4, help="the controller's operation workers (default 4, as controller serve)"
+        "--workers", type=int, default=8, help="the controller's operation workers (default 8, as controller serve)"
     )
     sim.add_argument("--failures", type=int, default=-1, help="hosts that fail during the wave (default hosts/100)")
     sim.add_argument(

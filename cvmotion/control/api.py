@@ -74,8 +74,17 @@ class BodyRefused(InvalidRequest):
         self.status = status
 
 
+NO_BODY = object()  # ``_optional_json_body`` when the request has none: JSON ``null`` is a body, and wrong
+
+
 async def _json_body(request: Request) -> Any:
     """The JSON body (``None`` when there is none), at most ``MAX_BODY`` bytes, counted as it arrives."""
+    body = await _optional_json_body(request)
+    return None if body is NO_BODY else body
+
+
+async def _optional_json_body(request: Request) -> Any:
+    """The JSON body, or ``NO_BODY`` when there is none (an operation whose body is optional)."""
     chunks: list[bytes] = []
     size = 0
     async for chunk in request.stream():
@@ -85,7 +94,7 @@ async def _json_body(request: Request) -> Any:
         chunks.append(chunk)
     raw = b"".join(chunks)
     if not raw.strip():
-        return None
+        return NO_BODY
     ctype = request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
     if ctype != "application/json":
         raise BodyRefused(415, f"Content-Type must be application/json, not {ctype!r}")

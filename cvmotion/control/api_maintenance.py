@@ -69,8 +69,16 @@ def _parse(model: type[BaseModel], body: Any, what: str) -> Any:
     return parse(model, body, what)
 
 
+async def _optional_body(request: Request) -> Any:
+    from cvmotion.control.api import NO_BODY, _optional_json_body
+
+    body = await _optional_json_body(request)
+    return {} if body is NO_BODY else body  # absent: every field's default; JSON null: refused by the model
+
+
 Caller = Annotated[Principal, Depends(_principal)]
 JsonBody = Annotated[Any, Depends(_body)]
+OptionalBody = Annotated[Any, Depends(_optional_body)]
 
 
 def _fleet_operator(principal: Principal) -> None:
@@ -206,6 +214,24 @@ def install_maintenance(app: FastAPI, ctl: FleetController) -> None:  # noqa: C9
         view = ctl.transaction(run)
         ctl.drains.wake.set()
         return view
+
+    @router.post(
+        _HOSTS + "/{name}/cordon",
+        operation_id="cordon_host",
+        summary="make a host no placement target (its VMs stay; idempotent): before maintenance run outside a drain",
+        responses={200: {"model": ArmResource, "description": "the host"}, **refusals(404, body=True)},
+        openapi_extra=json_request(
+            drains.CordonRequest, {"reason": "rolling SecurityUpdate of fault domain fd0"}, required=False
+        ),
+    )
+    def cordon_host(name: HostName, principal: Caller, body: OptionalBody) -> Any:
+        parsed: drains.CordonRequest = _parse(drains.CordonRequest, body, "cordon request")
+
+        def run(s: Session) -> dict[str, Any]:
+            _fleet_operator(principal)
+            return ctl.inventory.resource(s, drains.cordon(s, name, parsed.reason))
+
+        return ctl.transaction(run)
 
     @router.post(
         _HOSTS + "/{name}/uncordon",

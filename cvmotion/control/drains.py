@@ -59,6 +59,14 @@ class DrainRequest(BaseModel):
     )
 
 
+class CordonRequest(BaseModel):
+    """``POST /providers/Cvmotion.Fabric/hosts/{name}/cordon`` (the body may be empty)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    reason: Annotated[str, Field(max_length=256)] = Field(default="cordoned by an operator", description="why")
+
+
 def active_drain(session: Session, host: str) -> Drain | None:
     return session.scalars(select(Drain).where(Drain.active_host == host)).first()
 
@@ -153,6 +161,19 @@ def cancel_drain(session: Session, host_name: str) -> Drain:
     drain.status = DrainStatus.CANCELING
     drain.updated_at = time.time()
     return drain
+
+
+def cordon(session: Session, host_name: str, reason: str) -> Host:
+    """Mark the host unschedulable (``kubectl cordon``): no VM is placed on it; those it runs stay.  Idempotent:
+    a host already cordoned keeps the reason it was cordoned for."""
+    host = session.get(Host, host_name, with_for_update=True)
+    if host is None:
+        raise NotFound(f"host {host_name!r} is not registered")
+    if not host.cordoned:
+        host.cordoned, host.cordon_reason = True, reason[:256]
+        data = {"host": host_name, "reason": host.cordon_reason}
+        session.add(Event(type="HostCordoned", subject=host_subject(host_name), data=data))
+    return host
 
 
 def uncordon(session: Session, host_name: str) -> Host:

@@ -65,6 +65,13 @@ class HostApi:
             return None
         return vm if isinstance(vm, dict) else None
 
+    def migration(self, mig_id: str, *, wait: float = 0.0) -> dict[str, Any]:
+        """``GET /v1/migrations/{id}``; ``wait`` > 0 long-polls: the host answers once the migration settles or
+        after ``wait`` seconds, whichever comes first (a host that ignores it answers at once)."""
+        query = f"?wait={wait:g}" if wait > 0 else ""
+        answer: dict[str, Any] = self.call("GET", f"/v1/migrations/{mig_id}{query}", timeout=wait + self.timeout)
+        return answer
+
     # -- maintenance (the host side of a drain) ------------------------------------------------------
 
     def start_maintenance(self, maintenance_id: str) -> dict[str, Any]:

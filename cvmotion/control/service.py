@@ -35,11 +35,12 @@ from cvmotion.control.worker import Worker, reset_claims
 from cvmotion.errors import Conflict, UsageError
 from cvmotion.files import PRIVATE, write_atomic, write_json
 
-__all__ = ["OWNER_TOKEN_FILE", "FleetController", "connect_with_retry"]
+__all__ = ["DEFAULT_WORKERS", "OWNER_TOKEN_FILE", "FleetController", "connect_with_retry"]
 
 log = logging.getLogger("cvmotion.control")
 T = TypeVar("T")
 OWNER_TOKEN_FILE = "owner.token"
+DEFAULT_WORKERS = 8  # operation workers per replica (the live migrations among them: MaintenanceOptions.cluster_limit)
 _RETRIES = 5
 _RACES = ("40P01", "40001")  # PostgreSQL: deadlock detected, serialization failure
 CONFIG_FILE = "controller.json"
@@ -68,7 +69,7 @@ class FleetController:
         db: str | None = None,
         *,
         heartbeat_timeout: float = 6.0,
-        workers: int = 4,
+        workers: int = DEFAULT_WORKERS,
         lease: float = 5.0,
         sweep_period: float = 1.0,
         maintenance: MaintenanceOptions | None = None,
@@ -86,12 +87,21 @@ class FleetController:
         self.policy = PolicyStore()
         self.inventory = Inventory(heartbeat_timeout)
         self.vms = VmService(self.policy, self.inventory)
+        self.maintenance = maintenance or MaintenanceOptions()
+        # Workers carry operations; how many live migrations run at once is the fleet's limit, not their count
+        # (a worker beyond it carries creates and deletes while the migrations queue).
         self.workers = [
-            Worker(self.engine, f"{self.replica}-{i}", lease=lease, write_lock=self.write_lock, reader=self.reader)
+            Worker(
+                self.engine,
+                f"{self.replica}-{i}",
+                lease=lease,
+                write_lock=self.write_lock,
+                reader=self.reader,
+                parallel_migrations=self.maintenance.cluster_limit,
+            )  # fmt: skip
             for i in range(workers)
         ]
         self.webhooks = WebhookDispatcher(self.engine, self.reader, self.replica, write_lock=self.write_lock)
-        self.maintenance = maintenance or MaintenanceOptions()
         self.drains = DrainRunner(
             self.engine, f"{self.replica}-drains", self.vms, options=self.maintenance, write_lock=self.write_lock,
             reader=self.reader, wake_workers=self.wake_workers,

@@ -19,7 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import and_, func, or_, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session
@@ -45,6 +45,13 @@ _MAX_BACKOFF_S = 8.0  # a worker retries a database that is away at least this o
 # (the step is durable, the host not asked yet) or "Migrate:HostAnswered" (the host acted, the controller
 # has not recorded it); at that point the process removes the file and SIGKILLs itself.  Unset in production.
 _KILL_FILE = os.environ.get("CVMOTION_FAULT_KILL_FILE")
+PARALLEL_MIGRATIONS = 5  # live migrations in flight fleet-wide (KubeVirt's parallelMigrationsPerCluster default)
+_MIGRATION_SLOTS_LOCK = 0x63766D6D  # pg_advisory_xact_lock key of the claim of a migration ("cvmm")
+_UNSTARTED_MIGRATION = and_(Operation.kind == OperationKind.MIGRATE, Operation.step == Step.ACCEPTED)
+_STARTED_MIGRATION = and_(
+    Operation.kind == OperationKind.MIGRATE, Operation.step.in_((Step.HOST_REQUESTED, Step.MIGRATING))
+)
+_LONG_POLL_S = 2.0  # each status request waits this long on the source for the migration to settle
 
 
 def _fault(point: str) -> None:
@@ -79,8 +86,12 @@ class Worker:
         poll: float = 0.5,
         write_lock: threading.Lock | None = None,
         reader: Engine | None = None,
+        parallel_migrations: int = PARALLEL_MIGRATIONS,
     ) -> None:
+        if parallel_migrations < 1:
+            raise ValueError(f"parallel_migrations must be at least 1, not {parallel_migrations}")
         self.engine = engine
+        self.parallel_migrations = parallel_migrations
         self.reader = reader or engine
         self.write_lock = write_lock
         self.id = worker_id
@@ -97,7 +108,11 @@ class Worker:
     def claim_op(self) -> tuple[str, OperationKind, Step] | None:
         """Claim an operation: its id, kind and step as claimed (so executing it needs no second read)."""
         now = time.time()
-        claimable = (Operation.step.not_in(_DONE), or_(Operation.claimed_by.is_(None), Operation.lease_until < now))
+        claimable = (
+            Operation.step.not_in(_DONE),
+            or_(Operation.claimed_by.is_(None), Operation.lease_until < now),
+            or_(~_UNSTARTED_MIGRATION, self._migration_slots() > 0),
+        )
         with Session(self.reader) as session:
             # A plain read first: idle workers do not queue for the write lock.
             if session.scalars(select(Operation.id).where(*claimable).limit(1)).first() is None:
@@ -114,8 +129,29 @@ class Worker:
             op = session.scalars(query).first()
             if op is None:
                 return None
+            step = op.step
+            if op.kind is OperationKind.MIGRATE and step is Step.ACCEPTED:
+                if not self._slot_still_free(session):
+                    return None  # another replica took the last slot meanwhile
+                # Started in the claim's own transaction: the slot is taken the moment the claim commits.
+                self._advance(session, op, Step.HOST_REQUESTED)
             op.claimed_by, op.lease_until, op.attempts = self.id, now + self.lease, op.attempts + 1
-            return op.id, op.kind, op.step
+            return op.id, op.kind, step
+
+    def _migration_slots(self) -> Any:
+        """Free slots under the fleet's limit of live migrations in flight (KubeVirt's
+        ``parallelMigrationsPerCluster``): a migration is in flight from the moment it is started
+        (``HostRequested``) until it settles, whoever holds it and whether or not its holder is alive (its
+        host may still be moving the VM)."""
+        in_flight = select(func.count()).select_from(Operation).where(_STARTED_MIGRATION).scalar_subquery()
+        return self.parallel_migrations - in_flight
+
+    def _slot_still_free(self, session: Session) -> bool:
+        """The count again, under a lock every replica's claim of a migration takes (PostgreSQL): ``SKIP
+        LOCKED`` lets two replicas each see the last free slot.  SQLite's writers are serialised already."""
+        if session.get_bind().dialect.name == "postgresql":
+            session.execute(select(func.pg_advisory_xact_lock(_MIGRATION_SLOTS_LOCK)))
+        return (session.scalar(select(self._migration_slots())) or 0) > 0
 
     def _locked(self) -> contextlib.AbstractContextManager[Any]:
         return self.write_lock if self.write_lock is not None else contextlib.nullcontext()
@@ -357,21 +393,34 @@ class Worker:
         self._txn(op_id, done)
 
     def _migrate(self, op_id: str, step: Step) -> None:
-        if step is Step.ACCEPTED:
-            self._txn(op_id, lambda s, op: self._advance(s, op, Step.HOST_REQUESTED))
-        vm, source = self._context(op_id)
-        _, dest = self._context(op_id, "target_host")
+        # ``Accepted`` as claimed: this claim started it (or, called without a claim, starts it now), so nobody
+        # has asked the source yet and there is nothing to look for first.
+        fresh = step is Step.ACCEPTED
+
+        def read(session: Session, op: Operation) -> tuple[Vm, Host, Host, str | None]:
+            if op.step is Step.ACCEPTED:
+                self._advance(session, op, Step.HOST_REQUESTED)
+            vm = session.get(Vm, op.resource_id)
+            source, dest = session.get(Host, op.host or ""), session.get(Host, op.target_host or "")
+            if vm is None or source is None or dest is None:
+                raise _Failed("Gone", f"the VM or a host record is gone ({op.resource_id})")
+            for row in (vm, source, dest):
+                session.expunge(row)
+            return vm, source, dest, op.migration_id
+
+        # One transaction reads all the move needs (it ran as four: each a write, queued behind every other).
+        vm, source, dest, mig_id = self._txn(op_id, read)
         src_api, dst_api = HostApi(source.api_url), HostApi(dest.api_url)
-        mig_id: str | None = self._txn(op_id, lambda _s, op: op.migration_id)
         if mig_id is None:
-            arrived = dst_api.get_vm(vm.host_vm_name)
-            if arrived is not None and arrived.get("state") == _RUNNING:
-                # A predecessor's move finished before it recorded the id: the source keeps finished
-                # migrations, so the figures are fetched from its record, not lost.
-                record = self._finished_record(src_api, vm.host_vm_name)
-                self._finish_migration(op_id, dest, record)
-                return
-            mig_id = self._find_migration(src_api, vm.host_vm_name)
+            if not fresh:
+                arrived = dst_api.get_vm(vm.host_vm_name)
+                if arrived is not None and arrived.get("state") == _RUNNING:
+                    # A predecessor's move finished before it recorded the id: the source keeps finished
+                    # migrations, so the figures are fetched from its record, not lost.
+                    record = self._finished_record(src_api, vm.host_vm_name)
+                    self._finish_migration(op_id, dest, record)
+                    return
+                mig_id = self._find_migration(src_api, vm.host_vm_name)
             if mig_id is None:
                 try:
                     started = src_api.call(
@@ -414,8 +463,11 @@ class Worker:
     def _await_migration(self, op_id: str, src: HostApi, dst: HostApi, vm: Vm, dest: Host, mig_id: str) -> None:
         renewed = time.monotonic()
         while True:
+            asked = time.monotonic()
             try:
-                status = src.call("GET", f"/v1/migrations/{mig_id}")
+                # A long-poll: the source answers when the move settles (or after _LONG_POLL_S), so its end is
+                # seen within milliseconds and one request stands for what was 20 polls.
+                status = src.migration(mig_id, wait=min(_LONG_POLL_S, self.lease / 3))
             except NotFound:
                 # The source restarted and forgot the id: the destination says whether the VM arrived.
                 arrived = dst.get_vm(vm.host_vm_name)
@@ -430,7 +482,8 @@ class Worker:
             if status["status"] in ("failed", "cancelled"):
                 raise _Failed("MigrationFailed", str(status.get("error-desc") or status["status"]))
             renewed = self._keep_claim(op_id, renewed)  # the host works: hold the claim
-            time.sleep(0.1)
+            # A host that does not long-poll answers at once: poll it every 0.1 s as before.
+            time.sleep(max(0.0, 0.1 - (time.monotonic() - asked)))
 
     def _finish_migration(self, op_id: str, dest: Host, stats: dict[str, Any] | None) -> None:
         """The VM is on ``dest``: record it, with the migration's figures (``stats``: the source's record)."""

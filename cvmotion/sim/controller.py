@@ -86,7 +86,7 @@ def serve(argv: list[str]) -> int:
     parser.add_argument("--db")
     parser.add_argument("--heartbeat-timeout", type=float, required=True)
     parser.add_argument("--sweep-period", type=float, default=1.0)
-    parser.add_argument("--workers", type=int, default=4)
+    parser.add_argument("--workers", type=int, default=8)
     parser.add_argument("--shared-tls", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(filename=str(args.data_dir / "controller.log"), level=logging.WARNING)
@@ -150,7 +150,7 @@ class SimController:
     heartbeat_timeout: float
     sweep_period: float
     shared_tls: bool
-    workers: int = 4
+    workers: int = 8
     proc: subprocess.Popen[bytes] | None = None
     url: str = ""
     dialect: str = ""

@@ -10,8 +10,10 @@ client sees what a dead daemon gives it: a transport error, not an HTTP status.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -122,6 +124,38 @@ def _migration(f: SimFleet, host: SimHost, r: Request) -> Any:
     return f.migration(host, _p(r, "mid")).view()
 
 
+_SETTLED = frozenset({"completed", "failed", "cancelled"})
+MAX_WAIT_S = 30.0  # as the host daemon's long-poll
+_TICK_S = 0.005
+
+
+def _long_poll(fleet: SimFleet) -> Callable[[Request], Awaitable[Response]]:
+    """``GET /migrations/{mid}?wait=S`` as the host daemon answers it: once the migration settles or after S
+    seconds.  The world only moves when someone looks (``run_due``), so it looks every few milliseconds,
+    without holding a thread."""
+    answer = _route(fleet, _migration)
+
+    async def endpoint(request: Request) -> Response:
+        try:
+            wait = float(request.query_params.get("wait", "0"))
+        except ValueError:
+            wait = -1.0
+        if not 0.0 <= wait <= MAX_WAIT_S:
+            return _error(422, "UsageError", f"wait must be a number of seconds from 0 to {MAX_WAIT_S:g}")
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            with fleet.lock:
+                fleet.scheduler.run_due()
+                host = fleet.hosts.get(request.path_params["host"])
+                mig = None if host is None or host.down else host.migrations.get(request.path_params["mid"])
+                if mig is None or mig.status in _SETTLED:
+                    break  # settled, or an answer that is no migration's progress: give it now
+            await asyncio.sleep(min(_TICK_S, max(0.0, deadline - time.monotonic())))
+        return await answer(request)
+
+    return endpoint
+
+
 def _cancel(f: SimFleet, host: SimHost, r: Request) -> Any:
     return f.cancel(host, _p(r, "mid"))
 
@@ -159,7 +193,11 @@ def create_app(fleet: SimFleet) -> Starlette:
     # uvicorn logs every dropped answer as an application error; a down host is the point, not news.
     logging.getLogger("uvicorn.error").addFilter(lambda r: "HostDown" not in str(r.exc_info))
     routes = [
-        Route(f"/h/{{host}}/v1{path}", _route(fleet, handler, status), methods=[method])
+        Route(
+            f"/h/{{host}}/v1{path}",
+            _long_poll(fleet) if handler is _migration else _route(fleet, handler, status),
+            methods=[method],
+        )
         for method, path, handler, status in _ROUTES
     ]
     return Starlette(routes=routes)

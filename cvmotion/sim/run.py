@@ -38,7 +38,7 @@ class SimConfig:
     db: str | None = None
     speed: float = 60.0
     per_host: int = 2
-    workers: int = 4  # the controller's operation workers (controller serve's default)
+    workers: int = 8  # the controller's operation workers (controller serve's default)
     failures: int = -1  # -1: one host in a hundred (at least one)
     shared_tls: bool = True
     data_dir: Path | None = None

@@ -9,6 +9,8 @@ flight (KubeVirt's ``parallelOutboundMigrationsPerNode``, 2), it asks the contro
 the host runs (the controller refuses the ones not opted in or denied by policy, 409/403, and places the
 others), for a few rounds (VMs placed onto the host meanwhile move too), then updates the host in place
 (``POST /v1/host/maintenance`` on the host), pausing whatever is still there; no redeploys on this path.
+Every host of the domain is cordoned through the controller before its first move and uncordoned once
+updated, as an operator running maintenance outside a drain does.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import Any
 import httpx
 
 from cvmotion.ipc.http_client import default_ssl_context
-from cvmotion.sim.drainwave import has_drain_api, run_drain
+from cvmotion.sim.drainwave import HOSTS, has_drain_api, run_drain
 from cvmotion.sim.hosts import SimFleet, SimHost
 from cvmotion.sim.populate import ControllerApi
 from cvmotion.sim.scenario import SUBSCRIPTION, Scenario, VmPlan
@@ -84,12 +86,20 @@ class _Driver:
                 result.steps += steps
                 refused |= {s.vm for s in steps if s.outcome != "Succeeded"}
             result.inplace = self._update_in_place(host)
+            self.api.ok("POST", f"{HOSTS}/{host.name}/uncordon")  # updated: a destination again
         except Exception as exc:  # one host's trouble is its row in the report, not the wave's end
             result.status, result.error = "Failed", f"{type(exc).__name__}: {exc}"[:300]
         if result.status != "Failed" and any(s.outcome == "Failed" for s in result.steps):
             result.status = "PartiallySucceeded"
         result.ended = time.monotonic() - t0
         return result
+
+    def cordon(self, domain: list[SimHost], fd: str) -> None:
+        """Every host of the domain stops being a destination before any of its VMs moves (``kubectl cordon``):
+        a VM moved off one of them never lands on another only to move again, nor on one about to pause."""
+        body = {"reason": f"maintenance wave: fault domain {fd}"}
+        with ThreadPoolExecutor(8, thread_name_prefix=f"cordon-{fd}") as pool:
+            list(pool.map(lambda h: self.api.ok("POST", f"{HOSTS}/{h.name}/cordon", body), domain))
 
     def _move(self, host: SimHost, vm: VmPlan) -> VmStep:
         group = f"/subscriptions/{SUBSCRIPTION}/resourceGroups/{vm.group.name}"
@@ -203,6 +213,8 @@ def run_wave(api: ControllerApi, fleet: SimFleet, scenario: Scenario, options: W
             start = time.monotonic() - t0
             failed += _schedule_failures(fleet, options, rng, hosts, failures)
             reason = reason_for(i, count)
+            if not drain_api:
+                driver.cordon(hosts, fd)  # a drain cordons its host itself
 
             def one(host: SimHost, reason: str = reason) -> HostResult:
                 if drain_api:

@@ -11,15 +11,6 @@ from cvmotion.testing.fakehost import FakeHost
 from cvmotion.testing.postgres import PostgresServer
 
 
-@pytest.fixture(scope="session")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer.find()
-    if server is None:
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are not installed")
-    with server:
-        yield server
-
-
 @pytest.fixture(params=["sqlite", "postgresql"])
 def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
     """``None`` (the controller's default SQLite file) or a fresh PostgreSQL database."""

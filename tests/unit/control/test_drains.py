@@ -20,7 +20,7 @@ from maintenance_fakes import MaintenanceFakeHost
 from sqlalchemy import select
 
 from cvmotion.control.api import create_app
-from cvmotion.control.db import Event
+from cvmotion.control.db import Event, Vm
 from cvmotion.control.maintenance_options import MaintenanceOptions
 from cvmotion.control.service import FleetController
 from cvmotion.ipc.http import ServerThread, listen_socket
@@ -188,6 +188,28 @@ def test_refusals(api: Api) -> None:
     reader = api.token(__import__("cvmotion.control.auth", fromlist=["Role"]).Role.OWNER, "default")
     assert api.req("POST", f"{HOSTS}/h1/drain", {"reason": "SecurityUpdate"}, token=reader).status_code == 403
     assert api.req("POST", f"{HOSTS}/nope/uncordon").status_code == 404
+
+
+def test_cordon_keeps_vms_off_a_host_without_moving_any(api: Api, hosts: dict[str, MaintenanceFakeHost]) -> None:
+    _vm(api, "rg1", "stays", "Enabled", host="h1")
+    cordoned = api.req("POST", f"{HOSTS}/h1/cordon", {"reason": "wave fd0"})
+    assert cordoned.status_code == 200, cordoned.text
+    assert cordoned.json()["properties"]["cordoned"] is True
+    again = api.req("POST", f"{HOSTS}/h1/cordon")  # idempotent; an empty body is a default reason
+    assert again.status_code == 200
+    assert again.json()["properties"]["cordoned"] is True
+    pinned = api.create("rg1", "pinned", host="h1")
+    assert pinned.status_code == 409, pinned.text
+    assert "cordoned" in pinned.text
+    hosts_of = api.ctl.transaction(lambda s: {n: h for n, h in s.execute(select(Vm.name, Vm.host))}, write=False)
+    assert hosts_of["stays"] == "h1"  # nothing moved
+    assert [e.data["reason"] for e in _events(api) if e.type == "HostCordoned"] == ["wave fd0"]
+    assert api.req("POST", f"{HOSTS}/h1/uncordon").json()["properties"]["cordoned"] is False
+    assert api.wait(api.create("rg1", "back", host="h1"))["status"] == "Succeeded"
+    assert api.req("POST", f"{HOSTS}/nope/cordon").status_code == 404
+    assert api.req("POST", f"{HOSTS}/h1/cordon", {"reason": "x", "extra": 1}).status_code == 400
+    reader = api.token(__import__("cvmotion.control.auth", fromlist=["Role"]).Role.OWNER, "default")
+    assert api.req("POST", f"{HOSTS}/h2/cordon", token=reader).status_code == 403
 
 
 def test_failed_move_retries_once_then_falls_back(api: Api, hosts: dict[str, MaintenanceFakeHost]) -> None:

@@ -8,12 +8,10 @@ PostgreSQL database when the server binaries are installed.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import pytest
 from sqlalchemy import func, select
 
 from cvmotion.control.db import Vm
@@ -33,15 +31,6 @@ BODY = VmPut.model_validate(
     }
 )
 CREATES = 24
-
-
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[PostgresServer]:
-    server = PostgresServer.find()
-    if server is None:
-        pytest.skip("PostgreSQL binaries (initdb, pg_ctl) are not installed")
-    with server:
-        yield server
 
 
 def _register(ctl: FleetController, name: str, vcpus: int) -> None:

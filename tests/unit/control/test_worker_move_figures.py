@@ -70,6 +70,12 @@ def _moved_after_the_fact(
     """Create the VM on h1, move it to h2 behind the controller's back, then have the worker finish the move."""
     vm, _op, _ = ctl.transaction(lambda s: ctl.vms.put(s, "default", "rg1", "mover", BODY))
     _run_one(ctl)
+    move = ctl.transaction(lambda s: ctl.vms.migrate(s, "default", "rg1", "mover", "h2"))
+
+    def requested(s: Any) -> None:
+        s.get(Operation, move.id).step = Step.HOST_REQUESTED  # committed by the predecessor before it asked
+
+    ctl.transaction(requested)
     # What the predecessor did before it died: the source was asked and answered; nothing recorded.
     started = httpx.post(
         f"{hosts['h1'].url}/v1/vms/{vm.host_vm_name}/migrate", json={"destination": hosts["h2"].url}, timeout=10
@@ -78,7 +84,6 @@ def _moved_after_the_fact(
     assert vm.host_vm_name in hosts["h2"].vms
     if source_forgets:
         hosts["h1"].migrations.clear()  # a source restarted since keeps no record
-    move = ctl.transaction(lambda s: ctl.vms.migrate(s, "default", "rg1", "mover", "h2"))
     _run_one(ctl)
 
     def read(s: Any) -> tuple[Operation, dict[str, Any]]:

@@ -135,3 +135,23 @@ def test_bad_requests_get_the_hosts_error_envelope(world: World) -> None:
     assert wrong.status_code == 400
     assert wrong.json()["error"]["kind"] == "UsageError"
     assert http.get("/h/nosuch/v1/vms").status_code == 404
+
+
+def test_a_status_request_may_wait_for_the_migration_to_settle(world: World) -> None:
+    """``?wait=S`` as on a real host: answered once the move settles (here: the test's clock jumps past it while
+    the request waits), or after S seconds with the progress so far."""
+    fleet, wall, http = world
+    http.post("/h/h0/v1/vms", json={"name": "vm", "size": "Standard_DC2as_v5"})
+    mig = http.post("/h/h0/v1/vms/vm/migrate", json={"destination": fleet.url_of("h1")}).json()["migration"]
+    assert http.get(f"/h/h0/v1/migrations/{mig}", params={"wait": "0.2"}).json()["status"] == "active"
+    timer = threading.Timer(0.3, lambda: setattr(wall, "t", wall.t + 3600))
+    timer.start()
+    try:
+        answer = http.get(f"/h/h0/v1/migrations/{mig}", params={"wait": "25"}, timeout=20)
+    finally:
+        timer.join()
+    assert answer.json()["status"] == "completed"  # within the client's 20 s: it did not wait the 25 asked
+    for bad in ("-1", "31", "soon"):
+        refused = http.get(f"/h/h0/v1/migrations/{mig}", params={"wait": bad})
+        assert refused.status_code == 422
+        assert "wait" in refused.json()["error"]["message"]
