@@ -155,6 +155,8 @@ class Operation(Base):
     error_message: Mapped[str] = mapped_column(String(2048), default="")
     created_at: Mapped[float] = mapped_column(Float, default=time.time)
     updated_at: Mapped[float] = mapped_column(Float, default=time.time)
+    # A started migration whose source has not answered since then (None: it answers); see worker.
+    source_silent_since: Mapped[float | None] = mapped_column(Float, nullable=True, default=None)
 
 
 class Definition(Base):

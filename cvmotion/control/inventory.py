@@ -19,7 +19,8 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.orm import Session
 
 from cvmotion.agent.pool import POOL_NAME_PATTERN
-from cvmotion.control.db import Event, Host, Vm
+from cvmotion.control.db import Event, Host, Operation, Vm
+from cvmotion.control.operations import OperationKind, Step
 from cvmotion.control.placement import Candidate, NoHost
 from cvmotion.control.resources import HostState, PowerState, ProvisioningState, Tcb, no_bool
 from cvmotion.errors import Conflict, NotFound
@@ -30,20 +31,39 @@ __all__ = ["Heartbeat", "HostRegistration", "Inventory", "PlacementContended"]
 HOST_TYPE = "Cvmotion.Fabric/hosts"
 _HOSTS: Table = Host.__table__  # type: ignore[assignment]
 _VMS: Table = Vm.__table__  # type: ignore[assignment]
+_OPS: Table = Operation.__table__  # type: ignore[assignment]
 _CANDIDATE_COLUMNS = (
     _HOSTS.c.name, _HOSTS.c.pool, _HOSTS.c.product, _HOSTS.c.tcb, _HOSTS.c.state, _HOSTS.c.vcpus,
     _HOSTS.c.memory_gib, _HOSTS.c.cordoned, _HOSTS.c.chip_id,
 )  # fmt: skip
-_ONE = select(
-    *_CANDIDATE_COLUMNS,
-    select(func.coalesce(func.sum(_VMS.c.vcpus), 0)).where(_VMS.c.host == _HOSTS.c.name).scalar_subquery(),
-    select(func.coalesce(func.sum(_VMS.c.memory_gib), 0)).where(_VMS.c.host == _HOSTS.c.name).scalar_subquery(),
-    select(func.count()).where(_VMS.c.host == _HOSTS.c.name).scalar_subquery(),
-).where(_HOSTS.c.name == bindparam("name"))
-_USAGE = (
-    select(_VMS.c.host, func.sum(_VMS.c.vcpus), func.sum(_VMS.c.memory_gib), func.count())
-    .where(_VMS.c.host.is_not(None))
-    .group_by(_VMS.c.host)
+# A VM uses its host, and — while a live migration of it is open — its destination too (Nova's migration
+# claim): the move may land at any moment, and until it settles the source keeps the VM.  Without the second
+# part every move asked for at once saw the same emptiest host (the fleet simulation's first seconds sent
+# 176 moves to one host of 128 vCPUs, whose own drain then held the wave back) and could overfill it.
+_INCOMING = (
+    select(_OPS.c.target_host.label("host"), _VMS.c.vcpus, _VMS.c.memory_gib)
+    .join(_VMS, _VMS.c.id == _OPS.c.resource_id)
+    .where(
+        _OPS.c.kind == OperationKind.MIGRATE,
+        _OPS.c.step.not_in((Step.SUCCEEDED, Step.FAILED)),
+        _OPS.c.target_host.is_not(None),
+    )
+)
+_PLACED = select(_VMS.c.host.label("host"), _VMS.c.vcpus, _VMS.c.memory_gib).where(_VMS.c.host.is_not(None))
+_CLAIMS = _PLACED.union_all(_INCOMING).subquery("claims")
+_ONE = (
+    select(
+        *_CANDIDATE_COLUMNS,
+        func.coalesce(func.sum(_CLAIMS.c.vcpus), 0),
+        func.coalesce(func.sum(_CLAIMS.c.memory_gib), 0),
+        func.count(_CLAIMS.c.host),
+    )
+    .select_from(_HOSTS.outerjoin(_CLAIMS, _CLAIMS.c.host == _HOSTS.c.name))
+    .where(_HOSTS.c.name == bindparam("name"))
+    .group_by(*_CANDIDATE_COLUMNS)
+)
+_USAGE = select(_CLAIMS.c.host, func.sum(_CLAIMS.c.vcpus), func.sum(_CLAIMS.c.memory_gib), func.count()).group_by(
+    _CLAIMS.c.host
 )
 
 

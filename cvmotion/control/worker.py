@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import functools
 import logging
 import os
 import signal
@@ -30,7 +31,7 @@ from cvmotion.control.errors import HostBusy, HostUnreachable
 from cvmotion.control.hostclient import HostApi
 from cvmotion.control.operations import NEXT_STEPS, OperationKind, Step
 from cvmotion.control.resources import PowerState, ProvisioningState
-from cvmotion.errors import Conflict, CvmError, NotFound
+from cvmotion.errors import Conflict, CvmError, NotFound, UsageError
 
 __all__ = ["LostClaim", "Worker"]
 
@@ -51,6 +52,11 @@ _UNSTARTED_MIGRATION = and_(Operation.kind == OperationKind.MIGRATE, Operation.s
 _STARTED_MIGRATION = and_(
     Operation.kind == OperationKind.MIGRATE, Operation.step.in_((Step.HOST_REQUESTED, Step.MIGRATING))
 )
+# A started migration whose source has not answered for this long gives its fleet slot back (it moves no data
+# anyone can see; a failed host's moves would otherwise hold the slots for its whole outage) and takes one
+# again when its source answers.  Its operation stays open: only the source can say how the move ended.
+SILENT_SOURCE_GRACE_S = 10.0
+_SILENT_RETRY_S = (1.0, 15.0)  # a silent source is asked again after a quarter of its silence, within these
 _LONG_POLL_S = 2.0  # each status request waits this long on the source for the migration to settle
 
 
@@ -87,11 +93,13 @@ class Worker:
         write_lock: threading.Lock | None = None,
         reader: Engine | None = None,
         parallel_migrations: int = PARALLEL_MIGRATIONS,
+        silent_source_grace: float = SILENT_SOURCE_GRACE_S,
     ) -> None:
         if parallel_migrations < 1:
             raise ValueError(f"parallel_migrations must be at least 1, not {parallel_migrations}")
         self.engine = engine
         self.parallel_migrations = parallel_migrations
+        self.silent_source_grace = silent_source_grace
         self.reader = reader or engine
         self.write_lock = write_lock
         self.id = worker_id
@@ -111,7 +119,7 @@ class Worker:
         claimable = (
             Operation.step.not_in(_DONE),
             or_(Operation.claimed_by.is_(None), Operation.lease_until < now),
-            or_(~_UNSTARTED_MIGRATION, self._migration_slots() > 0),
+            or_(~_UNSTARTED_MIGRATION, self._migration_slots(now) > 0),
         )
         with Session(self.reader) as session:
             # A plain read first: idle workers do not queue for the write lock.
@@ -131,27 +139,30 @@ class Worker:
                 return None
             step = op.step
             if op.kind is OperationKind.MIGRATE and step is Step.ACCEPTED:
-                if not self._slot_still_free(session):
+                if not self._slot_still_free(session, now):
                     return None  # another replica took the last slot meanwhile
                 # Started in the claim's own transaction: the slot is taken the moment the claim commits.
                 self._advance(session, op, Step.HOST_REQUESTED)
             op.claimed_by, op.lease_until, op.attempts = self.id, now + self.lease, op.attempts + 1
             return op.id, op.kind, step
 
-    def _migration_slots(self) -> Any:
+    def _migration_slots(self, now: float) -> Any:
         """Free slots under the fleet's limit of live migrations in flight (KubeVirt's
         ``parallelMigrationsPerCluster``): a migration is in flight from the moment it is started
         (``HostRequested``) until it settles, whoever holds it and whether or not its holder is alive (its
-        host may still be moving the VM)."""
-        in_flight = select(func.count()).select_from(Operation).where(_STARTED_MIGRATION).scalar_subquery()
-        return self.parallel_migrations - in_flight
+        host may still be moving the VM) — unless its source has not answered for ``silent_source_grace``."""
+        answering = or_(
+            Operation.source_silent_since.is_(None), Operation.source_silent_since > now - self.silent_source_grace
+        )
+        in_flight = select(func.count()).select_from(Operation).where(_STARTED_MIGRATION, answering)
+        return self.parallel_migrations - in_flight.scalar_subquery()
 
-    def _slot_still_free(self, session: Session) -> bool:
+    def _slot_still_free(self, session: Session, now: float) -> bool:
         """The count again, under a lock every replica's claim of a migration takes (PostgreSQL): ``SKIP
         LOCKED`` lets two replicas each see the last free slot.  SQLite's writers are serialised already."""
         if session.get_bind().dialect.name == "postgresql":
             session.execute(select(func.pg_advisory_xact_lock(_MIGRATION_SLOTS_LOCK)))
-        return (session.scalar(select(self._migration_slots())) or 0) > 0
+        return (session.scalar(select(self._migration_slots(now))) or 0) > 0
 
     def _locked(self) -> contextlib.AbstractContextManager[Any]:
         return self.write_lock if self.write_lock is not None else contextlib.nullcontext()
@@ -278,6 +289,8 @@ class Worker:
         if op.attempts >= _MAX_ATTEMPTS:
             self._fail(session, op, "HostUnreachable", message)
             return
+        if op.kind is OperationKind.MIGRATE and op.source_silent_since is None:
+            op.source_silent_since = time.time()  # only a move's source is asked before it is Migrating
         op.error_message = message
         op.claimed_by = None
         op.lease_until = time.time() + min(0.2 * 2**op.attempts, 10.0)  # backoff before the next claim
@@ -397,7 +410,7 @@ class Worker:
         # has asked the source yet and there is nothing to look for first.
         fresh = step is Step.ACCEPTED
 
-        def read(session: Session, op: Operation) -> tuple[Vm, Host, Host, str | None]:
+        def read(session: Session, op: Operation) -> tuple[Vm, Host, Host, str | None, bool]:
             if op.step is Step.ACCEPTED:
                 self._advance(session, op, Step.HOST_REQUESTED)
             vm = session.get(Vm, op.resource_id)
@@ -406,10 +419,10 @@ class Worker:
                 raise _Failed("Gone", f"the VM or a host record is gone ({op.resource_id})")
             for row in (vm, source, dest):
                 session.expunge(row)
-            return vm, source, dest, op.migration_id
+            return vm, source, dest, op.migration_id, op.source_silent_since is not None
 
         # One transaction reads all the move needs (it ran as four: each a write, queued behind every other).
-        vm, source, dest, mig_id = self._txn(op_id, read)
+        vm, source, dest, mig_id, silent = self._txn(op_id, read)
         src_api, dst_api = HostApi(source.api_url), HostApi(dest.api_url)
         if mig_id is None:
             if not fresh:
@@ -435,8 +448,10 @@ class Worker:
                 mig_id = str(started["migration"])
                 _fault("Migrate:HostAnswered")
             recorded = mig_id
-            self._txn(op_id, lambda s, op: self._advance(s, op, Step.MIGRATING, migration_id=recorded))
-        self._await_migration(op_id, src_api, dst_api, vm, dest, mig_id)
+            migrating = {"migration_id": recorded, "source_silent_since": None}
+            self._txn(op_id, lambda s, op: self._advance(s, op, Step.MIGRATING, **migrating))
+            silent = False
+        self._await_migration(op_id, src_api, dst_api, vm, dest, mig_id, silent)
 
     @staticmethod
     def _finished_record(api: HostApi, name: str) -> dict[str, Any] | None:
@@ -460,7 +475,9 @@ class Worker:
                 return str(mig["x-cvmotion"]["id"])
         return None
 
-    def _await_migration(self, op_id: str, src: HostApi, dst: HostApi, vm: Vm, dest: Host, mig_id: str) -> None:
+    def _await_migration(
+        self, op_id: str, src: HostApi, dst: HostApi, vm: Vm, dest: Host, mig_id: str, silent: bool
+    ) -> None:
         renewed = time.monotonic()
         while True:
             asked = time.monotonic()
@@ -469,13 +486,25 @@ class Worker:
                 # seen within milliseconds and one request stands for what was 20 polls.
                 status = src.migration(mig_id, wait=min(_LONG_POLL_S, self.lease / 3))
             except NotFound:
-                # The source restarted and forgot the id: the destination says whether the VM arrived.
+                # The source restarted and forgot the id: the destination says whether the VM arrived (a
+                # destination that does not answer either fails the step, retried: it may hold the VM).
                 arrived = dst.get_vm(vm.host_vm_name)
                 if arrived is not None and arrived.get("state") == _RUNNING:
                     self._finish_migration(op_id, dest, None)
                     return
                 lost = f"migration {mig_id} is unknown to the source and the VM did not arrive"
                 raise _Failed("MigrationLost", lost) from None
+            except (Conflict, UsageError):
+                raise  # an answer, if not the one expected: retried after the lease as any failed step
+            except CvmError as exc:  # the source does not answer (unreachable, 5xx)
+                if self._arrived(dst, vm):
+                    self._finish_migration(op_id, dest, None)  # committed before its source went away
+                else:
+                    self._txn(op_id, functools.partial(self._source_silent, message=str(exc)))
+                return
+            if silent:
+                self._txn(op_id, lambda _s, op: setattr(op, "source_silent_since", None))  # it answers: a slot again
+                silent = False
             if status["status"] == "completed":
                 self._finish_migration(op_id, dest, status)
                 return
@@ -484,6 +513,25 @@ class Worker:
             renewed = self._keep_claim(op_id, renewed)  # the host works: hold the claim
             # A host that does not long-poll answers at once: poll it every 0.1 s as before.
             time.sleep(max(0.0, 0.1 - (time.monotonic() - asked)))
+
+    @staticmethod
+    def _arrived(dst: HostApi, vm: Vm) -> bool:
+        try:
+            arrived = dst.get_vm(vm.host_vm_name)
+        except CvmError:
+            return False
+        return arrived is not None and arrived.get("state") == _RUNNING
+
+    def _source_silent(self, _session: Session, op: Operation, *, message: str) -> None:
+        """The move's source did not answer: note since when (its slot is given back past the grace) and let
+        the operation go, to be asked again by whichever worker is free then (sooner early in the silence)."""
+        now = time.time()
+        if op.source_silent_since is None:
+            op.source_silent_since = now
+            log.warning("operation %s: the source of migration %s does not answer: %s", op.id, op.migration_id, message)
+        low, high = _SILENT_RETRY_S
+        op.error_message = message[:2000]
+        op.claimed_by, op.lease_until = None, now + min(high, max(low, (now - op.source_silent_since) / 4))
 
     def _finish_migration(self, op_id: str, dest: Host, stats: dict[str, Any] | None) -> None:
         """The VM is on ``dest``: record it, with the migration's figures (``stats``: the source's record)."""

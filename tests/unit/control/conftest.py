@@ -10,6 +10,7 @@ import pytest
 from control_harness import Api
 
 from cvmotion.control.api import create_app
+from cvmotion.control.inventory import HostRegistration
 from cvmotion.control.service import FleetController
 from cvmotion.ipc.http import ServerThread, listen_socket
 from cvmotion.testing.fakehost import FakeHost
@@ -38,3 +39,17 @@ def api(tmp_path: Path, fakehosts: dict[str, FakeHost]) -> Iterator[Api]:
             yield a
     finally:
         ctl.stop()
+
+
+@pytest.fixture
+def workerless(tmp_path: Path, fakehosts: dict[str, FakeHost]) -> Iterator[FleetController]:
+    """A controller without workers (the test drives them itself), the fake hosts registered."""
+    controller = FleetController(tmp_path / "ctl", workers=0)
+    controller.start()
+    try:
+        for host in fakehosts.values():
+            body = HostRegistration.model_validate(host.registration())
+            controller.transaction(lambda s, b=body: controller.inventory.register(s, b))
+        yield controller
+    finally:
+        controller.stop()

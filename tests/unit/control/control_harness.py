@@ -8,11 +8,23 @@ from typing import Any
 import httpx
 
 from cvmotion.control.auth import Role, issue_token
+from cvmotion.control.resources import VmPut
 from cvmotion.control.service import OWNER_TOKEN_FILE, FleetController
 from cvmotion.testing.fakehost import FakeHost
 
 RG = "/subscriptions/default/resourceGroups"
 VMS = "providers/Microsoft.Compute/virtualMachines"
+# A 2-vCPU, 8 GiB VM whose owner enabled confidential live migration, created on h1.
+OPTED_IN_ON_H1 = VmPut.model_validate(
+    {
+        "properties": {
+            "hardwareProfile": {"vmSize": "Standard_DC2as_v5"},
+            "securityProfile": {"confidentialLiveMigration": "Enabled"},
+            "storageProfile": {"imageReference": {"id": "kvstore"}},
+            "placement": {"host": "h1"},
+        }
+    }
+)
 
 
 class Api:

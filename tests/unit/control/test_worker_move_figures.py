@@ -14,26 +14,17 @@ from typing import Any
 
 import httpx
 import pytest
+from control_harness import OPTED_IN_ON_H1
 from sqlalchemy import select
 
 from cvmotion.control.db import Event, Operation
 from cvmotion.control.inventory import HostRegistration
 from cvmotion.control.operations import Step
-from cvmotion.control.resources import VmPut
 from cvmotion.control.service import FleetController
 from cvmotion.control.worker import Worker
 from cvmotion.testing.fakehost import FakeHost
 
-BODY = VmPut.model_validate(
-    {
-        "properties": {
-            "hardwareProfile": {"vmSize": "Standard_DC2as_v5"},
-            "securityProfile": {"confidentialLiveMigration": "Enabled"},
-            "storageProfile": {"imageReference": {"id": "kvstore"}},
-            "placement": {"host": "h1"},
-        }
-    }
-)
+BODY = OPTED_IN_ON_H1
 
 
 @pytest.fixture
