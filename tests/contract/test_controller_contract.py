@@ -128,6 +128,16 @@ def _operation_url(response: Any) -> str:
 
 def test_a_vm_is_created_shown_and_deleted_as_documented(fleet: Fleet) -> None:
     """The 202s and their operation, each answer checked against the document (random data rarely gets there)."""
+    # Two hosts of its own: the fuzzer before this test may have cordoned or begun draining host-a and host-b
+    # (a cordon or drain of a registered host is a documented 200/202).
+    with FakeHost("doc-a", "pool-a") as source, FakeHost("doc-b", "pool-b", chip_id="ef" * 32) as target:
+        for host in (source, target):
+            registered = fleet.controller.api("POST", "/providers/Cvmotion.Fabric/hosts/register", host.registration())
+            assert registered.status_code == 200, registered.text
+        _create_show_move_delete(fleet)
+
+
+def _create_show_move_delete(fleet: Fleet) -> None:
     schema = _load(fleet)
     auth = {"Authorization": f"Bearer {fleet.token}"}
     path = VM_PATH
@@ -138,7 +148,7 @@ def test_a_vm_is_created_shown_and_deleted_as_documented(fleet: Fleet) -> None:
             "hardwareProfile": {"vmSize": "Standard_DC2as_v5"},
             "securityProfile": {"confidentialLiveMigration": "Enabled"},
             "storageProfile": {"imageReference": {"id": "kvstore"}},
-            "placement": {"host": "host-a"},  # not a host the fuzzer registered: those answer nothing
+            "placement": {"host": "doc-a"},  # not a host the fuzzer registered: those answer nothing
         },
     }
     put = schema[path]["PUT"].Case(path_parameters=params, body=body, media_type="application/json", headers=auth)
@@ -153,7 +163,7 @@ def test_a_vm_is_created_shown_and_deleted_as_documented(fleet: Fleet) -> None:
     shown = schema[path]["GET"].Case(path_parameters=params, headers=auth).call_and_validate()
     assert shown.json()["properties"]["instanceView"]["liveMigration"]["eligible"] is True, shown.text
     migrate = schema[path + "/migrate"]["POST"].Case(
-        path_parameters=params, body={"targetHost": "host-b"}, media_type="application/json", headers=auth
+        path_parameters=params, body={"targetHost": "doc-b"}, media_type="application/json", headers=auth
     )
     moved = migrate.call_and_validate()
     assert moved.status_code == 202, moved.text
