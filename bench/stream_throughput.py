@@ -5,9 +5,12 @@ Measured in one run, so every figure sees the same machine:
 1. AES-256-GCM on one core (``cryptography``): bulk (16 MiB per call) and per 4 KiB page with its own IV and
    AAD, as the stream seals them (one GCM invocation per page: the wire format's per-page tag and AAD);
 2. loopback TCP, one stream, 2 MiB writes, between two processes: the transport's own ceiling;
-3. the emulated SP in one process: ``export_memory`` (seal, 512-page bundles straight from a memfd) and
+3. writing fresh guest memory (a memfd, 1 MiB ``pwrite`` calls as the SP's imports): into pages never touched,
+   into pages already allocated, and after ``fallocate`` of the whole range — what populating the destination's
+   memory ahead of the stream could take off the critical path (the first touch of a page);
+4. the emulated SP in one process: ``export_memory`` (seal, 512-page bundles straight from a memfd) and
    ``import_bundle`` (open from a private copy, write guest memory), in GB/s of sealed bundle bytes;
-4. end to end: a guest that populated a large working set of non-zero pages and idles (memdirty
+5. end to end: a guest that populated a large working set of non-zero pages and idles (memdirty
    ``dirty_mib=N rate=1``), live-migrated between two cvmotion hosts on loopback; round 0's sealed bytes
    over round 0's end-to-end time (the epoch is timed until the destination's firmware took its token,
    so every page is in the destination's memory), and the CPU each process spent per page.
@@ -112,6 +115,39 @@ def loopback_tcp(total: int = 512 << 20, chunk: int = 2 << 20) -> float:
         server.close()
         os.waitpid(pid, 0)
     return got / elapsed / GB
+
+
+def first_touch(mib: int) -> dict[str, float]:
+    """GB/s of writing ``mib`` MiB into a fresh memfd in 1 MiB ``pwrite`` calls, three ways (see the docstring)."""
+    size, chunk = mib << 20, 1 << 20
+    data = os.urandom(chunk)
+
+    def fresh() -> int:
+        fd = os.memfd_create("cvmotion-first-touch", os.MFD_CLOEXEC)
+        os.ftruncate(fd, size)
+        return fd
+
+    def write_all(fd: int) -> float:
+        start = time.perf_counter()
+        for offset in range(0, size, chunk):
+            os.pwrite(fd, data, offset)
+        return size / (time.perf_counter() - start) / GB
+
+    fd = fresh()
+    try:
+        untouched = write_all(fd)
+        allocated = write_all(fd)
+    finally:
+        os.close(fd)
+    fd = fresh()
+    try:
+        start = time.perf_counter()
+        os.posix_fallocate(fd, 0, size)
+        fallocate = size / (time.perf_counter() - start) / GB
+        after_fallocate = write_all(fd)
+    finally:
+        os.close(fd)
+    return {"untouched": untouched, "allocated": allocated, "fallocate": fallocate, "after_fallocate": after_fallocate}
 
 
 class _Hardware:
@@ -250,6 +286,8 @@ def main() -> int:
     bulk = statistics.median(aes_bulk(args.seconds) for _ in range(3))
     per_page = statistics.median(aes_per_page(args.seconds) for _ in range(3))
     tcp = statistics.median(loopback_tcp() for _ in range(3))
+    touches = [first_touch(args.fw_mib * 2) for _ in range(3)]
+    touch = {k: statistics.median(t[k] for t in touches) for k in touches[0]}
     with tempfile.TemporaryDirectory(prefix="cvmotion-stream-") as tmp:
         vendor = Vendor.open(Path(tmp) / "vendor")
         rates = [firmware_rates(args.fw_mib, vendor, Path(tmp) / f"fw{i}") for i in range(3)]
@@ -266,6 +304,10 @@ def main() -> int:
         "AES-256-GCM, one core, one 4 KiB page per call", f"{per_page:.2f}", "per-page IV + AAD (the wire format)"
     )
     t.add_row("loopback TCP, one stream, 2 MiB writes", f"{tcp:.2f}", "the transport's ceiling, no crypto")
+    t.add_row("pwrite into untouched guest memory", f"{touch['untouched']:.2f}", "memfd, 1 MiB calls: the first touch")
+    t.add_row("pwrite into allocated guest memory", f"{touch['allocated']:.2f}", "the same pages written again")
+    t.add_row("fallocate of guest memory", f"{touch['fallocate']:.2f}", "populating ahead of the stream")
+    t.add_row("pwrite after fallocate", f"{touch['after_fallocate']:.2f}", "what is left on the critical path")
     t.add_row("SP seal (export_memory), one core", f"{seal:.2f}", f"{args.fw_mib} MiB, 512-page bundles, in process")
     t.add_row("SP open (import_bundle), one core", f"{open_:.2f}", "private copy + open + write guest memory")
     t.add_row(
@@ -284,6 +326,7 @@ def main() -> int:
                 "aes_gcm_bulk_gbps": bulk,
                 "aes_gcm_per_page_gbps": per_page,
                 "loopback_tcp_gbps": tcp,
+                "guest_memory_write_gbps": touch,
                 "sp_seal_gbps": seal,
                 "sp_open_gbps": open_,
                 "end_to_end_round0_gbps": e2e,

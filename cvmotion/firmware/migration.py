@@ -81,7 +81,9 @@ class GuestMemoryAccess(Protocol):
 
     def view(self, gpa: int, length: int) -> memoryview: ...
 
-    def populated_ranges(self) -> Sequence[tuple[int, int]]: ...
+    def populated_ranges(self, skip: Sequence[tuple[int, int]] = ()) -> Sequence[tuple[int, int]]:
+        """GPA ranges ``(gpa, length)`` of populated memory; ``skip``: ranges known populated, not looked at again."""
+        ...
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` at ``gpa`` (an import writes guest memory only through this)."""
@@ -123,6 +125,9 @@ class _Export:
     hw: GuestHardware | None = None
     session: ExportSession = field(default_factory=ExportSession)
     clean: npt.NDArray[np.bool_] | None = None
+    # Guest memory populated when the export started (the SP's own look at the memfd, not the host's word): the
+    # start token needs every page of these, and of any populated since, exported after its last write.
+    populated: list[tuple[int, int]] = field(default_factory=list)
     captured: tuple[bytes, bytes] | None = None  # (vCPU, device) state, taken once: the VM stays held paused
     start_token_digest: bytes | None = None  # what a commit receipt must name: the start token this SP emitted
     # Restored from a sealed SP state (sp_snapshot): the hardware binding and the clean-page map did not survive,
@@ -218,6 +223,9 @@ class MigrationFirmware:
             exp.session.start()
             exp.hw = hw
             exp.clean = np.zeros(hw.gfn_limit, dtype=np.bool_)
+            # Walking the populated set costs ~8 ms per GiB here: done now, so the start token (inside the guest's
+            # downtime) only looks for what was populated since.
+            exp.populated = list(hw.memory.populated_ranges())
             self._sp._set_op_state(handle, OpState.LIVE_EXPORT)
 
     def _seal(self, exp: _Export, stream: int, kind: BundleType, metadata: bytes, payload: bytes | None) -> bytes:
@@ -357,9 +365,10 @@ class MigrationFirmware:
             dirty = hw.take_dirty(fresh=True)
             if len(dirty):
                 clean[dirty.astype(np.intp)] = False
-            all_clean = all(
-                bool(clean[gpa >> 12 : (gpa + length) >> 12].all()) for gpa, length in hw.memory.populated_ranges()
-            )
+            # Every page populated at the export's start or since (a page only leaves the memfd by a punched
+            # hole, and then it is still asked for: stricter, never looser).
+            populated = exp.populated + list(hw.memory.populated_ranges(skip=exp.populated))
+            all_clean = all(bool(clean[gpa >> 12 : (gpa + length) >> 12].all()) for gpa, length in populated)
             epoch = exp.session.epoch
             total = exp.session.emit_start_token(all_pages_clean=all_clean)
             mb, _, iv = exp.session.next_slot(stream, 0, BundleType.START_TOKEN)

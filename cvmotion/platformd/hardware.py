@@ -12,6 +12,7 @@ import contextlib
 import mmap
 import os
 import threading
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -48,8 +49,8 @@ class SpMemory:
     def view(self, gpa: int, length: int) -> memoryview:
         return self._memory.view(gpa, length)
 
-    def populated_ranges(self) -> list[tuple[Gpa, int]]:
-        return self._memory.populated_ranges()
+    def populated_ranges(self, skip: Sequence[tuple[int, int]] = ()) -> list[tuple[Gpa, int]]:
+        return self._memory.populated_ranges(skip)
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
         offset = self.layout.offset_of(gpa, len(data))

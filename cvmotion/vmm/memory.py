@@ -16,7 +16,7 @@ import ctypes
 import errno
 import mmap
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -26,6 +26,19 @@ from cvmotion.vmm.dirty import VmmDirtyBitmap
 from cvmotion.vmm.layout import PAGE_SHIFT, PAGE_SIZE, Gpa, Hva, MemoryLayout, MemoryRegion
 
 __all__ = ["GuestMemory"]
+
+
+def _gaps(known: list[tuple[int, int]], size: int) -> list[tuple[int, int]]:
+    """``[lo, hi)`` byte ranges of ``[0, size)`` outside ``known`` (sorted ``(offset, length)`` ranges)."""
+    gaps: list[tuple[int, int]] = []
+    cursor = 0
+    for offset, length in known:
+        if offset > cursor:
+            gaps.append((cursor, offset))
+        cursor = max(cursor, offset + length)
+    if cursor < size:
+        gaps.append((cursor, size))
+    return gaps
 
 
 class GuestMemory:
@@ -113,20 +126,30 @@ class GuestMemory:
             self.page(gfn)[:] = src[i * PAGE_SIZE : (i + 1) * PAGE_SIZE]
         self.vmm_dirty.mark_gfns(np.asarray(frames, dtype=np.uint64))
 
-    def populated_ranges(self) -> list[tuple[Gpa, int]]:
-        """GPA ranges backed by memfd pages (``SEEK_DATA``/``SEEK_HOLE``); unpopulated RAM reads as zero."""
+    def populated_ranges(self, skip: Sequence[tuple[int, int]] = ()) -> list[tuple[Gpa, int]]:
+        """GPA ranges backed by memfd pages (``SEEK_DATA``/``SEEK_HOLE``); unpopulated RAM reads as zero.
+
+        ``skip``: GPA ranges the caller already knows (an earlier answer): only what lies outside them is looked
+        for, so the cost follows what is new, not the whole populated set. ``SEEK_HOLE`` walks the page cache
+        page by page (8-10 ms per GiB populated under this machine's nested KVM); ``SEEK_DATA`` over a hole
+        skips empty page-cache nodes. A run that starts in a gap is reported up to the gap's end.
+        """
+        gaps = _gaps(sorted((self.layout.offset_of(gpa, length), length) for gpa, length in skip if length), self.size)
         out: list[tuple[Gpa, int]] = []
-        offset = 0
-        while offset < self.size:
-            try:
-                start = os.lseek(self._fd, offset, os.SEEK_DATA)
-            except OSError as exc:
-                if exc.errno == errno.ENXIO:  # no data after offset
+        for lo, hi in gaps:
+            offset = lo
+            while offset < hi:
+                try:
+                    start = os.lseek(self._fd, offset, os.SEEK_DATA)
+                except OSError as exc:
+                    if exc.errno == errno.ENXIO:  # no data after offset, in this gap or any later one
+                        return out
+                    raise
+                if start >= hi:
                     break
-                raise
-            end = os.lseek(self._fd, start, os.SEEK_HOLE)
-            out.extend(self.layout.gpa_ranges_of(start, end - start))
-            offset = end
+                end = min(os.lseek(self._fd, start, os.SEEK_HOLE), hi)
+                out.extend(self.layout.gpa_ranges_of(start, end - start))
+                offset = end
         return out
 
     def populated_bytes(self) -> int:

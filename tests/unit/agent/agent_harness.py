@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -163,7 +163,7 @@ class NullHardware:
         def view(self, gpa: int, length: int) -> memoryview:
             return memoryview(bytearray(length))
 
-        def populated_ranges(self) -> list[tuple[int, int]]:
+        def populated_ranges(self, skip: Sequence[tuple[int, int]] = ()) -> list[tuple[int, int]]:
             return []
 
     memory = _Memory()

@@ -18,6 +18,7 @@ from cvmotion.abi.guest_msg import KeyReq, KeyRsp, ReportRsp, RootKey
 from cvmotion.abi.snp import AttestationReport, PolicyFlag
 from cvmotion.abi.wire import BundleHeader, BundleType
 from cvmotion.errors import FirmwareError, IntegrityError
+from cvmotion.firmware.launch import PAGE_SIZE
 from cvmotion.firmware.vendor import Vendor
 
 
@@ -129,6 +130,33 @@ def test_start_token_refused_while_a_page_is_dirty(session: Session) -> None:
     with pytest.raises(FirmwareError, match="dirty or unexported"):
         s.switchover(final_gfns=[])  # a lazy (or malicious) engine skips the last dirty page
     assert not _dst_committed(s)
+
+
+def _unlogged_write(s: Session, gpa: int) -> None:
+    """A page populated behind the dirty logs' back (a hostile VMM): only the SP's own look at memory finds it."""
+    s.src.hw.memory.view(gpa, PAGE_SIZE)[:] = b"unlogged".ljust(PAGE_SIZE, b"!")
+
+
+@pytest.mark.parametrize("when", ["before export_start", "after export_start"])
+def test_start_token_refused_over_a_populated_page_never_exported(session: Session, when: str) -> None:
+    """The start token needs every populated page exported: those populated when the export started (looked at
+    then, not in the downtime) and those populated since (looked for in the start's holes at the start token)."""
+    s = session
+    gpa = 0x3F0 << 12  # inside guest RAM, outside what the guest populated
+    if when == "before export_start":
+        _unlogged_write(s, gpa)
+    s.setup()
+    if when == "after export_start":
+        _unlogged_write(s, gpa)
+    ranges = s.src.hw.memory.populated_ranges()
+    s.src.hw.harvest()
+    s.send_pages([g for a, n in ranges for g in range(a >> 12, (a + n) >> 12) if g != gpa >> 12])  # a lazy engine
+    s.epoch()
+    with pytest.raises(FirmwareError, match="dirty or unexported"):
+        s.switchover(final_gfns=[])
+    assert not _dst_committed(s)
+    s.send_pages([gpa >> 12])  # sent: the refusal was for that page alone
+    s.bundles.append((0, s.src.sp.migration.export_start_token(s.src.handle, 0)))
 
 
 def test_guest_without_migrate_ma_cannot_export(emulated_vendor: Vendor, tmp_path: Path) -> None:

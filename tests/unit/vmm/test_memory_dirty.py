@@ -43,6 +43,47 @@ def test_full_size_memfd_is_sparse_and_reports_populated_ranges() -> None:
         assert mem.read(HIGH_MEMORY_BASE + 100 * GIB, 2) == b"yy"
 
 
+def test_populated_ranges_outside_known_ones_finds_only_what_is_new() -> None:
+    with GuestMemory(672 * GIB) as mem:
+        mem.write(0x10000, b"x" * (4 * PAGE_SIZE))
+        mem.write(HIGH_MEMORY_BASE + GIB, b"y")
+        known = mem.populated_ranges()
+        assert mem.populated_ranges(skip=known) == []
+        mem.write(0x10000 + 2 * PAGE_SIZE, b"rewritten inside a known range: not new")
+        mem.write(0x8000, b"before the first range")
+        mem.write(0x10000 + 4 * PAGE_SIZE, b"right after the first range")  # adjacent: its own run
+        mem.write(3 * GIB - PAGE_SIZE, b"the last page below the hole")
+        mem.write(HIGH_MEMORY_BASE + 600 * GIB, b"far above")
+        assert mem.populated_ranges(skip=known) == [
+            (0x8000, PAGE_SIZE),
+            (0x10000 + 4 * PAGE_SIZE, PAGE_SIZE),
+            (3 * GIB - PAGE_SIZE, PAGE_SIZE),
+            (HIGH_MEMORY_BASE + 600 * GIB, PAGE_SIZE),
+        ]
+        # Known and new together are everything populated, each page once.
+        everything = known + mem.populated_ranges(skip=known)
+        pages = sorted(g for gpa, n in everything for g in range(gpa >> 12, (gpa + n) >> 12))
+        assert pages == sorted(g for gpa, n in mem.populated_ranges() for g in range(gpa >> 12, (gpa + n) >> 12))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    before=st.sets(st.integers(0, 4095), max_size=40),
+    after=st.sets(st.integers(0, 4095), max_size=40),
+)
+def test_known_plus_new_is_every_populated_page(before: set[int], after: set[int]) -> None:
+    with GuestMemory(16 * MIB) as mem:
+        for gfn in before:
+            mem.write(gfn * PAGE_SIZE, b"b")
+        known = mem.populated_ranges()
+        for gfn in after:
+            mem.write(gfn * PAGE_SIZE, b"a")
+        new = mem.populated_ranges(skip=known)
+        found = {g for gpa, n in known + new for g in range(gpa >> 12, (gpa + n) >> 12)}
+        assert found == before | after
+        assert not {g for gpa, n in new for g in range(gpa >> 12, (gpa + n) >> 12)} & before
+
+
 def test_vmm_writes_are_tracked_and_taken_once() -> None:
     with GuestMemory(16 * MIB) as mem:
         mem.write(0x1FFF, b"ab")  # straddles pages 1 and 2
