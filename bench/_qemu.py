@@ -51,7 +51,11 @@ class Qmp:
     def __init__(self, path: Path, timeout: float = 30.0) -> None:
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self._sock.settimeout(timeout)
-        self._sock.connect(str(path))
+        try:
+            self._sock.connect(str(path))
+        except OSError:
+            self._sock.close()
+            raise
         self._file = self._sock.makefile("rb")
         self.events: list[dict[str, Any]] = []
         greeting = self._read()
@@ -183,13 +187,18 @@ class QemuPair:
                 proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
                 pair.procs.append(proc)
                 deadline = time.monotonic() + timeout
-                while not qmp_path.exists():
+                while True:
+                    # The socket file appears at bind(), a moment before listen(): a connect in between is
+                    # refused (it failed one bench run in six), so both mean "not yet".
+                    with contextlib.suppress(FileNotFoundError, ConnectionRefusedError):
+                        qmp = Qmp(qmp_path)
+                        break
                     if proc.poll() is not None or time.monotonic() > deadline:
                         raise QmpError(
                             f"QEMU ({role}) did not start: {(pair.root / f'{role}.log').read_text()[-1000:]}"
                         )
                     time.sleep(0.02)
-                pair.vms.append(_Vm(proc, Qmp(qmp_path), serial))
+                pair.vms.append(_Vm(proc, qmp, serial))
         except BaseException:
             pair.close()
             raise
