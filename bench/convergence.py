@@ -3,10 +3,11 @@
 A 1 GiB memdirty VM (2 MiB working set, nearly idle) carries the DMA load device (``vmm.devices.dma``): a
 256 MiB window of guest memory (more than a round can carry within the downtime limit) rewritten at a
 configured rate through the VMM's write path, which dirty tracking sees exactly as it sees guest writes. For
-each rate the VM is migrated between two cvmotion hosts on loopback twice: with auto-converge (throttling the
-vCPUs, which throttles the guest-driven DMA) and without (only the forced switchover after ``max_rounds`` ends
-pre-copy). The table gives rounds, total time, downtime against the limit, bytes sent and how it ended
-(converged / throttled to N % / forced).
+each rate the VM is migrated between two cvmotion hosts on loopback three times: with auto-converge (throttling
+the vCPUs, which throttles the guest-driven DMA), without it, and without it but with ``force_switchover`` (after
+``max_rounds`` the switchover happens even past the limit; by default such a migration fails before the start
+token and the VM runs on at the source). The table gives rounds, total time, downtime against the limit, bytes
+sent and how it ended (converged / throttled to N % / forced / not converged).
 
 QEMU cannot be given the same load: it has no device that dirties guest memory at a set rate, and guest code
 under this nested KVM writes only ~20,000 pages/s (≈80 MiB/s), far below where pre-copy stops converging, so
@@ -37,31 +38,46 @@ MEMORY = "1G"
 READY_TIMEOUT = 120.0
 
 
-def run(pair: HostPair, rate: int, auto_converge: bool, limit: int, max_rounds: int, n: int) -> dict[str, Any]:
-    name = f"conv-{rate}-{int(auto_converge)}-{n}"
+MODES = ((True, False), (False, False), (False, True))  # (auto-converge, force_switchover)
+
+
+def run(pair: HostPair, rate: int, mode: tuple[bool, bool], limit: int, max_rounds: int, n: int) -> dict[str, Any]:
+    auto_converge, force = mode
+    name = f"conv-{rate}-{int(auto_converge)}{int(force)}-{n}"
     cmdline = f"dirty_mib=2 rate=1 hb_ms=100 dma_base=0x1000000 dma_mib={WINDOW_MIB} dma_rate={rate}"
     pair.create_vm(name, cmdline=cmdline, memory=MEMORY)
     try:
         pair.wait_console(pair.a, name, lambda lines: bool(heartbeats(lines)), READY_TIMEOUT)
         time.sleep(0.5)  # let the device fill its window once, so round 0 sees the steady state
         info = pair.migrate(
-            name, downtime_limit_ms=limit, max_rounds=max_rounds, auto_converge=auto_converge, timeout=600
+            name,
+            downtime_limit_ms=limit,
+            max_rounds=max_rounds,
+            auto_converge=auto_converge,
+            force_switchover=force,
+            timeout=600,
         )
         x = info.get("x-cvmotion", {})
         ram = info.get("ram", {})
         throttle = max((int(r.get("throttle", 0)) for r in x.get("rounds", [])), default=0)
         forced = bool(x.get("forced-switchover"))
         how = "forced" if forced else (f"throttled {throttle} %" if throttle else "converged")
+        if info["status"] != "completed":
+            kind = x.get("error-kind")
+            how = (
+                "not converged: ran on at the source" if kind == "NotConverged" else f"failed: {info.get('error-desc')}"
+            )
         return {
             "rate": rate,
             "auto_converge": auto_converge,
+            "force_switchover": force,
             "status": info["status"],
             "rounds": int(ram.get("dirty-sync-count", 0)),
             "total_ms": float(x.get("total-time-ms", info.get("total-time", 0))),
             "downtime_ms": float(x.get("downtime-ms", info.get("downtime", 0))),
             "limit_ms": limit,
             "mib_sent": int(ram.get("transferred", 0)) / 2**20,
-            "how": how if info["status"] == "completed" else f"failed: {info.get('error-desc')}",
+            "how": how,
         }
     finally:
         pair.delete(pair.b, name)
@@ -84,22 +100,24 @@ def main() -> int:
     results: list[dict[str, Any]] = []
     try:
         for rate in rates:
-            for auto in (True, False):
-                result = run(pair, rate, auto, args.limit, args.max_rounds, len(results))
+            for mode in MODES:
+                result = run(pair, rate, mode, args.limit, args.max_rounds, len(results))
                 console.print(result)
                 results.append(result)
     finally:
         pair.close()
     table = Table(title=f"pre-copy under DMA load ({WINDOW_MIB} MiB window, limit {args.limit} ms)")
-    for column in ("DMA MiB/s", "auto-converge", "rounds", "total ms", "downtime ms", "MiB sent", "ended"):
+    columns = ("DMA MiB/s", "auto-converge", "force", "rounds", "total ms", "downtime ms", "MiB sent", "ended")
+    for column in columns:
         table.add_column(column, justify="right")
     for r in results:
         table.add_row(
             str(r["rate"]),
             "on" if r["auto_converge"] else "off",
+            "yes" if r["force_switchover"] else "no",
             str(r["rounds"]),
             f"{r['total_ms']:.0f}",
-            f"{r['downtime_ms']:.1f}",
+            f"{r['downtime_ms']:.1f}" if r["status"] == "completed" else "-",
             f"{r['mib_sent']:.0f}",
             r["how"],
         )

@@ -204,6 +204,11 @@ class IntegrityError(MigrationError):
         super().__init__("integrity check failed")
 
 
+class NotConverged(MigrationError):
+    """Pre-copy ran its rounds and the last dirty set would still pause the guest past the downtime limit; the
+    VM runs on at the source (``force_switchover`` trades the limit for completion)."""
+
+
 class Aborted(MigrationError):
     """The migration was aborted; the VM stays on (or resumes on) the source."""
 

@@ -90,10 +90,17 @@ OPTIONS: tuple[OptionSpec, ...] = (
         flag="--switchover-cost",
     ),
     OptionSpec("streams", int, 2, 1, 16, "parallel TCP streams"),
-    OptionSpec("max_rounds", int, 30, 1, 1000, "pre-copy rounds before the switchover is forced"),
+    OptionSpec(
+        "max_rounds", int, 30, 1, 1000,
+        "pre-copy rounds; then the migration switches over only within the downtime limit, else it fails",
+    ),
     OptionSpec("pages_per_bundle", int, MAX_PAGES_PER_BUNDLE, 1, MAX_PAGES_PER_BUNDLE, "pages sealed per bundle"),
     OptionSpec("batch_bundles", int, 4, 1, 16, "bundles per round trip to the platform process"),
     OptionSpec("auto_converge", bool, True, help="throttle the vCPUs when pre-copy does not converge"),
+    OptionSpec(
+        "force_switchover", bool, False,
+        help="after max_rounds, switch over even past the downtime limit (off: fail, the VM runs on at the source)",
+    ),
     OptionSpec("throttle_initial", int, 20, 0, 99, "auto-converge: the first throttle, in percent"),
     OptionSpec("throttle_increment", int, 10, 1, 99, "auto-converge: added each round that does not converge"),
     OptionSpec("throttle_max", int, 99, 0, 99, "auto-converge: the highest throttle, in percent"),
@@ -128,6 +135,7 @@ class MigrationOptions:
     pages_per_bundle: int = MAX_PAGES_PER_BUNDLE
     batch_bundles: int = 4
     auto_converge: bool = True
+    force_switchover: bool = False
     throttle_initial: int = 20
     throttle_increment: int = 10
     throttle_max: int = 99

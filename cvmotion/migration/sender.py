@@ -33,7 +33,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cvmotion.abi.gfns import sorted_union
-from cvmotion.errors import Aborted, CvmError, MigrationError, PolicyViolation, ProtocolError
+from cvmotion.errors import Aborted, CvmError, MigrationError, NotConverged, PolicyViolation, ProtocolError
 from cvmotion.migration.channel import FrameKind, FrameSocket, connect
 from cvmotion.migration.options import MigrationOptions
 from cvmotion.migration.pipeline import OutgoingStream
@@ -283,7 +283,15 @@ class Sender:
                 s.throttle_pct = throttle
                 not_shrinking = 0
             gfns = dirty
-        # Rounds stopped converging within the cap: forced switchover (a brief pause of the last dirty set).
+        # Rounds stopped converging within the cap. Pausing now would cost more than the limit the user set, so
+        # by default the migration fails before the start token and the VM runs on here (QEMU never switches
+        # over past its limit either; KubeVirt aborts on its completion timeout). Forcing is the user's choice.
+        if not o.force_switchover:
+            raise NotConverged(
+                f"pre-copy did not converge in {o.max_rounds} rounds: the last dirty set ({len(gfns)} pages) would "
+                f"pause the guest about {s.expected_downtime_ms:.0f} ms, over the {o.downtime_limit_ms:g} ms limit; "
+                "the VM keeps running on the source (force_switchover allows the longer pause)"
+            )
         s.forced_switchover = True
         self.emit("MigrationForcedSwitchover", {"id": s.id, "remaining": s.remaining})
         self._final_dirty = gfns

@@ -27,7 +27,8 @@ from cvmotion.testing.tampering import On, bundle, control, freeze, ma
 pytestmark = pytest.mark.timeout(240)
 
 A, B = "host-a", "host-b"
-ROUNDS = {"downtime_limit_ms": 0.01, "max_rounds": 2, "auto_converge": False}  # epochs 0, 1; the pause in 2
+# Epochs 0 and 1, the pause in 2: the limit is never met, so the switchover is forced (opt-in).
+ROUNDS = {"downtime_limit_ms": 0.01, "max_rounds": 2, "auto_converge": False, "force_switchover": True}
 
 
 def _final_epoch(f: Frame) -> bool:
