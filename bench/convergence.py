@@ -92,7 +92,7 @@ def main() -> int:
     parser.add_argument("--out", type=Path, help="write the results as JSON here")
     args = parser.parse_args()
     exit_cleanly_on_sigterm()
-    console = Console()
+    console = Console(width=150)
     rates = [int(r) for r in args.rates.split(",")]
     load = wait_quiet(1.0, 120.0)
     facts = machine_facts({"load when started": f"{load:.2f}"})
