@@ -526,11 +526,13 @@ class VmProcess:
         path = self.dir / "control.sock"
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
+        # The pid file before the socket listens: a daemon takes a standby as soon as it can connect, moving its
+        # files and removing its directory, so a pid written after listen() could find the directory gone.
+        (self.dir / "pid").write_text(str(os.getpid()))
         server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         server.bind(str(path))
         server.listen(8)
         server.settimeout(0.2)
-        (self.dir / "pid").write_text(str(os.getpid()))
         try:
             while not self._stop.is_set():
                 try:

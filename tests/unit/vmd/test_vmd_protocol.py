@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import socket
+import threading
 from pathlib import Path
 
 import pytest
 
 from cvmotion.errors import UsageError
 from cvmotion.ipc.rpc import Call
+from cvmotion.vmd import process as vm_process
 from cvmotion.vmd import server
 from cvmotion.vmd.process import VmProcess
 from cvmotion.vmd.protocol import ControlCommand, HardwareCommand, VmSpec
@@ -47,3 +50,24 @@ def test_a_spec_with_unknown_keys_is_refused() -> None:
     with pytest.raises(TypeError, match="unknown VM spec keys: colour"):
         VmSpec.from_dict({"name": "a", "memory": 1, "colour": "red"})
     assert VmSpec.from_json(VmSpec(name="a", memory=1).to_json()) == VmSpec(name="a", memory=1)
+
+
+def test_the_pid_file_exists_before_the_control_socket_listens(
+    proc: VmProcess, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A daemon takes a standby the moment it can connect and moves its files away (CI: a pid written after
+    listen() found the standby's directory gone, and the VM failed to start)."""
+    seen: list[bool] = []
+
+    class _Socket(socket.socket):
+        def listen(self, backlog: int = 8) -> None:
+            seen.append((tmp_path / "pid").exists())
+            proc._stop.set()  # one look is enough: serve() returns at its next accept timeout
+            super().listen(backlog)
+
+    monkeypatch.setattr(vm_process.socket, "socket", _Socket)
+    serving = threading.Thread(target=proc.serve, daemon=True)
+    serving.start()
+    serving.join(10)
+    assert not serving.is_alive()
+    assert seen == [True]
