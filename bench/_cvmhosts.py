@@ -107,6 +107,13 @@ class HostPair:
                 raise TimeoutError(f"{vm} on {host.name}: console condition not met in {timeout:.0f} s: {lines[-3:]}")
             time.sleep(0.1)
 
+    def resumed_at(self, vm: str) -> float | None:
+        """Unix time the destination resumed ``vm`` after its latest incoming migration (``x-cvmotion.resumed-at``)."""
+        listed = _api(self.b, "GET", "/v1/migrations")["migrations"]
+        stamps = [m["x-cvmotion"].get("resumed-at") for m in listed if m["x-cvmotion"].get("vm") == vm]
+        stamps = [float(t) for t in stamps if t is not None]
+        return max(stamps) if stamps else None
+
     def migrate(self, vm: str, *, timeout: float = 600.0, **options: Any) -> dict[str, Any]:
         """Migrate ``vm`` from A to B with the host API and poll ``query-migrate`` to the end (bounded)."""
         started = _api(self.a, "POST", f"/v1/vms/{vm}/migrate", {"destination": self.b.url, **options})

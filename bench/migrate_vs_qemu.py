@@ -131,6 +131,10 @@ def run_cvmotion(pair: HostPair, scenario: str, n: int, limit: int, streams: int
             continued = not any(line.startswith("memdirty: start") for line in after[-50:])
         x = info.get("x-cvmotion", {})
         ram = info.get("ram", {})
+        # What the guest sees, as QEMU's STOP -> RESUME events: the source's pause to the destination's resume on
+        # this one host clock (the reported downtime also waits for the destination's "committed" to come back).
+        resumed, paused = pair.resumed_at(name), x.get("paused-at")
+        blackout = (resumed - float(paused)) * 1000 if resumed is not None and paused is not None else float("nan")
         return Run(
             system="cvmotion",
             limit_ms=limit,
@@ -142,7 +146,7 @@ def run_cvmotion(pair: HostPair, scenario: str, n: int, limit: int, streams: int
             rounds=int(ram.get("dirty-sync-count", 0)),
             mbps=float(ram.get("mbps", 0)),
             continued=continued,
-            blackout_ms=float(x.get("downtime-ms", info.get("downtime", 0))),
+            blackout_ms=blackout,
             extra={
                 "query-migrate": info,
                 "cpu_seconds": cpu,

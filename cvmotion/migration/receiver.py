@@ -249,6 +249,7 @@ class Receiver:
         self._phases["activated"] = (time.monotonic() - t0) * 1000
         self.vm.resume()
         self.resumed_at = time.monotonic()
+        self.stats.resumed_at = time.time()
         self._phases["resumed"] = (self.resumed_at - t0) * 1000
         self.stats.status = MigrationStatus.COMPLETED
         self.stats.outcome = MigrationOutcome.RUNNING_ON_DESTINATION

@@ -304,6 +304,7 @@ class Sender:
         if s.throttle_pct:
             self.vm.throttle(0)
         self.paused_at = time.monotonic()
+        s.paused_at = time.time()
         s.status = MigrationStatus.DEVICE
         self.vm.pause()
         self._mark("paused")

@@ -129,6 +129,10 @@ class MigrationStats:
     error_kind: str | None = None
     outcome: MigrationOutcome = MigrationOutcome.NONE
     forced_switchover: bool = False  # pre-copy hit max_rounds without converging
+    # Unix time at the switchover's pause (source) and at the VM's resume (destination): on one host clock the
+    # two give the guest's blackout as QEMU's STOP/RESUME events do, without the commit's trip back.
+    paused_at: float | None = None
+    resumed_at: float | None = None
     attestation: dict[str, Any] = field(default_factory=dict)
     events: list[dict[str, Any]] = field(default_factory=list)
 
@@ -189,6 +193,10 @@ class MigrationStats:
             out["x-cvmotion"]["downtime-ms"] = round(self.downtime_ms, 2)
             out["x-cvmotion"]["total-time-ms"] = round(self.total_ms, 2)
             out["x-cvmotion"]["downtime-phases-ms"] = {k: round(v, 2) for k, v in self.downtime_phases.items()}
+        if self.paused_at is not None:
+            out["x-cvmotion"]["paused-at"] = self.paused_at
+        if self.resumed_at is not None:
+            out["x-cvmotion"]["resumed-at"] = self.resumed_at
         if self.error:
             out["error-desc"] = self.error
             out["x-cvmotion"]["error-kind"] = self.error_kind

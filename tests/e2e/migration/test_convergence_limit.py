@@ -47,4 +47,10 @@ def test_forcing_the_switchover_is_the_callers_choice(attack_world: World, busy_
     info = world.migrate(busy_victim, **NEVER, force_switchover=True)
     assert info["status"] == "completed", info
     assert info["x-cvmotion"]["forced-switchover"] is True, info
+    # The guest's blackout on this one host clock: the source's pause to the destination's resume, inside the
+    # reported downtime (which also waits for the destination's "committed" to come back).
+    listed = world.b.api("GET", "/v1/migrations")["migrations"]
+    arrived = [m for m in listed if m["x-cvmotion"]["vm"] == busy_victim.name]
+    blackout_ms = (arrived[-1]["x-cvmotion"]["resumed-at"] - info["x-cvmotion"]["paused-at"]) * 1000
+    assert 0 < blackout_ms <= info["x-cvmotion"]["downtime-ms"] + 1, (blackout_ms, info)
     world.finish(busy_victim, expect_host=B)
