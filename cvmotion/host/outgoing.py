@@ -27,6 +27,10 @@ from cvmotion.migration.stats import MigrationOutcome, MigrationStats, Migration
 __all__ = ["OutgoingMigrations"]
 
 
+_SETTLED = frozenset({MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED})
+_SETTLING_S = 10.0  # a settled migration's own bookkeeping: a state file written and fsynced
+
+
 class OutgoingMigrations:
     """The migrations that leave this host."""
 
@@ -42,7 +46,7 @@ class OutgoingMigrations:
         name = record.name
         if record.client is None or record.handle is None or record.state is not VmState.RUNNING:
             raise Conflict(f"VM {name!r} is not running here (state: {record.state})")
-        if not record.lock.acquire(blocking=False):
+        if not self._lock_for_migration(record):
             raise Conflict(f"VM {name!r} is already migrating")
         try:
             mig_id = new_migration_id()
@@ -79,6 +83,15 @@ class OutgoingMigrations:
             raise
         threading.Thread(target=sender.run, name=f"migrate-{mig_id}", daemon=True).start()
         return stats
+
+    def _lock_for_migration(self, record: VmRecord) -> bool:
+        """The VM's migration lock, without waiting on a migration under way. A previous migration whose status is
+        already final may still be recording its end (the VM's state, saved with fsync) before it lets go: a
+        client that saw "failed, resumed on source" and asks again at once waits for that, bounded, not a 409."""
+        previous = self.migrations.get(record.migrations[-1]) if record.migrations else None
+        if previous is not None and previous.status in _SETTLED:
+            return record.lock.acquire(timeout=_SETTLING_S)
+        return record.lock.acquire(blocking=False)
 
     def _request_incoming(
         self, url: str, record: VmRecord, options: MigrationOptions, mig_id: str, session_id: bytes
