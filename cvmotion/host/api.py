@@ -52,7 +52,6 @@ from cvmotion.ipc.envelope import error_body
 from cvmotion.ipc.names import NAME_PATTERN
 from cvmotion.ipc.openapi import inline_schema, install_error_handlers
 from cvmotion.ipc.validation import describe_problems
-from cvmotion.migration.stats import MigrationStatus
 
 __all__ = ["create_app"]
 
@@ -60,7 +59,6 @@ log = logging.getLogger("cvmotion.host.api")
 
 MAX_WAIT_S = 30.0  # the longest long-poll a caller may ask for (well inside any client's read timeout)
 _LONG_POLL_TICK_S = 0.005
-SETTLED = frozenset({MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED})
 
 VmName = Annotated[str, Path(pattern=NAME_PATTERN, examples=["web-1"], description="the VM's name")]
 MigrationId = Annotated[str, Path(pattern=schema.MIGRATION_ID_PATTERN, examples=["3f2a9c1d0b7e"])]
@@ -319,7 +317,7 @@ def create_app(daemon: HostDaemon) -> FastAPI:
         # loop: no thread is held while it waits.
         clock = asyncio.get_running_loop().time
         deadline = clock() + wait
-        while stats.status not in SETTLED and clock() < deadline:
+        while not stats.status.settled and clock() < deadline:
             await asyncio.sleep(min(_LONG_POLL_TICK_S, max(0.0, deadline - clock())))
         return stats.query_migrate()
 

@@ -27,7 +27,6 @@ from cvmotion.migration.stats import MigrationOutcome, MigrationStats, Migration
 __all__ = ["OutgoingMigrations"]
 
 
-_SETTLED = frozenset({MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED})
 _SETTLING_S = 10.0  # a settled migration's own bookkeeping: a state file written and fsynced
 
 
@@ -89,7 +88,7 @@ class OutgoingMigrations:
         already final may still be recording its end (the VM's state, saved with fsync) before it lets go: a
         client that saw "failed, resumed on source" and asks again at once waits for that, bounded, not a 409."""
         previous = self.migrations.get(record.migrations[-1]) if record.migrations else None
-        if previous is not None and previous.status in _SETTLED:
+        if previous is not None and previous.status.settled:
             return record.lock.acquire(timeout=_SETTLING_S)
         return record.lock.acquire(blocking=False)
 

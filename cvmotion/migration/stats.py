@@ -33,6 +33,11 @@ class MigrationStatus(enum.Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
 
+    @property
+    def settled(self) -> bool:
+        """Final: the migration will not move again (its bookkeeping may still be finishing)."""
+        return self in (MigrationStatus.COMPLETED, MigrationStatus.FAILED, MigrationStatus.CANCELLED)
+
 
 class MigrationOutcome(enum.StrEnum):
     """Where the VM is once a migration ended (``x-cvmotion.outcome``); the values are what the API prints."""
