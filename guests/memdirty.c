@@ -3,6 +3,8 @@
  * Command line (multiboot): dirty_mib=N (default 4)  rate=PAGES_PER_S (0 = as fast as it can, default)
  *   seed=N (default 1)  hb_ms=N (heartbeat period, default 200)  base=GPA (default 0x400000)
  *   max_writes=N (0 = forever; otherwise print DONE and exit with code 0)
+ *   halt=1: with a rate, halt between writes (LAPIC TSC-deadline timer) instead of spinning on the TSC, as an
+ *   idle OS does: the vCPU then costs the host nothing between writes (default 0: spin)
  *
  * Phase 1 touches every page of the working set (populating it): word 0 of page i = (i << 10) ^ mix32(seed);
  * the other words keep their boot value, zero.
@@ -43,6 +45,7 @@ void guest_main(const struct boot_env *env) {
     u32 hb_ms = (u32)cmdline_u64(cl, "hb_ms", 200);
     u32 base = (u32)cmdline_u64(cl, "base", 0x400000);
     u64 max_writes = cmdline_u64(cl, "max_writes", 0);
+    u64 halt = cmdline_u64(cl, "halt", 0);
     u64 ram_end = 0x100000ull + (u64)env->mem_upper_kib * 1024u;
     u32 pages = dirty_mib * 256u;
 
@@ -64,6 +67,10 @@ void guest_main(const struct boot_env *env) {
         mem[i * 1024u] = (i << 10) ^ fill;
     }
     kprintf("memdirty: ready pages=%u\n", pages);
+    if (halt && rate) {
+        kprintf(idle_init() ? "memdirty: halting between writes (TSC-deadline timer)\n"
+                            : "memdirty: no TSC-deadline timer: spinning between writes\n");
+    }
 
     u32 state = seed ^ 0x9E3779B9u;
     if (state == 0) state = 1;
@@ -87,7 +94,11 @@ void guest_main(const struct boot_env *env) {
             }
             if (rate) {
                 if (now < next_write) {
-                    cpu_relax();
+                    if (halt) {
+                        idle_until(next_write < next_hb ? next_write : next_hb);
+                    } else {
+                        cpu_relax();
+                    }
                     continue;
                 }
                 if (now - next_write > max_lag) next_write = now;

@@ -193,6 +193,26 @@ MUTANTS: tuple[Mutant, ...] = (
     ),
     # -- firmware/migration.py: MACs, GPA once per epoch, tokens, single-use keys ---------------------------
     Mutant(
+        "hold-harvest-folded",
+        "the pages export_pause harvests once the VM is held count as dirty until exported again",
+        MIGRATION,
+        "MigrationFirmware.export_pause",
+        "            if len(dirty):\n"
+        "                exp.clean[dirty.astype(np.intp)] = False\n"
+        "            return dirty\n",
+        "            return dirty\n",
+        (f"{T_MIGFW}::test_start_token_refused_while_a_page_is_dirty",),
+    ),
+    Mutant(
+        "final-harvest",
+        "export_final's start token sees the harvest made with the state capture",
+        MIGRATION,
+        "MigrationFirmware.export_final",
+        "bundles.append(self._export_start_token(exp, handle, stream, dirty))",
+        "bundles.append(self._export_start_token(exp, handle, stream, dirty[:0]))",
+        (f"{T_MIGFW}::test_start_token_refused_over_a_write_after_the_hold",),
+    ),
+    Mutant(
         "bundle-mac",
         "every bundle's header and metadata MAC'd under K_f",
         MIGRATION,

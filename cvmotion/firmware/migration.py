@@ -72,6 +72,8 @@ KEY_SIZE = 32
 PAGE = wire.PAGE_SIZE
 _ZERO_PAGE = bytes(PAGE)
 _UNIT = PAGE + wire.TAG_SIZE  # one sealed page: ciphertext || tag
+# The order the state bundles are sealed and sent in (the destination imports them in any order before the token).
+STATE_ORDER = (BundleType.VCPU_STATE, BundleType.DEVICE_STATE, BundleType.MUTABLE_STATE)
 _MUTABLE = struct.Struct("<4Q")
 _ABORT_REASON_IMPORT_FAILED = 1
 
@@ -105,12 +107,18 @@ class GuestHardware(Protocol):
         """GFNs written since the firmware last asked (``fresh``: also harvest the hardware log now)."""
         ...
 
-    def hold_paused(self) -> None:
-        """Confirm the vCPUs are paused and keep them so until the firmware allows them to run."""
+    def hold_paused(self) -> npt.NDArray[np.uint64]:
+        """Confirm the vCPUs are paused and keep them so until the firmware allows them to run; then harvest the
+        hardware log: the GFNs written since the firmware last asked (``take_dirty(fresh=True)``, in the same
+        round trip to the hardware)."""
         ...
 
     def capture_state(self) -> tuple[bytes, bytes]:
         """(vCPU state, device state) of the paused VM."""
+        ...
+
+    def capture_and_harvest(self) -> tuple[bytes, bytes, npt.NDArray[np.uint64]]:
+        """``capture_state()`` then ``take_dirty(fresh=True)``, in one round trip to the hardware."""
         ...
 
     def restore_state(self, vcpu_state: bytes, device_state: bytes) -> None: ...
@@ -325,19 +333,27 @@ class MigrationFirmware:
         head = BundleHeader(size=size, stream=stream, type=kind, mb_counter=mb, epoch=epoch, iv_counter=iv).to_bytes()
         return head + metadata + exp.aead.encrypt(wire.gcm_iv(iv, stream), b"", head + metadata)
 
-    def export_pause(self, handle: GuestHandle) -> None:
-        """The VM must be paused; from here on the hardware keeps it paused unless the firmware says run."""
+    def export_pause(self, handle: GuestHandle) -> npt.NDArray[np.uint64]:
+        """The VM must be paused; from here on the hardware keeps it paused unless the firmware says run.
+
+        Returns the pages written since the firmware last looked, harvested once the VM is held: the last ones
+        the host must export (the host learns no more than its own harvest of the dirty log would tell it).
+        """
         with self._lock:
             exp = self._export(handle, ExportOpState.LIVE_EXPORT)
             assert exp.hw is not None
+            assert exp.clean is not None
             exp.session.pause()
             self._sp._set_op_state(handle, OpState.PAUSED_EXPORT)
             try:
-                exp.hw.hold_paused()
+                dirty = exp.hw.hold_paused()
             except Exception:
                 exp.session.state = ExportOpState.LIVE_EXPORT
                 self._sp._set_op_state(handle, OpState.LIVE_EXPORT)
                 raise
+            if len(dirty):
+                exp.clean[dirty.astype(np.intp)] = False
+            return dirty
 
     def export_state(self, handle: GuestHandle, stream: int, kind: BundleType) -> bytes:
         """vCPU, device or mutable guest state of the paused VM, sealed."""
@@ -345,38 +361,60 @@ class MigrationFirmware:
             raise FirmwareError(FirmwareStatus.INVALID_PARAM, f"{kind.name} is not a state bundle")
         with self._lock:
             exp = self._export(handle, ExportOpState.PAUSED_EXPORT)
+            return self._export_state(exp, handle, stream, kind)
+
+    def _export_state(self, exp: _Export, handle: GuestHandle, stream: int, kind: BundleType) -> bytes:
+        assert exp.hw is not None
+        if kind is BundleType.MUTABLE_STATE:
+            blob = _MUTABLE.pack(*self._sp._guest_ctx(handle).msg_seqnos)
+        else:
+            if exp.captured is None:
+                exp.captured = exp.hw.capture_state()
+            vcpu, device = exp.captured
+            blob = vcpu if kind is BundleType.VCPU_STATE else device
+        return self._seal(exp, stream, kind, wire.pack_payload_metadata(len(blob)), blob)
+
+    def export_final(self, handle: GuestHandle, stream: int) -> list[bytes]:
+        """The stop-and-copy's tail as one firmware operation: the vCPU, device and mutable state bundles, then
+        the start token.  The hardware captures the state and harvests its dirty log in one round trip; with the
+        firmware lock held throughout, that harvest is as fresh as the one ``export_start_token`` makes alone."""
+        with self._lock:
+            exp = self._export(handle, ExportOpState.PAUSED_EXPORT)
             assert exp.hw is not None
-            if kind is BundleType.MUTABLE_STATE:
-                blob = _MUTABLE.pack(*self._sp._guest_ctx(handle).msg_seqnos)
-            else:
-                if exp.captured is None:
-                    exp.captured = exp.hw.capture_state()
-                vcpu, device = exp.captured
-                blob = vcpu if kind is BundleType.VCPU_STATE else device
-            return self._seal(exp, stream, kind, wire.pack_payload_metadata(len(blob)), blob)
+            vcpu, device, dirty = exp.hw.capture_and_harvest()
+            exp.captured = (vcpu, device)
+            bundles = [self._export_state(exp, handle, stream, kind) for kind in STATE_ORDER]
+            bundles.append(self._export_start_token(exp, handle, stream, dirty))
+            return bundles
 
     def export_start_token(self, handle: GuestHandle, stream: int) -> bytes:
         """The point of no return for the source: only when every populated page went out after its last write."""
         with self._lock:
             exp = self._export(handle, ExportOpState.PAUSED_EXPORT)
-            hw, clean = exp.hw, exp.clean
-            assert hw is not None
-            assert clean is not None
-            dirty = hw.take_dirty(fresh=True)
-            if len(dirty):
-                clean[dirty.astype(np.intp)] = False
-            # Every page populated at the export's start or since (a page only leaves the memfd by a punched
-            # hole, and then it is still asked for: stricter, never looser).
-            populated = exp.populated + list(hw.memory.populated_ranges(skip=exp.populated))
-            all_clean = all(bool(clean[gpa >> 12 : (gpa + length) >> 12].all()) for gpa, length in populated)
-            epoch = exp.session.epoch
-            total = exp.session.emit_start_token(all_pages_clean=all_clean)
-            mb, _, iv = exp.session.next_slot(stream, 0, BundleType.START_TOKEN)
-            self._sp._set_op_state(handle, OpState.POST_EXPORT)
-            meta = wire.pack_start_token_metadata(exp.session_id, total)
-            token = self._token(exp, stream, BundleType.START_TOKEN, mb, epoch, iv, meta)
-            exp.start_token_digest = hashlib.sha256(token).digest()
-            return token
+            assert exp.hw is not None
+            return self._export_start_token(exp, handle, stream, exp.hw.take_dirty(fresh=True))
+
+    def _export_start_token(
+        self, exp: _Export, handle: GuestHandle, stream: int, dirty: npt.NDArray[np.uint64]
+    ) -> bytes:
+        """``dirty``: a harvest of the hardware log made while the VM was held, under this same lock hold."""
+        hw, clean = exp.hw, exp.clean
+        assert hw is not None
+        assert clean is not None
+        if len(dirty):
+            clean[dirty.astype(np.intp)] = False
+        # Every page populated at the export's start or since (a page only leaves the memfd by a punched
+        # hole, and then it is still asked for: stricter, never looser).
+        populated = exp.populated + list(hw.memory.populated_ranges(skip=exp.populated))
+        all_clean = all(bool(clean[gpa >> 12 : (gpa + length) >> 12].all()) for gpa, length in populated)
+        epoch = exp.session.epoch
+        total = exp.session.emit_start_token(all_pages_clean=all_clean)
+        mb, _, iv = exp.session.next_slot(stream, 0, BundleType.START_TOKEN)
+        self._sp._set_op_state(handle, OpState.POST_EXPORT)
+        meta = wire.pack_start_token_metadata(exp.session_id, total)
+        token = self._token(exp, stream, BundleType.START_TOKEN, mb, epoch, iv, meta)
+        exp.start_token_digest = hashlib.sha256(token).digest()
+        return token
 
     def export_abort(self, handle: GuestHandle) -> None:
         """Abort before the start token: the guest may run again here. The session keys are destroyed."""

@@ -22,6 +22,7 @@ import os
 import socket
 import struct
 import threading
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -29,6 +30,7 @@ from typing import Any
 
 from cvmotion import errors as _errors
 from cvmotion.errors import CvmError
+from cvmotion.ipc import trace
 
 __all__ = ["MAX_BLOB", "Call", "ChannelClosed", "Endpoint", "Reply", "RpcError", "connect_unix"]
 
@@ -63,6 +65,9 @@ class Reply:
     result: dict[str, Any] = field(default_factory=dict)
     blob: bytes | bytearray | memoryview = b""
     fds: Sequence[int] = ()
+    # Run once the reply is on its way (on the serving thread): work the caller must not wait for, such as
+    # starting a thread that would take the GIL from the one sending this reply for a whole switch interval.
+    after: Callable[[], None] | None = None
 
 
 Handler = Callable[[Call], Reply]
@@ -136,6 +141,7 @@ class Endpoint:
         fut: Future[tuple[dict[str, Any], bytes, list[int]]] = Future()
         with self._pending_lock:
             self._pending[call_id] = fut
+        started = time.monotonic_ns() if trace.ENABLED else 0
         try:
             self._send({"id": call_id, "kind": "call", "method": method, "args": args or {}}, blob, fds)
             try:
@@ -145,6 +151,8 @@ class Endpoint:
         finally:
             with self._pending_lock:
                 self._pending.pop(call_id, None)
+            if started:
+                trace.record(f"call {self._name}.{method}", started, time.monotonic_ns())
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -204,7 +212,8 @@ class Endpoint:
                 header = json.loads(head)
                 kind = header.get("kind")
                 if kind == "call":
-                    self._pool.submit(self._serve, header, bytes(blob), fds)
+                    arrived = time.monotonic_ns() if trace.ENABLED else 0
+                    self._pool.submit(self._serve, header, bytes(blob), fds, arrived)
                 else:
                     with self._pending_lock:
                         fut = self._pending.get(header.get("id", -1))
@@ -221,14 +230,21 @@ class Endpoint:
         finally:
             self.close()
 
-    def _serve(self, header: dict[str, Any], blob: bytes, fds: list[int]) -> None:
+    def _serve(self, header: dict[str, Any], blob: bytes, fds: list[int], arrived: int = 0) -> None:
         call_id = header.get("id")
+        if arrived:  # the frame was read -> a pool thread runs it: the hop a call pays on this side
+            trace.record(f"queued {self._name}.{header.get('method')}", arrived, time.monotonic_ns())
         try:
             if self._handler is None:
                 raise RpcError(f"{self._name}: this end serves no calls")
             call = Call(str(header.get("method")), dict(header.get("args") or {}), blob, fds, self)
-            reply = self._handler(call)
-            self._send({"id": call_id, "kind": "ok", "result": reply.result}, reply.blob, reply.fds)
+            with trace.span(f"serve {self._name}.{call.method}"):
+                reply = self._handler(call)
+            try:
+                self._send({"id": call_id, "kind": "ok", "result": reply.result}, reply.blob, reply.fds)
+            finally:
+                if reply.after is not None:
+                    reply.after()
         except ChannelClosed:
             return
         except CvmError as exc:

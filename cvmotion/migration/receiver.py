@@ -25,6 +25,7 @@ from typing import Any
 from cvmotion.abi import wire
 from cvmotion.abi.wire import BundleType
 from cvmotion.errors import AbiError, CvmError, IntegrityError, MigrationError, ProtocolError
+from cvmotion.ipc import trace
 from cvmotion.migration.channel import FrameKind, FrameSocket
 from cvmotion.migration.options import MigrationOptions
 from cvmotion.migration.pipeline import Arrival, IncomingStream
@@ -247,10 +248,12 @@ class Receiver:
         t0 = time.monotonic()
         self.handle, self.commit_receipt = self.platform.import_activate(self.stats.vm)
         self._phases["activated"] = (time.monotonic() - t0) * 1000
-        self.vm.resume()
+        _, vcpus_ran_at = self.vm.resume_timed()
         self.resumed_at = time.monotonic()
-        self.stats.resumed_at = time.time()
+        # When the guest ran again, as its VM process saw it (QEMU's RESUME event), not when this daemon heard.
+        self.stats.resumed_at = vcpus_ran_at if vcpus_ran_at is not None else time.time()
         self._phases["resumed"] = (self.resumed_at - t0) * 1000
+        trace.record("destination resumed", int(t0 * 1e9), int(self.resumed_at * 1e9))
         self.stats.status = MigrationStatus.COMPLETED
         self.stats.outcome = MigrationOutcome.RUNNING_ON_DESTINATION
         receipt = base64.b64encode(self.commit_receipt).decode()

@@ -34,6 +34,7 @@ import numpy.typing as npt
 
 from cvmotion.abi.gfns import sorted_union
 from cvmotion.errors import Aborted, CvmError, MigrationError, NotConverged, PolicyViolation, ProtocolError
+from cvmotion.ipc import trace
 from cvmotion.migration.channel import FrameKind, FrameSocket, connect
 from cvmotion.migration.options import MigrationOptions
 from cvmotion.migration.pipeline import OutgoingStream
@@ -297,7 +298,9 @@ class Sender:
         self._final_dirty = gfns
 
     def _mark(self, phase: str) -> None:
-        self.stats.downtime_phases[phase] = (time.monotonic() - self.paused_at) * 1000
+        now = time.monotonic()
+        self.stats.downtime_phases[phase] = (now - self.paused_at) * 1000
+        trace.record(f"source {phase}", int(self.paused_at * 1e9), int(now * 1e9))
 
     def _switchover(self) -> None:
         s, o = self.stats, self.options
@@ -308,10 +311,9 @@ class Sender:
         s.status = MigrationStatus.DEVICE
         self.vm.pause()
         self._mark("paused")
-        self.platform.export_pause(self.handle)
+        # The firmware holds the VM and harvests the dirty log once it is held: the last pages to send.
+        final = sorted_union(self._final_dirty, self.platform.export_pause(self.handle))
         self._mark("held")
-        final = sorted_union(self._final_dirty, self.vm.harvest_dirty())
-        self._mark("harvested")
         if len(final):
             self._send_round(final)
         self._mark("final-pages-sent")

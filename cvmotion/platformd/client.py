@@ -185,8 +185,12 @@ class PlatformClient:
     def export_epoch_token(self, handle: int, stream: int = 0) -> bytes:
         return self._call(HostCommand.EXPORT_EPOCH_TOKEN, ExportArgs(handle=handle, stream=stream))[1]
 
-    def export_pause(self, handle: int) -> None:
-        self._call(HostCommand.EXPORT_PAUSE, HandleArgs(handle=handle))
+    def export_pause(self, handle: int) -> npt.NDArray[np.uint64]:
+        """The firmware holds the paused VM; returns the pages dirtied since the last harvest (the last to send)."""
+        blob = self._call(HostCommand.EXPORT_PAUSE, HandleArgs(handle=handle))[1]
+        if len(blob) % 8:
+            raise ProtocolError(f"export_pause: a GFN list of {len(blob)} bytes")
+        return np.frombuffer(blob, dtype="<u8").astype(np.uint64)
 
     def export_state(self, handle: int, stream: int, kind: str) -> bytes:
         return self._call(HostCommand.EXPORT_STATE, ExportStateArgs(handle=handle, stream=stream, kind=kind))[1]

@@ -120,19 +120,27 @@ class RemoteHardware:
         if fresh:
             # Harvest the hardware log now (the VM process hands the same pages to the engine's view).
             parts.append(self._vm.take_dirty(fresh=True))
+        return self._with_pending(parts)
+
+    def _with_pending(self, parts: list[npt.NDArray[np.uint64]]) -> npt.NDArray[np.uint64]:
+        """``parts`` and every harvest the VM process handed over since the SP last took them, as one set."""
         with self._dirty_lock:
-            parts += self._dirty
+            parts = parts + self._dirty
             self._dirty = []
         parts = [p for p in parts if len(p)]
         if not parts:
             return np.zeros(0, dtype=np.uint64)
         return sorted_union(*parts)
 
-    def hold_paused(self) -> None:
-        self._vm.hold_paused()
+    def hold_paused(self) -> npt.NDArray[np.uint64]:
+        return self._with_pending([self._vm.hold_paused()])
 
     def capture_state(self) -> tuple[bytes, bytes]:
         return self._vm.capture_state()
+
+    def capture_and_harvest(self) -> tuple[bytes, bytes, npt.NDArray[np.uint64]]:
+        vcpu, device, fresh = self._vm.capture_and_harvest()
+        return vcpu, device, self._with_pending([fresh])
 
     def restore_state(self, vcpu_state: bytes, device_state: bytes) -> None:
         raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, "use restore_with_handle")
@@ -166,10 +174,13 @@ class ImportHardware:
     def take_dirty(self, *, fresh: bool) -> npt.NDArray[np.uint64]:
         return np.zeros(0, dtype=np.uint64)
 
-    def hold_paused(self) -> None:
-        return None
+    def hold_paused(self) -> npt.NDArray[np.uint64]:
+        return np.zeros(0, dtype=np.uint64)
 
     def capture_state(self) -> tuple[bytes, bytes]:
+        raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, "an importing VM has no state to capture")
+
+    def capture_and_harvest(self) -> tuple[bytes, bytes, npt.NDArray[np.uint64]]:
         raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, "an importing VM has no state to capture")
 
     def restore_state(self, vcpu_state: bytes, device_state: bytes) -> None:

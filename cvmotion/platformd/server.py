@@ -45,7 +45,6 @@ from cvmotion.vmm.memory import GuestMemory
 
 __all__ = ["PlatformService"]
 
-STATE_ORDER = (BundleType.VCPU_STATE, BundleType.DEVICE_STATE, BundleType.MUTABLE_STATE)
 
 Handler = Callable[[Call], Reply]
 
@@ -87,7 +86,9 @@ class PlatformService:
             HostCommand.EXPORT_IMMUTABLE: self._exported(lambda h, s, c: self.sp.migration.export_immutable(h, s)),
             HostCommand.EXPORT_MEMORY: self._export_memory,
             HostCommand.EXPORT_EPOCH_TOKEN: self._exported(lambda h, s, c: self.sp.migration.export_epoch_token(h, s)),
-            HostCommand.EXPORT_PAUSE: self._on_guest(self.sp.migration.export_pause),
+            HostCommand.EXPORT_PAUSE: lambda call: Reply(
+                {}, self.sp.migration.export_pause(self._vm_guest(call)).astype("<u8").tobytes()
+            ),
             HostCommand.EXPORT_STATE: self._exported(
                 lambda h, s, c: self.sp.migration.export_state(h, s, BundleType[str(c.args.get("kind"))])
             ),
@@ -409,9 +410,7 @@ class PlatformService:
 
     def _export_final(self, call: Call) -> Reply:
         """The stop-and-copy tail in one round trip: vCPU, device and mutable state, then the start token."""
-        mig, handle, stream = self.sp.migration, self._vm_guest(call), self._stream(call)
-        bundles = [mig.export_state(handle, stream, kind) for kind in STATE_ORDER]
-        bundles.append(mig.export_start_token(handle, stream))
+        bundles = self.sp.migration.export_final(self._vm_guest(call), self._stream(call))
         return Reply({"lengths": [len(b) for b in bundles]}, b"".join(bundles))
 
     def _export_abort_with_token(self, call: Call) -> Reply:

@@ -25,7 +25,14 @@ from cvmotion.platformd.client import PlatformClient
 from cvmotion.testing.hosts import HostProcess
 from cvmotion.vmd.client import VmClient
 
-__all__ = ["CallHook", "EvilSource", "HookedEndpoint", "hide_dirty_pages", "swap_export_hardware"]
+__all__ = [
+    "CallHook",
+    "EvilSource",
+    "HookedEndpoint",
+    "hide_dirty_pages",
+    "ignore_the_held_harvest",
+    "swap_export_hardware",
+]
 
 # (method, args, blob) -> (method, args, blob); and the answer (result, blob, fds) -> answer.
 CallHook = Callable[[str, dict[str, Any], bytes], tuple[str, dict[str, Any], bytes]]
@@ -68,6 +75,15 @@ def swap_export_hardware(other_vm: str) -> CallHook:
     return hook
 
 
+def ignore_the_held_harvest(method: str, out: Any) -> Any:
+    """An engine that drops the pages ``export_pause`` names (the SP's harvest once the VM is held): it sends only
+    what its own harvests told it."""
+    if method == "export_pause":
+        result, _blob, fds = out
+        return result, b"", fds
+    return out
+
+
 def hide_dirty_pages(method: str, out: Any) -> Any:
     """The engine's dirty log comes back empty: a hypervisor that "forgets" to resend written pages."""
     if method == "harvest_dirty":
@@ -91,6 +107,7 @@ class EvilSource:
         *,
         options: MigrationOptions,
         platform_call: CallHook | None = None,
+        platform_answer: AnswerHook | None = None,
         vm_call: CallHook | None = None,
         vm_answer: AnswerHook | None = None,
         hardware_vm: str | None = None,
@@ -101,6 +118,7 @@ class EvilSource:
         self.destination = destination
         self.options = options
         self.platform_call = platform_call
+        self.platform_answer = platform_answer
         self.vm_call = vm_call
         self.vm_answer = vm_answer
         self._endpoints: list[Endpoint] = []
@@ -128,7 +146,8 @@ class EvilSource:
         control = self.source.vm_dir(self.hardware_vm) / "control.sock"
         vm_ep = connect_unix(str(control), name=f"evil-daemon->vm-{self.hardware_vm}")
         self._endpoints += [platform_ep, vm_ep]
-        platform = PlatformClient(cast(Endpoint, HookedEndpoint(platform_ep, call=self.platform_call)))
+        hooked = HookedEndpoint(platform_ep, call=self.platform_call, answer=self.platform_answer)
+        platform = PlatformClient(cast(Endpoint, hooked))
         vm = VmClient(self.vm, cast(Endpoint, HookedEndpoint(vm_ep, call=self.vm_call, answer=self.vm_answer)))
         stats = MigrationStats(id=mig_id, vm=self.vm, source=self.source.name, destination=self.destination.name)
         sender = Sender(

@@ -96,8 +96,13 @@ class VmClient:
 
     def resume(self, *, timeout: float | None = 60.0) -> float | None:
         """Let the vCPUs run again; returns how long they were stopped (seconds, monotonic), when known."""
-        pause_ms = cast(Resumed, self._call(ControlCommand.RESUME, timeout=timeout)[0]).get("pause_ms")
-        return None if pause_ms is None else float(pause_ms) / 1000
+        return self.resume_timed(timeout=timeout)[0]
+
+    def resume_timed(self, *, timeout: float | None = 60.0) -> tuple[float | None, float | None]:
+        """``resume``, and the Unix time the VM process released the vCPUs (None from an older VM process)."""
+        result = cast(Resumed, self._call(ControlCommand.RESUME, timeout=timeout)[0])
+        pause_ms, at = result.get("pause_ms"), result.get("resumed_at")
+        return (None if pause_ms is None else float(pause_ms) / 1000), (None if at is None else float(at))
 
     def reattest(self, *, timeout: float | None = 60.0) -> Reattested:
         """Have the paravisor attest again (a fresh report from the SP): after the platform process was replaced."""
@@ -146,14 +151,23 @@ class HardwareClient:
         _, blob, _ = self._endpoint.call(HardwareCommand.TAKE_DIRTY.value, dict(TakeDirtyArgs(fresh=fresh)))
         return gfns_from_blob(blob)
 
-    def hold_paused(self) -> None:
-        self._endpoint.call(HardwareCommand.HOLD_PAUSED.value)
+    def hold_paused(self) -> npt.NDArray[np.uint64]:
+        """Hold the paused VM, then harvest: the SP's dirty view with a fresh harvest (as ``take_dirty``)."""
+        return gfns_from_blob(self._endpoint.call(HardwareCommand.HOLD_PAUSED.value)[1])
 
     def capture_state(self) -> tuple[bytes, bytes]:
         """(vCPU state, device state) of the paused VM."""
         result, blob, _ = self._endpoint.call(HardwareCommand.CAPTURE_STATE.value)
         n = int(result["vcpu_len"])
         return blob[:n], blob[n:]
+
+    def capture_and_harvest(self) -> tuple[bytes, bytes, npt.NDArray[np.uint64]]:
+        """``capture_state`` and then a fresh ``take_dirty``, in one round trip."""
+        result, blob, _ = self._endpoint.call(HardwareCommand.CAPTURE_STATE.value, {"harvest": True})
+        n, m = int(result["vcpu_len"]), int(result.get("device_len", -1))
+        if not 0 <= n <= len(blob) or not 0 <= m <= len(blob) - n or (len(blob) - n - m) % 8:
+            raise ProtocolError(f"capture: lengths {n}/{m} do not fit a blob of {len(blob)} bytes")
+        return blob[:n], blob[n : n + m], gfns_from_blob(blob[n + m :])
 
     def restore_state(self, handle: int, vcpu_state: bytes, device_state: bytes) -> None:
         args = RestoreStateArgs(handle=handle, vcpu_len=len(vcpu_state))

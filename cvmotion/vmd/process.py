@@ -33,11 +33,12 @@ from cvmotion.attestation.client import AttestationClient, KeyReleaseClient
 from cvmotion.attestation.keyrelease import TransferKey
 from cvmotion.attestation.paravisor import Paravisor
 from cvmotion.errors import CvmError, UsageError
+from cvmotion.ipc import trace
 from cvmotion.ipc.rpc import MAX_BLOB, Endpoint, Handler
 from cvmotion.platformd.client import VmPlatformClient
 from cvmotion.vmd.client import RelayClient
 from cvmotion.vmd.dirty import DirtyViews
-from cvmotion.vmd.protocol import AttestationInfo, ConsolePage, Reattested, VmInfo, VmMode, VmSpec
+from cvmotion.vmd.protocol import AttestationInfo, ConsolePage, Reattested, Resumption, VmInfo, VmMode, VmSpec
 from cvmotion.vmm.backend import BackendKind
 from cvmotion.vmm.devices.dma import DmaConfig, DmaDevice
 from cvmotion.vmm.images import load_image
@@ -335,8 +336,14 @@ class VmProcess:
                 self.dma.quiesce()  # its DMA stops with the vCPUs: nothing written while paused
             return vm.pause()
 
-    def resume(self) -> float | None:
-        """Run the vCPUs again (if the SP allows it); returns how long they were stopped, when known (seconds)."""
+    def resume(self) -> Resumption:
+        """Run the vCPUs again (if the SP allows it): how long they were stopped, when known, and when they ran.
+
+        A VM that arrived by live migration re-attests right after its first resume; that thread is started by
+        ``Resumption.then``, after the caller has its answer (the new thread would hold the GIL for a switch
+        interval, 5 ms, before this one could answer: time the guest was already running but the daemon did not
+        know it).
+        """
         # A platform process being replaced comes back in a moment: its successor decides whether the guest runs.
         self._platform_up.wait(_REATTACH_TIMEOUT)
         with self._lock:
@@ -344,18 +351,20 @@ class VmProcess:
             if not self._may_run():
                 raise UsageError("the secure processor does not let this guest run (migration in progress)")
             self._user_paused = False
-            paused = vm.resume()
+            with trace.span("vm resume"):
+                paused = vm.resume()
+            at = time.time()
             if self.dma is not None:
                 self.dma.start()
             self.state_note = "running"
             first_run_here = self._restored
             self._restored = False
+        then = None
         if first_run_here:
             # Arrived by live migration: the paravisor re-attests on this chip right after resume.
-            threading.Thread(
-                target=self._run_paravisor, args=(True, time.time()), name="paravisor", daemon=True
-            ).start()
-        return paused
+            thread = threading.Thread(target=self._run_paravisor, args=(True, at), name="paravisor", daemon=True)
+            then = thread.start
+        return Resumption(paused, at, then)
 
     def set_throttle(self, pct: int) -> None:
         if not 0 <= pct <= 99:
@@ -479,7 +488,8 @@ class VmProcess:
             state = VmState.from_bytes(vcpu_state)
             backend = BackendKind(self.spec.backend) if self.spec.backend else None
             prepared, self._prepared = self._prepared, None
-            self.vm = Vm.restore(state, self.memory, backend, prepared=prepared)
+            with trace.span(f"vm restore (prepared: {prepared is not None})"):
+                self.vm = Vm.restore(state, self.memory, backend, prepared=prepared)
             self.dirty = DirtyViews(self.vm, feeds={"sp": self._feed_sp})
             self.dma = self._make_dma(self.memory)
             self.handle = handle

@@ -17,6 +17,7 @@ speak the protocol without the hardware's code.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
 from typing import Any, TypedDict
@@ -38,6 +39,7 @@ __all__ = [
     "RelayCommand",
     "RestoreStateArgs",
     "Resumed",
+    "Resumption",
     "ScheduledEventsPostArgs",
     "TakeDirtyArgs",
     "ThrottleArgs",
@@ -203,6 +205,17 @@ class AttestationInfo(TypedDict, total=False):
 
 class Resumed(TypedDict):
     pause_ms: float | None  # vCPUs stopped to running again (monotonic clock), when this process saw both
+    resumed_at: float  # Unix time the vCPUs were released (QEMU's RESUME event, as the guest lives it)
+
+
+@dataclass(frozen=True, slots=True)
+class Resumption:
+    """What ``VmProcess.resume`` did: ``paused`` seconds stopped (when known), ``at`` the Unix time the vCPUs ran;
+    ``then``, when set, is for the caller to run once it has answered (the paravisor's re-attestation)."""
+
+    paused: float | None
+    at: float
+    then: Callable[[], None] | None = None
 
 
 class Reattested(TypedDict):

@@ -48,8 +48,11 @@ def _scheduled_events(proc: VmProcess, call: Call) -> Reply:
     return Reply()
 
 
-def _resumed(paused: float | None) -> Resumed:
-    return Resumed(pause_ms=None if paused is None else round(paused * 1000, 3))
+def _resume(proc: VmProcess, call: Call) -> Reply:
+    done = proc.resume()
+    paused = done.paused
+    result = Resumed(pause_ms=None if paused is None else round(paused * 1000, 3), resumed_at=done.at)
+    return Reply(dict(result), after=done.then)
 
 
 def _bind(proc: VmProcess, call: Call) -> Reply:
@@ -88,7 +91,7 @@ _CONTROL: _Table = {
     ControlCommand.BIND: _bind,
     ControlCommand.START: _done(VmProcess.start),
     ControlCommand.PAUSE: lambda proc, call: Reply({"latency": proc.pause()}),
-    ControlCommand.RESUME: lambda proc, call: Reply(dict(_resumed(proc.resume()))),
+    ControlCommand.RESUME: _resume,
     ControlCommand.START_DIRTY_TRACKING: _done(VmProcess.start_dirty_tracking),
     ControlCommand.HARVEST_DIRTY: _harvest,
     ControlCommand.POPULATED_RANGES: _populated,
@@ -109,15 +112,26 @@ def _restore(proc: VmProcess, call: Call) -> Reply:
 
 
 def _capture(proc: VmProcess, call: Call) -> Reply:
+    """The paused VM's state (one blob: vCPUs and devices); ``harvest``: then a fresh harvest of the SP's dirty
+    view, appended (the start token's last look at the log, in the same round trip as the capture)."""
     state = proc.capture_state()
-    return Reply({"vcpu_len": len(state)}, state)
+    if not call.args.get("harvest"):
+        return Reply({"vcpu_len": len(state)}, state)
+    gfns = proc.require_dirty().take("sp", fresh=True).astype("<u8").tobytes()
+    return Reply({"vcpu_len": len(state), "device_len": 0}, state + gfns)
+
+
+def _hold(proc: VmProcess, call: Call) -> Reply:
+    """Hold the paused VM for the SP, then harvest the SP's dirty view (the pages still to export)."""
+    proc.hold_paused()
+    return Reply({}, proc.require_dirty().take("sp", fresh=True).astype("<u8").tobytes())
 
 
 _HARDWARE: _Table = {
     HardwareCommand.TAKE_DIRTY: lambda proc, call: Reply(
         {}, proc.require_dirty().take("sp", fresh=bool(call.args.get("fresh"))).astype("<u8").tobytes()
     ),
-    HardwareCommand.HOLD_PAUSED: _done(VmProcess.hold_paused),
+    HardwareCommand.HOLD_PAUSED: _hold,
     HardwareCommand.CAPTURE_STATE: _capture,
     HardwareCommand.RESTORE_STATE: _restore,
 }

@@ -2,8 +2,9 @@
  *
  * Everything a guest needs: fixed-width types, port I/O, the TSC clock, COM1 output, a printf subset,
  * multiboot command-line parsing and a clean exit.  Guests run single-threaded on the bootstrap
- * processor with interrupts disabled and poll; they never install an IDT, so any CPU exception
- * escalates to a triple fault (the VMM reports it with the faulting RIP). */
+ * processor with interrupts disabled and poll; only idle.c installs an IDT (the LAPIC timer's vector,
+ * to halt instead of spinning), so any CPU exception escalates to a triple fault (the VMM reports it
+ * with the faulting RIP). */
 #ifndef CVM_GUEST_H
 #define CVM_GUEST_H
 
@@ -95,5 +96,11 @@ int cmdline_str(const char *cmdline, const char *key, char *out, usize cap);
 void clock_init(const char *cmdline);
 u64 clock_hz(void);
 u64 clock_ms_to_ticks(u32 ms);
+
+/* idle.c: sleep until a TSC value (LAPIC TSC-deadline timer + HLT) instead of spinning on it.
+ * idle_init() returns 1 when the CPU has the TSC-deadline timer (it then installs an IDT and arms the LAPIC's
+ * timer vector), else 0 and idle_until() spins. */
+int idle_init(void);
+void idle_until(u64 tsc);
 
 #endif

@@ -4,8 +4,9 @@ The compromised engine (``EvilSource``) has the cvm-io device write into guest m
 PUT: the VMM copies the request into the guest's buffer, the guest stores it), then calls the VM process's
 ``start_dirty_tracking`` again before its next harvest.  That call used to clear the VMM's dirty bitmap, so the
 device's write reached neither the engine nor the firmware and the destination committed a stale page.  Now it
-only moves the engine's baseline: the harvest it makes reaches the SP first, the SP refuses the start token
-while the pages are unsent, and the VM resumes on the source with the write intact.
+only moves the engine's baseline: the harvest it makes reaches the SP first.  The SP names the page in its answer
+to ``export_pause`` (the harvest once the VM is held): an engine that sends what it is told moves the VM with the
+write; one that ignores it gets the start token refused, and the VM resumes on the source with the write intact.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from mig_world import World
 from cvmotion.ipc.rpc import Endpoint
 from cvmotion.migration.options import MigrationOptions
 from cvmotion.migration.stats import MigrationStatus
-from cvmotion.testing.evil import EvilSource
+from cvmotion.testing.evil import EvilSource, ignore_the_held_harvest
 from cvmotion.testing.hostcmd import HostCommands
 from cvmotion.vmm.workloads import KvClient
 
@@ -39,9 +40,11 @@ class _CvmIoOverControl:
         return reply
 
 
-def test_restarting_dirty_tracking_cannot_erase_a_device_write(attack_world: World) -> None:
+@pytest.mark.parametrize("engine", ["ignores the held harvest", "sends the held harvest"])
+def test_restarting_dirty_tracking_cannot_erase_a_device_write(attack_world: World, engine: str) -> None:
     world = attack_world
-    victim = world.new_kv_vm("dirty-erase")
+    ignores = engine == "ignores the held harvest"
+    victim = world.new_kv_vm("dirty-erase-ignored" if ignores else "dirty-erase-sent")
     fired = threading.Event()
     try:
         with HostCommands(world.a.data_dir) as evil:
@@ -56,12 +59,26 @@ def test_restarting_dirty_tracking_cannot_erase_a_device_write(attack_world: Wor
 
             world.proxy.reset()
             options = MigrationOptions(io_timeout=8.0, setup_timeout=8.0, commit_timeout=15.0)
-            stats = EvilSource(world.a, victim.name, world.b, options=options, vm_call=erase_after_a_device_write).run()
+            stats = EvilSource(
+                world.a,
+                victim.name,
+                world.b,
+                options=options,
+                vm_call=erase_after_a_device_write,
+                platform_answer=ignore_the_held_harvest if ignores else None,
+            ).run()
             assert fired.is_set(), "the engine never harvested after round 0"
-            assert stats.status is MigrationStatus.FAILED, stats.query_migrate()
-            assert stats.outcome == "resumed on source"
-            assert "start token refused" in (stats.error or ""), stats.error
-            world.finish(victim, expect_host="host-a")
-            assert KvClient(_CvmIoOverControl(evil.vm(victim.name))).get(KEY) == VALUE  # type: ignore[arg-type]
+            if ignores:
+                assert stats.status is MigrationStatus.FAILED, stats.query_migrate()
+                assert stats.outcome == "resumed on source"
+                assert "start token refused" in (stats.error or ""), stats.error
+                world.finish(victim, expect_host="host-a")
+                assert KvClient(_CvmIoOverControl(evil.vm(victim.name))).get(KEY) == VALUE  # type: ignore[arg-type]
+            else:
+                assert stats.status is MigrationStatus.COMPLETED, stats.query_migrate()
+                world.a.api("DELETE", f"/v1/vms/{victim.name}")  # the source daemon's stale record of the VM
+                world.finish(victim, expect_host="host-b")
+                with HostCommands(world.b.data_dir) as on_b:
+                    assert KvClient(_CvmIoOverControl(on_b.vm(victim.name))).get(KEY) == VALUE  # type: ignore[arg-type]
     finally:
         world.drop_vm(victim)

@@ -23,7 +23,7 @@ from cvmotion.errors import CvmError, FirmwareError, IntegrityError, UsageError
 from cvmotion.migration.options import MigrationOptions
 from cvmotion.migration.stats import MigrationStatus
 from cvmotion.testing.adversary import Direction
-from cvmotion.testing.evil import EvilSource, hide_dirty_pages, swap_export_hardware
+from cvmotion.testing.evil import EvilSource, hide_dirty_pages, ignore_the_held_harvest, swap_export_hardware
 from cvmotion.testing.hostcmd import HostCommands, forge_abort_token
 from cvmotion.testing.tampering import On, bundle, control, flip, freeze, ma
 
@@ -129,15 +129,35 @@ def test_export_with_another_vms_hardware(attack_world: World, victim: Victim) -
 
 
 def test_withheld_dirty_pages(attack_world: World, victim: Victim) -> None:
-    """The compromised engine never resends written pages (its dirty log "comes back empty"): the firmware,
-    fed by the hardware's own log, refuses the start token; the VM resumes on the source."""
+    """The compromised engine never resends written pages (its dirty log "comes back empty") and drops the pages
+    the firmware names when it holds the VM: the firmware, fed by the hardware's own log, refuses the start
+    token; the VM resumes on the source."""
+    world = attack_world
+    world.proxy.reset()
+    stats = EvilSource(
+        world.a,
+        victim.name,
+        world.b,
+        options=_options(),
+        vm_answer=hide_dirty_pages,
+        platform_answer=ignore_the_held_harvest,
+    ).run()
+    assert stats.status is MigrationStatus.FAILED, stats.query_migrate()
+    assert stats.outcome == "resumed on source"
+    assert "start token refused" in (stats.error or ""), stats.error
+    assert stats.rounds, "the engine never got to send a round"
+    world.finish(victim, expect_host=A)
+
+
+def test_withheld_dirty_pages_are_named_at_the_hold(attack_world: World, victim: Victim) -> None:
+    """The same engine, but it sends what ``export_pause`` names (the firmware's harvest once the VM is held, with
+    every page the hardware's log handed the firmware since its last look): the VM moves, its memory intact."""
     world = attack_world
     world.proxy.reset()
     stats = EvilSource(world.a, victim.name, world.b, options=_options(), vm_answer=hide_dirty_pages).run()
-    assert stats.status is MigrationStatus.FAILED, stats.query_migrate()
-    assert stats.outcome == "resumed on source"
-    assert stats.rounds, "the engine never got to send a round"
-    world.finish(victim, expect_host=A)
+    assert stats.status is MigrationStatus.COMPLETED, stats.query_migrate()
+    world.a.api("DELETE", f"/v1/vms/{victim.name}")  # the source daemon's stale record of the VM
+    world.finish(victim, expect_host=B)  # the watch checks the guest's memory against its model
 
 
 def test_destination_impersonates_the_incoming_vms_hardware(attack_world: World, victim: Victim) -> None:

@@ -171,11 +171,14 @@ class NullHardware:
     def take_dirty(self, *, fresh: bool) -> npt.NDArray[np.uint64]:
         return np.zeros(0, dtype=np.uint64)
 
-    def hold_paused(self) -> None:
-        pass
+    def hold_paused(self) -> npt.NDArray[np.uint64]:
+        return np.zeros(0, dtype=np.uint64)
 
     def capture_state(self) -> tuple[bytes, bytes]:
         return b"", b""
+
+    def capture_and_harvest(self) -> tuple[bytes, bytes, npt.NDArray[np.uint64]]:
+        return b"", b"", np.zeros(0, dtype=np.uint64)
 
     def restore_state(self, vcpu_state: bytes, device_state: bytes) -> None:
         pass

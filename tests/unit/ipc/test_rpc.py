@@ -137,3 +137,25 @@ def test_garbage_drops_the_connection() -> None:
     a.sendall(b"GET / HTTP/1.1\r\n\r\n")
     assert server.wait_closed(5)
     a.close()
+
+
+def test_after_runs_once_the_reply_is_sent() -> None:
+    """``Reply.after`` is for work the caller must not wait for: the caller has its answer while it still runs."""
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    release, ran = threading.Event(), threading.Event()
+
+    def after() -> None:
+        release.wait(10)
+        ran.set()
+
+    client = Endpoint(a, name="client")
+    server = Endpoint(b, lambda call: Reply({"ok": True}, after=after), name="server")
+    try:
+        assert client.call("anything", timeout=5)[0] == {"ok": True}  # times out if after() ran first
+        assert not ran.is_set()
+        release.set()
+        assert ran.wait(5)
+    finally:
+        release.set()
+        client.close()
+        server.close()

@@ -72,12 +72,17 @@ class FakeHardware:
         self.sp_dirty.clear()
         return out
 
-    def hold_paused(self) -> None:
+    def hold_paused(self) -> npt.NDArray[np.uint64]:
         if not self.paused:
             raise RuntimeError("VM is not paused")
+        return self.take_dirty(fresh=True)
 
     def capture_state(self) -> tuple[bytes, bytes]:
         return self.vcpu_state, self.device_state
+
+    def capture_and_harvest(self) -> tuple[bytes, bytes, npt.NDArray[np.uint64]]:
+        vcpu, device = self.capture_state()
+        return vcpu, device, self.take_dirty(fresh=True)
 
     def restore_state(self, vcpu_state: bytes, device_state: bytes) -> None:
         self.restored = (vcpu_state, device_state)
@@ -138,13 +143,18 @@ class Session:
     def epoch(self, stream: int = 0) -> None:
         self.bundles.append((stream, self.src.sp.migration.export_epoch_token(self.src.handle, stream)))
 
-    def switchover(self, final_gfns: list[int] | None = None) -> None:
+    def switchover(self, final_gfns: list[int] | None = None, *, one_call: bool = False) -> None:
+        """Pause, send ``final_gfns`` (default: what the engine's harvest says), then the state bundles and the
+        start token: one command each, or ``one_call``: ``export_final`` (as the daemon does)."""
         mig = self.src.sp.migration
         self.src.hw.paused = True
         mig.export_pause(self.src.handle)
         final = self.src.hw.harvest() if final_gfns is None else final_gfns
         if final:
             self.send_pages(final)
+        if one_call:
+            self.bundles += [(0, b) for b in mig.export_final(self.src.handle, 0)]
+            return
         for kind in (BundleType.VCPU_STATE, BundleType.DEVICE_STATE, BundleType.MUTABLE_STATE):
             self.bundles.append((0, mig.export_state(self.src.handle, 0, kind)))
         self.bundles.append((0, mig.export_start_token(self.src.handle, 0)))

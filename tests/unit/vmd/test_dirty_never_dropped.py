@@ -151,11 +151,14 @@ class _VmHardware:
             seen |= {int(g) for g in self.views.take("sp", fresh=True)}
         return np.asarray(sorted(seen), dtype=np.uint64)
 
-    def hold_paused(self) -> None:
-        return None
+    def hold_paused(self) -> npt.NDArray[np.uint64]:
+        return self.take_dirty(fresh=True)
 
     def capture_state(self) -> tuple[bytes, bytes]:
         return b"vcpu", b"device"
+
+    def capture_and_harvest(self) -> tuple[bytes, bytes, npt.NDArray[np.uint64]]:
+        return b"vcpu", b"device", self.take_dirty(fresh=True)
 
     def restore_state(self, vcpu_state: bytes, device_state: bytes) -> None:
         raise AssertionError("a source never restores")
