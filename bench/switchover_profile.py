@@ -41,10 +41,13 @@ def _ready(lines: list[str]) -> bool:
 
 def _window(spans: list[Span]) -> tuple[int, int] | None:
     paused = [s for s in spans if s.name == "source paused"]
-    resumed = [s for s in spans if s.name == "destination resumed"]
-    if not paused or not resumed:
+    if not paused:
         return None
-    return paused[-1].start, resumed[-1].end
+    # The guest runs again when the destination's VM process releases its vCPUs (QEMU's RESUME event).
+    resumed = [s for s in spans if s.name == "vm resume" and s.start > paused[-1].start]
+    if not resumed:
+        return None
+    return paused[-1].start, resumed[0].end
 
 
 def report(spans: list[Span], run: int) -> None:
@@ -53,7 +56,7 @@ def report(spans: list[Span], run: int) -> None:
         print(f"run {run}: no switchover in the trace")
         return
     t0, t1 = window
-    print(f"\nrun {run}: blackout {(t1 - t0) / 1e6:.2f} ms (source paused -> destination resumed)")
+    print(f"\nrun {run}: blackout {(t1 - t0) / 1e6:.2f} ms (source paused -> destination vCPUs released)")
     print(f"{'start ms':>9} {'end ms':>8} {'took':>7}  {'process':<26} {'thread':<22} span")
     names = {}
     for s in spans:

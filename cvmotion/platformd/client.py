@@ -27,6 +27,7 @@ from cvmotion.platformd.protocol import (
     GuestInfo,
     HandleArgs,
     HostCommand,
+    ImportActivateArgs,
     ImportArgs,
     ImportBundleArgs,
     ImportStatus,
@@ -236,8 +237,14 @@ class PlatformClient:
 
     def import_activate(self, vm: str) -> tuple[int, bytes]:
         """Activate a committed import; returns (the guest's handle, the commit receipt for the source)."""
-        result, receipt = self._call(HostCommand.IMPORT_ACTIVATE, ImportArgs(vm=vm))
+        result, receipt = self._call(HostCommand.IMPORT_ACTIVATE, ImportActivateArgs(vm=vm))
         return int(result["handle"]), receipt
+
+    def import_activate_and_run(self, vm: str) -> tuple[int, bytes, float]:
+        """``import_activate``, and the hardware runs the guest in the same command; the third value is the Unix
+        time its vCPUs were released."""
+        result, receipt = self._call(HostCommand.IMPORT_ACTIVATE, ImportActivateArgs(vm=vm, run=True))
+        return int(result["handle"]), receipt, float(result["resumed_at"])
 
     def import_commit_receipt(self, vm: str) -> bytes:
         return self._call(HostCommand.IMPORT_COMMIT_RECEIPT, ImportArgs(vm=vm))[1]

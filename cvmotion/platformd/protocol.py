@@ -28,6 +28,7 @@ __all__ = [
     "GuestInfo",
     "HandleArgs",
     "HostCommand",
+    "ImportActivateArgs",
     "ImportArgs",
     "ImportBundleArgs",
     "ImportStatus",
@@ -141,6 +142,10 @@ class ExportMemoryArgs(ExportArgs):
 
 class ImportArgs(TypedDict):
     vm: str
+
+
+class ImportActivateArgs(ImportArgs, total=False):
+    run: bool  # and have the hardware run the guest at once (one round trip less than the host's resume)
 
 
 class ImportBundleArgs(ImportArgs):

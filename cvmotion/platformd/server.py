@@ -482,7 +482,12 @@ class PlatformService:
         with self._lock:
             hw.remote.handle = handle
             self.handles[str(call.args.get("vm"))] = handle
-        return Reply({"handle": handle}, mig.import_commit_receipt(ref))
+        result: dict[str, object] = {"handle": handle}
+        if call.args.get("run") is True:
+            # The guest is RUNNABLE now: the hardware runs it in this same host command (the host's own resume
+            # would ask the SP again over another connection, inside the blackout).
+            result["resumed_at"] = hw.remote.run()
+        return Reply(result, mig.import_commit_receipt(ref))
 
     def _import_status(self, call: Call) -> Reply:
         ref, _ = self._import_ref(call)

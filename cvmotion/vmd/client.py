@@ -173,6 +173,11 @@ class HardwareClient:
         args = RestoreStateArgs(handle=handle, vcpu_len=len(vcpu_state))
         self._endpoint.call(HardwareCommand.RESTORE_STATE.value, dict(args), vcpu_state + device_state)
 
+    def run(self) -> float:
+        """Run the guest the SP just activated; the Unix time its vCPUs were released."""
+        result = cast(Resumed, self._endpoint.call(HardwareCommand.RUN.value)[0])
+        return float(result["resumed_at"])
+
 
 class RelayClient:
     """A VM process's calls to the host daemon (over the newest live control connection)."""

@@ -346,9 +346,16 @@ class VmProcess:
         """
         # A platform process being replaced comes back in a moment: its successor decides whether the guest runs.
         self._platform_up.wait(_REATTACH_TIMEOUT)
+        return self._resume(ask_sp=True)
+
+    def run_for_sp(self) -> Resumption:
+        """``resume`` at the secure processor's word (it has just activated this guest here): nothing to ask it."""
+        return self._resume(ask_sp=False)
+
+    def _resume(self, *, ask_sp: bool) -> Resumption:
         with self._lock:
             vm = self._require_vm()
-            if not self._may_run():
+            if ask_sp and not self._may_run():
                 raise UsageError("the secure processor does not let this guest run (migration in progress)")
             self._user_paused = False
             with trace.span("vm resume"):

@@ -78,6 +78,7 @@ class HardwareCommand(StrEnum):
     HOLD_PAUSED = "sp_hold_paused"
     CAPTURE_STATE = "sp_capture_state"
     RESTORE_STATE = "sp_restore_state"
+    RUN = "sp_run"  # the SP activated this guest here: run it now (the SP is the one can_run would ask)
 
 
 class RelayCommand(StrEnum):

@@ -14,7 +14,7 @@ from pathlib import Path
 from cvmotion.errors import UsageError
 from cvmotion.ipc.rpc import Call, Handler, Reply
 from cvmotion.vmd.process import VmProcess
-from cvmotion.vmd.protocol import ControlCommand, HardwareCommand, Resumed
+from cvmotion.vmd.protocol import ControlCommand, HardwareCommand, Resumed, Resumption
 
 __all__ = ["install"]
 
@@ -48,8 +48,7 @@ def _scheduled_events(proc: VmProcess, call: Call) -> Reply:
     return Reply()
 
 
-def _resume(proc: VmProcess, call: Call) -> Reply:
-    done = proc.resume()
+def _resumed(done: Resumption) -> Reply:
     paused = done.paused
     result = Resumed(pause_ms=None if paused is None else round(paused * 1000, 3), resumed_at=done.at)
     return Reply(dict(result), after=done.then)
@@ -91,7 +90,7 @@ _CONTROL: _Table = {
     ControlCommand.BIND: _bind,
     ControlCommand.START: _done(VmProcess.start),
     ControlCommand.PAUSE: lambda proc, call: Reply({"latency": proc.pause()}),
-    ControlCommand.RESUME: _resume,
+    ControlCommand.RESUME: lambda proc, call: _resumed(proc.resume()),
     ControlCommand.START_DIRTY_TRACKING: _done(VmProcess.start_dirty_tracking),
     ControlCommand.HARVEST_DIRTY: _harvest,
     ControlCommand.POPULATED_RANGES: _populated,
@@ -134,6 +133,7 @@ _HARDWARE: _Table = {
     HardwareCommand.HOLD_PAUSED: _hold,
     HardwareCommand.CAPTURE_STATE: _capture,
     HardwareCommand.RESTORE_STATE: _restore,
+    HardwareCommand.RUN: lambda proc, call: _resumed(proc.run_for_sp()),
 }
 
 
