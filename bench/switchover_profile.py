@@ -30,6 +30,7 @@ from cvmotion.ipc.trace import Span, parse  # noqa: E402
 OUT = Path("build/bench/switchover_profile")
 SCENARIOS = {
     "idle": ("Standard_DC2as_v5", None, "dirty_mib=1024 rate=1"),
+    "idle-halt": ("Standard_DC2as_v5", None, "dirty_mib=1024 rate=1 halt=1"),
     "small": (None, "64M", "dirty_mib=16 rate=1"),
 }
 

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from cvmotion.errors import UsageError
+from cvmotion.ipc.latency import tune_for_latency
 
 __all__ = ["register"]
 
@@ -136,6 +137,7 @@ def _serve(args: argparse.Namespace) -> int:
         flush=True,
     )
     server = uvicorn.Server(uvicorn_config(app))
+    tune_for_latency()
     from cvmotion.cli.fleet_host import start_registration
 
     registration = start_registration(daemon, args, url)

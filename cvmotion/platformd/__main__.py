@@ -22,6 +22,7 @@ from cvmotion.firmware.device import SecureProcessor
 from cvmotion.firmware.kds import Kds
 from cvmotion.firmware.kds_http import KdsClient
 from cvmotion.firmware.vendor import Vendor
+from cvmotion.ipc.latency import tune_for_latency
 from cvmotion.platformd.ma import MigrationAgentService, load_agent_config
 from cvmotion.platformd.provision import platform_trust, provision
 from cvmotion.platformd.server import PlatformService
@@ -61,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     (args.data_dir / "platform.pid").write_text(str(os.getpid()))
+    tune_for_latency()
     service.serve(args.socket, stop, listening=link.serving if link is not None else None)
     return 0
 

@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from cvmotion.errors import CvmError
+from cvmotion.ipc.latency import tune_for_latency
 from cvmotion.vmd.process import VmProcess
 from cvmotion.vmd.protocol import VmSpec
 from cvmotion.vmd.server import install
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"cvmotion-vm: {exc}", file=sys.stderr)
             (args.dir / "error").write_text(str(exc))
             return 1
+    tune_for_latency()
     proc.serve()
     return 0
 

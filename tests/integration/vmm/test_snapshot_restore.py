@@ -52,6 +52,26 @@ def test_memdirty_continues_after_snapshot_file(vms: VmFactory, tmp_path: Path) 
         assert model.checksum_at(writes) == csum  # continuation over the very same memory
 
 
+def test_memdirty_halting_on_its_timer_continues_after_restore(vms: VmFactory) -> None:
+    """``halt=1``: the guest sleeps on the LAPIC's TSC-deadline timer between writes (KVM's in-kernel LAPIC; the
+    emulator has none and says it spins). The armed timer travels with the state: the restored guest wakes."""
+    vm = vms.boot("memdirty", "dirty_mib=1 rate=400 hb_ms=100 seed=5 halt=1")
+    before = _beats(vm, 2)
+    mode = "halting between writes" if vms.backend is BackendKind.KVM else "no TSC-deadline timer"
+    assert any(line.startswith(f"memdirty: {mode}") for line in vm.console.lines()), vm.console.lines()[:4]
+    vm.pause()
+    state = vm.capture_state()
+    vm.discard()
+    restored = vms.adopt(Vm.restore(state, vm.memory))
+    restored.resume()
+    after = _beats(restored, 3)
+    model = MemdirtyModel(dirty_mib=1, seed=5)
+    assert after[0][0] > before[-1][0]
+    assert after[-1][1] > before[-1][1]  # writes go on: the restored timer fires
+    for _, writes, csum in before + after:
+        assert model.checksum_at(writes) == csum
+
+
 def test_kvstore_keys_survive_restore_in_another_process(vms: VmFactory, tmp_path: Path) -> None:
     vm = vms.boot("kvstore", "slots=128 hb_ms=1000")
     assert vm.console.wait_for(r"^kvstore: ready", 30)
