@@ -75,6 +75,10 @@ int idle_init(void) {
         u32 base;
     } __attribute__((packed)) idtr = {sizeof(idt) - 1, (u32)idt};
     __asm__ volatile("lidt %0" : : "m"(idtr));
+    /* Mask the legacy 8259 PICs: under QEMU the BIOS left IRQ0 (its PIT tick) unmasked, and with interrupts
+     * enabled it would arrive at a vector this IDT does not serve.  Only the LAPIC timer may wake the guest. */
+    outb(0x21, 0xFF);
+    outb(0xA1, 0xFF);
     apic_write(APIC_SVR, apic_read(APIC_SVR) | APIC_SVR_ENABLE | SPURIOUS_VECTOR);
     apic_write(APIC_LVT_TIMER, LVT_TSC_DEADLINE | TIMER_VECTOR);
     enabled = 1;
