@@ -65,6 +65,22 @@ def test_memdirty_under_qemu_matches_the_model() -> None:
         assert model.checksum_at(writes) == csum
 
 
+def test_memdirty_halting_under_qemu_wakes_on_its_timer() -> None:
+    """``halt=1`` under QEMU (after its BIOS, which leaves the PIT's IRQ0 unmasked on the legacy PIC): the guest
+    sleeps on the LAPIC's TSC-deadline timer (qemu64 needs ``+tsc-deadline``), wakes, and writes on."""
+    require_image("memdirty")
+    cmd = _qemu("memdirty", "dirty_mib=1 rate=500 hb_ms=200 seed=6 halt=1")
+    cmd[2:2] = ["-cpu", "qemu64,+tsc-deadline"]
+    lines = _lines_until(cmd, "HB ", 3, 120)
+    assert any(line.startswith("memdirty: halting between writes") for line in lines), lines
+    beats = [b for b in map(parse_heartbeat, lines) if b]
+    assert len(beats) >= 3, lines
+    assert beats[-1][1] > beats[0][1]
+    model = MemdirtyModel(dirty_mib=1, seed=6)
+    for _, writes, csum in beats:
+        assert model.checksum_at(writes) == csum
+
+
 def test_kvstore_without_cvmio_only_heartbeats() -> None:
     require_image("kvstore")
     lines = _lines_until(_qemu("kvstore", "hb_ms=200"), "HB ", 1, 120)
