@@ -12,6 +12,7 @@ test; nothing here carries guest data or keys, only names of calls and phases.
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 import threading
@@ -49,6 +50,25 @@ def record(name: str, start_ns: int, end_ns: int) -> None:
         return
     line = f"{start_ns} {end_ns} {_process_name()} {threading.current_thread().name.replace(' ', '_')} {name}\n"
     os.write(_out(), line.encode())
+
+
+_gc_started: dict[int, int] = {}
+
+
+def _on_gc(phase: str, info: dict[str, int]) -> None:
+    """A cyclic collection holds every thread of the process: it shows in the timeline as one span."""
+    if phase == "start":
+        _gc_started[threading.get_ident()] = time.monotonic_ns()
+    else:
+        started = _gc_started.pop(threading.get_ident(), None)
+        if started is not None:
+            record(
+                f"gc generation {info.get('generation')} ({info.get('collected')} freed)", started, time.monotonic_ns()
+            )
+
+
+if ENABLED:
+    gc.callbacks.append(_on_gc)
 
 
 @contextmanager

@@ -186,14 +186,19 @@ class Arrival:
 
 
 ImportBatch = Callable[[int, Ring, list[Arrival]], None]
-_ALONE = (BundleType.IMMUTABLE_STATE, BundleType.EPOCH_TOKEN, BundleType.START_TOKEN)
+_ALONE = (BundleType.IMMUTABLE_STATE,)
+_TOKENS = (BundleType.EPOCH_TOKEN, BundleType.START_TOKEN)  # close a batch: nothing of their epoch follows them
+_STATES = (BundleType.VCPU_STATE, BundleType.DEVICE_STATE, BundleType.MUTABLE_STATE)
+# The source sends the state bundles and the start token back to back: an importer holding a state bundle waits
+# this long for the rest, so the switchover's tail is one import call, not four round trips to the platform.
+_SWITCHOVER_GATHER = 0.005  # seconds
 
 
 class IncomingStream:
     """One stream of an incoming migration: a reader and an importer thread around a ring of slots.
 
-    ``import_batch(index, ring, arrivals)`` is called in stream order with bundles of one epoch (tokens and
-    the immutable state alone); it returns once the firmware has them, and then their slots are reused.
+    ``import_batch(index, ring, arrivals)`` is called in stream order with bundles of one epoch (the immutable
+    state alone; a token only last); it returns once the firmware has them, and then their slots are reused.
     ``on_error`` gets the first failure of either thread; ``on_end`` an orderly END frame.
     """
 
@@ -206,6 +211,7 @@ class IncomingStream:
         import_batch: ImportBatch,
         on_error: Callable[[BaseException], None],
         batch: int,
+        gather: float = _SWITCHOVER_GATHER,
     ) -> None:
         self.index = index
         self.sock = sock
@@ -213,6 +219,7 @@ class IncomingStream:
         self._import_batch = import_batch
         self._on_error = on_error
         self._batch = batch
+        self._gather = gather
         self._free: queue.Queue[int] = queue.Queue()
         for slot in range(ring.slots):
             self._free.put(slot)
@@ -265,13 +272,19 @@ class IncomingStream:
         if first is None:
             return None
         batch = [first]
-        while first.header.type not in _ALONE and len(batch) < self._batch:
+        while batch[-1].header.type not in (*_ALONE, *_TOKENS) and len(batch) < self._batch + len(_STATES) + 1:
             try:
-                nxt = self._arrived.get_nowait()
+                if batch[-1].header.type in _STATES:
+                    nxt = self._arrived.get(timeout=self._gather)
+                else:
+                    nxt = self._arrived.get_nowait()
             except queue.Empty:
                 break
             if nxt is None or nxt.header.type in _ALONE or nxt.header.epoch != first.header.epoch:
                 self._held.append(nxt)
+                break
+            if len(batch) >= self._batch and nxt.header.type not in (*_STATES, *_TOKENS):
+                self._held.append(nxt)  # a full batch of pages; the switchover's tail may go beyond it
                 break
             batch.append(nxt)
         return batch

@@ -201,20 +201,25 @@ class Receiver:
             self.fail(exc)
 
     def _import_batch(self, index: int, ring: Ring, arrivals: list[Arrival]) -> None:
-        """Hand bundles of one stream to the firmware, in order: one epoch's bundles, or a token alone."""
+        """Hand bundles of one stream to the firmware, in order: one epoch's bundles, a token (if any) last."""
         header = arrivals[0].header  # untrusted: only used to order work, never for security
-        kind = header.type
+        last = arrivals[-1].header
+        token = last.type in (BundleType.EPOCH_TOKEN, BundleType.START_TOKEN)
+        kind = last.type if token else header.type
+        carried = len(arrivals) - token  # every bundle but a token (the token's count is of the others)
         started = time.monotonic()
-        if kind is not BundleType.IMMUTABLE_STATE and not self._context_ready.wait(self.options.io_timeout):
+        if header.type is not BundleType.IMMUTABLE_STATE and not self._context_ready.wait(self.options.io_timeout):
             raise MigrationError("no guest context arrived")
         self._wait_epoch_open(header.epoch)
         if kind in (BundleType.EPOCH_TOKEN, BundleType.START_TOKEN):
-            view = ring.slot(arrivals[0].slot)[: arrivals[0].length]
-            meta = bytes(view[wire.HEADER_SIZE : header.size - wire.MAC_SIZE])
+            view = ring.slot(arrivals[-1].slot)[: arrivals[-1].length]
+            meta = bytes(view[wire.HEADER_SIZE : last.size - wire.MAC_SIZE])
             if kind is BundleType.EPOCH_TOKEN:
-                self._wait_for(header.epoch, wire.parse_epoch_token_metadata(meta))
+                total = wire.parse_epoch_token_metadata(meta)
             else:
-                self._wait_for(header.epoch, wire.parse_start_token_metadata(meta)[1])
+                total = wire.parse_start_token_metadata(meta)[1]
+            # Every bundle of the epoch before the token: the other streams' and those riding in this batch.
+            self._wait_for(header.epoch, total - carried)
         self.platform.import_bundles(self.stats.vm, ring, [(ring.offset(a.slot), a.length) for a in arrivals])
         self.stats.transferred += sum(a.length for a in arrivals)
         if kind is BundleType.IMMUTABLE_STATE:
@@ -223,10 +228,9 @@ class Receiver:
             # The source times its rounds end to end by this (and does not run ahead of the import).
             self._send_control({"type": "epoch-imported", "epoch": header.epoch})
         with self._cond:
+            self._imported[header.epoch] += carried
             if kind is BundleType.EPOCH_TOKEN:
                 self._epochs_closed = max(self._epochs_closed, header.epoch + 1)
-            elif kind is not BundleType.START_TOKEN:
-                self._imported[header.epoch] += len(arrivals)
             self._cond.notify_all()
         if kind is BundleType.START_TOKEN:
             self._phases["start-token-imported"] = (time.monotonic() - started) * 1000

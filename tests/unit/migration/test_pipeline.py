@@ -110,7 +110,7 @@ def test_outgoing_ring_must_hold_two_batches(tcp_pair: tuple[FrameSocket, FrameS
 # -- incoming ---------------------------------------------------------------------------------------------
 
 
-def test_incoming_batches_one_epoch_and_tokens_alone(tcp_pair: tuple[FrameSocket, FrameSocket]) -> None:
+def test_incoming_batches_one_epoch_a_token_last(tcp_pair: tuple[FrameSocket, FrameSocket]) -> None:
     tx, rx = tcp_pair
     ring = Ring("test-in", 2, 4)  # fewer slots than bundles: slots must be recycled
     batches: list[list[tuple[BundleType, int, bytes]]] = []
@@ -136,12 +136,49 @@ def test_incoming_batches_one_epoch_and_tokens_alone(tcp_pair: tuple[FrameSocket
         tx.send(FrameKind.BUNDLE, bundle)
     assert done.wait(WAIT), errors
     assert [data for batch in batches for _, _, data in batch] == plan
+    tokens = (BundleType.EPOCH_TOKEN, BundleType.START_TOKEN)
     for batch in batches:
-        assert len(batch) <= 3
-        assert len({epoch for _, epoch, _ in batch}) == 1
         kinds = [k for k, _, _ in batch]
-        if any(k in (BundleType.IMMUTABLE_STATE, BundleType.EPOCH_TOKEN, BundleType.START_TOKEN) for k in kinds):
+        assert kinds.count(BundleType.MEMORY) <= 3
+        assert len({epoch for _, epoch, _ in batch}) == 1
+        if BundleType.IMMUTABLE_STATE in kinds:
             assert len(batch) == 1
+        assert all(k not in tokens for k in kinds[:-1])  # a token only closes a batch
+    tx.send(FrameKind.END)
+    stream.join(WAIT)
+    assert not errors
+    ring.close()
+
+
+def test_the_switchover_tail_is_one_batch(tcp_pair: tuple[FrameSocket, FrameSocket]) -> None:
+    """The state bundles and the start token, sent back to back, reach the firmware in one import call (each call
+    is a round trip to the platform process inside the blackout), even if the importer wakes at the first."""
+    tx, rx = tcp_pair
+    ring = Ring("test-tail", 8, 4)
+    batches: list[list[BundleType]] = []
+    errors: list[BaseException] = []
+    done = threading.Event()
+    tail = [
+        _bundle(BundleType.VCPU_STATE, 2, 0, b"vcpu"),
+        _bundle(BundleType.DEVICE_STATE, 2, 1, b"device"),
+        _bundle(BundleType.MUTABLE_STATE, 2, 2, b"mutable"),
+        _bundle(BundleType.START_TOKEN, 2, 3, meta=wire.pack_start_token_metadata(bytes(16), 3)),
+    ]
+
+    def import_batch(index: int, r: Ring, arrivals: list[Arrival]) -> None:
+        batches.append([a.header.type for a in arrivals])
+        if sum(len(b) for b in batches) == len(tail):
+            done.set()
+
+    stream = IncomingStream(0, rx, ring, import_batch=import_batch, on_error=errors.append, batch=4)
+    stream.start()
+    for bundle in tail:
+        tx.send(FrameKind.BUNDLE, bundle)
+        time.sleep(0.0005)
+    assert done.wait(WAIT), errors
+    assert batches == [
+        [BundleType.VCPU_STATE, BundleType.DEVICE_STATE, BundleType.MUTABLE_STATE, BundleType.START_TOKEN]
+    ]
     tx.send(FrameKind.END)
     stream.join(WAIT)
     assert not errors
