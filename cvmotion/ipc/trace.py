@@ -34,6 +34,9 @@ def _process_name() -> str:
     return "-".join(a for a in argv if a and not a.startswith("-"))[:40].replace(" ", "_") or "python"
 
 
+_PROCESS = _process_name()  # sys.argv is set before any cvmotion module is imported
+
+
 def _out() -> int:
     global _fd
     if _fd is None:
@@ -48,7 +51,7 @@ def record(name: str, start_ns: int, end_ns: int) -> None:
     """One span (a point when ``start_ns == end_ns``); one ``write`` per line, so lines never interleave."""
     if not ENABLED:
         return
-    line = f"{start_ns} {end_ns} {_process_name()} {threading.current_thread().name.replace(' ', '_')} {name}\n"
+    line = f"{start_ns} {end_ns} {_PROCESS} {threading.current_thread().name.replace(' ', '_')} {name}\n"
     os.write(_out(), line.encode())
 
 

@@ -211,7 +211,7 @@ class Receiver:
         if header.type is not BundleType.IMMUTABLE_STATE and not self._context_ready.wait(self.options.io_timeout):
             raise MigrationError("no guest context arrived")
         self._wait_epoch_open(header.epoch)
-        if kind in (BundleType.EPOCH_TOKEN, BundleType.START_TOKEN):
+        if token:
             view = ring.slot(arrivals[-1].slot)[: arrivals[-1].length]
             meta = bytes(view[wire.HEADER_SIZE : last.size - wire.MAC_SIZE])
             if kind is BundleType.EPOCH_TOKEN:

@@ -96,13 +96,8 @@ class VmClient:
 
     def resume(self, *, timeout: float | None = 60.0) -> float | None:
         """Let the vCPUs run again; returns how long they were stopped (seconds, monotonic), when known."""
-        return self.resume_timed(timeout=timeout)[0]
-
-    def resume_timed(self, *, timeout: float | None = 60.0) -> tuple[float | None, float | None]:
-        """``resume``, and the Unix time the VM process released the vCPUs (None from an older VM process)."""
-        result = cast(Resumed, self._call(ControlCommand.RESUME, timeout=timeout)[0])
-        pause_ms, at = result.get("pause_ms"), result.get("resumed_at")
-        return (None if pause_ms is None else float(pause_ms) / 1000), (None if at is None else float(at))
+        pause_ms = cast(Resumed, self._call(ControlCommand.RESUME, timeout=timeout)[0]).get("pause_ms")
+        return None if pause_ms is None else float(pause_ms) / 1000
 
     def reattest(self, *, timeout: float | None = 60.0) -> Reattested:
         """Have the paravisor attest again (a fresh report from the SP): after the platform process was replaced."""
