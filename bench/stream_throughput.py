@@ -171,7 +171,10 @@ class _Hardware:
     def capture_and_harvest(self) -> tuple[bytes, bytes, npt.NDArray[np.uint64]]:
         return b"vcpu", b"device", np.zeros(0, dtype=np.uint64)
 
-    def restore_state(self, vcpu_state: bytes, device_state: bytes) -> None:
+    def pause_capture_harvest(self) -> tuple[bytes, bytes, npt.NDArray[np.uint64]]:
+        return b"vcpu", b"device", np.zeros(0, dtype=np.uint64)
+
+    def restore_state(self, vcpu_state: bytes, device_state: bytes, *, run: bool = False) -> None:
         return None
 
 

@@ -213,6 +213,29 @@ MUTANTS: tuple[Mutant, ...] = (
         (f"{T_MIGFW}::test_start_token_refused_over_a_write_after_the_hold",),
     ),
     Mutant(
+        "switchover-harvest",
+        "export_switchover's harvest, made after the capture with the VM held, counts as dirty",
+        MIGRATION,
+        "MigrationFirmware.export_switchover",
+        "            exp.captured = (vcpu, device)\n"
+        "            if len(dirty):\n"
+        "                clean[dirty.astype(np.intp)] = False\n",
+        "            exp.captured = (vcpu, device)\n",
+        (f"{T_MIGFW}::test_switchover_seals_the_pages_written_since_the_last_round_itself",),
+    ),
+    Mutant(
+        "switchover-seals-what-is-left",
+        "export_switchover seals every populated page not exported since its last write",
+        MIGRATION,
+        "MigrationFirmware.export_switchover",
+        "left = self._unexported(exp)",
+        "left = np.zeros(0, dtype=np.uint64)",
+        (
+            f"{T_MIGFW}::test_switchover_seals_the_pages_written_since_the_last_round_itself",
+            f"{T_MIGFW}::test_switchover_seals_a_populated_page_never_exported",
+        ),
+    ),
+    Mutant(
         "bundle-mac",
         "every bundle's header and metadata MAC'd under K_f",
         MIGRATION,

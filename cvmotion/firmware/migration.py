@@ -13,6 +13,9 @@ Source::
     export_memory(h, stream, gfns, out) -> n     pages read from guest memory, sealed into ``out``
     export_epoch_token(h, stream) -> bundle
     export_pause(h)                              LIVE_EXPORT -> PAUSED_EXPORT (the VM is paused and held)
+    export_switchover(h, stream)                 LIVE_EXPORT -> POST_EXPORT in one operation: pause, hold,
+                                                 the last pages, state and start token (or PAUSED_EXPORT and
+                                                 the pages left, when they need more than one bundle)
     export_state(h, stream, kind) -> bundle      vCPU / device / mutable guest state, sealed
     export_start_token(h, stream) -> bundle      PAUSED_EXPORT -> POST_EXPORT: only if every page is clean
     export_abort(h)                              before the start token: back to RUNNABLE
@@ -50,6 +53,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from cvmotion.abi import wire
+from cvmotion.abi.gfns import sorted_union
 from cvmotion.abi.wire import BundleHeader, BundleType, EntryFlag
 from cvmotion.errors import AbiError, CvmError, FirmwareError, FirmwareStatus, IntegrityError
 from cvmotion.firmware.context import GuestContext, OpState
@@ -66,6 +70,7 @@ __all__ = [
     "GuestHardware",
     "GuestMemoryAccess",
     "MigrationFirmware",
+    "Switchover",
 ]
 
 KEY_SIZE = 32
@@ -121,7 +126,13 @@ class GuestHardware(Protocol):
         """``capture_state()`` then ``take_dirty(fresh=True)``, in one round trip to the hardware."""
         ...
 
-    def restore_state(self, vcpu_state: bytes, device_state: bytes) -> None: ...
+    def pause_capture_harvest(self) -> tuple[bytes, bytes, npt.NDArray[np.uint64]]:
+        """Pause the vCPUs and hold them (``hold_paused``), then ``capture_and_harvest``: one round trip."""
+        ...
+
+    def restore_state(self, vcpu_state: bytes, device_state: bytes, *, run: bool = False) -> None:
+        """Load the imported state; ``run``: then release the vCPUs (the firmware is activating the guest)."""
+        ...
 
 
 @dataclass(slots=True)
@@ -141,6 +152,17 @@ class _Export:
     # Restored from a sealed SP state (sp_snapshot): the hardware binding and the clean-page map did not survive,
     # so nothing more may be sealed and the guest may not run until the export is aborted or finished.
     detached: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Switchover:
+    """``export_switchover``'s answer: the final bundles (the last pages' memory bundle, if any, the state bundles,
+    the start token) and how many pages went in them; or, when too many pages were left for one bundle, those
+    pages (``pending``) and no bundles: the export is held paused (PAUSED_EXPORT), as after ``export_pause``."""
+
+    bundles: list[bytes] = field(default_factory=list)
+    pages: int = 0
+    pending: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
 
 
 @dataclass(slots=True)
@@ -268,53 +290,55 @@ class MigrationFirmware:
             raise FirmwareError(FirmwareStatus.INVALID_PARAM, f"1..{wire.MAX_PAGES_PER_BUNDLE} pages per bundle")
         with self._lock:
             exp = self._export(handle, ExportOpState.LIVE_EXPORT, ExportOpState.PAUSED_EXPORT)
-            hw, clean = exp.hw, exp.clean
-            assert hw is not None
-            assert clean is not None
-            gfn_array = np.asarray(gfns, dtype=np.uint64)
-            if int(gfn_array.max()) >= hw.gfn_limit:
-                raise FirmwareError(FirmwareStatus.INVALID_ADDRESS, "GFN beyond guest memory")
-            dirty = hw.take_dirty(fresh=False)
-            if len(dirty):
-                clean[dirty.astype(np.intp)] = False
-            try:
-                pages, nonzero, addresses = page_views(hw.memory, gfn_array)
-            except CvmError as exc:
-                raise FirmwareError(FirmwareStatus.INVALID_ADDRESS, "GFN outside guest RAM") from exc
-            entries = (gfn_array << np.uint64(12)) | (~nonzero).astype(np.uint64) * np.uint64(EntryFlag.ZERO)
-            data = np.flatnonzero(nonzero).tolist()
-            metadata = wire.pack_memory_metadata(entries.tolist())
-            mb, epoch, iv = exp.session.next_slot(stream, len(data), BundleType.MEMORY)
-            size = wire.HEADER_SIZE + len(metadata) + wire.MAC_SIZE
-            head = BundleHeader(
-                size=size, stream=stream, type=BundleType.MEMORY, mb_counter=mb, epoch=epoch, iv_counter=iv
-            ).to_bytes()
-            total = size + len(data) * _UNIT
-            if len(out) < total:
-                raise FirmwareError(FirmwareStatus.INVALID_LENGTH, f"output buffer needs {total:#x} bytes")
-            out[: wire.HEADER_SIZE] = head
-            out[wire.HEADER_SIZE : size - wire.MAC_SIZE] = metadata
-            out[size - wire.MAC_SIZE : size] = exp.aead.encrypt(wire.gcm_iv(iv, stream), b"", head + metadata)
-            if data:
-                # One AES-GCM per page, AAD = header || GPA entry: a page cannot move to another GPA or bundle.
-                ivs = gcm_ivs(iv + 1, len(data), stream)
-                aads = page_aads(head, entries[data])
-                native = self._native
-                if native is not None:
-                    # The whole bundle in one call: the pages' addresses (``pages`` keeps them mapped).
-                    sealed = out[size:total]
-                    if not native.seal_pages(exp.k_f, ivs, addresses[data], aads, 32, buffer_address(sealed)):
-                        raise FirmwareError(FirmwareStatus.INVALID_CONFIG, "AES-GCM failed")
-                else:
-                    encrypt_into = exp.aead.encrypt_into
-                    off = size
-                    for k, i in enumerate(data):
-                        encrypt_into(
-                            ivs[12 * k : 12 * k + 12], pages[i], aads[32 * k : 32 * k + 32], out[off : off + _UNIT]
-                        )
-                        off += _UNIT
-            clean[gfn_array.astype(np.intp)] = True
-            return total
+            return self._export_memory(exp, stream, np.asarray(gfns, dtype=np.uint64), out)
+
+    def _export_memory(self, exp: _Export, stream: int, gfn_array: npt.NDArray[np.uint64], out: memoryview) -> int:
+        hw, clean = exp.hw, exp.clean
+        assert hw is not None
+        assert clean is not None
+        if int(gfn_array.max()) >= hw.gfn_limit:
+            raise FirmwareError(FirmwareStatus.INVALID_ADDRESS, "GFN beyond guest memory")
+        dirty = hw.take_dirty(fresh=False)
+        if len(dirty):
+            clean[dirty.astype(np.intp)] = False
+        try:
+            pages, nonzero, addresses = page_views(hw.memory, gfn_array)
+        except CvmError as exc:
+            raise FirmwareError(FirmwareStatus.INVALID_ADDRESS, "GFN outside guest RAM") from exc
+        entries = (gfn_array << np.uint64(12)) | (~nonzero).astype(np.uint64) * np.uint64(EntryFlag.ZERO)
+        data = np.flatnonzero(nonzero).tolist()
+        metadata = wire.pack_memory_metadata(entries.tolist())
+        mb, epoch, iv = exp.session.next_slot(stream, len(data), BundleType.MEMORY)
+        size = wire.HEADER_SIZE + len(metadata) + wire.MAC_SIZE
+        head = BundleHeader(
+            size=size, stream=stream, type=BundleType.MEMORY, mb_counter=mb, epoch=epoch, iv_counter=iv
+        ).to_bytes()
+        total = size + len(data) * _UNIT
+        if len(out) < total:
+            raise FirmwareError(FirmwareStatus.INVALID_LENGTH, f"output buffer needs {total:#x} bytes")
+        out[: wire.HEADER_SIZE] = head
+        out[wire.HEADER_SIZE : size - wire.MAC_SIZE] = metadata
+        out[size - wire.MAC_SIZE : size] = exp.aead.encrypt(wire.gcm_iv(iv, stream), b"", head + metadata)
+        if data:
+            # One AES-GCM per page, AAD = header || GPA entry: a page cannot move to another GPA or bundle.
+            ivs = gcm_ivs(iv + 1, len(data), stream)
+            aads = page_aads(head, entries[data])
+            native = self._native
+            if native is not None:
+                # The whole bundle in one call: the pages' addresses (``pages`` keeps them mapped).
+                sealed = out[size:total]
+                if not native.seal_pages(exp.k_f, ivs, addresses[data], aads, 32, buffer_address(sealed)):
+                    raise FirmwareError(FirmwareStatus.INVALID_CONFIG, "AES-GCM failed")
+            else:
+                encrypt_into = exp.aead.encrypt_into
+                off = size
+                for k, i in enumerate(data):
+                    encrypt_into(
+                        ivs[12 * k : 12 * k + 12], pages[i], aads[32 * k : 32 * k + 32], out[off : off + _UNIT]
+                    )
+                    off += _UNIT
+        clean[gfn_array.astype(np.intp)] = True
+        return total
 
     def export_epoch_token(self, handle: GuestHandle, stream: int) -> bytes:
         with self._lock:
@@ -386,6 +410,56 @@ class MigrationFirmware:
             bundles = [self._export_state(exp, handle, stream, kind) for kind in STATE_ORDER]
             bundles.append(self._export_start_token(exp, handle, stream, dirty))
             return bundles
+
+    def export_switchover(self, handle: GuestHandle, stream: int) -> Switchover:
+        """The whole stop-and-copy as one firmware operation, when what is left fits one memory bundle.
+
+        The hardware pauses and holds the VM, captures its state and harvests its dirty log in one round trip;
+        the firmware then seals, itself, every populated page not exported since its last write (its own clean
+        map decides, not the host's list), the state bundles and the start token, all under one lock hold.  When
+        more than ``wire.MAX_PAGES_PER_BUNDLE`` pages are left it stops after the hold, as ``export_pause`` does,
+        and names them: the host sends them over its streams (``export_memory``) and ends with ``export_final``.
+        """
+        with self._lock:
+            exp = self._export(handle, ExportOpState.LIVE_EXPORT)
+            hw, clean = exp.hw, exp.clean
+            assert hw is not None
+            assert clean is not None
+            exp.session.pause()
+            self._sp._set_op_state(handle, OpState.PAUSED_EXPORT)
+            try:
+                vcpu, device, dirty = hw.pause_capture_harvest()
+            except Exception:
+                exp.session.state = ExportOpState.LIVE_EXPORT
+                self._sp._set_op_state(handle, OpState.LIVE_EXPORT)
+                raise
+            exp.captured = (vcpu, device)
+            if len(dirty):
+                clean[dirty.astype(np.intp)] = False
+            left = self._unexported(exp)
+            if len(left) > wire.MAX_PAGES_PER_BUNDLE:
+                return Switchover(pending=left)
+            bundles: list[bytes] = []
+            if len(left):
+                out = memoryview(bytearray(wire.bundle_capacity(len(left))))
+                bundles.append(bytes(out[: self._export_memory(exp, stream, left, out)]))
+            bundles += [self._export_state(exp, handle, stream, kind) for kind in STATE_ORDER]
+            # The harvest above came after the capture, with the VM held since: nothing is left to fold.
+            bundles.append(self._export_start_token(exp, handle, stream, np.zeros(0, dtype=np.uint64)))
+            return Switchover(bundles=bundles, pages=len(left))
+
+    def _unexported(self, exp: _Export) -> npt.NDArray[np.uint64]:
+        """GFNs of every page populated at the export's start or since whose last write was not exported."""
+        hw, clean = exp.hw, exp.clean
+        assert hw is not None
+        assert clean is not None
+        populated = exp.populated + list(hw.memory.populated_ranges(skip=exp.populated))
+        parts = [
+            (np.flatnonzero(~clean[gpa >> 12 : (gpa + length) >> 12]) + (gpa >> 12)).astype(np.uint64)
+            for gpa, length in populated
+        ]
+        parts = [p for p in parts if len(p)]
+        return sorted_union(*parts) if parts else np.zeros(0, dtype=np.uint64)
 
     def export_start_token(self, handle: GuestHandle, stream: int) -> bytes:
         """The point of no return for the source: only when every populated page went out after its last write."""
@@ -666,8 +740,11 @@ class MigrationFirmware:
         ctx.msg_seqnos = list(seqnos)
         ctx.op_state = OpState.POST_IMPORT
 
-    def import_activate(self, ref: int) -> GuestHandle:
-        """After commit: hand the vCPU and device state to the hardware and make the guest runnable here."""
+    def import_activate(self, ref: int, *, run: bool = False) -> GuestHandle:
+        """After commit: hand the vCPU and device state to the hardware and make the guest runnable here.
+
+        ``run``: the hardware also runs the guest once restored, in the same round trip (the firmware decided to
+        activate it: with its lock held nothing can observe the moment between the two)."""
         with self._lock:
             imp = self._import(ref)
             if imp.rules.state is not ImportOpState.POST_IMPORT:
@@ -675,7 +752,7 @@ class MigrationFirmware:
             assert imp.ctx is not None
             assert imp.handle is not None
             assert imp.hw is not None  # only restored imports lack it, and none is restored in POST_IMPORT
-            imp.hw.restore_state(imp.states[BundleType.VCPU_STATE], imp.states[BundleType.DEVICE_STATE])
+            imp.hw.restore_state(imp.states[BundleType.VCPU_STATE], imp.states[BundleType.DEVICE_STATE], run=run)
             imp.rules.activate()
             imp.ctx.op_state = OpState.RUNNABLE
             return imp.handle

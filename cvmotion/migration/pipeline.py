@@ -84,6 +84,21 @@ class OutgoingStream:
         if self.error is not None:
             raise MigrationError(f"stream {self.index}: {self.error}") from self.error
 
+    def send_now(self, bundles: list[bytes], timeout: float) -> None:
+        """Send pre-sealed bundles from the caller's thread once everything submitted is on the wire: the
+        switchover's tail without the hand-offs to the sealer and sender threads (each a wake-up in the blackout).
+        """
+        self.drain(timeout)
+        with self._cond:
+            if self._pending or self._jobs:
+                raise MigrationError(f"stream {self.index}: bundles were submitted during the switchover")
+            self._pending += 1  # a close() meanwhile waits for this like for any submitted job
+        try:
+            for bundle in bundles:
+                self._on_sent(bundle, self.sock.send(FrameKind.BUNDLE, bundle), bundle[6] == BundleType.MEMORY)
+        finally:
+            self._done(1)
+
     def _done(self, count: int) -> None:
         with self._cond:
             self._pending -= count

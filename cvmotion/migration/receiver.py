@@ -30,7 +30,7 @@ from cvmotion.migration.channel import FrameKind, FrameSocket
 from cvmotion.migration.options import MigrationOptions
 from cvmotion.migration.pipeline import Arrival, IncomingStream
 from cvmotion.migration.stats import MigrationOutcome, MigrationStats, MigrationStatus, Verdict
-from cvmotion.platformd.client import PlatformClient, Ring
+from cvmotion.platformd.client import Committed, PlatformClient, Ring
 from cvmotion.vmd.client import VmClient
 
 __all__ = ["Receiver"]
@@ -220,7 +220,14 @@ class Receiver:
                 total = wire.parse_start_token_metadata(meta)[1]
             # Every bundle of the epoch before the token: the other streams' and those riding in this batch.
             self._wait_for(header.epoch, total - carried)
-        self.platform.import_bundles(self.stats.vm, ring, [(ring.offset(a.slot), a.length) for a in arrivals])
+        spans = [(ring.offset(a.slot), a.length) for a in arrivals]
+        committed: Committed | None = None
+        if kind is BundleType.START_TOKEN:
+            # The batch that commits also activates and runs the guest, in the same command (one round trip less
+            # to the platform, inside the blackout).
+            committed = self.platform.import_and_activate(self.stats.vm, ring, spans)
+        else:
+            self.platform.import_bundles(self.stats.vm, ring, spans)
         self.stats.transferred += sum(a.length for a in arrivals)
         if kind is BundleType.IMMUTABLE_STATE:
             self._context_ready.set()
@@ -232,10 +239,10 @@ class Receiver:
             if kind is BundleType.EPOCH_TOKEN:
                 self._epochs_closed = max(self._epochs_closed, header.epoch + 1)
             self._cond.notify_all()
-        if kind is BundleType.START_TOKEN:
+        if committed is not None:
             self._phases["start-token-imported"] = (time.monotonic() - started) * 1000
             try:
-                self._commit()
+                self._commit(committed, started)
             except BaseException as exc:  # noqa: BLE001
                 # Committed but not running: the source is frozen, so the VM is stopped on both ends (safe,
                 # never forked); say so loudly, the operator (or a daemon restart) activates it.
@@ -246,17 +253,18 @@ class Receiver:
             finally:
                 self._commit_done.set()
 
-    def _commit(self) -> None:
-        """The start token verified: the destination owns the VM now."""
+    def _commit(self, done: Committed, t0: float) -> None:
+        """The start token verified (and, in the same command, the guest activated and run): the destination owns
+        the VM now.  ``t0``: when the committing batch went to the platform."""
         self.committed.set()
-        t0 = time.monotonic()
-        # Activation and the first run in one host command: the SP has the VM process run the guest as soon as it
-        # is RUNNABLE (a separate resume from here would be one more round trip inside the blackout).
-        self.handle, self.commit_receipt, vcpus_ran_at = self.platform.import_activate_and_run(self.stats.vm)
+        self.commit_receipt = done.receipt
+        if done.error is not None or done.handle is None or done.resumed_at is None:
+            raise MigrationError(done.error or "no handle in the answer")
+        self.handle = done.handle
         self.resumed_at = time.monotonic()
         self._phases["activated"] = (self.resumed_at - t0) * 1000
         # When the guest ran again, as its VM process saw it (QEMU's RESUME event), not when this daemon heard.
-        self.stats.resumed_at = vcpus_ran_at
+        self.stats.resumed_at = done.resumed_at
         self._phases["resumed"] = (self.resumed_at - t0) * 1000
         trace.record("destination resumed", int(t0 * 1e9), int(self.resumed_at * 1e9))
         self.stats.status = MigrationStatus.COMPLETED

@@ -7,8 +7,10 @@
     ACTIVE   round 0: every populated page; round k: the pages dirtied since round k-1; each round is one
              epoch, closed by an epoch token once every stream has sent its share; auto-converge throttles
              the vCPUs when rounds stop shrinking
-    DEVICE   pause ─► export_pause (the firmware holds the VM) ─► final dirty pages ─► vCPU, device and
-             mutable state ─► start token (point of no return) ─► wait for the destination's verdict
+    DEVICE   export_switchover: the firmware pauses and holds the VM, seals the pages its clean map says are
+             left, the vCPU, device and mutable state and the start token (point of no return), in one command
+             (more pages left than one bundle: it names them, the engine sends them, then export_final)
+             ─► wait for the destination's verdict
     verdict  commit receipt ─► export_finish (the firmware verifies it under K_b), the source VM is gone;
              abort token ─► resume here (verified the same way);
              nothing (destination lost) ─► stay stopped and keep asking (never resume without a token)
@@ -78,8 +80,13 @@ class Sender:
         events: EventSink,
         on_finished: Callable[[MigrationStats], None] | None = None,
         session_id: bytes | None = None,
+        firmware_switchover: bool = True,
     ) -> None:
         self.stats = stats
+        # The stop-and-copy as one firmware command (``export_switchover``: the SP pauses, holds, seals the last pages,
+        # the state and the start token); False: command by command (export_pause, the engine's final round,
+        # export_final), which the firmware still serves and a host may drive.
+        self.firmware_switchover = firmware_switchover
         self.platform = platform
         self.vm = vm
         self.handle = handle
@@ -307,25 +314,37 @@ class Sender:
         if s.throttle_pct:
             self.vm.throttle(0)
         self.paused_at = time.monotonic()
-        s.paused_at = time.time()
+        s.paused_at = time.time()  # before the VM pauses (inside the firmware's command): the blackout, overstated
         s.status = MigrationStatus.DEVICE
-        self.vm.pause()
-        self._mark("paused")
-        # The firmware holds the VM and harvests the dirty log once it is held: the last pages to send.
-        final = sorted_union(self._final_dirty, self.platform.export_pause(self.handle))
-        self._mark("held")
-        if len(final):
-            self._send_round(final)
-        self._mark("final-pages-sent")
-        bundles = self.platform.export_final(self.handle, 0)  # vCPU, device, mutable state, start token
+        if self.firmware_switchover:
+            # One command: the firmware has the VM paused and held, then seals what its own clean map says is left,
+            # the state and the start token; only when that is more than one bundle does the engine send a round.
+            done = self.platform.export_switchover(self.handle, 0)
+            self._mark("held")
+            final_pages = done.pages
+            bundles = done.bundles
+            if len(done.pending):
+                final_pages = len(done.pending)
+                self._send_round(done.pending)
+                self._mark("final-pages-sent")
+                bundles = self.platform.export_final(self.handle, 0)
+        else:
+            self.vm.pause()
+            self._mark("paused")
+            # The firmware holds the VM and harvests the dirty log once it is held: the last pages to send.
+            final = sorted_union(self._final_dirty, self.platform.export_pause(self.handle))
+            self._mark("held")
+            if len(final):
+                self._send_round(final)
+            self._mark("final-pages-sent")
+            bundles = self.platform.export_final(self.handle, 0)  # vCPU, device, mutable state, start token
+            final_pages = len(final)
         self.start_token_sent = True  # from here on the source never resumes without an abort token
         self._mark("start-token-sealed")
-        for bundle in bundles:
-            self.streams[0].submit(bundle)
-        self.streams[0].drain(o.io_timeout)
+        self.streams[0].send_now(bundles, o.io_timeout)
         self._mark("start-token-sent")
         s.rounds.append(
-            RoundStats(len(s.rounds), len(final), 0, s.downtime_bytes, time.monotonic() - self.paused_at, 0)
+            RoundStats(len(s.rounds), final_pages, 0, s.downtime_bytes, time.monotonic() - self.paused_at, 0)
         )
         self._await_verdict()
 

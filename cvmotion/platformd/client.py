@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import mmap
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 import numpy as np
@@ -27,7 +27,6 @@ from cvmotion.platformd.protocol import (
     GuestInfo,
     HandleArgs,
     HostCommand,
-    ImportActivateArgs,
     ImportArgs,
     ImportBundleArgs,
     ImportStatus,
@@ -46,7 +45,7 @@ from cvmotion.platformd.protocol import (
     VmProcessCommand,
 )
 
-__all__ = ["GFN_DTYPE", "PlatformClient", "Ring", "VmPlatformClient"]
+__all__ = ["GFN_DTYPE", "Committed", "PlatformClient", "Ring", "Switchover", "VmPlatformClient"]
 
 GFN_DTYPE = "<u8"
 
@@ -83,6 +82,26 @@ def _split(lengths: list[Any], blob: bytes, what: str) -> list[bytes]:
     if offset != len(blob):
         raise ProtocolError(f"{what}: {len(blob)} bytes for bundles of {offset}")
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Switchover:
+    """``export_switchover``'s answer: the final bundles and the pages in them, or the ``pending`` pages."""
+
+    bundles: list[bytes] = field(default_factory=list)
+    pages: int = 0
+    pending: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
+
+
+@dataclass(frozen=True, slots=True)
+class Committed:
+    """``import_and_activate``'s answer: the commit receipt, and the guest's handle and the Unix time its vCPUs
+    ran, or why activation failed (the import is committed either way)."""
+
+    receipt: bytes
+    handle: int | None = None
+    resumed_at: float | None = None
+    error: str | None = None
 
 
 @dataclass
@@ -204,6 +223,18 @@ class PlatformClient:
         result, blob = self._call(HostCommand.EXPORT_FINAL, ExportArgs(handle=handle, stream=stream))
         return _split(list(result["lengths"]), blob, "export_final")
 
+    def export_switchover(self, handle: int, stream: int = 0) -> Switchover:
+        """The whole stop-and-copy in one round trip: the firmware pauses and holds the VM and seals the last pages,
+        the state and the start token; or, when more pages were left than one bundle holds, names them."""
+        result, blob = self._call(HostCommand.EXPORT_SWITCHOVER, ExportArgs(handle=handle, stream=stream))
+        if result.get("pending"):
+            if len(blob) % 8:
+                raise ProtocolError(f"export_switchover: a GFN list of {len(blob)} bytes")
+            return Switchover(pending=np.frombuffer(blob, dtype="<u8").astype(np.uint64))
+        return Switchover(
+            bundles=_split(list(result["lengths"]), blob, "export_switchover"), pages=int(result["pages"])
+        )
+
     def export_abort(self, handle: int) -> None:
         self._call(HostCommand.EXPORT_ABORT, HandleArgs(handle=handle))
 
@@ -231,20 +262,28 @@ class PlatformClient:
         args = ImportBundleArgs(vm=vm, ring=ring.name, bundles=[list(b) for b in bundles])
         return [str(k) for k in self._call(HostCommand.IMPORT_BUNDLE, args)[0]["kinds"]]
 
+    def import_and_activate(self, vm: str, ring: Ring, bundles: list[tuple[int, int]]) -> Committed:
+        """``import_bundles`` of a batch that ends with the start token, and, once it commits, the guest activated
+        and run in the same round trip.  An import failure raises; an activation failure after the commit is in
+        the answer (``activation_error``), with the commit receipt."""
+        args = ImportBundleArgs(vm=vm, ring=ring.name, bundles=[list(b) for b in bundles], activate=True)
+        result, receipt = self._call(HostCommand.IMPORT_BUNDLE, args)
+        kinds = [str(k) for k in result["kinds"]]
+        if not kinds or kinds[-1] != "START_TOKEN":
+            raise ProtocolError(f"import_and_activate: the batch ended with {kinds[-1:]}, not the start token")
+        error = result.get("activation_error")
+        if error is not None:
+            return Committed(receipt, error=str(error))
+        return Committed(receipt, handle=int(result["handle"]), resumed_at=float(result["resumed_at"]))
+
     def import_abort(self, vm: str) -> bytes:
         """Fail the import; returns the abort token for the source (MAC'd under K_b)."""
         return self._call(HostCommand.IMPORT_ABORT, ImportArgs(vm=vm))[1]
 
     def import_activate(self, vm: str) -> tuple[int, bytes]:
         """Activate a committed import; returns (the guest's handle, the commit receipt for the source)."""
-        result, receipt = self._call(HostCommand.IMPORT_ACTIVATE, ImportActivateArgs(vm=vm))
+        result, receipt = self._call(HostCommand.IMPORT_ACTIVATE, ImportArgs(vm=vm))
         return int(result["handle"]), receipt
-
-    def import_activate_and_run(self, vm: str) -> tuple[int, bytes, float]:
-        """``import_activate``, and the hardware runs the guest in the same command; the third value is the Unix
-        time its vCPUs were released."""
-        result, receipt = self._call(HostCommand.IMPORT_ACTIVATE, ImportActivateArgs(vm=vm, run=True))
-        return int(result["handle"]), receipt, float(result["resumed_at"])
 
     def import_commit_receipt(self, vm: str) -> bytes:
         return self._call(HostCommand.IMPORT_COMMIT_RECEIPT, ImportArgs(vm=vm))[1]

@@ -142,11 +142,18 @@ class RemoteHardware:
         vcpu, device, fresh = self._vm.capture_and_harvest()
         return vcpu, device, self._with_pending([fresh])
 
-    def restore_state(self, vcpu_state: bytes, device_state: bytes) -> None:
+    def pause_capture_harvest(self) -> tuple[bytes, bytes, npt.NDArray[np.uint64]]:
+        vcpu, device, fresh = self._vm.pause_capture_harvest()
+        return vcpu, device, self._with_pending([fresh])
+
+    def restore_state(self, vcpu_state: bytes, device_state: bytes, *, run: bool = False) -> None:
         raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, "use restore_with_handle")
 
-    def restore_with_handle(self, handle: int, vcpu_state: bytes, device_state: bytes) -> None:
-        self._vm.restore_state(handle, vcpu_state, device_state)
+    def restore_with_handle(
+        self, handle: int, vcpu_state: bytes, device_state: bytes, *, run: bool = False
+    ) -> float | None:
+        """Restore the VM process's guest; ``run``: and run it, returning the Unix time its vCPUs were released."""
+        return self._vm.restore_state(handle, vcpu_state, device_state, run=run)
 
     def run(self) -> float:
         """Have the VM process run the guest (after the SP activated it); the Unix time it did."""
@@ -162,6 +169,7 @@ class ImportHardware:
     def __init__(self, hw: RemoteHardware) -> None:
         self._hw = hw
         self.handle: int | None = None
+        self.resumed_at: float | None = None  # when a restore with ``run`` released the vCPUs (the VM's clock)
 
     @property
     def remote(self) -> RemoteHardware:
@@ -187,10 +195,13 @@ class ImportHardware:
     def capture_and_harvest(self) -> tuple[bytes, bytes, npt.NDArray[np.uint64]]:
         raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, "an importing VM has no state to capture")
 
-    def restore_state(self, vcpu_state: bytes, device_state: bytes) -> None:
+    def pause_capture_harvest(self) -> tuple[bytes, bytes, npt.NDArray[np.uint64]]:
+        raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, "an importing VM has no state to capture")
+
+    def restore_state(self, vcpu_state: bytes, device_state: bytes, *, run: bool = False) -> None:
         if self.handle is None:
             raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, "import has no guest handle")
-        self._hw.restore_with_handle(self.handle, vcpu_state, device_state)
+        self.resumed_at = self._hw.restore_with_handle(self.handle, vcpu_state, device_state, run=run)
 
 
 class RingMap:

@@ -28,7 +28,6 @@ __all__ = [
     "GuestInfo",
     "HandleArgs",
     "HostCommand",
-    "ImportActivateArgs",
     "ImportArgs",
     "ImportBundleArgs",
     "ImportStatus",
@@ -70,6 +69,7 @@ class HostCommand(StrEnum):
     EXPORT_STATE = "export_state"
     EXPORT_START_TOKEN = "export_start_token"
     EXPORT_FINAL = "export_final"
+    EXPORT_SWITCHOVER = "export_switchover"
     EXPORT_ABORT = "export_abort"
     EXPORT_ABORT_WITH_TOKEN = "export_abort_with_token"
     EXPORT_FINISH = "export_finish"
@@ -144,13 +144,11 @@ class ImportArgs(TypedDict):
     vm: str
 
 
-class ImportActivateArgs(ImportArgs, total=False):
-    run: bool  # and have the hardware run the guest at once (one round trip less than the host's resume)
-
-
 class ImportBundleArgs(ImportArgs):
     ring: str
     bundles: list[list[int]]  # [ring offset, length] each, in stream order
+    # If the batch ends with the start token and it commits: activate the guest and run it in the same command.
+    activate: NotRequired[bool]
 
 
 class MaSourceBeginArgs(TypedDict):

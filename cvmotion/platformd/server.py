@@ -94,6 +94,7 @@ class PlatformService:
             ),
             HostCommand.EXPORT_START_TOKEN: self._exported(lambda h, s, c: self.sp.migration.export_start_token(h, s)),
             HostCommand.EXPORT_FINAL: self._export_final,
+            HostCommand.EXPORT_SWITCHOVER: self._export_switchover,
             HostCommand.EXPORT_ABORT: self._on_guest(self.sp.migration.export_abort),
             HostCommand.EXPORT_ABORT_WITH_TOKEN: self._export_abort_with_token,
             HostCommand.EXPORT_FINISH: self._export_finish,
@@ -413,6 +414,14 @@ class PlatformService:
         bundles = self.sp.migration.export_final(self._vm_guest(call), self._stream(call))
         return Reply({"lengths": [len(b) for b in bundles]}, b"".join(bundles))
 
+    def _export_switchover(self, call: Call) -> Reply:
+        """The whole stop-and-copy in one round trip (``MigrationFirmware.export_switchover``): the final bundles,
+        or, when more pages were left than one bundle holds, those pages (``pending``) for the host to send."""
+        done = self.sp.migration.export_switchover(self._vm_guest(call), self._stream(call))
+        if len(done.pending):
+            return Reply({"pending": len(done.pending)}, done.pending.astype("<u8").tobytes())
+        return Reply({"lengths": [len(b) for b in done.bundles], "pages": done.pages}, b"".join(done.bundles))
+
     def _export_abort_with_token(self, call: Call) -> Reply:
         self.sp.migration.export_abort_with_token(self._vm_guest(call), call.blob)
         return Reply()
@@ -465,29 +474,43 @@ class PlatformService:
         return entry
 
     def _import_bundle(self, call: Call) -> Reply:
-        ref, _ = self._import_ref(call)
+        ref, hw = self._import_ref(call)
         ring = self._ring_map(str(call.args.get("ring")))
         try:
             spans = [(int(offset), int(length)) for offset, length in call.args["bundles"]]
         except (KeyError, TypeError, ValueError):
             raise UsageError("import_bundle: 'bundles' is a list of [offset, length]") from None
         kinds = [ring.import_bundle(self.sp.migration, ref, offset, length) for offset, length in spans]
-        return Reply({"kinds": [k.name for k in kinds]})
+        result: dict[str, object] = {"kinds": [k.name for k in kinds]}
+        if call.args.get("activate") is not True or not kinds or kinds[-1] is not BundleType.START_TOKEN:
+            return Reply(result)
+        # The batch committed the import: activate and run the guest in this same host command (a separate
+        # import_activate would be one more round trip inside the blackout).  The import stands whatever happens
+        # next, so an activation failure is an answer, not an error: the host reports the VM committed, not running.
+        try:
+            activated, receipt = self._activate(call, ref, hw, run=True)
+        except CvmError as exc:
+            result["activation_error"] = str(exc) or type(exc).__name__
+            return Reply(result, self.sp.migration.import_commit_receipt(ref))
+        return Reply(result | activated, receipt)
 
     def _import_activate(self, call: Call) -> Reply:
-        mig = self.sp.migration
         ref, hw = self._import_ref(call)
+        result, receipt = self._activate(call, ref, hw, run=False)
+        return Reply(result, receipt)
+
+    def _activate(self, call: Call, ref: int, hw: ImportHardware, *, run: bool) -> tuple[dict[str, object], bytes]:
+        """Activate a committed import; ``run``: the hardware restores and runs the guest in one round trip."""
+        mig = self.sp.migration
         hw.handle = mig.import_handle(ref)
-        handle = mig.import_activate(ref)
+        handle = mig.import_activate(ref, run=run)
         with self._lock:
             hw.remote.handle = handle
             self.handles[str(call.args.get("vm"))] = handle
         result: dict[str, object] = {"handle": handle}
-        if call.args.get("run") is True:
-            # The guest is RUNNABLE now: the hardware runs it in this same host command (the host's own resume
-            # would ask the SP again over another connection, inside the blackout).
-            result["resumed_at"] = hw.remote.run()
-        return Reply(result, mig.import_commit_receipt(ref))
+        if run:
+            result["resumed_at"] = hw.resumed_at
+        return result, mig.import_commit_receipt(ref)
 
     def _import_status(self, call: Call) -> Reply:
         ref, _ = self._import_ref(call)

@@ -111,10 +111,14 @@ class EvilSource:
         vm_call: CallHook | None = None,
         vm_answer: AnswerHook | None = None,
         hardware_vm: str | None = None,
+        firmware_switchover: bool = True,
     ) -> None:
         self.source = source
         self.vm = vm
         self.hardware_vm = hardware_vm or vm
+        # False: the engine drives the stop-and-copy command by command (export_pause, its own final round,
+        # export_final), the path on which an engine may ignore what the firmware names at the hold.
+        self.firmware_switchover = firmware_switchover
         self.destination = destination
         self.options = options
         self.platform_call = platform_call
@@ -166,6 +170,7 @@ class EvilSource:
             options=self.options,
             events=lambda kind, data: None,
             session_id=session_id,
+            firmware_switchover=self.firmware_switchover,
         )
         try:
             return sender.run()

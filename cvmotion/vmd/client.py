@@ -158,15 +158,19 @@ class HardwareClient:
 
     def capture_and_harvest(self) -> tuple[bytes, bytes, npt.NDArray[np.uint64]]:
         """``capture_state`` and then a fresh ``take_dirty``, in one round trip."""
-        result, blob, _ = self._endpoint.call(HardwareCommand.CAPTURE_STATE.value, {"harvest": True})
-        n, m = int(result["vcpu_len"]), int(result.get("device_len", -1))
-        if not 0 <= n <= len(blob) or not 0 <= m <= len(blob) - n or (len(blob) - n - m) % 8:
-            raise ProtocolError(f"capture: lengths {n}/{m} do not fit a blob of {len(blob)} bytes")
-        return blob[:n], blob[n : n + m], gfns_from_blob(blob[n + m :])
+        return _captured(*self._endpoint.call(HardwareCommand.CAPTURE_STATE.value, {"harvest": True})[:2])
 
-    def restore_state(self, handle: int, vcpu_state: bytes, device_state: bytes) -> None:
+    def pause_capture_harvest(self) -> tuple[bytes, bytes, npt.NDArray[np.uint64]]:
+        """Pause and hold the VM, capture its state, then a fresh ``take_dirty``: one round trip."""
+        return _captured(*self._endpoint.call(HardwareCommand.SWITCHOVER.value)[:2])
+
+    def restore_state(self, handle: int, vcpu_state: bytes, device_state: bytes, *, run: bool = False) -> float | None:
+        """Restore the imported state; ``run``: then run the guest, and return the Unix time its vCPUs were released."""
         args = RestoreStateArgs(handle=handle, vcpu_len=len(vcpu_state))
-        self._endpoint.call(HardwareCommand.RESTORE_STATE.value, dict(args), vcpu_state + device_state)
+        if run:
+            args["run"] = True
+        result = self._endpoint.call(HardwareCommand.RESTORE_STATE.value, dict(args), vcpu_state + device_state)[0]
+        return float(result["resumed_at"]) if run else None
 
     def run(self) -> float:
         """Run the guest the SP just activated; the Unix time its vCPUs were released."""
@@ -202,3 +206,11 @@ class RelayClient:
     def scheduled_events_post(self, vm: str, body: bytes) -> None:
         """What the guest posted to its Scheduled Events mailbox (its StartRequests), for the daemon's store."""
         self._call(RelayCommand.SCHEDULED_EVENTS_POST, ScheduledEventsPostArgs(vm=vm), body)
+
+
+def _captured(result: dict[str, Any], blob: bytes) -> tuple[bytes, bytes, npt.NDArray[np.uint64]]:
+    """(vCPU state, device state, harvested GFNs) of a capture answer, its lengths checked against the blob."""
+    n, m = int(result["vcpu_len"]), int(result.get("device_len", -1))
+    if not 0 <= n <= len(blob) or not 0 <= m <= len(blob) - n or (len(blob) - n - m) % 8:
+        raise ProtocolError(f"capture: lengths {n}/{m} do not fit a blob of {len(blob)} bytes")
+    return blob[:n], blob[n : n + m], gfns_from_blob(blob[n + m :])

@@ -20,7 +20,7 @@ import json
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from enum import StrEnum
-from typing import Any, TypedDict
+from typing import Any, Required, TypedDict
 
 __all__ = [
     "AttestationInfo",
@@ -77,6 +77,8 @@ class HardwareCommand(StrEnum):
     TAKE_DIRTY = "sp_take_dirty"
     HOLD_PAUSED = "sp_hold_paused"
     CAPTURE_STATE = "sp_capture_state"
+    # The source's stop-and-copy on the hardware side in one round trip: pause, hold, capture, harvest.
+    SWITCHOVER = "sp_switchover"
     RESTORE_STATE = "sp_restore_state"
     RUN = "sp_run"  # the SP activated this guest here: run it now (the SP is the one can_run would ask)
 
@@ -154,9 +156,10 @@ class TakeDirtyArgs(TypedDict):
     fresh: bool
 
 
-class RestoreStateArgs(TypedDict):
-    handle: int
-    vcpu_len: int  # the blob is vCPU state then device state
+class RestoreStateArgs(TypedDict, total=False):
+    handle: Required[int]
+    vcpu_len: Required[int]  # the blob is vCPU state then device state
+    run: bool  # run the guest once restored (the SP's activation and first run in one command)
 
 
 class GuestRequestArgs(TypedDict):

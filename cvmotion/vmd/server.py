@@ -104,10 +104,16 @@ _CONTROL: _Table = {
 
 
 def _restore(proc: VmProcess, call: Call) -> Reply:
+    """Build the VM from the imported state; ``run``: then run it (the SP activated it in this same command, so a
+    separate ``sp_run`` would be one more round trip inside the blackout)."""
     vcpu_len = _int(call, "vcpu_len")
     if not 0 <= vcpu_len <= len(call.blob):
         raise UsageError(f"restore: vCPU state of {vcpu_len} bytes in a blob of {len(call.blob)}")
-    return Reply({"state": proc.restore(_int(call, "handle"), call.blob[:vcpu_len])})
+    state = proc.restore(_int(call, "handle"), call.blob[:vcpu_len])
+    if call.args.get("run") is not True:
+        return Reply({"state": state})
+    done = proc.run_for_sp()
+    return Reply({"state": state, "resumed_at": done.at}, after=done.then)
 
 
 def _capture(proc: VmProcess, call: Call) -> Reply:
@@ -116,6 +122,17 @@ def _capture(proc: VmProcess, call: Call) -> Reply:
     state = proc.capture_state()
     if not call.args.get("harvest"):
         return Reply({"vcpu_len": len(state)}, state)
+    gfns = proc.require_dirty().take("sp", fresh=True).astype("<u8").tobytes()
+    return Reply({"vcpu_len": len(state), "device_len": 0}, state + gfns)
+
+
+def _switchover(proc: VmProcess, call: Call) -> Reply:
+    """The source's stop-and-copy, hardware side, in one round trip: pause the vCPUs (and the DMA device) as the
+    daemon's pause does, hold them for the SP, capture their state, then harvest the SP's dirty view.  The harvest
+    comes last, so it covers every write up to the capture."""
+    proc.pause()
+    proc.hold_paused()
+    state = proc.capture_state()
     gfns = proc.require_dirty().take("sp", fresh=True).astype("<u8").tobytes()
     return Reply({"vcpu_len": len(state), "device_len": 0}, state + gfns)
 
@@ -132,6 +149,7 @@ _HARDWARE: _Table = {
     ),
     HardwareCommand.HOLD_PAUSED: _hold,
     HardwareCommand.CAPTURE_STATE: _capture,
+    HardwareCommand.SWITCHOVER: _switchover,
     HardwareCommand.RESTORE_STATE: _restore,
     HardwareCommand.RUN: lambda proc, call: _resumed(proc.run_for_sp()),
 }

@@ -7,6 +7,7 @@ device's write reached neither the engine nor the firmware and the destination c
 only moves the engine's baseline: the harvest it makes reaches the SP first.  The SP names the page in its answer
 to ``export_pause`` (the harvest once the VM is held): an engine that sends what it is told moves the VM with the
 write; one that ignores it gets the start token refused, and the VM resumes on the source with the write intact.
+The shipped engine leaves the stop-and-copy to the firmware (``export_switchover``), which seals the page itself.
 """
 
 from __future__ import annotations
@@ -40,11 +41,20 @@ class _CvmIoOverControl:
         return reply
 
 
-@pytest.mark.parametrize("engine", ["ignores the held harvest", "sends the held harvest"])
+# engine -> the victim VM's name
+ENGINES = {
+    "ignores the held harvest": "dirty-erase-ignored",
+    "sends the held harvest": "dirty-erase-sent",
+    "leaves the switchover to the firmware": "dirty-erase-fw",
+}
+
+
+@pytest.mark.parametrize("engine", list(ENGINES))
 def test_restarting_dirty_tracking_cannot_erase_a_device_write(attack_world: World, engine: str) -> None:
     world = attack_world
     ignores = engine == "ignores the held harvest"
-    victim = world.new_kv_vm("dirty-erase-ignored" if ignores else "dirty-erase-sent")
+    firmware = engine == "leaves the switchover to the firmware"
+    victim = world.new_kv_vm(ENGINES[engine])
     fired = threading.Event()
     try:
         with HostCommands(world.a.data_dir) as evil:
@@ -66,6 +76,7 @@ def test_restarting_dirty_tracking_cannot_erase_a_device_write(attack_world: Wor
                 options=options,
                 vm_call=erase_after_a_device_write,
                 platform_answer=ignore_the_held_harvest if ignores else None,
+                firmware_switchover=firmware,
             ).run()
             assert fired.is_set(), "the engine never harvested after round 0"
             if ignores:

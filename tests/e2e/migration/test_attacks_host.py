@@ -141,6 +141,7 @@ def test_withheld_dirty_pages(attack_world: World, victim: Victim) -> None:
         options=_options(),
         vm_answer=hide_dirty_pages,
         platform_answer=ignore_the_held_harvest,
+        firmware_switchover=False,
     ).run()
     assert stats.status is MigrationStatus.FAILED, stats.query_migrate()
     assert stats.outcome == "resumed on source"
@@ -149,12 +150,21 @@ def test_withheld_dirty_pages(attack_world: World, victim: Victim) -> None:
     world.finish(victim, expect_host=A)
 
 
-def test_withheld_dirty_pages_are_named_at_the_hold(attack_world: World, victim: Victim) -> None:
+@pytest.mark.parametrize("switchover", ["export_pause", "export_switchover"])
+def test_withheld_dirty_pages_are_named_at_the_hold(attack_world: World, victim: Victim, switchover: str) -> None:
     """The same engine, but it sends what ``export_pause`` names (the firmware's harvest once the VM is held, with
-    every page the hardware's log handed the firmware since its last look): the VM moves, its memory intact."""
+    every page the hardware's log handed the firmware since its last look), or it leaves the stop-and-copy to the
+    firmware (``export_switchover`` seals what its own clean map says is left): the VM moves, its memory intact."""
     world = attack_world
     world.proxy.reset()
-    stats = EvilSource(world.a, victim.name, world.b, options=_options(), vm_answer=hide_dirty_pages).run()
+    stats = EvilSource(
+        world.a,
+        victim.name,
+        world.b,
+        options=_options(),
+        vm_answer=hide_dirty_pages,
+        firmware_switchover=switchover == "export_switchover",
+    ).run()
     assert stats.status is MigrationStatus.COMPLETED, stats.query_migrate()
     world.a.api("DELETE", f"/v1/vms/{victim.name}")  # the source daemon's stale record of the VM
     world.finish(victim, expect_host=B)  # the watch checks the guest's memory against its model

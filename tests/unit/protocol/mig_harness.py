@@ -47,6 +47,8 @@ class FakeHardware:
     engine_dirty: set[int] = field(default_factory=set)
     sp_dirty: set[int] = field(default_factory=set)
     restored: tuple[bytes, bytes] | None = None
+    running: bool = False
+    fail_pause: bool = False
 
     @property
     def gfn_limit(self) -> int:
@@ -84,8 +86,16 @@ class FakeHardware:
         vcpu, device = self.capture_state()
         return vcpu, device, self.take_dirty(fresh=True)
 
-    def restore_state(self, vcpu_state: bytes, device_state: bytes) -> None:
+    def pause_capture_harvest(self) -> tuple[bytes, bytes, npt.NDArray[np.uint64]]:
+        """The VMM pauses the vCPUs, then the capture and harvest (``fail_pause``: the pause fails)."""
+        if self.fail_pause:
+            raise RuntimeError("the VMM could not pause the vCPUs")
+        self.paused = True
+        return self.capture_and_harvest()
+
+    def restore_state(self, vcpu_state: bytes, device_state: bytes, *, run: bool = False) -> None:
         self.restored = (vcpu_state, device_state)
+        self.running = run
 
 
 @dataclass

@@ -365,3 +365,97 @@ def test_no_abort_token_after_commit(session: Session) -> None:
 
 def test_memory_sizes(session: Session) -> None:
     assert session.src.hw.gfn_limit == MEMORY >> 12
+
+
+# -- export_switchover: the whole stop-and-copy as one firmware command ----------------------------------------
+
+
+def _switchover(s: Session) -> int:
+    """``export_switchover`` as the daemon drives it; returns how many pages the firmware sealed itself."""
+    done = s.src.sp.migration.export_switchover(s.src.handle, 0)
+    assert not len(done.pending)
+    s.bundles += [(0, b) for b in done.bundles]
+    return done.pages
+
+
+def test_switchover_seals_the_pages_written_since_the_last_round_itself(session: Session) -> None:
+    """Pages the guest wrote after the last round, and one the engine never sent (a lazy or hostile engine): the
+    firmware's own clean map names them, it seals them in the same command, and the VM moves with them."""
+    s = session
+    s.run_precopy(random.Random(11))
+    s.src.hw.guest_write(0x205 << 12, b"late write")
+    s.src.hw.guest_write(0x301 << 12, b"another")
+    s.src.hw.harvest()  # the engine saw them and sends nothing: the firmware still does
+    assert _switchover(s) >= 2
+    assert s.src.hw.paused, "the firmware had the hardware pause the VM"
+    assert s.src.sp.migration.export_status(s.src.handle) == "POST_EXPORT"
+    assert not _src_can_run(s)
+    s.deliver()
+    s.dst_sp.migration.import_activate(s.ref, run=True)
+    assert s.dst_hw.running
+    assert _same_memory(s)
+    assert s.dst_hw.memory.read(0x205 << 12, 10) == b"late write"
+
+
+def test_switchover_seals_a_populated_page_never_exported(session: Session) -> None:
+    """A page populated behind the dirty logs' back is found by the firmware's look at memory and sealed."""
+    s = session
+    s.setup()
+    ranges = s.src.hw.memory.populated_ranges()
+    s.src.hw.harvest()
+    s.send_pages([g for a, n in ranges for g in range(a >> 12, (a + n) >> 12)])
+    s.epoch()
+    _unlogged_write(s, 0x3F0 << 12)
+    _switchover(s)
+    s.deliver()
+    assert _dst_committed(s)
+    assert s.dst_hw.memory.read(0x3F0 << 12, 8) == b"unlogged"
+
+
+def test_switchover_names_the_pages_when_more_than_a_bundle_is_left(session: Session) -> None:
+    """More pages left than one bundle holds: the export stops held (PAUSED_EXPORT) and names them; sent by the
+    engine, export_final ends it. A start token before they are sent is refused."""
+    s = session
+    s.run_precopy(random.Random(12))
+    pages = range(0x400, 0x400 + wire.MAX_PAGES_PER_BUNDLE + 1)
+    for gfn in pages:
+        s.src.hw.guest_write(gfn << 12, gfn.to_bytes(8, "little"))
+    mig = s.src.sp.migration
+    done = mig.export_switchover(s.src.handle, 0)
+    assert not done.bundles
+    assert set(pages) <= set(done.pending.tolist())
+    assert mig.export_status(s.src.handle) == "PAUSED_EXPORT"
+    assert not _src_can_run(s)
+    with pytest.raises(FirmwareError, match="dirty or unexported"):
+        mig.export_start_token(s.src.handle, 0)
+    s.send_pages(done.pending.tolist())
+    s.bundles += [(0, b) for b in mig.export_final(s.src.handle, 0)]
+    s.deliver()
+    assert _dst_committed(s)
+    assert _same_memory(s)
+
+
+def test_switchover_when_the_vm_cannot_pause_leaves_the_export_live(session: Session) -> None:
+    """The hardware failed to pause: nothing was sealed, the export is LIVE_EXPORT again, and an abort lets the
+    guest run on the source."""
+    s = session
+    s.run_precopy(random.Random(13))
+    s.src.hw.fail_pause = True
+    mig = s.src.sp.migration
+    with pytest.raises(RuntimeError, match="could not pause"):
+        mig.export_switchover(s.src.handle, 0)
+    assert mig.export_status(s.src.handle) == "LIVE_EXPORT"
+    mig.export_abort(s.src.handle)
+    assert _src_can_run(s)
+
+
+def test_switchover_is_refused_outside_live_export(session: Session) -> None:
+    s = session
+    mig = s.src.sp.migration
+    with pytest.raises(FirmwareError):
+        mig.export_switchover(s.src.handle, 0)  # no export started
+    s.run_precopy(random.Random(14))
+    _switchover(s)
+    with pytest.raises(FirmwareError):
+        mig.export_switchover(s.src.handle, 0)  # a second stop-and-copy: a second start token
+    assert sum(1 for _, b in s.bundles if b[6] == BundleType.START_TOKEN) == 1

@@ -160,7 +160,10 @@ class _VmHardware:
     def capture_and_harvest(self) -> tuple[bytes, bytes, npt.NDArray[np.uint64]]:
         return b"vcpu", b"device", self.take_dirty(fresh=True)
 
-    def restore_state(self, vcpu_state: bytes, device_state: bytes) -> None:
+    def pause_capture_harvest(self) -> tuple[bytes, bytes, npt.NDArray[np.uint64]]:
+        return self.capture_and_harvest()
+
+    def restore_state(self, vcpu_state: bytes, device_state: bytes, *, run: bool = False) -> None:
         raise AssertionError("a source never restores")
 
 
