@@ -41,7 +41,9 @@ def _ready(lines: list[str]) -> bool:
 
 
 def _window(spans: list[Span]) -> tuple[int, int] | None:
-    paused = [s for s in spans if s.name == "source paused"]
+    # The source's switchover starts where its phases are counted from (the daemon's clock before the pause: the
+    # engine's own "source paused", or, with the firmware's one-command switchover, the first phase it marks).
+    paused = [s for s in spans if s.name in ("source paused", "source held")]
     if not paused:
         return None
     # The guest runs again when the destination's VM process releases its vCPUs (QEMU's RESUME event).
@@ -65,7 +67,7 @@ def report(spans: list[Span], run: int) -> None:
     for s in spans:
         if s.end < t0 or s.start > t1 + 500_000:
             continue
-        if s.name.startswith("source ") and s.name != "source paused":
+        if s.name.startswith("source ") and s.name not in ("source paused",):
             took = (s.end - s.start) / 1e6  # phases are cumulative from the pause: print the point
             who = f"{s.pid} {names[s.pid]}"[:26]
             print(f"{'':>9} {(s.end - t0) / 1e6:8.3f} {'':>7}  {who:<26} {s.thread[:22]:<22} {s.name} ({took:.3f})")

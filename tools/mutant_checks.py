@@ -228,7 +228,7 @@ MUTANTS: tuple[Mutant, ...] = (
         "export_switchover seals every populated page not exported since its last write",
         MIGRATION,
         "MigrationFirmware.export_switchover",
-        "left = self._unexported(exp)",
+        "left = _unexported(clean, populated)",
         "left = np.zeros(0, dtype=np.uint64)",
         (
             f"{T_MIGFW}::test_switchover_seals_the_pages_written_since_the_last_round_itself",

@@ -436,7 +436,8 @@ class MigrationFirmware:
             exp.captured = (vcpu, device)
             if len(dirty):
                 clean[dirty.astype(np.intp)] = False
-            left = self._unexported(exp)
+            populated = exp.populated + list(hw.memory.populated_ranges(skip=exp.populated))
+            left = _unexported(clean, populated)
             if len(left) > wire.MAX_PAGES_PER_BUNDLE:
                 return Switchover(pending=left)
             bundles: list[bytes] = []
@@ -445,21 +446,11 @@ class MigrationFirmware:
                 bundles.append(bytes(out[: self._export_memory(exp, stream, left, out)]))
             bundles += [self._export_state(exp, handle, stream, kind) for kind in STATE_ORDER]
             # The harvest above came after the capture, with the VM held since: nothing is left to fold.
-            bundles.append(self._export_start_token(exp, handle, stream, np.zeros(0, dtype=np.uint64)))
+            # The start token still checks every populated page itself (over the ranges looked up above: the VM is
+            # held and nothing can populate more): its check does not rest on the sealing just done.
+            token = self._export_start_token(exp, handle, stream, np.zeros(0, dtype=np.uint64), populated=populated)
+            bundles.append(token)
             return Switchover(bundles=bundles, pages=len(left))
-
-    def _unexported(self, exp: _Export) -> npt.NDArray[np.uint64]:
-        """GFNs of every page populated at the export's start or since whose last write was not exported."""
-        hw, clean = exp.hw, exp.clean
-        assert hw is not None
-        assert clean is not None
-        populated = exp.populated + list(hw.memory.populated_ranges(skip=exp.populated))
-        parts = [
-            (np.flatnonzero(~clean[gpa >> 12 : (gpa + length) >> 12]) + (gpa >> 12)).astype(np.uint64)
-            for gpa, length in populated
-        ]
-        parts = [p for p in parts if len(p)]
-        return sorted_union(*parts) if parts else np.zeros(0, dtype=np.uint64)
 
     def export_start_token(self, handle: GuestHandle, stream: int) -> bytes:
         """The point of no return for the source: only when every populated page went out after its last write."""
@@ -469,9 +460,16 @@ class MigrationFirmware:
             return self._export_start_token(exp, handle, stream, exp.hw.take_dirty(fresh=True))
 
     def _export_start_token(
-        self, exp: _Export, handle: GuestHandle, stream: int, dirty: npt.NDArray[np.uint64]
+        self,
+        exp: _Export,
+        handle: GuestHandle,
+        stream: int,
+        dirty: npt.NDArray[np.uint64],
+        *,
+        populated: list[tuple[int, int]] | None = None,
     ) -> bytes:
-        """``dirty``: a harvest of the hardware log made while the VM was held, under this same lock hold."""
+        """``dirty``: a harvest of the hardware log made while the VM was held, under this same lock hold;
+        ``populated``: the populated ranges, if looked up already in this same lock hold with the VM held."""
         hw, clean = exp.hw, exp.clean
         assert hw is not None
         assert clean is not None
@@ -479,7 +477,8 @@ class MigrationFirmware:
             clean[dirty.astype(np.intp)] = False
         # Every page populated at the export's start or since (a page only leaves the memfd by a punched
         # hole, and then it is still asked for: stricter, never looser).
-        populated = exp.populated + list(hw.memory.populated_ranges(skip=exp.populated))
+        if populated is None:
+            populated = exp.populated + list(hw.memory.populated_ranges(skip=exp.populated))
         all_clean = all(bool(clean[gpa >> 12 : (gpa + length) >> 12].all()) for gpa, length in populated)
         epoch = exp.session.epoch
         total = exp.session.emit_start_token(all_pages_clean=all_clean)
@@ -793,6 +792,16 @@ class MigrationFirmware:
             exp = self._exports.get(handle)
             if exp is not None and exp.session.state is ExportOpState.RUNNABLE:
                 del self._exports[handle]
+
+
+def _unexported(clean: npt.NDArray[np.bool_], populated: list[tuple[int, int]]) -> npt.NDArray[np.uint64]:
+    """GFNs of the pages in ``populated`` whose last write was not exported (ranges all clean cost one test)."""
+    parts = []
+    for gpa, length in populated:
+        lo, hi = gpa >> 12, (gpa + length) >> 12
+        if not clean[lo:hi].all():
+            parts.append((np.flatnonzero(~clean[lo:hi]) + lo).astype(np.uint64))
+    return sorted_union(*parts) if parts else np.zeros(0, dtype=np.uint64)
 
 
 def _make_abort_token(k_b: bytes, session_id: bytes, reason: int) -> bytes:

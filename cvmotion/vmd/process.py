@@ -334,7 +334,8 @@ class VmProcess:
             vm = self._require_vm()
             if self.dma is not None:
                 self.dma.quiesce()  # its DMA stops with the vCPUs: nothing written while paused
-            return vm.pause()
+            with trace.span("vm pause"):
+                return vm.pause()
 
     def resume(self) -> Resumption:
         """Run the vCPUs again (if the SP allows it): how long they were stopped, when known, and when they ran.
@@ -492,7 +493,8 @@ class VmProcess:
         with self._lock:
             if self.vm is not None or self.memory is None:
                 raise UsageError("restore: this VM already runs")
-            state = VmState.from_bytes(vcpu_state)
+            with trace.span("vm state parse"):
+                state = VmState.from_bytes(vcpu_state)
             backend = BackendKind(self.spec.backend) if self.spec.backend else None
             prepared, self._prepared = self._prepared, None
             with trace.span(f"vm restore (prepared: {prepared is not None})"):

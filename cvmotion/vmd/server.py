@@ -12,6 +12,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from cvmotion.errors import UsageError
+from cvmotion.ipc import trace
 from cvmotion.ipc.rpc import Call, Handler, Reply
 from cvmotion.vmd.process import VmProcess
 from cvmotion.vmd.protocol import ControlCommand, HardwareCommand, Resumed, Resumption
@@ -132,8 +133,10 @@ def _switchover(proc: VmProcess, call: Call) -> Reply:
     comes last, so it covers every write up to the capture."""
     proc.pause()
     proc.hold_paused()
-    state = proc.capture_state()
-    gfns = proc.require_dirty().take("sp", fresh=True).astype("<u8").tobytes()
+    with trace.span("vm capture"):
+        state = proc.capture_state()
+    with trace.span("vm harvest"):
+        gfns = proc.require_dirty().take("sp", fresh=True).astype("<u8").tobytes()
     return Reply({"vcpu_len": len(state), "device_len": 0}, state + gfns)
 
 
