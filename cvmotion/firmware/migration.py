@@ -183,6 +183,10 @@ class _Import:
 class MigrationFirmware:
     """Migration commands of one ``SecureProcessor``; reach it as ``sp.migration``."""
 
+    # The most pages export_switchover seals itself (eight bundles, ~16 MiB in one answer); beyond it the host's
+    # streams carry them, sealing, sending and importing in parallel instead of one after the other.
+    switchover_pages = 8 * wire.MAX_PAGES_PER_BUNDLE
+
     def __init__(self, sp: SecureProcessor) -> None:
         self._sp = sp
         self._lock = threading.Lock()
@@ -417,8 +421,9 @@ class MigrationFirmware:
         The hardware pauses and holds the VM, captures its state and harvests its dirty log in one round trip;
         the firmware then seals, itself, every populated page not exported since its last write (its own clean
         map decides, not the host's list), the state bundles and the start token, all under one lock hold.  When
-        more than ``wire.MAX_PAGES_PER_BUNDLE`` pages are left it stops after the hold, as ``export_pause`` does,
-        and names them: the host sends them over its streams (``export_memory``) and ends with ``export_final``.
+        more than ``switchover_pages`` pages are left it stops after the hold, as ``export_pause`` does, and
+        names them: the host sends them over its streams (``export_memory``, pipelined with the destination's
+        import) and ends with ``export_final``.
         """
         with self._lock:
             exp = self._export(handle, ExportOpState.LIVE_EXPORT)
@@ -438,12 +443,14 @@ class MigrationFirmware:
                 clean[dirty.astype(np.intp)] = False
             populated = exp.populated + list(hw.memory.populated_ranges(skip=exp.populated))
             left = _unexported(clean, populated)
-            if len(left) > wire.MAX_PAGES_PER_BUNDLE:
+            if len(left) > self.switchover_pages:
                 return Switchover(pending=left)
             bundles: list[bytes] = []
             if len(left):
-                out = memoryview(bytearray(wire.bundle_capacity(len(left))))
-                bundles.append(bytes(out[: self._export_memory(exp, stream, left, out)]))
+                step = wire.MAX_PAGES_PER_BUNDLE
+                out = memoryview(bytearray(wire.bundle_capacity(min(step, len(left)))))
+                for i in range(0, len(left), step):
+                    bundles.append(bytes(out[: self._export_memory(exp, stream, left[i : i + step], out)]))
             bundles += [self._export_state(exp, handle, stream, kind) for kind in STATE_ORDER]
             # The harvest above came after the capture, with the VM held since: nothing is left to fold.
             # The start token still checks every populated page itself (over the ranges looked up above: the VM is

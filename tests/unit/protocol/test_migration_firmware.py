@@ -412,15 +412,29 @@ def test_switchover_seals_a_populated_page_never_exported(session: Session) -> N
     assert s.dst_hw.memory.read(0x3F0 << 12, 8) == b"unlogged"
 
 
-def test_switchover_names_the_pages_when_more_than_a_bundle_is_left(session: Session) -> None:
-    """More pages left than one bundle holds: the export stops held (PAUSED_EXPORT) and names them; sent by the
-    engine, export_final ends it. A start token before they are sent is refused."""
+def test_switchover_seals_several_bundles(session: Session) -> None:
     s = session
-    s.run_precopy(random.Random(12))
-    pages = range(0x400, 0x400 + wire.MAX_PAGES_PER_BUNDLE + 1)
+    s.run_precopy(random.Random(15))
+    pages = range(0x400, 0x400 + 2 * wire.MAX_PAGES_PER_BUNDLE + 3)
     for gfn in pages:
         s.src.hw.guest_write(gfn << 12, gfn.to_bytes(8, "little"))
+    assert _switchover(s) == len(pages)
+    assert sum(1 for _, b in s.bundles[-7:] if b[6] == BundleType.MEMORY) == 3
+    s.deliver()
+    assert _dst_committed(s)
+    assert _same_memory(s)
+
+
+def test_switchover_names_the_pages_when_too_many_are_left(session: Session) -> None:
+    """More pages left than the firmware seals in one answer: the export stops held (PAUSED_EXPORT) and names
+    them; sent by the engine, export_final ends it. A start token before they are sent is refused."""
+    s = session
+    s.run_precopy(random.Random(12))
     mig = s.src.sp.migration
+    mig.switchover_pages = 64  # the SP's own constant (8 bundles): smaller here, to fit the test's guest
+    pages = range(0x400, 0x400 + 65)
+    for gfn in pages:
+        s.src.hw.guest_write(gfn << 12, gfn.to_bytes(8, "little"))
     done = mig.export_switchover(s.src.handle, 0)
     assert not done.bundles
     assert set(pages) <= set(done.pending.tolist())
