@@ -314,12 +314,14 @@ class Sender:
         if s.throttle_pct:
             self.vm.throttle(0)
         self.paused_at = time.monotonic()
-        s.paused_at = time.time()  # before the VM pauses (inside the firmware's command): the blackout, overstated
+        s.paused_at = time.time()  # until the VM process says when it stopped the vCPUs
         s.status = MigrationStatus.DEVICE
         if self.firmware_switchover:
             # One command: the firmware has the VM paused and held, then seals what its own clean map says is left,
             # the state and the start token; only when that is more than one bundle does the engine send a round.
             done = self.platform.export_switchover(self.handle, 0)
+            if done.paused_at is not None:
+                s.paused_at = done.paused_at  # the VM process's own time of stopping the vCPUs (QEMU's STOP)
             self._mark("held")
             final_pages = done.pages
             bundles = done.bundles

@@ -86,11 +86,13 @@ def _split(lengths: list[Any], blob: bytes, what: str) -> list[bytes]:
 
 @dataclass(frozen=True, slots=True)
 class Switchover:
-    """``export_switchover``'s answer: the final bundles and the pages in them, or the ``pending`` pages."""
+    """``export_switchover``'s answer: the final bundles and the pages in them, or the ``pending`` pages; and
+    ``paused_at``, the Unix time the VM process stopped the vCPUs (None if it did not say)."""
 
     bundles: list[bytes] = field(default_factory=list)
     pages: int = 0
     pending: npt.NDArray[np.uint64] = field(default_factory=lambda: np.zeros(0, dtype=np.uint64))
+    paused_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -225,15 +227,16 @@ class PlatformClient:
 
     def export_switchover(self, handle: int, stream: int = 0) -> Switchover:
         """The whole stop-and-copy in one round trip: the firmware pauses and holds the VM and seals the last pages,
-        the state and the start token; or, when more pages were left than one bundle holds, names them."""
+        the state and the start token; or, when more pages were left than it seals in one answer, names them."""
         result, blob = self._call(HostCommand.EXPORT_SWITCHOVER, ExportArgs(handle=handle, stream=stream))
+        paused = result.get("paused_at")
+        paused_at = float(paused) if isinstance(paused, int | float) else None
         if result.get("pending"):
             if len(blob) % 8:
                 raise ProtocolError(f"export_switchover: a GFN list of {len(blob)} bytes")
-            return Switchover(pending=np.frombuffer(blob, dtype="<u8").astype(np.uint64))
-        return Switchover(
-            bundles=_split(list(result["lengths"]), blob, "export_switchover"), pages=int(result["pages"])
-        )
+            return Switchover(pending=np.frombuffer(blob, dtype="<u8").astype(np.uint64), paused_at=paused_at)
+        bundles = _split(list(result["lengths"]), blob, "export_switchover")
+        return Switchover(bundles=bundles, pages=int(result["pages"]), paused_at=paused_at)
 
     def export_abort(self, handle: int) -> None:
         self._call(HostCommand.EXPORT_ABORT, HandleArgs(handle=handle))

@@ -87,6 +87,8 @@ class RemoteHardware:
         # Handed to the VM process at attach (only it holds it, in memory): across a platform restart it proves that
         # a re-attaching process is the hardware this guest ran on (``platformd.succession``).
         self.token = os.urandom(32)
+        # When the VM process last stopped the vCPUs for the SP's switchover (its clock; for the host's stats).
+        self.paused_at: float | None = None
 
     @property
     def memory(self) -> SpMemory:
@@ -143,7 +145,7 @@ class RemoteHardware:
         return vcpu, device, self._with_pending([fresh])
 
     def pause_capture_harvest(self) -> tuple[bytes, bytes, npt.NDArray[np.uint64]]:
-        vcpu, device, fresh = self._vm.pause_capture_harvest()
+        vcpu, device, fresh, self.paused_at = self._vm.pause_capture_harvest()
         return vcpu, device, self._with_pending([fresh])
 
     def restore_state(self, vcpu_state: bytes, device_state: bytes, *, run: bool = False) -> None:

@@ -417,10 +417,14 @@ class PlatformService:
     def _export_switchover(self, call: Call) -> Reply:
         """The whole stop-and-copy in one round trip (``MigrationFirmware.export_switchover``): the final bundles,
         or, when more pages were left than one bundle holds, those pages (``pending``) for the host to send."""
-        done = self.sp.migration.export_switchover(self._vm_guest(call), self._stream(call))
+        handle = self._vm_guest(call)
+        done = self.sp.migration.export_switchover(handle, self._stream(call))
+        with self._lock:
+            hw = next((self.hardware.get(vm) for vm, h in self.handles.items() if h == handle), None)
+        result: dict[str, object] = {"paused_at": None if hw is None else hw.paused_at}
         if len(done.pending):
-            return Reply({"pending": len(done.pending)}, done.pending.astype("<u8").tobytes())
-        return Reply({"lengths": [len(b) for b in done.bundles], "pages": done.pages}, b"".join(done.bundles))
+            return Reply(result | {"pending": len(done.pending)}, done.pending.astype("<u8").tobytes())
+        return Reply(result | {"lengths": [len(b) for b in done.bundles], "pages": done.pages}, b"".join(done.bundles))
 
     def _export_abort_with_token(self, call: Call) -> Reply:
         self.sp.migration.export_abort_with_token(self._vm_guest(call), call.blob)

@@ -160,9 +160,11 @@ class HardwareClient:
         """``capture_state`` and then a fresh ``take_dirty``, in one round trip."""
         return _captured(*self._endpoint.call(HardwareCommand.CAPTURE_STATE.value, {"harvest": True})[:2])
 
-    def pause_capture_harvest(self) -> tuple[bytes, bytes, npt.NDArray[np.uint64]]:
-        """Pause and hold the VM, capture its state, then a fresh ``take_dirty``: one round trip."""
-        return _captured(*self._endpoint.call(HardwareCommand.SWITCHOVER.value)[:2])
+    def pause_capture_harvest(self) -> tuple[bytes, bytes, npt.NDArray[np.uint64], float]:
+        """Pause and hold the VM, capture its state, then a fresh ``take_dirty``: one round trip. The fourth value
+        is the Unix time the VM process had the vCPUs stopped."""
+        result, blob, _ = self._endpoint.call(HardwareCommand.SWITCHOVER.value)
+        return (*_captured(result, blob), float(result["paused_at"]))
 
     def restore_state(self, handle: int, vcpu_state: bytes, device_state: bytes, *, run: bool = False) -> float | None:
         """Restore the imported state; ``run``: then run the guest, and return the Unix time its vCPUs were released."""

@@ -8,6 +8,7 @@ attestation data, never guest memory.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -132,12 +133,13 @@ def _switchover(proc: VmProcess, call: Call) -> Reply:
     daemon's pause does, hold them for the SP, capture their state, then harvest the SP's dirty view.  The harvest
     comes last, so it covers every write up to the capture."""
     proc.pause()
+    paused_at = time.time()  # the vCPUs are stopped: the start of the blackout the guest sees (QEMU's STOP)
     proc.hold_paused()
     with trace.span("vm capture"):
         state = proc.capture_state()
     with trace.span("vm harvest"):
         gfns = proc.require_dirty().take("sp", fresh=True).astype("<u8").tobytes()
-    return Reply({"vcpu_len": len(state), "device_len": 0}, state + gfns)
+    return Reply({"vcpu_len": len(state), "device_len": 0, "paused_at": paused_at}, state + gfns)
 
 
 def _hold(proc: VmProcess, call: Call) -> Reply:
