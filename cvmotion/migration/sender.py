@@ -45,7 +45,7 @@ from cvmotion.platformd.client import PlatformClient, Ring
 from cvmotion.platformd.protocol import MaReport
 from cvmotion.vmd.client import VmClient
 
-__all__ = ["Destination", "Sender"]
+__all__ = ["Destination", "Sender", "switch_now"]
 
 log = logging.getLogger("cvmotion.migration")
 
@@ -279,7 +279,8 @@ class Sender:
             # Round 0 sent long runs of pages; a dirty set is scattered and costs more per page, by how much
             # is known once one dirty round ran: until then switch over only with a 2x margin.
             limit = o.downtime_limit_ms if rnd else o.downtime_limit_ms / 2
-            if s.expected_downtime_ms <= limit:
+            pause_ms = len(dirty) / page_rate * 1000  # the expected downtime's part that another round can shrink
+            if switch_now(s.expected_downtime_ms, limit, pause_ms, len(gfns), len(dirty), rnd + 1 >= o.max_rounds):
                 self._final_dirty = dirty
                 return
             # Auto-converge (QEMU's rule of thumb): the guest dirties more than half of what we manage to
@@ -412,6 +413,22 @@ class Sender:
             MigrationStatus.CANCELLED if isinstance(exc, Aborted) and self.cancel.is_set() else MigrationStatus.FAILED
         )
         self.emit("MigrationFailed", {"id": s.id, "error": s.error, "kind": s.error_kind, "outcome": s.outcome})
+
+
+# Within the limit, one more round is still worth it while the last one shrank the dirty set this many times and
+# the pages left would pause the guest longer than _ROUND_WORTH_MS: it costs about that pause in total time and
+# takes most of it out of the downtime (QEMU's rule, bandwidth x limit, switches at the first chance instead).
+_CONVERGING = 4
+_ROUND_WORTH_MS = 5.0
+
+
+def switch_now(expected_ms: float, limit_ms: float, pause_ms: float, sent: int, left: int, last_round: bool) -> bool:
+    """Whether pre-copy stops here: the expected downtime is within ``limit_ms`` and another round would not cut
+    it materially (``pause_ms``, the part the ``left`` pages cost, is small, the round that sent ``sent`` pages
+    stopped shrinking the set fast, or it was the last round allowed)."""
+    if expected_ms > limit_ms:
+        return False
+    return last_round or pause_ms <= _ROUND_WORTH_MS or left * _CONVERGING > sent
 
 
 class _suppress:

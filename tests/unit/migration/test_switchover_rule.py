@@ -1,0 +1,31 @@
+"""The pre-copy's stopping rule (``migration.sender.switch_now``): never past the limit, and within it one more
+round while the last one still shrank the dirty set fast and what is left would pause the guest noticeably."""
+
+from __future__ import annotations
+
+import pytest
+
+from cvmotion.migration.sender import switch_now
+
+
+def test_never_over_the_limit() -> None:
+    assert not switch_now(301.0, 300.0, 0.1, 1000, 1, last_round=True)
+
+
+def test_within_the_limit_a_fast_shrinking_set_gets_another_round() -> None:
+    # Round 0 sent 262,144 pages, 2,000 were dirtied meanwhile: 12 ms of pause another 12 ms round would remove.
+    assert not switch_now(52.0, 300.0, 12.0, 262_144, 2_000, last_round=False)
+
+
+@pytest.mark.parametrize(
+    ("pause_ms", "sent", "left", "last_round", "why"),
+    [
+        (4.9, 2_000, 30, False, "what is left pauses the guest under 5 ms"),
+        (12.0, 8_000, 2_001, False, "the set shrank less than 4x: another round buys little"),
+        (12.0, 262_144, 2_000, True, "no round left"),
+    ],
+)
+def test_within_the_limit_it_switches_over_when_a_round_buys_little(
+    pause_ms: float, sent: int, left: int, last_round: bool, why: str
+) -> None:
+    assert switch_now(40.0 + pause_ms, 300.0, pause_ms, sent, left, last_round), why
