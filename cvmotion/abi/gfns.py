@@ -6,10 +6,12 @@ trust line, so neither imports the other for it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["sorted_union"]
+__all__ = ["run_bounds", "sorted_union"]
 
 
 def sorted_union(*parts: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
@@ -26,3 +28,14 @@ def sorted_union(*parts: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
     keep[0] = True
     np.not_equal(merged[1:], merged[:-1], out=keep[1:])
     return merged[keep]
+
+
+def run_bounds(values: npt.NDArray[np.integer[Any]]) -> tuple[npt.NDArray[np.intp], npt.NDArray[np.intp]]:
+    """``(starts, ends)``: index bounds of the maximal runs of consecutive values (``values[i + 1] == values[i] + 1``)
+    in ``values``, in order; ``ends`` are exclusive."""
+    count = len(values)
+    if not count:
+        empty = np.zeros(0, dtype=np.intp)
+        return empty, empty
+    breaks = np.flatnonzero(np.diff(values.astype(np.int64)) != 1) + 1
+    return np.concatenate(([0], breaks)).astype(np.intp), np.concatenate((breaks, [count])).astype(np.intp)

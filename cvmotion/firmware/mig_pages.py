@@ -2,8 +2,8 @@
 
 The wire format seals every page on its own (AES-256-GCM, IV = iv_counter ‖ stream ‖ 0, AAD = bundle header ‖
 GPA entry: ``abi.wire``), so a bundle of 512 pages is 512 cipher calls.  Everything around those calls is done
-here a bundle at a time with numpy: the IVs and AADs are built as one buffer each, guest memory is reached one
-view per run of consecutive GFNs, and zero pages are found with one pass over each run.
+here a bundle at a time with numpy: the IVs and AADs are built as one buffer each, page addresses come from the
+memory layout in one vectorised step, and zero pages are found with one pass over each run or one gather.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cvmotion.abi import wire
+from cvmotion.abi.gfns import run_bounds
 from cvmotion.abi.wire import EntryFlag
 from cvmotion.errors import MalformedStructure
 
@@ -23,17 +24,21 @@ __all__ = [
     "gfn_runs",
     "memory_entries",
     "page_aads",
+    "page_reads",
     "page_views",
 ]
 
 PAGE = wire.PAGE_SIZE
-_ZERO_PAGE = bytes(PAGE)
-_VECTOR_RUN = 16  # runs of at least this many pages are zero-tested with numpy, shorter ones page by page
+_VECTOR_RUN = 16  # runs of at least this many pages are zero-tested in place, shorter ones gathered first
 _MEM_HEAD = struct.Struct("<HHI")  # abi.wire MEMORY metadata head: num_entries, reserved, reserved
 
 
 class _Views(Protocol):
     def view(self, gpa: int, length: int) -> memoryview: ...
+
+    def page_offsets(self, gfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]: ...
+
+    def pages(self) -> npt.NDArray[np.uint64]: ...
 
 
 def memory_entries(metadata: bytes) -> npt.NDArray[np.uint64]:
@@ -51,41 +56,41 @@ def memory_entries(metadata: bytes) -> npt.NDArray[np.uint64]:
     return entries
 
 
+def page_reads(
+    memory: _Views, gfns: npt.NDArray[np.uint64]
+) -> tuple[npt.NDArray[np.bool_], npt.NDArray[np.uint64], npt.NDArray[np.uint64]]:
+    """Which pages of ``gfns`` hold a non-zero byte, each page's address (for the native AES-GCM), and the array
+    over guest memory the addresses point into (keep it referenced while they are used).
+
+    No Python per page: a run of consecutive GFNs (round 0) is zero-tested as one slice of guest memory, the
+    scattered pages of a dirty round with one gather.
+    """
+    offsets = memory.page_offsets(gfns)
+    table = memory.pages()
+    rows = offsets // PAGE
+    addresses = np.uint64(table.ctypes.data) + offsets.astype(np.uint64)
+    nonzero = np.empty(len(gfns), dtype=np.bool_)
+    starts, ends = run_bounds(rows)
+    lengths = ends - starts
+    long = lengths >= _VECTOR_RUN
+    for lo, hi in zip(starts[long].tolist(), ends[long].tolist(), strict=True):
+        first = int(rows[lo])
+        nonzero[lo:hi] = table[first : first + hi - lo].max(axis=1) != 0
+    short = ~np.repeat(long, lengths)
+    if short.any():
+        nonzero[short] = table[rows[short]].any(axis=1)
+    return nonzero, addresses, table
+
+
+def page_views(memory: _Views, gfns: npt.NDArray[np.uint64]) -> list[memoryview]:
+    """One view per page of guest memory, in ``gfns`` order (the pure-Python AES-GCM path)."""
+    return [memory.view(gfn << 12, PAGE) for gfn in gfns.tolist()]
+
+
 def gfn_runs(gfns: npt.NDArray[np.uint64]) -> list[tuple[int, int, int]]:
     """Maximal runs of consecutive GFNs, in order, as ``(first GFN, start index, end index)``."""
-    count = len(gfns)
-    breaks = (np.flatnonzero(np.diff(gfns.astype(np.int64)) != 1) + 1).tolist()
-    starts = [0, *breaks]
-    return list(zip(gfns[starts].tolist(), starts, [*breaks, count], strict=True))
-
-
-def page_views(
-    memory: _Views, gfns: npt.NDArray[np.uint64]
-) -> tuple[list[memoryview], npt.NDArray[np.bool_], npt.NDArray[np.uint64]]:
-    """One view per page of guest memory in ``gfns`` order, which pages hold a non-zero byte, and each page's
-    address (for the native AES-GCM; valid while the views are alive).
-
-    Consecutive GFNs are one view of guest memory (round 0 is mostly long runs); the zero test is one
-    vectorised pass over each run instead of a comparison per page.
-    """
-    pages: list[memoryview] = []
-    nonzero = np.empty(len(gfns), dtype=np.bool_)
-    addresses = np.empty(len(gfns), dtype=np.uint64)
-    for first, lo, hi in gfn_runs(gfns):
-        run = memory.view(first << 12, (hi - lo) * PAGE)
-        words = np.frombuffer(run, dtype=np.uint64)
-        addresses[lo:hi] = np.uint64(words.ctypes.data) + np.arange(hi - lo, dtype=np.uint64) * np.uint64(PAGE)
-        if hi - lo >= _VECTOR_RUN:
-            pages.extend(run[j : j + PAGE] for j in range(0, (hi - lo) * PAGE, PAGE))
-            nonzero[lo:hi] = words.reshape(hi - lo, PAGE // 8).max(axis=1) != 0
-        else:
-            # Short runs (a dirty round's scattered pages): a compare per page beats numpy's per-call cost,
-            # and stops at the first non-zero byte.
-            for j in range(hi - lo):
-                page = run[j * PAGE : (j + 1) * PAGE]
-                pages.append(page)
-                nonzero[lo + j] = page != _ZERO_PAGE
-    return pages, nonzero, addresses
+    starts, ends = run_bounds(gfns)
+    return list(zip(gfns[starts].tolist(), starts.tolist(), ends.tolist(), strict=True))
 
 
 def gcm_ivs(first: int, count: int, stream: int) -> memoryview:

@@ -57,7 +57,7 @@ from cvmotion.abi.gfns import sorted_union
 from cvmotion.abi.wire import BundleHeader, BundleType, EntryFlag
 from cvmotion.errors import AbiError, CvmError, FirmwareError, FirmwareStatus, IntegrityError
 from cvmotion.firmware.context import GuestContext, OpState
-from cvmotion.firmware.mig_pages import gcm_ivs, gfn_runs, memory_entries, page_aads, page_views
+from cvmotion.firmware.mig_pages import gcm_ivs, memory_entries, page_aads, page_reads, page_views
 from cvmotion.firmware.native_gcm import buffer_address
 from cvmotion.firmware.native_gcm import load as load_native_gcm
 from cvmotion.firmware.opstate import STATE_BUNDLES, ExportOpState, ExportSession, ImportOpState, ImportRules
@@ -93,7 +93,19 @@ class GuestMemoryAccess(Protocol):
         ...
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        """Store ``data`` at ``gpa`` (an import writes guest memory only through this)."""
+        """Store ``data`` at ``gpa``."""
+        ...
+
+    def write_pages(self, gfns: npt.NDArray[np.uint64], data: bytes | bytearray | memoryview) -> None:
+        """Store whole pages, ``data`` in ``gfns`` order (an import writes guest memory only through this)."""
+        ...
+
+    def page_offsets(self, gfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+        """Where each GFN's page lies in the memory file; a ``CvmError`` if one is not guest RAM."""
+        ...
+
+    def pages(self) -> npt.NDArray[np.uint64]:
+        """Guest memory as a ``(pages, 512)`` array of words, indexed by ``page_offsets() // 4096`` (no copy)."""
         ...
 
 
@@ -306,7 +318,7 @@ class MigrationFirmware:
         if len(dirty):
             clean[dirty.astype(np.intp)] = False
         try:
-            pages, nonzero, addresses = page_views(hw.memory, gfn_array)
+            nonzero, addresses, mapped = page_reads(hw.memory, gfn_array)
         except CvmError as exc:
             raise FirmwareError(FirmwareStatus.INVALID_ADDRESS, "GFN outside guest RAM") from exc
         entries = (gfn_array << np.uint64(12)) | (~nonzero).astype(np.uint64) * np.uint64(EntryFlag.ZERO)
@@ -329,11 +341,12 @@ class MigrationFirmware:
             aads = page_aads(head, entries[data])
             native = self._native
             if native is not None:
-                # The whole bundle in one call: the pages' addresses (``pages`` keeps them mapped).
+                # The whole bundle in one call: the pages' addresses (``mapped`` keeps them mapped).
                 sealed = out[size:total]
                 if not native.seal_pages(exp.k_f, ivs, addresses[data], aads, 32, buffer_address(sealed)):
                     raise FirmwareError(FirmwareStatus.INVALID_CONFIG, "AES-GCM failed")
             else:
+                pages = page_views(hw.memory, gfn_array)
                 encrypt_into = exp.aead.encrypt_into
                 off = size
                 for k, i in enumerate(data):
@@ -342,6 +355,7 @@ class MigrationFirmware:
                     )
                     off += _UNIT
         clean[gfn_array.astype(np.intp)] = True
+        del mapped
         return total
 
     def export_epoch_token(self, handle: GuestHandle, stream: int) -> bytes:
@@ -702,9 +716,9 @@ class MigrationFirmware:
             raise IntegrityError()
         rules = imp.rules
         assert imp.aead is not None
-        # Pages are opened into a scratch buffer in entry order, then written to guest memory one run of
-        # consecutive GFNs at a time: nothing of a bundle reaches guest memory before all its tags verified,
-        # and a run is one write (page-table faults per page cost more than the copy on this hardware).
+        # Pages are opened into a scratch buffer in entry order, then written to guest memory in one call: nothing
+        # of a bundle reaches guest memory before all its tags verified (runs of fresh pages go with one write
+        # each, a page-table fault per page costs more than the copy on this hardware; scattered pages at once).
         scratch = imp.scratch
         for i in np.flatnonzero(~is_data).tolist():
             scratch[i * PAGE : (i + 1) * PAGE] = _ZERO_PAGE
@@ -730,10 +744,8 @@ class MigrationFirmware:
                         scratch[i * PAGE : (i + 1) * PAGE],
                     )
                     off += _UNIT
-        memory = hw.memory
         try:
-            for first, lo, hi in gfn_runs(gfns):
-                memory.write(first << 12, scratch[lo * PAGE : hi * PAGE])
+            hw.memory.write_pages(gfns, scratch[: len(gfns) * PAGE])
         except CvmError as exc:
             raise IntegrityError() from exc
         rules.accept_bundle(header.stream, BundleType.MEMORY, len(data))

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cvmotion.abi.gfns import sorted_union
+from cvmotion.abi.gfns import run_bounds, sorted_union
 from cvmotion.abi.wire import BundleType
 from cvmotion.errors import FirmwareError, FirmwareStatus, UsageError
 from cvmotion.firmware.device import GuestHandle
@@ -33,6 +33,7 @@ __all__ = ["ImportHardware", "RemoteHardware", "RingMap", "SpMemory", "check_lau
 
 PAGE = 4096
 _FOLD_PARTS = 32  # pending dirty harvests kept apart before they are folded into one
+_PWRITE_RUN = 16  # pages: a run this long is written with pwrite, shorter ones through the mapping
 
 
 class SpMemory:
@@ -53,11 +54,37 @@ class SpMemory:
         return self._memory.populated_ranges(skip)
 
     def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
-        offset = self.layout.offset_of(gpa, len(data))
-        view = memoryview(data)
+        self._pwrite(self.layout.offset_of(gpa, len(data)), memoryview(data))
+
+    def _pwrite(self, offset: int, view: memoryview) -> None:
         while len(view):
             written = os.pwrite(self._memory.fd, view, offset)
             view, offset = view[written:], offset + written
+
+    def page_offsets(self, gfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+        return self._memory.page_offsets(gfns)
+
+    def pages(self) -> npt.NDArray[np.uint64]:
+        return self._memory.pages()
+
+    def write_pages(self, gfns: npt.NDArray[np.uint64], data: bytes | bytearray | memoryview) -> None:
+        """Whole pages, ``data`` in ``gfns`` order: runs of ``_PWRITE_RUN`` pages or more with one ``pwrite``
+        each (fresh memory: the kernel allocates without a fault per page), the rest (a dirty round's
+        scattered pages, already populated by round 0) in one vectorised copy through the mapping."""
+        offsets = self.page_offsets(gfns)
+        words = np.frombuffer(data, dtype=np.uint64).reshape(-1, PAGE // 8)
+        if len(words) != len(offsets):
+            raise UsageError(f"write_pages: {len(offsets)} GFNs and {len(words)} pages of data")
+        starts, ends = run_bounds(offsets // PAGE)
+        lengths = ends - starts
+        long = lengths >= _PWRITE_RUN
+        view = memoryview(data)
+        for lo, hi in zip(starts[long].tolist(), ends[long].tolist(), strict=True):
+            self._pwrite(int(offsets[lo]), view[lo * PAGE : hi * PAGE])
+        short = ~np.repeat(long, lengths)
+        if short.any():
+            table = self.pages()
+            table[offsets[short] // PAGE] = words[short]
 
     def close(self) -> None:
         self._memory.close()

@@ -12,6 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import NewType
 
+import numpy as np
+import numpy.typing as npt
+
 from cvmotion.abi.sku import GIB, MAX_MEMORY, MIB, MIN_MEMORY
 from cvmotion.errors import UsageError
 
@@ -106,6 +109,18 @@ class MemoryLayout:
     def offset_of(self, gpa: int, length: int = 1) -> int:
         region = self.region_of(gpa, length)
         return region.offset + (gpa - region.gpa)
+
+    def page_offsets(self, gfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+        """The memfd byte offset of each GFN's page, vectorised; ``UsageError`` if one is not RAM."""
+        pages = gfns.astype(np.int64)
+        offsets = np.full(len(pages), -1, dtype=np.int64)
+        for region in self.regions:
+            first = region.gpa >> PAGE_SHIFT
+            inside = (pages >= first) & (pages < first + (region.size >> PAGE_SHIFT))
+            offsets[inside] = (pages[inside] - first) * PAGE_SIZE + region.offset
+        if len(offsets) and int(offsets.min()) < 0:
+            raise UsageError("a GFN outside guest RAM")
+        return offsets
 
     def gpa_ranges_of(self, offset: int, length: int) -> list[tuple[Gpa, int]]:
         """Translate a memfd byte range into GPA ranges (split where the hole cuts it)."""

@@ -103,6 +103,17 @@ class GuestMemory:
         self.view(gpa, len(data))[:] = data
         self.vmm_dirty.mark_range(gpa, len(data))
 
+    def page_offsets(self, gfns: npt.NDArray[np.uint64]) -> npt.NDArray[np.int64]:
+        """The memfd offset of each GFN's page (vectorised ``layout.offset_of``); ``UsageError`` outside RAM."""
+        return self.layout.page_offsets(gfns)
+
+    def pages(self) -> npt.NDArray[np.uint64]:
+        """All of guest RAM as one ``(pages, 512)`` array of words over the mapping (no copy), indexed by memfd
+        offset // 4096: whole pages read and written many at a time.  Drop it before ``close``."""
+        if self._view is None:
+            raise UsageError("guest memory is closed")
+        return np.frombuffer(self._view, dtype=np.uint64).reshape(-1, PAGE_SIZE // 8)
+
     def page(self, gfn: int) -> memoryview:
         return self.view(gfn << PAGE_SHIFT, PAGE_SIZE)
 

@@ -3,6 +3,7 @@ parse, and the import's "nothing reaches guest memory before every tag of the bu
 
 from __future__ import annotations
 
+import ctypes
 import random
 import struct
 from pathlib import Path
@@ -77,11 +78,15 @@ def test_zero_test_finds_a_single_byte_in_long_and_short_runs() -> None:
         scattered = [0x300, 0x302, 0x307]  # compared page by page
         for gfn in (0x205, 0x23F, 0x302):
             memory.write((gfn << 12) + PAGE - 1, b"\x01")  # only the last byte of the page
-        views, nonzero, _ = mig_pages.page_views(memory, np.asarray(long_run + scattered, dtype=np.uint64))
-        assert [bytes(v) for v in views[:2]] == [memory.read(0x200 << 12, PAGE), memory.read(0x201 << 12, PAGE)]
+        gfns = np.asarray(long_run + scattered, dtype=np.uint64)
+        nonzero, addresses, mapped = mig_pages.page_reads(memory, gfns)
         expected = [g in (0x205, 0x23F, 0x302) for g in long_run + scattered]
         assert nonzero.tolist() == expected
-        del views  # the mapping cannot close while views of it exist
+        assert addresses[1] - addresses[0] == PAGE
+        assert ctypes.string_at(int(addresses[-3]), PAGE) == memory.read(0x300 << 12, PAGE)
+        views = mig_pages.page_views(memory, gfns)
+        assert [bytes(v) for v in views[:2]] == [memory.read(0x200 << 12, PAGE), memory.read(0x201 << 12, PAGE)]
+        del views, mapped  # the mapping cannot close while views of it exist
     finally:
         memory.close()
 
