@@ -6,7 +6,7 @@ processes, VM processes) writes its RPC calls, their queueing and serving, and t
 host clock (``cvmotion.ipc.trace``). For each run it prints every span that overlaps the blackout — from the
 source's pause to the destination's resume — in order, relative to the pause::
 
-    .venv/bin/python bench/switchover_profile.py [--scenario idle|small] [--repeat 3] [--limit 50]
+    .venv/bin/python bench/switchover_profile.py [--scenario idle|idle-halt|small|busy] [--repeat 3] [--limit 50]
 
 Spans land in ``build/bench/switchover_profile/run-N/``; the table is the whole output (no figures are kept).
 """
@@ -32,6 +32,7 @@ SCENARIOS = {
     "idle": ("Standard_DC2as_v5", None, "dirty_mib=1024 rate=1"),
     "idle-halt": ("Standard_DC2as_v5", None, "dirty_mib=1024 rate=1 halt=1"),
     "small": (None, "64M", "dirty_mib=16 rate=1"),
+    "busy": (None, "1G", "dirty_mib=256 rate=0"),  # migrate_vs_qemu's 1g: a 256 MiB working set at full speed
 }
 
 
