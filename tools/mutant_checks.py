@@ -224,6 +224,15 @@ MUTANTS: tuple[Mutant, ...] = (
         (f"{T_MIGFW}::test_switchover_seals_the_pages_written_since_the_last_round_itself",),
     ),
     Mutant(
+        "switchover-token-harvest",
+        "export_switchover's start token rests on a harvest made after the pages were sealed",
+        MIGRATION,
+        "MigrationFirmware.export_switchover",
+        "            dirty = hw.take_dirty(fresh=True)\n            token = self._export_start_token(",
+        "            dirty = dirty[:0]\n            token = self._export_start_token(",
+        (f"{T_MIGFW}::test_switchover_refuses_the_start_token_over_a_write_while_it_sealed",),
+    ),
+    Mutant(
         "switchover-seals-what-is-left",
         "export_switchover seals every populated page not exported since its last write",
         MIGRATION,
@@ -663,6 +672,6 @@ MUTANTS: tuple[Mutant, ...] = (
         "VmProcess.pause",
         "                self.dma.quiesce()",
         "                pass",
-        (T_DMA,),
+        ("tests/unit/vmd/test_pause_quiesces_dma.py", T_DMA),
     ),
 )

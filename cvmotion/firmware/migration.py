@@ -466,10 +466,12 @@ class MigrationFirmware:
                 for i in range(0, len(left), step):
                     bundles.append(bytes(out[: self._export_memory(exp, stream, left[i : i + step], out)]))
             bundles += [self._export_state(exp, handle, stream, kind) for kind in STATE_ORDER]
-            # The harvest above came after the capture, with the VM held since: nothing is left to fold.
-            # The start token still checks every populated page itself (over the ranges looked up above: the VM is
-            # held and nothing can populate more): its check does not rest on the sealing just done.
-            token = self._export_start_token(exp, handle, stream, np.zeros(0, dtype=np.uint64), populated=populated)
+            # The start token rests on its own harvest, made after every page it certifies was read: a write while
+            # the SP sealed (hardware that broke the hold, a DMA device left running) is a dirty page, and the
+            # token is refused, as export_final's would be. It also checks every populated page itself, over the
+            # ranges looked up above (more memory could only be populated through the hold).
+            dirty = hw.take_dirty(fresh=True)
+            token = self._export_start_token(exp, handle, stream, dirty, populated=populated)
             bundles.append(token)
             return Switchover(bundles=bundles, pages=len(left))
 

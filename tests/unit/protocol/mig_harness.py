@@ -49,6 +49,9 @@ class FakeHardware:
     restored: tuple[bytes, bytes] | None = None
     running: bool = False
     fail_pause: bool = False
+    # A write that lands while the SP seals after the switchover's harvest (hardware that broke the hold): made
+    # just before the next fresh harvest.
+    write_while_sealing: int | None = None
 
     @property
     def gfn_limit(self) -> int:
@@ -70,6 +73,10 @@ class FakeHardware:
         return out
 
     def take_dirty(self, *, fresh: bool) -> npt.NDArray[np.uint64]:
+        if fresh and self.write_while_sealing is not None:
+            gpa, self.write_while_sealing = self.write_while_sealing, None
+            self.memory.write(gpa, b"written while the SP sealed")
+            self.sp_dirty.add(gpa >> 12)
         out = np.asarray(sorted(self.sp_dirty), dtype=np.uint64)
         self.sp_dirty.clear()
         return out
@@ -91,7 +98,11 @@ class FakeHardware:
         if self.fail_pause:
             raise RuntimeError("the VMM could not pause the vCPUs")
         self.paused = True
-        return self.capture_and_harvest()
+        vcpu, device = self.capture_state()
+        sealing, self.write_while_sealing = self.write_while_sealing, None
+        dirty = self.take_dirty(fresh=True)
+        self.write_while_sealing = sealing
+        return vcpu, device, dirty
 
     def restore_state(self, vcpu_state: bytes, device_state: bytes, *, run: bool = False) -> None:
         self.restored = (vcpu_state, device_state)

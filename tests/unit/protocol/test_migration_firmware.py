@@ -463,6 +463,21 @@ def test_switchover_when_the_vm_cannot_pause_leaves_the_export_live(session: Ses
     assert _src_can_run(s)
 
 
+def test_switchover_refuses_the_start_token_over_a_write_while_it_sealed(session: Session) -> None:
+    """A page written after the switchover's harvest, while the SP sealed (a DMA device left running): the start
+    token's own harvest sees it, the token is refused, and the export can still be aborted."""
+    s = session
+    s.run_precopy(random.Random(16))
+    s.src.hw.write_while_sealing = 0x206 << 12
+    mig = s.src.sp.migration
+    with pytest.raises(FirmwareError, match="dirty or unexported"):
+        mig.export_switchover(s.src.handle, 0)
+    assert mig.export_status(s.src.handle) == "PAUSED_EXPORT"
+    mig.export_abort(s.src.handle)
+    assert _src_can_run(s)
+    assert not _dst_committed(s)
+
+
 def test_switchover_is_refused_outside_live_export(session: Session) -> None:
     s = session
     mig = s.src.sp.migration
