@@ -21,7 +21,6 @@ from cvmotion.errors import MalformedStructure
 
 __all__ = [
     "gcm_ivs",
-    "gfn_runs",
     "memory_entries",
     "page_aads",
     "page_reads",
@@ -85,12 +84,6 @@ def page_reads(
 def page_views(memory: _Views, gfns: npt.NDArray[np.uint64]) -> list[memoryview]:
     """One view per page of guest memory, in ``gfns`` order (the pure-Python AES-GCM path)."""
     return [memory.view(gfn << 12, PAGE) for gfn in gfns.tolist()]
-
-
-def gfn_runs(gfns: npt.NDArray[np.uint64]) -> list[tuple[int, int, int]]:
-    """Maximal runs of consecutive GFNs, in order, as ``(first GFN, start index, end index)``."""
-    starts, ends = run_bounds(gfns)
-    return list(zip(gfns[starts].tolist(), starts.tolist(), ends.tolist(), strict=True))
 
 
 def gcm_ivs(first: int, count: int, stream: int) -> memoryview:

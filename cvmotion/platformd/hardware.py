@@ -184,10 +184,6 @@ class RemoteHardware:
         """Restore the VM process's guest; ``run``: and run it, returning the Unix time its vCPUs were released."""
         return self._vm.restore_state(handle, vcpu_state, device_state, run=run)
 
-    def run(self) -> float:
-        """Have the VM process run the guest (after the SP activated it); the Unix time it did."""
-        return self._vm.run()
-
     def close(self) -> None:
         self._memory.close()
 

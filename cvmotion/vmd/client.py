@@ -174,11 +174,6 @@ class HardwareClient:
         result = self._endpoint.call(HardwareCommand.RESTORE_STATE.value, dict(args), vcpu_state + device_state)[0]
         return float(result["resumed_at"]) if run else None
 
-    def run(self) -> float:
-        """Run the guest the SP just activated; the Unix time its vCPUs were released."""
-        result = cast(Resumed, self._endpoint.call(HardwareCommand.RUN.value)[0])
-        return float(result["resumed_at"])
-
 
 class RelayClient:
     """A VM process's calls to the host daemon (over the newest live control connection)."""

@@ -80,7 +80,6 @@ class HardwareCommand(StrEnum):
     # The source's stop-and-copy on the hardware side in one round trip: pause, hold, capture, harvest.
     SWITCHOVER = "sp_switchover"
     RESTORE_STATE = "sp_restore_state"
-    RUN = "sp_run"  # the SP activated this guest here: run it now (the SP is the one can_run would ask)
 
 
 class RelayCommand(StrEnum):

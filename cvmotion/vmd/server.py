@@ -107,7 +107,7 @@ _CONTROL: _Table = {
 
 def _restore(proc: VmProcess, call: Call) -> Reply:
     """Build the VM from the imported state; ``run``: then run it (the SP activated it in this same command, so a
-    separate ``sp_run`` would be one more round trip inside the blackout)."""
+    separate call to run would be one more round trip inside the blackout)."""
     vcpu_len = _int(call, "vcpu_len")
     if not 0 <= vcpu_len <= len(call.blob):
         raise UsageError(f"restore: vCPU state of {vcpu_len} bytes in a blob of {len(call.blob)}")
@@ -156,7 +156,6 @@ _HARDWARE: _Table = {
     HardwareCommand.CAPTURE_STATE: _capture,
     HardwareCommand.SWITCHOVER: _switchover,
     HardwareCommand.RESTORE_STATE: _restore,
-    HardwareCommand.RUN: lambda proc, call: _resumed(proc.run_for_sp()),
 }
 
 
