@@ -12,6 +12,8 @@ import cryptography
 import numpy as np
 from cryptography.hazmat.backends.openssl import backend
 
+from cvmotion.firmware import native_gcm
+
 __all__ = ["machine_facts", "wait_quiet"]
 
 
@@ -48,9 +50,18 @@ def machine_facts(extra: dict[str, str] | None = None) -> dict[str, Any]:
         "python": platform.python_version(),
         "cryptography": f"{cryptography.__version__} ({backend.openssl_version_text()})",
         "numpy": np.__version__,
+        "sp-native-gcm": _native_gcm(),
         "loadavg": " ".join(f"{x:.2f}" for x in os.getloadavg()),
         **(extra or {}),
     }
+
+
+def _native_gcm() -> str:
+    """The OpenSSL the SP's native per-page AES-GCM binds here (``firmware.native_gcm``), or why there is none."""
+    if os.environ.get("CVMOTION_NATIVE_GCM", "1") == "0":
+        return "off (CVMOTION_NATIVE_GCM=0): cryptography page by page"
+    gcm = native_gcm.load()
+    return gcm.version if gcm is not None else "not built: cryptography page by page"
 
 
 def wait_quiet(max_load: float, timeout: float) -> float:
