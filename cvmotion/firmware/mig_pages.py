@@ -61,14 +61,24 @@ def page_reads(
     """Which pages of ``gfns`` hold a non-zero byte, each page's address (for the native AES-GCM), and the array
     over guest memory the addresses point into (keep it referenced while they are used).
 
-    No Python per page: a run of consecutive GFNs (round 0) is zero-tested as one slice of guest memory, the
-    scattered pages of a dirty round with one gather.
+    No Python per page.  A page whose first word is non-zero is decided by that word alone (one cache line; the
+    AES-GCM reads the rest next); only the others are read whole: a run of consecutive GFNs (round 0) as one
+    slice of guest memory, the scattered pages of a dirty round with one gather.
     """
     offsets = memory.page_offsets(gfns)
     table = memory.pages()
     rows = offsets // PAGE
     addresses = np.uint64(table.ctypes.data) + offsets.astype(np.uint64)
-    nonzero = np.empty(len(gfns), dtype=np.bool_)
+    nonzero = table[rows, 0] != 0
+    if not nonzero.all():
+        maybe = np.flatnonzero(~nonzero)
+        nonzero[maybe] = _any_nonzero(table, rows[maybe])
+    return nonzero, addresses, table
+
+
+def _any_nonzero(table: npt.NDArray[np.uint64], rows: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
+    """Whether each of ``rows`` (pages of ``table``, ascending where they run) holds a non-zero word."""
+    nonzero = np.empty(len(rows), dtype=np.bool_)
     starts, ends = run_bounds(rows)
     lengths = ends - starts
     long = lengths >= _VECTOR_RUN
@@ -78,7 +88,7 @@ def page_reads(
     short = ~np.repeat(long, lengths)
     if short.any():
         nonzero[short] = table[rows[short]].any(axis=1)
-    return nonzero, addresses, table
+    return nonzero
 
 
 def page_views(memory: _Views, gfns: npt.NDArray[np.uint64]) -> list[memoryview]:

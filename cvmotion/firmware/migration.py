@@ -190,6 +190,27 @@ class _Import:
     states: dict[BundleType, bytes] = field(default_factory=dict)
     start_token_digest: bytes | None = None  # the start token that committed this import
     scratch: memoryview = field(default_factory=lambda: memoryview(bytearray(wire.MAX_PAGES_PER_BUNDLE * PAGE)))
+    # ImportRules.claim_gpa for whole bundles: one flag per guest page, for the epoch ``claimed_epoch``.
+    claimed: npt.NDArray[np.bool_] | None = None
+    claimed_epoch: int = -1
+
+    def claim_gfns(self, gfns: npt.NDArray[np.uint64], gfn_limit: int) -> bool:
+        """Claim every GFN of a bundle for the current epoch: False if one was claimed in it already, or twice here.
+
+        The flags are allocated again (calloc: untouched pages cost nothing) when the epoch moved on, as
+        ``ImportRules.close_epoch`` clears its set.
+        """
+        if self.claimed is None or self.claimed_epoch != self.rules.epoch:
+            self.claimed = np.zeros(gfn_limit, dtype=np.bool_)
+            self.claimed_epoch = self.rules.epoch
+        rows = gfns.astype(np.intp)
+        if self.claimed[rows].any():
+            return False
+        ordered = np.sort(rows)
+        if len(ordered) > 1 and not (ordered[1:] != ordered[:-1]).all():
+            return False
+        self.claimed[rows] = True
+        return True
 
 
 class MigrationFirmware:
@@ -711,10 +732,7 @@ class MigrationFirmware:
             raise IntegrityError()
         # A GPA at most once per epoch (ImportRules.claim_gpa, for a whole bundle at once): a replayed page
         # could roll memory back.
-        claimed = imp.rules.gpas_in_epoch
-        before = len(claimed)
-        claimed.update((gfns << np.uint64(12)).tolist())
-        if len(claimed) != before + len(entries):
+        if not imp.claim_gfns(gfns, hw.gfn_limit):
             raise IntegrityError()
         rules = imp.rules
         assert imp.aead is not None

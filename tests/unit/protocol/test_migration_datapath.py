@@ -78,15 +78,32 @@ def test_zero_test_finds_a_single_byte_in_long_and_short_runs() -> None:
         scattered = [0x300, 0x302, 0x307]  # compared page by page
         for gfn in (0x205, 0x23F, 0x302):
             memory.write((gfn << 12) + PAGE - 1, b"\x01")  # only the last byte of the page
+        for gfn in (0x210, 0x307):
+            memory.write(gfn << 12, b"\x80")  # only the first byte: decided by the first word alone
         gfns = np.asarray(long_run + scattered, dtype=np.uint64)
         nonzero, addresses, mapped = mig_pages.page_reads(memory, gfns)
-        expected = [g in (0x205, 0x23F, 0x302) for g in long_run + scattered]
+        expected = [g in (0x205, 0x210, 0x23F, 0x302, 0x307) for g in long_run + scattered]
         assert nonzero.tolist() == expected
         assert addresses[1] - addresses[0] == PAGE
         assert ctypes.string_at(int(addresses[-3]), PAGE) == memory.read(0x300 << 12, PAGE)
         views = mig_pages.page_views(memory, gfns)
         assert [bytes(v) for v in views[:2]] == [memory.read(0x200 << 12, PAGE), memory.read(0x201 << 12, PAGE)]
         del views, mapped  # the mapping cannot close while views of it exist
+    finally:
+        memory.close()
+
+
+def test_zero_test_matches_a_byte_compare_on_random_pages() -> None:
+    rng = random.Random(17)
+    memory = GuestMemory(MEMORY)
+    try:
+        gfns = sorted(rng.sample(range(0x200, 0x600), 300))  # runs and scattered pages
+        for gfn in gfns:
+            if rng.random() < 0.5:  # the rest stay zero
+                memory.write((gfn << 12) + rng.randrange(PAGE), bytes([rng.randrange(1, 256)]))
+        nonzero, _addresses, mapped = mig_pages.page_reads(memory, np.asarray(gfns, dtype=np.uint64))
+        del mapped
+        assert nonzero.tolist() == [memory.read(g << 12, PAGE) != bytes(PAGE) for g in gfns]
     finally:
         memory.close()
 
@@ -137,6 +154,20 @@ def test_a_gpa_twice_in_one_bundle_fails_the_import(session: Session) -> None:
     bundle = _seal(session, [0x200, 0x201, 0x200])  # the source firmware seals what it is asked
     with pytest.raises(IntegrityError):
         session.dst_sp.migration.import_bundle(session.ref, bundle)
+
+
+def test_a_gpa_in_two_bundles_of_one_epoch_fails_the_import_and_in_the_next_epoch_is_new(session: Session) -> None:
+    session.src.hw.guest_write(0x200 << 12, b"x" * PAGE)
+    mig = session.dst_sp.migration
+    mig.import_bundle(session.ref, _seal(session, [0x200, 0x201]))
+    mig.import_bundle(session.ref, session.src.sp.migration.export_epoch_token(session.src.handle, 0))
+    session.src.hw.guest_write(0x200 << 12, b"y" * PAGE)
+    mig.import_bundle(session.ref, _seal(session, [0x200]))  # a dirty round: the page again, in epoch 1
+    assert session.dst_hw.memory.read(0x200 << 12, PAGE) == b"y" * PAGE
+    replay = _seal(session, [0x202, 0x200])  # sealed honestly again, but epoch 1 has 0x200 already
+    with pytest.raises(IntegrityError):
+        mig.import_bundle(session.ref, replay)
+    assert session.dst_hw.memory.read(0x200 << 12, PAGE) == b"y" * PAGE
 
 
 @pytest.mark.parametrize("where", ["beyond memory", "in the PCI hole"])
