@@ -54,6 +54,7 @@ T_DELETE = "tests/unit/host/test_delete_unsettled.py"
 T_SEAL = "tests/unit/firmware/test_fw_sp_seal.py"
 T_SEAL_MIG = "tests/unit/protocol/test_sp_seal_migration.py"
 T_SUCCESSION = "tests/unit/platformd/test_platform_succession.py"
+T_PARALLEL = "tests/unit/protocol/test_import_parallel_writes.py"
 SP_SEAL = "cvmotion/firmware/sp_seal.py"
 PLATFORM = "cvmotion/platformd/server.py"
 HARDWARE = "cvmotion/platformd/hardware.py"
@@ -268,6 +269,33 @@ MUTANTS: tuple[Mutant, ...] = (
         "len(ordered) > 1 and not (ordered[1:] != ordered[:-1]).all()",
         [T_DATAPATH],
         id="gpa-once-in-bundle",
+    ),
+    Mutant(
+        "token-waits-for-writes",
+        "an epoch or start token is applied only once every verified page before it is in guest memory",
+        MIGRATION,
+        "MigrationFirmware.import_bundle",
+        "                self._written.wait_for(lambda: imp.writing == 0)\n            try:",
+        "                pass\n            try:",
+        (T_PARALLEL,),
+    ),
+    Mutant(
+        "write-failure-fails",
+        "a write the hardware refused fails the import",
+        MIGRATION,
+        "MigrationFirmware.import_bundle",
+        "                if failure is not None:\n                    self._fail_import(imp)",
+        "                if False:\n                    self._fail_import(imp)",
+        (T_PARALLEL,),
+    ),
+    Mutant(
+        "discard-waits-for-writes",
+        "a discarded import's hardware is released only after its writes in flight",
+        MIGRATION,
+        "MigrationFirmware.import_discard",
+        "            self._written.wait_for(lambda: imp.writing == 0)  # and none is left writing to the hardware",
+        "            pass",
+        (T_PARALLEL,),
     ),
     Mutant(
         "gpa-epoch-reset",

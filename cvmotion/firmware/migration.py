@@ -189,10 +189,19 @@ class _Import:
     handle: GuestHandle | None = None
     states: dict[BundleType, bytes] = field(default_factory=dict)
     start_token_digest: bytes | None = None  # the start token that committed this import
-    scratch: memoryview = field(default_factory=lambda: memoryview(bytearray(wire.MAX_PAGES_PER_BUNDLE * PAGE)))
+    # Bundles' pages are opened into a scratch buffer each (one per bundle being written: the streams' imports
+    # write guest memory in parallel, outside the firmware's lock) and written from there.
+    scratch_free: list[memoryview] = field(default_factory=list)
+    writing: int = 0  # memory bundles verified and accepted whose pages are still being written
+
     # ImportRules.claim_gpa for whole bundles: one flag per guest page, for the epoch ``claimed_epoch``.
     claimed: npt.NDArray[np.bool_] | None = None
     claimed_epoch: int = -1
+
+    def take_scratch(self) -> memoryview:
+        if self.scratch_free:
+            return self.scratch_free.pop()
+        return memoryview(bytearray(wire.MAX_PAGES_PER_BUNDLE * PAGE))
 
     def claim_gfns(self, gfns: npt.NDArray[np.uint64], gfn_limit: int) -> bool:
         """Claim every GFN of a bundle for the current epoch: False if one was claimed in it already, or twice here.
@@ -213,6 +222,9 @@ class _Import:
         return True
 
 
+_Write = tuple[npt.NDArray[np.uint64], memoryview]  # a verified bundle's GFNs and their pages, to write
+
+
 class MigrationFirmware:
     """Migration commands of one ``SecureProcessor``; reach it as ``sp.migration``."""
 
@@ -223,6 +235,8 @@ class MigrationFirmware:
     def __init__(self, sp: SecureProcessor) -> None:
         self._sp = sp
         self._lock = threading.Lock()
+        # Signalled when an import's guest-memory writes finish (they run outside the lock).
+        self._written = threading.Condition(self._lock)
         self._exports: dict[GuestHandle, _Export] = {}
         self._imports: dict[int, _Import] = {}
         self._next_import = 1
@@ -629,18 +643,50 @@ class MigrationFirmware:
             return self._import(ref).handle
 
     def import_bundle(self, ref: int, bundle: bytes | bytearray | memoryview) -> BundleType:
-        """Authenticate and apply one bundle. Any failure: FAILED for ever and one opaque IntegrityError."""
+        """Authenticate and apply one bundle. Any failure: FAILED for ever and one opaque IntegrityError.
+
+        A memory bundle is verified, counted and its GPAs claimed under the lock; its pages then go to guest memory
+        outside it, so the streams' imports overlap their writes (the first touch of fresh memory is the costliest
+        step of an import).  Anything else waits for every write in flight first: an epoch token or the start
+        token certifies that all pages before it are in memory, and a later epoch may write the same GPAs.
+        """
+        buf = memoryview(bundle)
         with self._lock:
             imp = self._import(ref)
+            if len(buf) <= 6 or buf[6] != BundleType.MEMORY:  # the header as claimed; the MAC decides below
+                self._written.wait_for(lambda: imp.writing == 0)
             try:
-                return self._apply(imp, memoryview(bundle))
+                kind, write = self._apply(imp, buf)
             except (IntegrityError, InvalidTag, AbiError, FirmwareError, ValueError, IndexError) as exc:
-                imp.rules.fail()
-                if imp.handle is not None and not imp.rules.committed:
-                    self._sp._set_op_state(imp.handle, OpState.FAILED)
+                self._fail_import(imp)
                 raise IntegrityError() from exc
+            if write is None:
+                return kind
+            imp.writing += 1
+        gfns, scratch = write
+        failure: CvmError | None = None
+        try:
+            assert imp.hw is not None
+            imp.hw.memory.write_pages(gfns, scratch[: len(gfns) * PAGE])
+        except CvmError as exc:
+            failure = exc
+        finally:
+            with self._lock:
+                if failure is not None:
+                    self._fail_import(imp)
+                imp.scratch_free.append(scratch)
+                imp.writing -= 1
+                self._written.notify_all()
+        if failure is not None:
+            raise IntegrityError() from failure
+        return kind
 
-    def _apply(self, imp: _Import, buf: memoryview) -> BundleType:
+    def _fail_import(self, imp: _Import) -> None:
+        imp.rules.fail()
+        if imp.handle is not None and not imp.rules.committed:
+            self._sp._set_op_state(imp.handle, OpState.FAILED)
+
+    def _apply(self, imp: _Import, buf: memoryview) -> tuple[BundleType, _Write | None]:
         if imp.aead is None or imp.rules.state is ImportOpState.FAILED:
             raise IntegrityError()
         header = BundleHeader.from_bytes(buf)
@@ -654,14 +700,15 @@ class MigrationFirmware:
         kind = header.type
         rest = buf[header.size :]
         if kind is BundleType.IMMUTABLE_STATE:
-            return self._import_immutable(imp, header, head, metadata, rest)
+            return self._import_immutable(imp, header, head, metadata, rest), None
         if imp.ctx is None:
             raise IntegrityError()
         rules = imp.rules
         if not rules.check_bundle(header.stream, kind, header.mb_counter, header.epoch, header.iv_counter):
             raise IntegrityError()
+        write = None
         if kind is BundleType.MEMORY:
-            self._import_memory(imp, header, head, metadata, rest)
+            write = self._import_memory(imp, header, head, metadata, rest)
         elif kind in STATE_BUNDLES:
             length = wire.parse_payload_metadata(metadata)
             if len(rest) != length + wire.TAG_SIZE:
@@ -688,7 +735,7 @@ class MigrationFirmware:
             raise IntegrityError()
         if rules.state is ImportOpState.FAILED:
             raise IntegrityError()
-        return kind
+        return kind, write
 
     def _import_immutable(
         self, imp: _Import, header: BundleHeader, head: bytes, metadata: bytes, rest: memoryview
@@ -720,7 +767,8 @@ class MigrationFirmware:
 
     def _import_memory(
         self, imp: _Import, header: BundleHeader, head: bytes, metadata: bytes, rest: memoryview
-    ) -> None:
+    ) -> _Write:
+        """Verify a memory bundle's pages into a scratch buffer and accept it: the caller writes them."""
         hw = imp.hw
         if hw is None:
             raise IntegrityError()
@@ -739,7 +787,27 @@ class MigrationFirmware:
         # Pages are opened into a scratch buffer in entry order, then written to guest memory in one call: nothing
         # of a bundle reaches guest memory before all its tags verified (runs of fresh pages go with one write
         # each, a page-table fault per page costs more than the copy on this hardware; scattered pages at once).
-        scratch = imp.scratch
+        scratch = imp.take_scratch()
+        try:
+            self._open_pages(imp, header, head, entries, is_data, data, rest, scratch)
+        except BaseException:
+            imp.scratch_free.append(scratch)
+            raise
+        rules.accept_bundle(header.stream, BundleType.MEMORY, len(data))
+        return gfns, scratch
+
+    def _open_pages(
+        self,
+        imp: _Import,
+        header: BundleHeader,
+        head: bytes,
+        entries: npt.NDArray[np.uint64],
+        is_data: npt.NDArray[np.bool_],
+        data: list[int],
+        rest: memoryview,
+        scratch: memoryview,
+    ) -> None:
+        assert imp.aead is not None
         for i in np.flatnonzero(~is_data).tolist():
             scratch[i * PAGE : (i + 1) * PAGE] = _ZERO_PAGE
         if data:
@@ -764,11 +832,6 @@ class MigrationFirmware:
                         scratch[i * PAGE : (i + 1) * PAGE],
                     )
                     off += _UNIT
-        try:
-            hw.memory.write_pages(gfns, scratch[: len(gfns) * PAGE])
-        except CvmError as exc:
-            raise IntegrityError() from exc
-        rules.accept_bundle(header.stream, BundleType.MEMORY, len(data))
 
     def _commit(self, imp: _Import) -> None:
         ctx, handle = imp.ctx, imp.handle
@@ -819,7 +882,8 @@ class MigrationFirmware:
             imp = self._import(ref)
             if imp.rules.committed:
                 raise FirmwareError(FirmwareStatus.INVALID_GUEST_STATE, "committed import")
-            imp.rules.fail()
+            imp.rules.fail()  # no bundle starts a write from here on
+            self._written.wait_for(lambda: imp.writing == 0)  # and none is left writing to the hardware
             handle = imp.handle
             del self._imports[ref]
         if handle is not None:
