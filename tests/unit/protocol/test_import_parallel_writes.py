@@ -106,7 +106,8 @@ def test_a_bundle_writes_while_another_imports_and_the_epoch_token_waits_for_bot
     gated.release.set()
     assert blocked.done.wait(WAIT)
     assert closing.done.wait(WAIT)
-    assert blocked.error is None and closing.error is None
+    assert blocked.error is None
+    assert closing.error is None
     assert s.dst_hw.memory.read(0x200 << 12, PAGE) == b"\x02" * PAGE
 
 
@@ -122,7 +123,8 @@ def test_a_failed_write_fails_the_import_and_the_token_after_it(session: tuple[S
     closing = _Call(lambda: mig.import_bundle(s.ref, token))
     assert not closing.done.wait(NOT_YET)
     gated.release.set()
-    assert failing.done.wait(WAIT) and closing.done.wait(WAIT)
+    assert failing.done.wait(WAIT)
+    assert closing.done.wait(WAIT)
     assert isinstance(failing.error, IntegrityError)
     assert isinstance(closing.error, IntegrityError)
     assert mig.import_state(s.ref) == "FAILED"
@@ -139,5 +141,6 @@ def test_discard_waits_for_the_write_in_flight(session: tuple[Session, _GatedMem
     discarding = _Call(lambda: mig.import_discard(s.ref))
     assert not discarding.done.wait(NOT_YET), "the import was discarded under a write to its hardware"
     gated.release.set()
-    assert writing.done.wait(WAIT) and discarding.done.wait(WAIT)
+    assert writing.done.wait(WAIT)
+    assert discarding.done.wait(WAIT)
     assert discarding.error is None
