@@ -29,3 +29,12 @@ def test_within_the_limit_it_switches_over_when_a_round_buys_little(
     pause_ms: float, sent: int, left: int, last_round: bool, why: str
 ) -> None:
     assert switch_now(40.0 + pause_ms, 300.0, pause_ms, sent, left, last_round), why
+
+
+def test_round_zero_is_followed_by_one_dirty_round_while_pages_are_left() -> None:
+    # An idle guest: round 0 sent 262,155 pages, 4 were dirtied meanwhile; well within the limit, yet one more
+    # (short) round runs, so that the stop-and-copy has nothing or next to nothing left.
+    assert not switch_now(40.0, 150.0, 0.01, 262_155, 4, last_round=False, first=True)
+    assert switch_now(40.0, 150.0, 0.0, 262_155, 0, last_round=False, first=True), "nothing left: switch over"
+    assert switch_now(40.0, 150.0, 0.01, 262_155, 4, last_round=True, first=True), "no round left"
+    assert switch_now(40.0, 150.0, 0.01, 4, 2, last_round=False), "after the first dirty round the usual rule"
