@@ -664,21 +664,20 @@ class MigrationFirmware:
                 return kind
             imp.writing += 1
         gfns, scratch = write
-        failure: CvmError | None = None
+        written = False
         try:
             assert imp.hw is not None
             imp.hw.memory.write_pages(gfns, scratch[: len(gfns) * PAGE])
+            written = True
         except CvmError as exc:
-            failure = exc
+            raise IntegrityError() from exc
         finally:
             with self._lock:
-                if failure is not None:
+                if not written:  # counted as accepted, not in memory: nothing may certify this import now
                     self._fail_import(imp)
                 imp.scratch_free.append(scratch)
                 imp.writing -= 1
                 self._written.notify_all()
-        if failure is not None:
-            raise IntegrityError() from failure
         return kind
 
     def _fail_import(self, imp: _Import) -> None:

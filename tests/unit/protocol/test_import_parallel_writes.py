@@ -31,7 +31,7 @@ class _GatedMemory:
 
     memory: GuestMemory
     gate_gfn: int | None = None
-    fail: bool = False
+    fail: BaseException | None = None
     entered: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
 
@@ -39,8 +39,8 @@ class _GatedMemory:
         if self.gate_gfn is not None and int(gfns[0]) == self.gate_gfn:
             self.entered.set()
             assert self.release.wait(WAIT)
-            if self.fail:
-                raise DeviceError("the hardware refused the write")
+            if self.fail is not None:
+                raise self.fail
         self.memory.write_pages(gfns, data)
 
     def __getattr__(self, name: str) -> object:
@@ -111,13 +111,20 @@ def test_a_bundle_writes_while_another_imports_and_the_epoch_token_waits_for_bot
     assert s.dst_hw.memory.read(0x200 << 12, PAGE) == b"\x02" * PAGE
 
 
-def test_a_failed_write_fails_the_import_and_the_token_after_it(session: tuple[Session, _GatedMemory]) -> None:
+@pytest.mark.parametrize(
+    ("failure", "raised"),
+    [(DeviceError("the hardware refused the write"), IntegrityError), (OSError(5, "EIO"), OSError)],
+    ids=["refused", "os-error"],
+)
+def test_a_failed_write_fails_the_import_and_the_token_after_it(
+    session: tuple[Session, _GatedMemory], failure: BaseException, raised: type[BaseException]
+) -> None:
     s, gated = session
     mig = s.dst_sp.migration
     s.src.hw.guest_write(0x200 << 12, b"z" * PAGE)
     bundle = _seal(s, [0x200])
     token = s.src.sp.migration.export_epoch_token(s.src.handle, 0)
-    gated.gate_gfn, gated.fail = 0x200, True
+    gated.gate_gfn, gated.fail = 0x200, failure
     failing = _Call(lambda: mig.import_bundle(s.ref, bundle))
     assert gated.entered.wait(WAIT)
     closing = _Call(lambda: mig.import_bundle(s.ref, token))
@@ -125,8 +132,8 @@ def test_a_failed_write_fails_the_import_and_the_token_after_it(session: tuple[S
     gated.release.set()
     assert failing.done.wait(WAIT)
     assert closing.done.wait(WAIT)
-    assert isinstance(failing.error, IntegrityError)
-    assert isinstance(closing.error, IntegrityError)
+    assert isinstance(failing.error, raised)
+    assert isinstance(closing.error, IntegrityError), "a bundle counted but never written certified by its token"
     assert mig.import_state(s.ref) == "FAILED"
 
 
