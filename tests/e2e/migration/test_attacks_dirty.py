@@ -86,7 +86,9 @@ def test_restarting_dirty_tracking_cannot_erase_a_device_write(attack_world: Wor
                 world.finish(victim, expect_host="host-a")
                 assert KvClient(_CvmIoOverControl(evil.vm(victim.name))).get(KEY) == VALUE  # type: ignore[arg-type]
             else:
-                assert stats.status is MigrationStatus.COMPLETED, stats.query_migrate()
+                # The error first: pytest shortens a long query-migrate dict before it gets there.
+                why = f"{stats.error_kind}: {stats.error} ({stats.outcome}); {stats.query_migrate()}"
+                assert stats.status is MigrationStatus.COMPLETED, why
                 world.a.api("DELETE", f"/v1/vms/{victim.name}")  # the source daemon's stale record of the VM
                 world.finish(victim, expect_host="host-b")
                 with HostCommands(world.b.data_dir) as on_b:
