@@ -200,8 +200,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "MigrationFirmware.export_pause",
         "            if len(dirty):\n"
         "                exp.clean[dirty.astype(np.intp)] = False\n"
-        "            return dirty\n",
-        "            return dirty\n",
+        "            populated = exp.populated + list(exp.hw.memory.populated_ranges(skip=exp.populated))\n",
+        "            populated = exp.populated + list(exp.hw.memory.populated_ranges(skip=exp.populated))\n",
         (f"{T_MIGFW}::test_start_token_refused_while_a_page_is_dirty",),
     ),
     Mutant(
@@ -269,6 +269,15 @@ MUTANTS: tuple[Mutant, ...] = (
         "len(ordered) > 1 and not (ordered[1:] != ordered[:-1]).all()",
         [T_DATAPATH],
         id="gpa-once-in-bundle",
+    ),
+    Mutant(
+        "hold-names-unexported",
+        "export_pause names every page the firmware's clean map says is unexported, not only the fresh harvest",
+        MIGRATION,
+        "MigrationFirmware.export_pause",
+        "            return _unexported(exp.clean, populated)\n",
+        "            return dirty\n",
+        (T_MIGFW,),
     ),
     Mutant(
         "token-waits-for-writes",

@@ -413,8 +413,11 @@ class MigrationFirmware:
     def export_pause(self, handle: GuestHandle) -> npt.NDArray[np.uint64]:
         """The VM must be paused; from here on the hardware keeps it paused unless the firmware says run.
 
-        Returns the pages written since the firmware last looked, harvested once the VM is held: the last ones
-        the host must export (the host learns no more than its own harvest of the dirty log would tell it).
+        Returns every populated page whose last write was not exported, by the firmware's own clean map once the
+        hardware held the VM and harvested its log: the last ones the host must export.  Not only the fresh
+        harvest: a write the firmware learned of earlier (the VM process hands it every harvest) and folded in
+        while sealing other pages is unexported too, and an engine whose own view lost it (a restarted dirty log)
+        could otherwise never complete.  The host learns nothing its own honest harvests would not tell it.
         """
         with self._lock:
             exp = self._export(handle, ExportOpState.LIVE_EXPORT)
@@ -430,7 +433,8 @@ class MigrationFirmware:
                 raise
             if len(dirty):
                 exp.clean[dirty.astype(np.intp)] = False
-            return dirty
+            populated = exp.populated + list(exp.hw.memory.populated_ranges(skip=exp.populated))
+            return _unexported(exp.clean, populated)
 
     def export_state(self, handle: GuestHandle, stream: int, kind: BundleType) -> bytes:
         """vCPU, device or mutable guest state of the paused VM, sealed."""

@@ -148,6 +148,26 @@ def test_export_pause_hands_the_host_the_pages_still_to_send(session: Session) -
     assert _dst_committed(s)
 
 
+def test_export_pause_names_a_write_the_firmware_folded_in_before_the_hold(session: Session) -> None:
+    """A write the SP learned of (its view is fed every harvest) and folded in while it sealed other pages is
+    still unexported at the hold: export_pause names it, so an engine whose own view lost it (its dirty log was
+    restarted under it) completes by sending what the hold names."""
+    s = session
+    s.run_precopy(random.Random(6))
+    s.src.hw.guest_write(0x206 << 12, b"a write the engine never hears of")
+    s.src.hw.engine_dirty.clear()  # the engine's view lost it; the SP's did not
+    s.send_pages([0x301])  # sealing another page folds the SP's view in: 0x206 is unexported, not pending
+    s.src.hw.paused = True
+    held = s.src.sp.migration.export_pause(s.src.handle)
+    assert 0x206 in held.tolist()
+    assert 0x301 not in held.tolist(), "exported after its last write: nothing to send"
+    s.send_pages(held.tolist())
+    s.bundles += [(0, b) for b in s.src.sp.migration.export_final(s.src.handle, 0)]
+    s.deliver()
+    assert _dst_committed(s)
+    assert s.dst_hw.memory.read(0x206 << 12, 33) == b"a write the engine never hears of"
+
+
 @pytest.mark.parametrize("one_call", [False, True], ids=["export_start_token", "export_final"])
 def test_start_token_refused_over_a_write_after_the_hold(session: Session, one_call: bool) -> None:
     """A page written after export_pause's harvest (hardware that ignored the hold) is seen by the start token's
