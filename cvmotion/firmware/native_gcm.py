@@ -125,15 +125,14 @@ def load() -> NativeGcm | None:
     if not path.exists():
         return None
     versions = [(v, c) for c in libcrypto_candidates() if (v := openssl_version(c)) is not None]
-    if not versions:
-        return None
-    (num, text), libcrypto = max(versions)
     try:
         lib = ctypes.CDLL(str(path))
         bind = lib.cvm_gcm_bind
-        bind.restype, bind.argtypes = ctypes.c_ulong, [ctypes.c_char_p]
-        if bind(os.fsencode(libcrypto)) != num:
-            return None
-        return NativeGcm(lib, path, libcrypto, text)
     except (OSError, AttributeError):
         return None
+    bind.restype, bind.argtypes = ctypes.c_ulong, [ctypes.c_char_p]
+    # Newest first; one that lacks a function the shim calls (a future major release) leaves nothing bound.
+    for (num, text), libcrypto in sorted(versions, reverse=True):
+        if bind(os.fsencode(libcrypto)) == num:
+            return NativeGcm(lib, path, libcrypto, text)
+    return None
