@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["run_bounds", "sorted_union"]
+__all__ = ["long_runs", "run_bounds", "sorted_union"]
 
 
 def sorted_union(*parts: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
@@ -39,3 +39,14 @@ def run_bounds(values: npt.NDArray[np.integer[Any]]) -> tuple[npt.NDArray[np.int
         return empty, empty
     breaks = np.flatnonzero(np.diff(values.astype(np.int64)) != 1) + 1
     return np.concatenate(([0], breaks)).astype(np.intp), np.concatenate((breaks, [count])).astype(np.intp)
+
+
+def long_runs(
+    values: npt.NDArray[np.integer[Any]], min_run: int
+) -> tuple[list[tuple[int, int]], npt.NDArray[np.bool_]]:
+    """The runs of consecutive values (``run_bounds``) at least ``min_run`` long, as ``(start, end)`` index bounds,
+    and a mask of the values outside them: what is handled a run at a time and what all at once."""
+    starts, ends = run_bounds(values)
+    lengths = ends - starts
+    long = lengths >= min_run
+    return list(zip(starts[long].tolist(), ends[long].tolist(), strict=True)), ~np.repeat(long, lengths)

@@ -15,7 +15,7 @@ import numpy as np
 import numpy.typing as npt
 
 from cvmotion.abi import wire
-from cvmotion.abi.gfns import run_bounds
+from cvmotion.abi.gfns import long_runs
 from cvmotion.abi.wire import EntryFlag
 from cvmotion.errors import MalformedStructure
 
@@ -79,13 +79,10 @@ def page_reads(
 def _any_nonzero(table: npt.NDArray[np.uint64], rows: npt.NDArray[np.int64]) -> npt.NDArray[np.bool_]:
     """Whether each of ``rows`` (pages of ``table``, ascending where they run) holds a non-zero word."""
     nonzero = np.empty(len(rows), dtype=np.bool_)
-    starts, ends = run_bounds(rows)
-    lengths = ends - starts
-    long = lengths >= _VECTOR_RUN
-    for lo, hi in zip(starts[long].tolist(), ends[long].tolist(), strict=True):
+    runs, short = long_runs(rows, _VECTOR_RUN)
+    for lo, hi in runs:
         first = int(rows[lo])
         nonzero[lo:hi] = table[first : first + hi - lo].max(axis=1) != 0
-    short = ~np.repeat(long, lengths)
     if short.any():
         nonzero[short] = table[rows[short]].any(axis=1)
     return nonzero

@@ -165,6 +165,12 @@ class _Export:
     # so nothing more may be sealed and the guest may not run until the export is aborted or finished.
     detached: bool = False
 
+    def populated_now(self) -> list[tuple[int, int]]:
+        """Every range populated at the export's start or since (a page only leaves the memfd by a punched hole, and
+        then it is still asked for: stricter, never looser); only the gaps of ``populated`` are looked at again."""
+        assert self.hw is not None
+        return self.populated + list(self.hw.memory.populated_ranges(skip=self.populated))
+
 
 @dataclass(frozen=True, slots=True)
 class Switchover:
@@ -216,7 +222,7 @@ class _Import:
         if self.claimed[rows].any():
             return False
         ordered = np.sort(rows)
-        if len(ordered) > 1 and not (ordered[1:] != ordered[:-1]).all():
+        if (ordered[1:] == ordered[:-1]).any():
             return False
         self.claimed[rows] = True
         return True
@@ -433,7 +439,7 @@ class MigrationFirmware:
                 raise
             if len(dirty):
                 exp.clean[dirty.astype(np.intp)] = False
-            populated = exp.populated + list(exp.hw.memory.populated_ranges(skip=exp.populated))
+            populated = exp.populated_now()
             return _unexported(exp.clean, populated)
 
     def export_state(self, handle: GuestHandle, stream: int, kind: BundleType) -> bytes:
@@ -494,7 +500,7 @@ class MigrationFirmware:
             exp.captured = (vcpu, device)
             if len(dirty):
                 clean[dirty.astype(np.intp)] = False
-            populated = exp.populated + list(hw.memory.populated_ranges(skip=exp.populated))
+            populated = exp.populated_now()
             left = _unexported(clean, populated)
             if len(left) > self.switchover_pages:
                 return Switchover(pending=left)
@@ -532,15 +538,12 @@ class MigrationFirmware:
     ) -> bytes:
         """``dirty``: a harvest of the hardware log made while the VM was held, under this same lock hold;
         ``populated``: the populated ranges, if looked up already in this same lock hold with the VM held."""
-        hw, clean = exp.hw, exp.clean
-        assert hw is not None
+        clean = exp.clean
         assert clean is not None
         if len(dirty):
             clean[dirty.astype(np.intp)] = False
-        # Every page populated at the export's start or since (a page only leaves the memfd by a punched
-        # hole, and then it is still asked for: stricter, never looser).
         if populated is None:
-            populated = exp.populated + list(hw.memory.populated_ranges(skip=exp.populated))
+            populated = exp.populated_now()
         all_clean = all(bool(clean[gpa >> 12 : (gpa + length) >> 12].all()) for gpa, length in populated)
         epoch = exp.session.epoch
         total = exp.session.emit_start_token(all_pages_clean=all_clean)
@@ -786,7 +789,6 @@ class MigrationFirmware:
         if not imp.claim_gfns(gfns, hw.gfn_limit):
             raise IntegrityError()
         rules = imp.rules
-        assert imp.aead is not None
         # Pages are opened into a scratch buffer in entry order, then written to guest memory in one call: nothing
         # of a bundle reaches guest memory before all its tags verified (runs of fresh pages go with one write
         # each, a page-table fault per page costs more than the copy on this hardware; scattered pages at once).

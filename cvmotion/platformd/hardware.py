@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from cvmotion.abi.gfns import run_bounds, sorted_union
+from cvmotion.abi.gfns import long_runs, sorted_union
 from cvmotion.abi.wire import BundleType
 from cvmotion.errors import FirmwareError, FirmwareStatus, UsageError
 from cvmotion.firmware.device import GuestHandle
@@ -75,13 +75,10 @@ class SpMemory:
         words = np.frombuffer(data, dtype=np.uint64).reshape(-1, PAGE // 8)
         if len(words) != len(offsets):
             raise UsageError(f"write_pages: {len(offsets)} GFNs and {len(words)} pages of data")
-        starts, ends = run_bounds(offsets // PAGE)
-        lengths = ends - starts
-        long = lengths >= _PWRITE_RUN
+        runs, short = long_runs(offsets // PAGE, _PWRITE_RUN)
         view = memoryview(data)
-        for lo, hi in zip(starts[long].tolist(), ends[long].tolist(), strict=True):
+        for lo, hi in runs:
             self._pwrite(int(offsets[lo]), view[lo * PAGE : hi * PAGE])
-        short = ~np.repeat(long, lengths)
         if short.any():
             table = self.pages()
             table[offsets[short] // PAGE] = words[short]

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from mig_harness import MEMORY, FakeHardware, Session, launch_guest, new_sp
 
 from cvmotion.abi import wire
-from cvmotion.abi.gfns import sorted_union
+from cvmotion.abi.gfns import long_runs, sorted_union
 from cvmotion.abi.wire import BundleType, bundle_capacity
 from cvmotion.errors import FirmwareError, FirmwareStatus, IntegrityError, MalformedStructure
 from cvmotion.firmware import mig_pages, native_gcm
@@ -217,6 +217,19 @@ def test_sorted_union_is_numpys_union() -> None:
         got = sorted_union(*parts)
         assert got.dtype == np.uint64
         assert got.tolist() == expected.tolist()
+
+
+def test_long_runs_split_runs_from_scattered_values() -> None:
+    values = np.array([3, 4, 5, 6, 9, 20, 21, 22, 30], dtype=np.int64)
+    runs, rest = long_runs(values, 3)
+    assert runs == [(0, 4), (5, 8)]
+    assert rest.tolist() == [False] * 4 + [True] + [False] * 3 + [True]
+    none, everything = long_runs(values, 5)
+    assert none == []
+    assert everything.all()
+    empty_runs, empty_rest = long_runs(np.zeros(0, dtype=np.int64), 1)
+    assert empty_runs == []
+    assert len(empty_rest) == 0
 
 
 @pytest.mark.skipif(NATIVE is None, reason="native/cvmgcm.c not built")
