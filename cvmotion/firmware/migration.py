@@ -511,11 +511,14 @@ class MigrationFirmware:
                 for i in range(0, len(left), step):
                     bundles.append(bytes(out[: self._export_memory(exp, stream, left[i : i + step], out)]))
             bundles += [self._export_state(exp, handle, stream, kind) for kind in STATE_ORDER]
-            # The start token rests on its own harvest, made after every page it certifies was read: a write while
-            # the SP sealed (hardware that broke the hold, a DMA device left running) is a dirty page, and the
-            # token is refused, as export_final's would be. It also checks every populated page itself, over the
-            # ranges looked up above (more memory could only be populated through the hold).
-            dirty = hw.take_dirty(fresh=True)
+            # The start token rests on a harvest made after every page it certifies was read. When this command
+            # sealed pages, that is a harvest of its own, after the sealing: a write while the SP read them
+            # (hardware that broke the hold, a DMA device left running) is a dirty page, and the token is refused,
+            # as export_final's would be. When it sealed none, every certified page was read before the hold's
+            # harvest above, which is already that harvest: a second would be one more round trip to the hardware
+            # inside the blackout and would certify nothing more. The token also checks every populated page
+            # itself, over the ranges looked up above (more memory could only be populated through the hold).
+            dirty = hw.take_dirty(fresh=True) if len(left) else dirty[:0]
             token = self._export_start_token(exp, handle, stream, dirty, populated=populated)
             bundles.append(token)
             return Switchover(bundles=bundles, pages=len(left))

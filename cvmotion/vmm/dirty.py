@@ -111,6 +111,7 @@ class VmmDirtyBitmap:
         self._regions = tuple(regions)
         self._lock = threading.Lock()
         self._words = [np.zeros(bitmap_words(r.npages), dtype=np.uint64) for r in self._regions]
+        self._marked = False  # any bit set since the last take: a harvest with none reads no bitmap
 
     def mark_range(self, gpa: int, length: int) -> None:
         if length <= 0:
@@ -122,11 +123,13 @@ class VmmDirtyBitmap:
                     i = first - region.first_gfn
                     if 0 <= i < region.npages:
                         words[i >> 6] |= np.uint64(1 << (i & 63))
+                        self._marked = True
             return
         self.mark_gfns(np.arange(first, last + 1, dtype=np.uint64))
 
     def mark_gfns(self, gfns: U64Array) -> None:
         with self._lock:
+            self._marked = self._marked or bool(gfns.size)
             for region, words in zip(self._regions, self._words, strict=True):
                 idx = gfns[(gfns >= region.first_gfn) & (gfns < region.first_gfn + region.npages)]
                 idx = idx - np.uint64(region.first_gfn)
@@ -136,4 +139,14 @@ class VmmDirtyBitmap:
         """Return the marked pages and start a new, empty log (atomically): the only way bits leave it."""
         with self._lock:
             taken, self._words = self._words, [np.zeros_like(w) for w in self._words]
+            self._marked = False
+        return DirtyLog(list(zip(self._regions, taken, strict=True)))
+
+    def take_marked(self) -> DirtyLog | None:
+        """``take``, or None (and nothing allocated or read) when no page was marked since the last take."""
+        with self._lock:
+            if not self._marked:
+                return None
+            taken, self._words = self._words, [np.zeros_like(w) for w in self._words]
+            self._marked = False
         return DirtyLog(list(zip(self._regions, taken, strict=True)))

@@ -28,6 +28,7 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 
 from cvmotion.abi import kvm as abi
 from cvmotion.errors import CvmError, KvmError, UsageError
@@ -102,6 +103,11 @@ class KvmBackend:
         self._stop_event = threading.Event()
         self._closing = False
         self._tracking = False
+        # KVM_GET_DIRTY_LOG's buffers, one per region, kept for the VM's life: KVM overwrites all of one in each
+        # harvest, and a buffer already in memory costs no page faults (a fresh 256 KiB one for an 8 GiB slot cost
+        # 0.1-0.3 ms of first touches under nested KVM, inside the switchover's harvest).
+        self._log_words: list[npt.NDArray[np.uint64]] = []
+        self._clean_words: list[npt.NDArray[np.uint64]] = []
         self._kvm = Kvm(device)
         try:
             self._setup(vcpus)
@@ -342,15 +348,22 @@ class KvmBackend:
     def harvest_dirty(self) -> DirtyLog:
         if not self._tracking:
             raise UsageError("dirty tracking is not started")
+        regions = self._memory.layout.regions
+        if not self._log_words:
+            self._log_words = [np.zeros(bitmap_words(r.npages), dtype=np.uint64) for r in regions]
+            self._clean_words = [np.zeros(bitmap_words(r.npages), dtype=np.uint64) for r in regions]
+            for words in self._clean_words:
+                words.flags.writeable = False  # shared by every harvest that found the region clean
         bitmaps = []
-        for region in self._memory.layout.regions:
+        for region, words, clean in zip(regions, self._log_words, self._clean_words, strict=True):
             # ABI: KVM copies ceil(npages/64) longs into this buffer during KVM_GET_DIRTY_LOG, then reads the
-            # same buffer during KVM_CLEAR_DIRTY_LOG; numpy keeps it alive across both calls.
-            words = np.zeros(bitmap_words(region.npages), dtype=np.uint64)
+            # same buffer during KVM_CLEAR_DIRTY_LOG.
             self._vm.get_dirty_log(region.slot, words)
             if words.any():
                 self._vm.clear_dirty_log(region.slot, 0, region.npages, words)
-            bitmaps.append((region, words))
+                bitmaps.append((region, words.copy()))  # the log owns its bitmap; the buffer serves the next harvest
+            else:
+                bitmaps.append((region, clean))
         return DirtyLog(bitmaps)
 
     def invalidate_code(self, gpa: int, length: int) -> None:

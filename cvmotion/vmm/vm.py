@@ -314,7 +314,9 @@ class Vm:
 
     def harvest_dirty(self) -> DirtyLog:
         """Pages dirtied since the previous harvest (or since tracking started): guest log | VMM writes."""
-        return self.backend.harvest_dirty() | self.memory.vmm_dirty.take()
+        guest = self.backend.harvest_dirty()
+        vmm = self.memory.vmm_dirty.take_marked()  # usually nothing: the VMM writes guest memory rarely while it runs
+        return guest if vmm is None else guest | vmm
 
     def populated_ranges(self) -> list[tuple[Gpa, int]]:
         return self.memory.populated_ranges()

@@ -86,6 +86,20 @@ def test_kvm_dirty_log_modes_agree(initially_set: bool) -> None:
         ProbeClient(vm.cvmio).touch([0x500, 0x501, 0x9FF])
         vm.pause()
         assert vm.harvest_dirty().as_set() - own == {0x500, 0x501, 0x9FF}
+        # Each log owns its bitmaps: the backend reuses its KVM_GET_DIRTY_LOG buffers, and a later harvest must not
+        # change a log handed out earlier.
+        vm.resume()
+        ProbeClient(vm.cvmio).touch([0x600])
+        vm.pause()
+        kept = vm.backend.harvest_dirty()
+        first = kept.as_set()
+        assert 0x600 in first
+        assert 0x700 not in first
+        vm.resume()
+        ProbeClient(vm.cvmio).touch([0x700])
+        vm.pause()
+        assert 0x700 in vm.backend.harvest_dirty()
+        assert kept.as_set() == first
     finally:
         vms.close()
 

@@ -52,6 +52,7 @@ class FakeHardware:
     # A write that lands while the SP seals after the switchover's harvest (hardware that broke the hold): made
     # just before the next fresh harvest.
     write_while_sealing: int | None = None
+    fresh_harvests: int = 0  # fresh harvests the SP asked for (each one a round trip to the real hardware)
 
     @property
     def gfn_limit(self) -> int:
@@ -73,6 +74,7 @@ class FakeHardware:
         return out
 
     def take_dirty(self, *, fresh: bool) -> npt.NDArray[np.uint64]:
+        self.fresh_harvests += fresh
         if fresh and self.write_while_sealing is not None:
             gpa, self.write_while_sealing = self.write_while_sealing, None
             self.memory.write(gpa, b"written while the SP sealed")

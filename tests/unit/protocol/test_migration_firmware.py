@@ -488,6 +488,7 @@ def test_switchover_refuses_the_start_token_over_a_write_while_it_sealed(session
     token's own harvest sees it, the token is refused, and the export can still be aborted."""
     s = session
     s.run_precopy(random.Random(16))
+    s.src.hw.guest_write(0x240 << 12, b"after the last round")  # the switchover seals this page itself
     s.src.hw.write_while_sealing = 0x206 << 12
     mig = s.src.sp.migration
     with pytest.raises(FirmwareError, match="dirty or unexported"):
@@ -496,6 +497,20 @@ def test_switchover_refuses_the_start_token_over_a_write_while_it_sealed(session
     mig.export_abort(s.src.handle)
     assert _src_can_run(s)
     assert not _dst_committed(s)
+
+
+def test_switchover_with_nothing_left_rests_the_token_on_the_holds_harvest(session: Session) -> None:
+    """Nothing written since the last round: the switchover seals no page, so every page the start token certifies
+    was read before the hold's harvest, and the token rests on that harvest (no second round trip to the hardware
+    inside the blackout). The VM still moves."""
+    s = session
+    s.run_precopy(random.Random(17))
+    before = s.src.hw.fresh_harvests
+    assert _switchover(s) == 0
+    assert s.src.hw.fresh_harvests == before + 1  # the hold's harvest, and no other
+    s.deliver()
+    assert _dst_committed(s)
+    assert not _src_can_run(s)
 
 
 def test_switchover_is_refused_outside_live_export(session: Session) -> None:

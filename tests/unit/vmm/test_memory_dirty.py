@@ -96,6 +96,19 @@ def test_vmm_writes_are_tracked_and_taken_once() -> None:
             mem.write_pages([1, 2], b"short")
 
 
+def test_vmm_take_marked_is_none_until_a_write_and_then_takes_it() -> None:
+    with GuestMemory(16 * MIB) as mem:
+        assert mem.vmm_dirty.take_marked() is None
+        mem.write(0x3000, b"x")
+        log = mem.vmm_dirty.take_marked()
+        assert log is not None
+        assert log.as_set() == {3}
+        assert mem.vmm_dirty.take_marked() is None  # taken once
+        mem.write_pages([5], bytes(PAGE_SIZE))
+        assert mem.vmm_dirty.take().as_set() == {5}  # take clears the mark too
+        assert mem.vmm_dirty.take_marked() is None
+
+
 def test_memory_can_be_adopted_from_an_fd() -> None:
     import os
 
