@@ -322,8 +322,11 @@ class VmPlatformClient:
         self.endpoint = endpoint
 
     @classmethod
-    def connect(cls, path: str, handler: Handler, *, name: str) -> VmPlatformClient:
-        return cls(connect_unix(path, handler, name=name))
+    def connect(
+        cls, path: str, handler: Handler, *, name: str, inline: frozenset[str] = frozenset()
+    ) -> VmPlatformClient:
+        """``inline``: the hardware commands the connection's reader serves itself (``ipc.rpc``)."""
+        return cls(connect_unix(path, handler, name=name, inline=inline))
 
     def attach(self, name: str, memory: int, mode: str, memfd: int, *, reattach: bytes | None = None) -> bytes:
         """Hand the platform this VM's guest memory (the SP reads and writes it directly, as the real one does).

@@ -21,6 +21,7 @@ from enum import StrEnum
 from typing import Any, NotRequired, TypedDict
 
 __all__ = [
+    "SERVED_INLINE",
     "ExportArgs",
     "ExportMemoryArgs",
     "ExportStartArgs",
@@ -86,6 +87,21 @@ class HostCommand(StrEnum):
     # A memory-preserving update: the SP seals its state for the next platform process (``platformd.succession``)
     # and this process exits; the answer is that exit (the sealed file is the result).
     SEAL_STATE = "seal_state"
+
+
+# Served by the reader that reads them (``ipc.rpc``'s inline methods): the stop-and-copy's commands, each inside a
+# migration's blackout, and the import, whose committing call activates and runs the guest.
+SERVED_INLINE = frozenset(
+    {
+        HostCommand.EXPORT_SWITCHOVER,
+        HostCommand.EXPORT_PAUSE,
+        HostCommand.EXPORT_STATE,
+        HostCommand.EXPORT_FINAL,
+        HostCommand.EXPORT_START_TOKEN,
+        HostCommand.IMPORT_BUNDLE,
+        HostCommand.IMPORT_ACTIVATE,
+    }
+)
 
 
 class VmProcessCommand(StrEnum):

@@ -38,7 +38,7 @@ from cvmotion.firmware.launch import PageType
 from cvmotion.ipc.rpc import Call, Endpoint, Reply
 from cvmotion.platformd.hardware import PAGE, ImportHardware, RemoteHardware, RingMap, check_launch_ranges
 from cvmotion.platformd.peer import check_vm_peer
-from cvmotion.platformd.protocol import HostCommand, PlatformIdentity, VmAttached, VmProcessCommand
+from cvmotion.platformd.protocol import SERVED_INLINE, HostCommand, PlatformIdentity, VmAttached, VmProcessCommand
 from cvmotion.platformd.succession import Bindings, RestoredVm, seal_bindings, token_matches
 from cvmotion.vmm.loader import SECRETS_PAGE_GPA
 from cvmotion.vmm.memory import GuestMemory
@@ -151,7 +151,7 @@ class PlatformService:
                     raise UsageError("say host_hello or vm_attach first")
             return self.dispatch(role[0], call)
 
-        return Endpoint(conn, handler, name="platform")
+        return Endpoint(conn, handler, name="platform", inline=frozenset(SERVED_INLINE))
 
     def dispatch(self, role: _Role, call: Call) -> Reply:
         """Run ``call`` for a caller of ``role``: only a command of that role's enum has a handler there."""

@@ -38,7 +38,16 @@ from cvmotion.ipc.rpc import MAX_BLOB, Endpoint, Handler
 from cvmotion.platformd.client import VmPlatformClient
 from cvmotion.vmd.client import RelayClient
 from cvmotion.vmd.dirty import DirtyViews
-from cvmotion.vmd.protocol import AttestationInfo, ConsolePage, Reattested, Resumption, VmInfo, VmMode, VmSpec
+from cvmotion.vmd.protocol import (
+    AttestationInfo,
+    ConsolePage,
+    HardwareCommand,
+    Reattested,
+    Resumption,
+    VmInfo,
+    VmMode,
+    VmSpec,
+)
 from cvmotion.vmm.backend import BackendKind
 from cvmotion.vmm.devices.dma import DmaConfig, DmaDevice
 from cvmotion.vmm.images import load_image
@@ -203,7 +212,10 @@ class VmProcess:
         if self.hardware_handler is None:
             raise UsageError("the VM process serves no secure processor commands (vmd.server installs them)")
         self.platform = VmPlatformClient.connect(
-            self.platform_socket, self.hardware_handler, name=f"vm-{spec.name}->platform"
+            self.platform_socket,
+            self.hardware_handler,
+            name=f"vm-{spec.name}->platform",
+            inline=frozenset(HardwareCommand),
         )
         self._hw_token = self.platform.attach(spec.name, spec.memory, spec.mode, self.memory.fd)
         self._platform_up.set()
@@ -257,7 +269,10 @@ class VmProcess:
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
                 platform = VmPlatformClient.connect(
-                    self.platform_socket, self.hardware_handler, name=f"vm-{self.spec.name}->platform"
+                    self.platform_socket,
+                    self.hardware_handler,
+                    name=f"vm-{self.spec.name}->platform",
+                    inline=frozenset(HardwareCommand),
                 )
             except (CvmError, OSError):
                 self._stop.wait(_REATTACH_POLL)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 import socket
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -159,3 +160,95 @@ def test_after_runs_once_the_reply_is_sent() -> None:
         release.set()
         client.close()
         server.close()
+
+
+def _inline_pair(handler: Callable[[Call], Reply], inline: frozenset[str]) -> tuple[Endpoint, Endpoint]:
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    client = Endpoint(a, lambda call: Reply({"back": call.args["x"] + 1}), name="client")
+    return client, Endpoint(b, handler, name="server", inline=inline)
+
+
+def _wait_for_a_waiting_reader(endpoint: Endpoint) -> None:
+    for _ in range(500):  # bounded: both readers start at once
+        if endpoint._waiting:  # noqa: SLF001 - the reader hand-off is what these tests check
+            return
+        threading.Event().wait(0.01)
+    raise AssertionError("no reader waited for the turn")
+
+
+def test_an_inline_method_is_served_by_the_reader_that_read_it() -> None:
+    """No hand-off to a pool thread: the thread that read the call serves it (another reader took the socket)."""
+    threads: dict[str, str] = {}
+
+    def handler(call: Call) -> Reply:
+        threads[call.method] = threading.current_thread().name
+        return Reply()
+
+    client, server = _inline_pair(handler, frozenset({"fast"}))
+    try:
+        _wait_for_a_waiting_reader(server)
+        client.call("fast", timeout=5)
+        _wait_for_a_waiting_reader(server)
+        client.call("slow", timeout=5)
+        assert "server-reader" in threads["fast"]
+        assert "server-call" in threads["slow"]  # not named inline: the pool serves it
+    finally:
+        client.close()
+        server.close()
+
+
+def test_an_inline_handler_may_wait_for_its_own_call_back() -> None:
+    """An inline call that calls back over the same connection and waits for the answer: the other reader reads
+    that answer (with one reader serving, nobody would)."""
+
+    def handler(call: Call) -> Reply:
+        assert call.endpoint is not None
+        return Reply({"got": call.endpoint.call("back", {"x": call.args["x"]}, timeout=5)[0]["back"]})
+
+    client, server = _inline_pair(handler, frozenset({"ask"}))
+    try:
+        for i in range(20):
+            _wait_for_a_waiting_reader(server)
+            assert client.call("ask", {"x": i}, timeout=10)[0] == {"got": i + 1}
+    finally:
+        client.close()
+        server.close()
+
+
+def test_inline_calls_that_wait_on_each_other_still_complete() -> None:
+    """The first inline call blocks until the second has run, and the second calls back over the connection: it is
+    served by the pool (the reader serving the first is not waiting for the turn), so the one reader left goes on
+    reading and its call back gets its answer."""
+    second_ran = threading.Event()
+
+    def handler(call: Call) -> Reply:
+        if call.method == "first":
+            return Reply({"waited": second_ran.wait(10)})
+        assert call.endpoint is not None
+        call.endpoint.call("back", {"x": 1}, timeout=5)
+        second_ran.set()
+        return Reply()
+
+    client, server = _inline_pair(handler, frozenset({"first", "second"}))
+    results: list[dict[str, Any]] = []
+    try:
+        _wait_for_a_waiting_reader(server)
+        t = threading.Thread(target=lambda: results.append(client.call("first", timeout=15)[0]))
+        t.start()
+        client.call("second", timeout=15)
+        t.join(15)
+        assert results == [{"waited": True}]
+    finally:
+        second_ran.set()
+        client.close()
+        server.close()
+
+
+def test_an_inline_endpoint_closes_cleanly_with_both_readers() -> None:
+    client, server = _inline_pair(_server, frozenset({"echo"}))
+    assert client.call("echo", {"k": 1}, timeout=5)[0] == {"args": {"k": 1}}
+    client.close()
+    assert server.wait_closed(5)
+    for reader in server._readers:  # noqa: SLF001
+        reader.join(5)
+        assert not reader.is_alive()
