@@ -48,6 +48,25 @@ def _bundle(
 # -- outgoing ---------------------------------------------------------------------------------------------
 
 
+def test_send_frames_survives_partial_sends(tcp_pair: tuple[FrameSocket, FrameSocket]) -> None:
+    """Frames sent in one sendmsg arrive whole and in order even when the kernel takes them in pieces (4 MiB
+    through an 8 KiB send buffer: the calls are partial however fast the reader is)."""
+    a, b = tcp_pair
+    a.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    rng = np.random.default_rng(3)
+    payloads = [rng.bytes(n) for n in (0, 1, 4095, 3 << 20, 17, 1 << 20)]
+    got: list[tuple[FrameKind, bytes]] = []
+    reader = threading.Thread(target=lambda: got.extend(b.recv() for _ in payloads))
+    sizes: list[int] = []
+    sender = threading.Thread(target=lambda: sizes.extend(a.send_frames(FrameKind.BUNDLE, payloads)))
+    reader.start()
+    sender.start()
+    sender.join(WAIT)
+    reader.join(WAIT)
+    assert got == [(FrameKind.BUNDLE, p) for p in payloads]
+    assert sizes == [5 + len(p) for p in payloads]
+
+
 def test_outgoing_keeps_submission_order_and_bounds_batches(tcp_pair: tuple[FrameSocket, FrameSocket]) -> None:
     tx, rx = tcp_pair
     ring = Ring("test-out", 4, 4)
