@@ -151,7 +151,7 @@ class PlatformService:
                     raise UsageError("say host_hello or vm_attach first")
             return self.dispatch(role[0], call)
 
-        return Endpoint(conn, handler, name="platform", inline=frozenset(SERVED_INLINE))
+        return Endpoint(conn, handler, name="platform", inline=SERVED_INLINE)
 
     def dispatch(self, role: _Role, call: Call) -> Reply:
         """Run ``call`` for a caller of ``role``: only a command of that role's enum has a handler there."""

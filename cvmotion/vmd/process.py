@@ -211,12 +211,7 @@ class VmProcess:
             raise UsageError(f"unknown VM mode {spec.mode!r}")
         if self.hardware_handler is None:
             raise UsageError("the VM process serves no secure processor commands (vmd.server installs them)")
-        self.platform = VmPlatformClient.connect(
-            self.platform_socket,
-            self.hardware_handler,
-            name=f"vm-{spec.name}->platform",
-            inline=frozenset(HardwareCommand),
-        )
+        self.platform = self._connect_platform()
         self._hw_token = self.platform.attach(spec.name, spec.memory, spec.mode, self.memory.fd)
         self._platform_up.set()
         self.platform.on_close(self._platform_lost)
@@ -262,18 +257,24 @@ class VmProcess:
             return
         threading.Thread(target=self._reattach_platform, name="platform-reattach", daemon=True).start()
 
+    def _connect_platform(self) -> VmPlatformClient:
+        """A connection to the platform process whose reader serves the SP's hardware commands itself (``ipc.rpc``'s
+        inline methods: no pool hand-off inside a migration's blackout)."""
+        assert self.hardware_handler is not None
+        return VmPlatformClient.connect(
+            self.platform_socket,
+            self.hardware_handler,
+            name=f"vm-{self.spec.name}->platform",
+            inline=frozenset(HardwareCommand),
+        )
+
     def _reattach_platform(self) -> None:
         assert self.memory is not None
         assert self.hardware_handler is not None
         deadline = time.monotonic() + _REATTACH_TIMEOUT
         while not self._stop.is_set() and time.monotonic() < deadline:
             try:
-                platform = VmPlatformClient.connect(
-                    self.platform_socket,
-                    self.hardware_handler,
-                    name=f"vm-{self.spec.name}->platform",
-                    inline=frozenset(HardwareCommand),
-                )
+                platform = self._connect_platform()
             except (CvmError, OSError):
                 self._stop.wait(_REATTACH_POLL)
                 continue

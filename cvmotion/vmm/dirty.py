@@ -144,9 +144,5 @@ class VmmDirtyBitmap:
 
     def take_marked(self) -> DirtyLog | None:
         """``take``, or None (and nothing allocated or read) when no page was marked since the last take."""
-        with self._lock:
-            if not self._marked:
-                return None
-            taken, self._words = self._words, [np.zeros_like(w) for w in self._words]
-            self._marked = False
-        return DirtyLog(list(zip(self._regions, taken, strict=True)))
+        # Read without the lock: a mark that lands after this look stays for the next take, none is lost.
+        return self.take() if self._marked else None

@@ -103,9 +103,9 @@ class KvmBackend:
         self._stop_event = threading.Event()
         self._closing = False
         self._tracking = False
-        # KVM_GET_DIRTY_LOG's buffers, one per region, kept for the VM's life: KVM overwrites all of one in each
-        # harvest, and a buffer already in memory costs no page faults (a fresh 256 KiB one for an 8 GiB slot cost
-        # 0.1-0.3 ms of first touches under nested KVM, inside the switchover's harvest).
+        # KVM_GET_DIRTY_LOG's buffers, one per region, made when tracking starts and then reused: KVM overwrites
+        # all of one in each harvest, and a buffer already in memory costs no page faults (a fresh 256 KiB one for
+        # an 8 GiB slot cost 0.1-0.3 ms of first touches under nested KVM, inside the switchover's harvest).
         self._log_words: list[npt.NDArray[np.uint64]] = []
         self._clean_words: list[npt.NDArray[np.uint64]] = []
         self._kvm = Kvm(device)
@@ -335,6 +335,11 @@ class KvmBackend:
     def start_dirty_tracking(self) -> None:
         if self._tracking:
             return
+        regions = self._memory.layout.regions
+        self._log_words = [np.zeros(bitmap_words(r.npages), dtype=np.uint64) for r in regions]
+        self._clean_words = [np.zeros(bitmap_words(r.npages), dtype=np.uint64) for r in regions]
+        for words in self._clean_words:
+            words.flags.writeable = False  # shared by every harvest that found the region clean
         self._set_slots(abi.KVM_MEM_LOG_DIRTY_PAGES)
         self._tracking = True
         if self._initially_set:
@@ -348,14 +353,8 @@ class KvmBackend:
     def harvest_dirty(self) -> DirtyLog:
         if not self._tracking:
             raise UsageError("dirty tracking is not started")
-        regions = self._memory.layout.regions
-        if not self._log_words:
-            self._log_words = [np.zeros(bitmap_words(r.npages), dtype=np.uint64) for r in regions]
-            self._clean_words = [np.zeros(bitmap_words(r.npages), dtype=np.uint64) for r in regions]
-            for words in self._clean_words:
-                words.flags.writeable = False  # shared by every harvest that found the region clean
         bitmaps = []
-        for region, words, clean in zip(regions, self._log_words, self._clean_words, strict=True):
+        for region, words, clean in zip(self._memory.layout.regions, self._log_words, self._clean_words, strict=True):
             # ABI: KVM copies ceil(npages/64) longs into this buffer during KVM_GET_DIRTY_LOG, then reads the
             # same buffer during KVM_CLEAR_DIRTY_LOG.
             self._vm.get_dirty_log(region.slot, words)
