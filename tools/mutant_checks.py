@@ -234,6 +234,15 @@ MUTANTS: tuple[Mutant, ...] = (
         (f"{T_MIGFW}::test_switchover_refuses_the_start_token_over_a_write_while_it_sealed",),
     ),
     Mutant(
+        "final-after-switchover-harvest",
+        "export_final after a switchover that named its pages still harvests after the engine sealed them",
+        MIGRATION,
+        "MigrationFirmware.export_final",
+        "dirty = exp.hw.take_dirty(fresh=True)",
+        "dirty = np.zeros(0, dtype=np.uint64)",
+        (f"{T_MIGFW}::test_final_after_a_switchover_refuses_the_token_over_a_write_while_the_streams_sealed",),
+    ),
+    Mutant(
         "switchover-seals-what-is-left",
         "export_switchover seals every populated page not exported since its last write",
         MIGRATION,

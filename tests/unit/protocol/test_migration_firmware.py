@@ -435,6 +435,7 @@ def test_switchover_seals_a_populated_page_never_exported(session: Session) -> N
 def test_switchover_seals_several_bundles(session: Session) -> None:
     s = session
     s.run_precopy(random.Random(15))
+    s.src.sp.migration.switchover_pages = 4 * wire.MAX_PAGES_PER_BUNDLE  # the SP's own limit is a quarter bundle
     pages = range(0x400, 0x400 + 2 * wire.MAX_PAGES_PER_BUNDLE + 3)
     for gfn in pages:
         s.src.hw.guest_write(gfn << 12, gfn.to_bytes(8, "little"))
@@ -451,7 +452,7 @@ def test_switchover_names_the_pages_when_too_many_are_left(session: Session) -> 
     s = session
     s.run_precopy(random.Random(12))
     mig = s.src.sp.migration
-    mig.switchover_pages = 64  # the SP's own constant (8 bundles): smaller here, to fit the test's guest
+    mig.switchover_pages = 64  # smaller than the SP's own constant here, to fit the test's guest
     pages = range(0x400, 0x400 + 65)
     for gfn in pages:
         s.src.hw.guest_write(gfn << 12, gfn.to_bytes(8, "little"))
@@ -467,6 +468,48 @@ def test_switchover_names_the_pages_when_too_many_are_left(session: Session) -> 
     s.deliver()
     assert _dst_committed(s)
     assert _same_memory(s)
+
+
+def test_final_after_a_switchover_that_named_pages_keeps_the_held_state_and_harvests_again(session: Session) -> None:
+    """The switchover captured the state at the hold and named its pages: export_final does not capture again (the
+    VM stayed held) but still rests the start token on a harvest made after the engine's pages were sealed."""
+    s = session
+    s.run_precopy(random.Random(17))
+    mig = s.src.sp.migration
+    mig.switchover_pages = 0
+    captures = []
+    capture = s.src.hw.capture_state
+    s.src.hw.capture_state = lambda: captures.append(1) or capture()  # type: ignore[method-assign]
+    s.src.hw.guest_write(0x410 << 12, b"left for the streams")
+    done = mig.export_switchover(s.src.handle, 0)
+    assert done.pending.tolist() == [0x410]
+    s.send_pages(done.pending.tolist())
+    before = s.src.hw.fresh_harvests
+    s.bundles += [(0, b) for b in mig.export_final(s.src.handle, 0)]
+    assert len(captures) == 1
+    assert s.src.hw.fresh_harvests == before + 1
+    s.deliver()
+    assert _dst_committed(s)
+    assert _same_memory(s)
+
+
+def test_final_after_a_switchover_refuses_the_token_over_a_write_while_the_streams_sealed(session: Session) -> None:
+    """A write that lands while the engine sealed the named pages (hardware that broke the hold): export_final's
+    own harvest sees it, the start token is refused, and the export can still be aborted."""
+    s = session
+    s.run_precopy(random.Random(18))
+    mig = s.src.sp.migration
+    mig.switchover_pages = 0
+    s.src.hw.guest_write(0x410 << 12, b"left for the streams")
+    done = mig.export_switchover(s.src.handle, 0)
+    s.send_pages(done.pending.tolist())
+    s.src.hw.write_while_sealing = 0x206 << 12
+    with pytest.raises(FirmwareError, match="dirty or unexported"):
+        mig.export_final(s.src.handle, 0)
+    assert mig.export_status(s.src.handle) == "PAUSED_EXPORT"
+    mig.export_abort(s.src.handle)
+    assert _src_can_run(s)
+    assert not _dst_committed(s)
 
 
 def test_switchover_when_the_vm_cannot_pause_leaves_the_export_live(session: Session) -> None:
