@@ -504,8 +504,14 @@ def test_final_after_a_switchover_refuses_the_token_over_a_write_while_the_strea
     done = mig.export_switchover(s.src.handle, 0)
     s.send_pages(done.pending.tolist())
     s.src.hw.write_while_sealing = 0x206 << 12
+    _token_refused_and_source_recovers(s, lambda: mig.export_final(s.src.handle, 0))
+
+
+def _token_refused_and_source_recovers(s: Session, command: Callable[[], object]) -> None:
+    """``command`` is refused its start token; the export stays held and an abort lets the guest run here."""
+    mig = s.src.sp.migration
     with pytest.raises(FirmwareError, match="dirty or unexported"):
-        mig.export_final(s.src.handle, 0)
+        command()
     assert mig.export_status(s.src.handle) == "PAUSED_EXPORT"
     mig.export_abort(s.src.handle)
     assert _src_can_run(s)
@@ -533,13 +539,7 @@ def test_switchover_refuses_the_start_token_over_a_write_while_it_sealed(session
     s.run_precopy(random.Random(16))
     s.src.hw.guest_write(0x240 << 12, b"after the last round")  # the switchover seals this page itself
     s.src.hw.write_while_sealing = 0x206 << 12
-    mig = s.src.sp.migration
-    with pytest.raises(FirmwareError, match="dirty or unexported"):
-        mig.export_switchover(s.src.handle, 0)
-    assert mig.export_status(s.src.handle) == "PAUSED_EXPORT"
-    mig.export_abort(s.src.handle)
-    assert _src_can_run(s)
-    assert not _dst_committed(s)
+    _token_refused_and_source_recovers(s, lambda: s.src.sp.migration.export_switchover(s.src.handle, 0))
 
 
 def test_switchover_with_nothing_left_rests_the_token_on_the_holds_harvest(session: Session) -> None:
