@@ -383,7 +383,9 @@ class KvmBackend:
         for chip in state.irqchips:
             self._vm.set_irqchip(chip)
         for v, vs in zip(self._vcpus, state.vcpus, strict=True):
-            restore_kvm_vcpu(v.fd, vs)
+            # A homogeneous pair of hosts gives the source's table to the fresh vCPU already (same host CPUID,
+            # same APIC ID): v.cpuid is what this VMM set on it.
+            restore_kvm_vcpu(v.fd, vs, cpuid_set=v.cpuid == vs.cpuid)
             v.cpuid = vs.cpuid
         clock = abi.KvmClockData.from_buffer_copy(state.clock)
         clock.flags = 0  # resume kvmclock where it stopped; do not jump by the host's elapsed realtime

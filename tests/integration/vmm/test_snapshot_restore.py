@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,7 +14,10 @@ from vmm_helpers import VmFactory
 
 from cvmotion.abi import kvm as abi
 from cvmotion.vmm.backend import BackendKind
+from cvmotion.vmm.kvm import VcpuFd
+from cvmotion.vmm.kvm_backend import KvmMachineState
 from cvmotion.vmm.snapshot import VmState, load_snapshot, save_snapshot
+from cvmotion.vmm.vcpu import cpuid_entries
 from cvmotion.vmm.vm import MachineConfig, RunState, Vm
 from cvmotion.vmm.workloads import KvClient, MemdirtyModel, parse_heartbeat
 
@@ -158,3 +162,39 @@ def test_restore_into_a_prepared_vm(vms: VmFactory, tmp_path: Path, matches: boo
     assert after[0][0] > before[-1][0]
     for _, writes, csum in before + after:
         assert model.checksum_at(writes) == csum
+
+
+@pytest.mark.parametrize("same", [True, False], ids=["same-cpuid", "other-cpuid"])
+def test_restore_sets_the_cpuid_only_when_the_vcpu_holds_another(
+    vms: VmFactory, monkeypatch: pytest.MonkeyPatch, same: bool
+) -> None:
+    """A prepared vCPU already holds the table the VMM set on it: a state with that same CPUID skips
+    KVM_SET_CPUID2 (the dearest call of a restore) and the guest runs on; a state with another table gets it."""
+    if vms.backend is not BackendKind.KVM:
+        pytest.skip("CPUID tables are KVM's")
+    vm = vms.boot("memdirty", "dirty_mib=1 rate=400 hb_ms=100 seed=5 halt=1")
+    before = _beats(vm, 2)
+    vm.pause()
+    state = vm.capture_state()
+    vm.discard()
+    assert isinstance(state.machine, KvmMachineState)
+    if not same:
+        entries = cpuid_entries(state.machine.vcpus[0].cpuid)
+        leaf1 = next(e for e in entries if e.function == 1)
+        leaf1.ebx = (leaf1.ebx & 0x00FFFFFF) | (7 << 24)  # another initial APIC ID
+        vcpu = dataclasses.replace(state.machine.vcpus[0], cpuid=b"".join(bytes(e) for e in entries))
+        state = dataclasses.replace(state, machine=dataclasses.replace(state.machine, vcpus=(vcpu,)))
+    prepared = Vm.prepare(MachineConfig(vm.memory.size, 1, vms.backend), vm.memory)
+    calls: list[int] = []
+    set_cpuid2 = VcpuFd.set_cpuid2
+    monkeypatch.setattr(VcpuFd, "set_cpuid2", lambda fd, entries: calls.append(fd.index) or set_cpuid2(fd, entries))
+    restored = vms.adopt(Vm.restore(state, vm.memory, prepared=prepared))
+    assert restored is prepared
+    assert calls == ([] if same else [0])
+    fd = restored.backend._vcpus[0].fd  # type: ignore[attr-defined]
+    apic_id = next(e for e in fd.get_cpuid2() if e.function == 1).ebx >> 24
+    assert apic_id == (0 if same else 7)
+    if same:
+        restored.resume()
+        after = _beats(restored, 2)
+        assert after[-1][1] > before[-1][1]  # the guest goes on writing on the vCPU that kept its table
