@@ -45,20 +45,8 @@ class FrameSocket:
         self._head = bytearray(_HEAD.size)
 
     def send(self, kind: FrameKind, payload: bytes | bytearray | memoryview = b"") -> int:
-        head = _HEAD.pack(int(kind), len(payload))
-        if len(payload) < 4096:
-            self.sock.sendall(head + bytes(payload))
-        else:
-            sent = self.sock.sendmsg([head, payload])
-            if sent < len(head) + len(payload):
-                # Partial scatter-gather send: finish with plain sends, no copy of the payload.
-                view = memoryview(payload)
-                if sent < len(head):
-                    self.sock.sendall(head[sent:])
-                    self.sock.sendall(view)
-                else:
-                    self.sock.sendall(view[sent - len(head) :])
-        return len(head) + len(payload)
+        """One frame (head and payload in one ``sendmsg``, no copy); returns its size on the wire."""
+        return self.send_frames(kind, [payload])[0]
 
     def send_frames(self, kind: FrameKind, payloads: Sequence[bytes | bytearray | memoryview]) -> list[int]:
         """Several frames of one kind in as few system calls as the kernel allows (one ``sendmsg`` of every head
