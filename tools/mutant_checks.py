@@ -737,4 +737,22 @@ MUTANTS: tuple[Mutant, ...] = (
         "                pass",
         ("tests/unit/vmd/test_pause_quiesces_dma.py", T_DMA),
     ),
+    Mutant(
+        "lane-inline-only",
+        "an RPC lane serves only the serving end's inline methods, whatever its peer writes on it",
+        "cvmotion/ipc/rpc.py",
+        "Endpoint._lane_loop",
+        'if header.get("method") not in self._inline:',
+        "if False:",
+        ("tests/unit/ipc/test_rpc_lane.py",),
+    ),
+    Mutant(
+        "lane-late-answer",
+        "an RPC lane whose call timed out is ended, so a late answer is never taken for the next call's",
+        "cvmotion/ipc/rpc.py",
+        "Endpoint._call_on_lane",
+        "        except TimeoutError:\n            self._drop_lane(lane)\n",
+        "        except TimeoutError:\n",
+        ("tests/unit/ipc/test_rpc_lane.py",),
+    ),
 )

@@ -13,6 +13,14 @@ taken over the socket (leader/follower), so replies are still read while it serv
 that has slept costs 0.2-0.5 ms under nested KVM: inside a migration's blackout for the switchover's commands.
 Errors cross as ``{"type": <CvmError subclass name>, "message": str}`` and are re-raised as that class when it
 is a known cvmotion error (``IntegrityError`` stays opaque), else as ``RpcError``.
+
+A *lane* (``Endpoint.open_lane``) is a second socket of the caller's own, handed to the peer over the connection:
+on it the calling thread writes a call and reads its answer itself, and a thread of the peer's own serves it, one
+call at a time.  Only the peer's inline methods go there, and only while the lane is free (a second caller takes
+the connection).  Over the connection a call wakes the callee's reader, which wakes the other reader to take the
+socket over, and the answer wakes the caller's reader, which wakes the caller: two wake-ups a lane does without.
+Measured with ``bench/ipc_roundtrip.py`` (AMD EPYC, nested KVM): ~50 µs against ~180 µs a round trip back to back,
+about half as much after the processes sat idle, where a migration's switchover finds them.
 """
 
 from __future__ import annotations
@@ -32,16 +40,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cvmotion import errors as _errors
-from cvmotion.errors import CvmError
+from cvmotion.errors import CvmError, UsageError
 from cvmotion.ipc import trace
 
-__all__ = ["MAX_BLOB", "Call", "ChannelClosed", "Endpoint", "Reply", "RpcError", "connect_unix"]
+__all__ = ["MAX_BLOB", "MAX_LANES", "Call", "ChannelClosed", "Endpoint", "Reply", "RpcError", "connect_unix"]
 
 _MAGIC = 0x50525643  # "CVRP" little-endian
 _FRAME = struct.Struct("<IIII")
 MAX_HEADER = 1 << 20
 MAX_BLOB = 64 << 20
 MAX_FDS = 8
+MAX_LANES = 2  # lanes one endpoint serves for its peer: a thread each
+_LANE = "rpc.lane"  # built in: the caller hands over one end of a socket pair (``Endpoint.open_lane``)
 
 
 class RpcError(CvmError):
@@ -70,7 +80,7 @@ class Reply:
     fds: Sequence[int] = ()
     # Run once the reply is on its way (on the serving thread): work the caller must not wait for, such as
     # starting a thread that would take the GIL from the one sending this reply for a whole switch interval.
-    after: Callable[[], None] | None = None
+    after: Callable[[], object] | None = None
 
 
 Handler = Callable[[Call], Reply]
@@ -95,6 +105,54 @@ def _recv_exact(sock: socket.socket, n: int, fds: list[int]) -> bytearray | None
             return None
         got += count
     return buf
+
+
+def _read_frame(sock: socket.socket, fds: list[int]) -> tuple[dict[str, Any], bytes] | None:
+    """One frame: its header and blob; None at the end of the stream or on bytes that are not this protocol
+    (descriptors that came with them are closed)."""
+    frame = _recv_exact(sock, _FRAME.size, fds)
+    if frame is not None:
+        magic, head_len, blob_len, _ = _FRAME.unpack(frame)
+        if magic == _MAGIC and head_len <= MAX_HEADER and blob_len <= MAX_BLOB:
+            head = _recv_exact(sock, head_len, fds) if head_len else bytearray()
+            blob = _recv_exact(sock, blob_len, fds) if blob_len else bytearray()
+            if head is not None and blob is not None:
+                try:
+                    header = json.loads(head)
+                except ValueError:
+                    header = None
+                if isinstance(header, dict):
+                    return header, bytes(blob)
+    for fd in fds:
+        _close_fd(fd)
+    return None
+
+
+def _write_frame(
+    sock: socket.socket, header: dict[str, Any], blob: bytes | bytearray | memoryview, fds: Sequence[int]
+) -> None:
+    """One frame in one ``sendmsg`` (the reader wakes once for all of it), the rest if the kernel took a part."""
+    head = json.dumps(header, separators=(",", ":")).encode()
+    parts: list[bytes | memoryview] = [_FRAME.pack(_MAGIC, len(head), len(blob), 0) + head]
+    if len(blob):
+        parts.append(memoryview(blob).cast("B"))
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())] if fds else []
+    sent = sock.sendmsg(parts, ancillary)
+    for part in parts:
+        if sent >= len(part):
+            sent -= len(part)
+            continue
+        sock.sendall(memoryview(part)[sent:])
+        sent = 0
+
+
+@dataclass(slots=True)
+class _Lane:
+    """This end's lane to the peer: the socket, the peer's methods that may go on it, and who is using it."""
+
+    sock: socket.socket
+    methods: frozenset[str]
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
 
 class Endpoint:
@@ -125,6 +183,9 @@ class Endpoint:
         self._turn = threading.Lock()
         self._waiting = 0  # readers blocked on the turn (an approximate count is enough: see _next_inline)
         self._waiting_lock = threading.Lock()
+        self._lane: _Lane | None = None  # this end's lane to the peer (open_lane)
+        self._served_lanes: list[socket.socket] = []  # the peer's lanes this end serves
+        self._lanes_lock = threading.Lock()
         self._readers = [
             threading.Thread(target=self._read_loop, name=f"{name}-reader{i or ''}", daemon=True)
             for i in range(2 if self._inline else 1)
@@ -156,6 +217,15 @@ class Endpoint:
         """Call ``method`` on the peer; returns (result, blob, fds). Raises the peer's error."""
         if self._closed.is_set():
             raise ChannelClosed(f"{self._name}: connection closed")
+        lane = self._lane
+        if lane is not None and not fds and method in lane.methods and lane.lock.acquire(blocking=False):
+            started = time.monotonic_ns() if trace.ENABLED else 0
+            try:
+                return self._call_on_lane(lane, method, args or {}, blob, timeout)
+            finally:
+                lane.lock.release()
+                if started:
+                    trace.record(f"call {self._name}.{method}", started, time.monotonic_ns())
         call_id = next(self._ids)
         fut: Future[tuple[dict[str, Any], bytes, list[int]]] = Future()
         with self._pending_lock:
@@ -172,6 +242,79 @@ class Endpoint:
                 self._pending.pop(call_id, None)
             if started:
                 trace.record(f"call {self._name}.{method}", started, time.monotonic_ns())
+
+    def open_lane(self, timeout: float = 10.0) -> bool:
+        """Ask the peer to serve its inline methods on a socket of this end's own (see the module's docstring).
+
+        Returns whether there is a lane now; a peer that serves no inline methods, has as many lanes as it serves,
+        or does not answer in ``timeout`` leaves every call on the connection, as before.
+        """
+        if self._lane is not None:
+            return True
+        try:
+            mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:
+            return False
+        try:
+            result, _, _ = self.call(_LANE, fds=[theirs.fileno()], timeout=timeout)
+        except CvmError:
+            mine.close()
+            return False
+        finally:
+            theirs.close()
+        methods = result.get("methods")
+        if not isinstance(methods, list) or not all(isinstance(m, str) for m in methods):
+            mine.close()
+            return False
+        with self._lanes_lock:
+            if self._closed.is_set() or self._lane is not None:
+                mine.close()
+                return self._lane is not None
+            self._lane = _Lane(mine, frozenset(methods))
+        return True
+
+    def _call_on_lane(
+        self,
+        lane: _Lane,
+        method: str,
+        args: dict[str, Any],
+        blob: bytes | bytearray | memoryview,
+        timeout: float | None,
+    ) -> tuple[dict[str, Any], bytes, list[int]]:
+        """One call on the lane, by the calling thread (which holds ``lane.lock``).  Whatever goes wrong on the
+        lane ends it (an answer that comes late must not be read as the next call's): later calls take the
+        connection.  The call is not sent again: the peer may have run it."""
+        call_id = next(self._ids)
+        fds: list[int] = []
+        try:
+            lane.sock.settimeout(timeout)
+            _write_frame(lane.sock, {"id": call_id, "kind": "call", "method": method, "args": args}, blob, ())
+            message = _read_frame(lane.sock, fds)
+        except TimeoutError:
+            self._drop_lane(lane)
+            raise RpcError(f"{self._name}: {method} timed out after {timeout} s") from None
+        except OSError as exc:
+            self._drop_lane(lane)
+            raise ChannelClosed(f"{self._name}: lane failed: {exc}") from exc
+        if message is None:
+            self._drop_lane(lane)
+            raise ChannelClosed(f"{self._name}: lane closed")
+        header, back = message
+        kind = header.get("kind")
+        if header.get("id") != call_id or kind not in ("ok", "err"):
+            for fd in fds:
+                _close_fd(fd)
+            self._drop_lane(lane)
+            raise RpcError(f"{self._name}: the lane answered something else than {method}")
+        if kind == "ok":
+            return header.get("result", {}), back, fds
+        raise _rebuild_error(header.get("error", {}))
+
+    def _drop_lane(self, lane: _Lane) -> None:
+        with self._lanes_lock:
+            if self._lane is lane:
+                self._lane = None
+        lane.sock.close()
 
     def close(self) -> None:
         if self._closed.is_set():
@@ -192,27 +335,45 @@ class Endpoint:
             if not fut.done():
                 fut.set_exception(ChannelClosed(f"{self._name}: connection closed"))
         self._pool.shutdown(wait=False, cancel_futures=True)
+        with self._lanes_lock:
+            lane, self._lane = self._lane, None
+            served = list(self._served_lanes)
+        if lane is not None:
+            with contextlib.suppress(OSError):
+                lane.sock.shutdown(socket.SHUT_RDWR)  # a caller reading it sees the end, and closes it
+            if lane.lock.acquire(blocking=False):
+                lane.sock.close()
+                lane.lock.release()
+        for sock in served:  # their threads see the end and close them
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
         for callback in self._on_close:
             with contextlib.suppress(Exception):  # a close callback must not break the others
                 callback()
 
     def _send(self, header: dict[str, Any], blob: bytes | bytearray | memoryview, fds: Sequence[int]) -> None:
-        head = json.dumps(header, separators=(",", ":")).encode()
-        frame = _FRAME.pack(_MAGIC, len(head), len(blob), 0) + head
         with self._send_lock:
             try:
-                if fds:
-                    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
-                    sent = self._sock.sendmsg([frame], ancillary)
-                    if sent < len(frame):
-                        self._sock.sendall(frame[sent:])
-                else:
-                    self._sock.sendall(frame)
-                if len(blob):
-                    self._sock.sendall(blob)
+                _write_frame(self._sock, header, blob, fds)
             except OSError as exc:
                 self.close()
                 raise ChannelClosed(f"{self._name}: send failed: {exc}") from exc
+
+    def _answer(
+        self,
+        lane: socket.socket | None,
+        header: dict[str, Any],
+        blob: bytes | bytearray | memoryview,
+        fds: Sequence[int],
+    ) -> None:
+        """An answer, on the lane the call came on or else the connection."""
+        if lane is None:
+            self._send(header, blob, fds)
+            return
+        try:
+            _write_frame(lane, header, blob, fds)
+        except OSError as exc:
+            raise ChannelClosed(f"{self._name}: lane answer failed: {exc}") from exc
 
     def _read_loop(self) -> None:
         try:
@@ -236,25 +397,18 @@ class Endpoint:
         try:
             while True:
                 fds: list[int] = []
-                frame = _recv_exact(self._sock, _FRAME.size, fds)
-                if frame is None:
-                    return None
-                magic, head_len, blob_len, _ = _FRAME.unpack(frame)
-                if magic != _MAGIC or head_len > MAX_HEADER or blob_len > MAX_BLOB:
-                    return None  # not our protocol: drop the connection
-                head = _recv_exact(self._sock, head_len, fds) if head_len else bytearray()
-                blob = _recv_exact(self._sock, blob_len, fds) if blob_len else bytearray()
-                if head is None or blob is None:
-                    return None
-                header = json.loads(head)
+                message = _read_frame(self._sock, fds)
+                if message is None:
+                    return None  # the end, or not our protocol: drop the connection
+                header, blob = message
                 kind = header.get("kind")
                 if kind == "call":
                     arrived = time.monotonic_ns() if trace.ENABLED else 0
                     # A reader counted as waiting takes the turn once this one lets go, so replies are still read
                     # while this one serves; with none waiting (the other is serving), the pool serves it.
                     if self._waiting and header.get("method") in self._inline:
-                        return header, bytes(blob), fds, arrived
-                    self._pool.submit(self._serve, header, bytes(blob), fds, arrived)
+                        return header, blob, fds, arrived
+                    self._pool.submit(self._serve, header, blob, fds, arrived)
                 else:
                     with self._pending_lock:
                         fut = self._pending.get(header.get("id", -1))
@@ -263,13 +417,20 @@ class Endpoint:
                             _close_fd(fd)
                         continue
                     if kind == "ok":
-                        fut.set_result((header.get("result", {}), bytes(blob), fds))
+                        fut.set_result((header.get("result", {}), blob, fds))
                     else:
                         fut.set_exception(_rebuild_error(header.get("error", {})))
         except (OSError, ValueError, RuntimeError):
             return None
 
-    def _serve(self, header: dict[str, Any], blob: bytes, fds: list[int], arrived: int = 0) -> None:
+    def _serve(
+        self,
+        header: dict[str, Any],
+        blob: bytes,
+        fds: list[int],
+        arrived: int = 0,
+        lane: socket.socket | None = None,
+    ) -> None:
         call_id = header.get("id")
         if arrived:  # the frame was read -> a pool thread runs it: the hop a call pays on this side
             trace.record(f"queued {self._name}.{header.get('method')}", arrived, time.monotonic_ns())
@@ -277,23 +438,80 @@ class Endpoint:
             if self._handler is None:
                 raise RpcError(f"{self._name}: this end serves no calls")
             call = Call(str(header.get("method")), dict(header.get("args") or {}), blob, fds, self)
-            with trace.span(f"serve {self._name}.{call.method}"):
-                reply = self._handler(call)
+            if call.method == _LANE:
+                reply = self._serve_lane_request(call, lane)
+            else:
+                with trace.span(f"serve {self._name}.{call.method}"):
+                    reply = self._handler(call)
             try:
-                self._send({"id": call_id, "kind": "ok", "result": reply.result}, reply.blob, reply.fds)
+                self._answer(lane, {"id": call_id, "kind": "ok", "result": reply.result}, reply.blob, reply.fds)
             finally:
                 if reply.after is not None:
                     reply.after()
         except ChannelClosed:
             return
         except CvmError as exc:
-            self._reply_error(call_id, {"type": type(exc).__name__, "message": str(exc), **_error_fields(exc)})
+            self._reply_error(call_id, {"type": type(exc).__name__, "message": str(exc), **_error_fields(exc)}, lane)
         except Exception as exc:  # report a bug to the caller instead of hanging it
-            self._reply_error(call_id, {"type": "RpcError", "message": f"{type(exc).__name__}: {exc}"})
+            self._reply_error(call_id, {"type": "RpcError", "message": f"{type(exc).__name__}: {exc}"}, lane)
 
-    def _reply_error(self, call_id: object, error: dict[str, Any]) -> None:
+    def _reply_error(self, call_id: object, error: dict[str, Any], lane: socket.socket | None = None) -> None:
         with contextlib.suppress(ChannelClosed):
-            self._send({"id": call_id, "kind": "err", "error": error}, b"", ())
+            self._answer(lane, {"id": call_id, "kind": "err", "error": error}, b"", ())
+
+    def _serve_lane_request(self, call: Call, lane: socket.socket | None) -> Reply:
+        """The peer's ``open_lane``: take its socket and serve it from a thread of its own, if this end serves
+        inline methods and fewer lanes than ``MAX_LANES``."""
+        offered, call.fds = call.fds, []
+        sock: socket.socket | None = None
+        try:
+            if lane is not None or not self._inline or len(offered) != 1:
+                raise UsageError(
+                    f"{self._name}: no lane here (one socket, over the connection, to an end with inline methods)"
+                )
+            sock = socket.socket(fileno=offered.pop())
+            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+                raise UsageError(f"{self._name}: a lane is a Unix stream socket")
+            with self._lanes_lock:
+                if self._closed.is_set() or len(self._served_lanes) >= MAX_LANES:
+                    raise UsageError(f"{self._name}: no more lanes ({MAX_LANES} served)")
+                self._served_lanes.append(sock)
+        except BaseException:
+            if sock is not None:
+                sock.close()
+            for fd in offered:
+                _close_fd(fd)
+            raise
+        threading.Thread(target=self._lane_loop, args=(sock,), name=f"{self._name}-lane", daemon=True).start()
+        return Reply({"methods": sorted(self._inline)})
+
+    def _lane_loop(self, sock: socket.socket) -> None:
+        """Serve one lane: read a call, run it on this thread, answer on the lane; only inline methods."""
+        try:
+            while not self._closed.is_set():
+                fds: list[int] = []
+                message = _read_frame(sock, fds)
+                if message is None:
+                    return
+                header, blob = message
+                arrived = time.monotonic_ns() if trace.ENABLED else 0
+                if header.get("kind") != "call":
+                    for fd in fds:
+                        _close_fd(fd)
+                    return  # only calls come on a lane: the peer is confused, end it
+                if header.get("method") not in self._inline:
+                    for fd in fds:
+                        _close_fd(fd)
+                    error = UsageError(f"{self._name}: {header.get('method')!r} is not served on a lane")
+                    self._reply_error(header.get("id"), {"type": "UsageError", "message": str(error)}, sock)
+                    continue
+                self._serve(header, blob, fds, arrived, lane=sock)
+        except OSError:
+            return
+        finally:
+            with self._lanes_lock, contextlib.suppress(ValueError):
+                self._served_lanes.remove(sock)
+            sock.close()
 
 
 _KNOWN_ERRORS: dict[str, type[CvmError]] = {

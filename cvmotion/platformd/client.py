@@ -116,6 +116,9 @@ class PlatformClient:
     def connect(cls, path: str) -> PlatformClient:
         client = cls(connect_unix(path, name="host->platform"))
         client._call(HostCommand.HOST_HELLO)
+        # The commands the platform serves inline (the switchover's, the imports') go on a lane of this client's
+        # own when free: no reader hand-off on either side (ipc.rpc). A platform without lanes keeps them here.
+        client.endpoint.open_lane()
         return client
 
     @property

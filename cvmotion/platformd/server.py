@@ -179,7 +179,9 @@ class PlatformService:
         if old is not None:
             old.close()
         endpoint.on_close(lambda: self._vm_gone(name, hw))
-        return Reply(dict(VmAttached(token=hw.token.hex())))
+        # The hardware commands (the VM process serves them inline) go on a lane of the SP's own once the answer is
+        # out: the pause, capture and restore inside a switchover then skip both ends' reader hand-offs (ipc.rpc).
+        return Reply(dict(VmAttached(token=hw.token.hex())), after=endpoint.open_lane)
 
     def _rebind(self, name: str, hw: RemoteHardware, token: object) -> None:
         """A VM process re-attaching to this (restarted) platform: its guest back only with its hardware token.
