@@ -469,7 +469,12 @@ class Endpoint:
                 raise UsageError(
                     f"{self._name}: no lane here (one socket, over the connection, to an end with inline methods)"
                 )
-            sock = socket.socket(fileno=offered.pop())
+            fd = offered.pop()
+            try:
+                sock = socket.socket(fileno=fd)
+            except OSError:
+                _close_fd(fd)
+                raise UsageError(f"{self._name}: a lane is a Unix stream socket") from None
             if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
                 raise UsageError(f"{self._name}: a lane is a Unix stream socket")
             with self._lanes_lock:

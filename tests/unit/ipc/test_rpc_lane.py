@@ -253,3 +253,30 @@ def test_a_lane_serves_only_inline_methods_whatever_the_peer_sends() -> None:
         mine.close()
         client.close()
         end.close()
+
+
+def test_a_lane_is_asked_for_with_one_unix_stream_socket() -> None:
+    """Not a socket, not a stream, or two of them: refused, and the descriptors handed over are closed there."""
+    client, end = _pair(_Server())
+    r, w = os.pipe()
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    pair = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        for fds in ([r], [udp.fileno()], [pair[0].fileno(), pair[1].fileno()]):
+            with pytest.raises(UsageError, match="lane"):
+                client.call("rpc.lane", fds=fds, timeout=5)
+        assert not any(t.name == "server-lane" for t in threading.enumerate())
+        # The refused pipe end was closed on the serving side: with ours closed too, the writer sees no reader.
+        os.close(r)
+        r = -1
+        with pytest.raises(BrokenPipeError):
+            os.write(w, b"x")
+    finally:
+        for fd in (r, w):
+            if fd >= 0:
+                os.close(fd)
+        udp.close()
+        for sock in pair:
+            sock.close()
+        client.close()
+        end.close()
