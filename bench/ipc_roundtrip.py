@@ -28,7 +28,6 @@ import json
 import os
 import socket
 import statistics
-import struct
 import subprocess
 import sys
 import time
@@ -44,40 +43,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_facts, wait_quiet  # noqa: E402
 
 from cvmotion.ipc.rpc import Call, Endpoint, Reply  # noqa: E402
+from cvmotion.ipc.rpc import _read_frame as read_frame  # noqa: E402 - the frame itself, with no Endpoint around it
+from cvmotion.ipc.rpc import _write_frame as write_frame  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 PEERS = ("raw", "framed", "endpoint", "lane")
-_FRAME = struct.Struct("<IIII")  # ipc.rpc's frame: magic, header length, blob length, reserved
-_MAGIC = 0x50525643
-
-
-def _recv_exact(sock: socket.socket, n: int) -> bytearray | None:
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        count = sock.recv_into(view[got:])
-        if count == 0:
-            return None
-        got += count
-    return buf
-
-
-def _send_framed(sock: socket.socket, header: dict[str, Any], blob: bytes = b"") -> None:
-    head = json.dumps(header, separators=(",", ":")).encode()
-    sock.sendmsg([_FRAME.pack(_MAGIC, len(head), len(blob), 0) + head, blob])
-
-
-def _recv_framed(sock: socket.socket) -> tuple[dict[str, Any], bytes] | None:
-    frame = _recv_exact(sock, _FRAME.size)
-    if frame is None:
-        return None
-    _, head_len, blob_len, _ = _FRAME.unpack(frame)
-    head = _recv_exact(sock, head_len)
-    blob = _recv_exact(sock, blob_len) if blob_len else bytearray()
-    if head is None or blob is None:
-        return None
-    return json.loads(head), bytes(blob)
 
 
 def _serve(peer: str, sock: socket.socket) -> None:
@@ -86,9 +56,9 @@ def _serve(peer: str, sock: socket.socket) -> None:
         while data := sock.recv(64):
             sock.send(data)
     elif peer == "framed":
-        while (message := _recv_framed(sock)) is not None:
+        while (message := read_frame(sock, [])) is not None:
             header, blob = message
-            _send_framed(sock, {"id": header["id"], "kind": "ok", "result": {"ok": True}}, blob[:16])
+            write_frame(sock, {"id": header["id"], "kind": "ok", "result": {"ok": True}}, blob[:16], ())
     else:  # endpoint, lane: the same callee; the caller decides
 
         def answer(call: Call) -> Reply:
@@ -109,8 +79,8 @@ def _caller(peer: str, sock: socket.socket) -> tuple[Callable[[int], None], Call
     if peer == "framed":
 
         def framed(n: int) -> None:
-            _send_framed(sock, {"id": n, "kind": "call", "method": "ping", "args": {"n": n}})
-            _recv_framed(sock)
+            write_frame(sock, {"id": n, "kind": "call", "method": "ping", "args": {"n": n}}, b"", ())
+            read_frame(sock, [])
 
         return framed, sock.close
     endpoint = Endpoint(sock, None, name="caller")

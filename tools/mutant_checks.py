@@ -742,8 +742,8 @@ MUTANTS: tuple[Mutant, ...] = (
         "an RPC lane serves only the serving end's inline methods, whatever its peer writes on it",
         "cvmotion/ipc/rpc.py",
         "Endpoint._lane_loop",
-        'if header.get("method") not in self._inline:',
-        "if False:",
+        'if header.get("kind") == "call" and method in self._inline:',
+        'if header.get("kind") == "call":',
         ("tests/unit/ipc/test_rpc_lane.py",),
     ),
     Mutant(

@@ -217,22 +217,34 @@ class Endpoint:
         """Call ``method`` on the peer; returns (result, blob, fds). Raises the peer's error."""
         if self._closed.is_set():
             raise ChannelClosed(f"{self._name}: connection closed")
-        lane = self._lane
-        if lane is not None and not fds and method in lane.methods and lane.lock.acquire(blocking=False):
-            started = time.monotonic_ns() if trace.ENABLED else 0
-            try:
-                return self._call_on_lane(lane, method, args or {}, blob, timeout)
-            finally:
-                lane.lock.release()
-                if started:
-                    trace.record(f"call {self._name}.{method}", started, time.monotonic_ns())
+        started = time.monotonic_ns() if trace.ENABLED else 0
+        try:
+            lane = self._lane
+            if lane is not None and not fds and method in lane.methods and lane.lock.acquire(blocking=False):
+                try:
+                    return self._call_on_lane(lane, method, args or {}, blob, timeout)
+                finally:
+                    lane.lock.release()
+            return self._call_on_connection(method, args or {}, blob, fds, timeout)
+        finally:
+            if started:
+                trace.record(f"call {self._name}.{method}", started, time.monotonic_ns())
+
+    def _call_on_connection(
+        self,
+        method: str,
+        args: dict[str, Any],
+        blob: bytes | bytearray | memoryview,
+        fds: Sequence[int],
+        timeout: float | None,
+    ) -> tuple[dict[str, Any], bytes, list[int]]:
+        """One call over the connection: the answer comes through the reader, to a future this thread waits on."""
         call_id = next(self._ids)
         fut: Future[tuple[dict[str, Any], bytes, list[int]]] = Future()
         with self._pending_lock:
             self._pending[call_id] = fut
-        started = time.monotonic_ns() if trace.ENABLED else 0
         try:
-            self._send({"id": call_id, "kind": "call", "method": method, "args": args or {}}, blob, fds)
+            self._send({"id": call_id, "kind": "call", "method": method, "args": args}, blob, fds)
             try:
                 return fut.result(timeout)
             except TimeoutError:
@@ -240,8 +252,6 @@ class Endpoint:
         finally:
             with self._pending_lock:
                 self._pending.pop(call_id, None)
-            if started:
-                trace.record(f"call {self._name}.{method}", started, time.monotonic_ns())
 
     def open_lane(self, timeout: float = 10.0) -> bool:
         """Ask the peer to serve its inline methods on a socket of this end's own (see the module's docstring).
@@ -472,10 +482,9 @@ class Endpoint:
             fd = offered.pop()
             try:
                 sock = socket.socket(fileno=fd)
-            except OSError:
+            except OSError:  # not a socket at all
                 _close_fd(fd)
-                raise UsageError(f"{self._name}: a lane is a Unix stream socket") from None
-            if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            if sock is None or sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
                 raise UsageError(f"{self._name}: a lane is a Unix stream socket")
             with self._lanes_lock:
                 if self._closed.is_set() or len(self._served_lanes) >= MAX_LANES:
@@ -500,17 +509,16 @@ class Endpoint:
                     return
                 header, blob = message
                 arrived = time.monotonic_ns() if trace.ENABLED else 0
-                if header.get("kind") != "call":
-                    for fd in fds:
-                        _close_fd(fd)
-                    return  # only calls come on a lane: the peer is confused, end it
-                if header.get("method") not in self._inline:
-                    for fd in fds:
-                        _close_fd(fd)
-                    error = UsageError(f"{self._name}: {header.get('method')!r} is not served on a lane")
-                    self._reply_error(header.get("id"), {"type": "UsageError", "message": str(error)}, sock)
+                method = header.get("method")
+                if header.get("kind") == "call" and method in self._inline:
+                    self._serve(header, blob, fds, arrived, lane=sock)
                     continue
-                self._serve(header, blob, fds, arrived, lane=sock)
+                for fd in fds:
+                    _close_fd(fd)
+                if header.get("kind") != "call":
+                    return  # only calls come on a lane: the peer is confused, end it
+                message_text = f"{self._name}: {method!r} is not served on a lane"
+                self._reply_error(header.get("id"), {"type": "UsageError", "message": message_text}, sock)
         except OSError:
             return
         finally:
